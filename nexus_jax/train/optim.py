@@ -1,0 +1,95 @@
+"""Optax optimizers and learning-rate schedules built from a config.
+
+Config fields (`config.optim`):
+  name: "adamw" | "lion" | "sgd"
+  learning_rate: peak learning rate after warmup.
+  warmup_steps: linear warmup from 0 to `learning_rate`.
+  schedule: "constant" | "linear" | "cosine" (decay after warmup, down to
+    `learning_rate * end_factor` at `total_steps`).
+  end_factor: final learning rate as a fraction of the peak.
+  weight_decay: decoupled weight decay, applied only where `weight_decay_mask` is True.
+  clip_norm: global-norm gradient clipping (0 disables).
+  grad_accum_steps: accumulate gradients over this many micro-batches (optax.MultiSteps).
+  b1, b2, momentum: optimizer coefficients (momentum for sgd).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+from flax import traverse_util
+
+SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "lion", "sgd")
+
+# Parameter names that never get weight decay: norms, biases and embedding tables.
+_NO_DECAY_NAMES = ("bias", "scale", "embedding", "embed", "norm", "ln", "cls")
+
+
+def learning_rate_schedule(optim_config: Any, total_steps: int) -> optax.Schedule:
+    """Linear warmup to the peak, then constant / linear / cosine decay until `total_steps`."""
+    peak = float(optim_config.learning_rate)
+    warmup = int(optim_config.warmup_steps)
+    end = peak * float(optim_config.get("end_factor", 0.0))
+    kind = optim_config.get("schedule", "cosine")
+    if kind not in SCHEDULES:
+        raise ValueError(f"config.optim.schedule={kind!r} is unknown; choose one of {SCHEDULES}.")
+    decay_steps = max(int(total_steps) - warmup, 1)
+    if kind == "constant":
+        decay = optax.constant_schedule(peak)
+    elif kind == "linear":
+        decay = optax.linear_schedule(peak, end, decay_steps)
+    else:
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak if peak else 0.0)
+    if warmup <= 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], boundaries=[warmup])
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """True for weight matrices (ndim >= 2), False for norms, biases and embeddings.
+
+    Returns a pytree of bools with the structure of `params`.
+    """
+    flat = traverse_util.flatten_dict(params, keep_empty_nodes=False) if isinstance(params, dict) else None
+    if flat is None:
+        return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+    def decays(path: tuple[str, ...], leaf: Any) -> bool:
+        names = [str(p).lower() for p in path]
+        if any(any(n == bad or n.startswith(bad + "_") or n.endswith("_" + bad) for bad in _NO_DECAY_NAMES)
+               for n in names):
+            return False
+        return getattr(leaf, "ndim", 0) >= 2
+
+    return traverse_util.unflatten_dict({k: decays(k, v) for k, v in flat.items()})
+
+
+def build_optimizer(optim_config: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Returns `(tx, schedule)`: clipping -> optimizer with masked weight decay -> accumulation."""
+    name = optim_config.name
+    if name not in OPTIMIZERS:
+        raise ValueError(f"config.optim.name={name!r} is unknown; choose one of {OPTIMIZERS}.")
+    accum = int(optim_config.get("grad_accum_steps", 1))
+    if accum < 1:
+        raise ValueError(f"config.optim.grad_accum_steps must be >= 1, got {accum}.")
+    # The schedule counts optimizer updates, i.e. steps / accumulation.
+    schedule = learning_rate_schedule(optim_config, max(total_steps // accum, 1))
+    wd = float(optim_config.get("weight_decay", 0.0))
+    b1, b2 = float(optim_config.get("b1", 0.9)), float(optim_config.get("b2", 0.999))
+    if name == "adamw":
+        opt = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=wd, mask=weight_decay_mask)
+    elif name == "lion":
+        opt = optax.lion(schedule, b1=b1, b2=b2, weight_decay=wd, mask=weight_decay_mask)
+    else:
+        opt = optax.chain(
+            optax.add_decayed_weights(wd, mask=weight_decay_mask),
+            optax.sgd(schedule, momentum=float(optim_config.get("momentum", 0.9)) or None),
+        )
+    clip = float(optim_config.get("clip_norm", 0.0))
+    tx = optax.chain(optax.clip_by_global_norm(clip), opt) if clip > 0 else opt
+    if accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=accum)
+    return tx, schedule
