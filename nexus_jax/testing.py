@@ -41,11 +41,15 @@ class ToyMLP(nn.Module):
 
 
 def toy_regression_data(n: int, features: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
-    """y = sin(x @ w) + noise; returns {"x": [n, features], "y": [n]} float32."""
+    """y = sin(x @ w) + 0.5 x @ w + noise with one fixed w; `seed` draws the rows.
+
+    Returns {"x": [n, features], "y": [n]} float32.
+    """
+    w = np.random.default_rng(1234).normal(size=(features,)).astype(np.float32) / np.sqrt(features)
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, features)).astype(np.float32)
-    w = rng.normal(size=(features,)).astype(np.float32) / np.sqrt(features)
-    y = (np.sin(2 * x @ w) + 0.05 * rng.normal(size=n)).astype(np.float32)
+    z = x @ w
+    y = (np.sin(z) + 0.5 * z + 0.05 * rng.normal(size=n)).astype(np.float32)
     return {"x": x, "y": y}
 
 

@@ -58,10 +58,10 @@ class Trainer:
     """Holds the mesh, the sharded step functions and the checkpointer for one workdir."""
 
     def __init__(self, objective: Objective, config: Any, workdir: str | pathlib.Path, total_steps: int,
-                 example_batch: Any):
+                 example_batch: Any, devices: Any = None):
         self.objective, self.config = objective, config
         self.workdir = pathlib.Path(workdir)
-        self.mesh = sharding_lib.make_mesh(config.mesh)
+        self.mesh = sharding_lib.make_mesh(config.mesh, devices)
         self.rules = sharding_lib.logical_axis_rules(config.sharding.get("logical_axis_rules"))
         self.tx, self.schedule = build_optimizer(config.optim, total_steps)
         self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
@@ -153,8 +153,11 @@ def _check_finite(metrics: dict[str, float], step: int, checkpointer: Checkpoint
 
 
 def fit(objective: Objective, train_data: ArrayDataset, valid_data: ArrayDataset | None, config: Any,
-        workdir: str | pathlib.Path) -> FitResult:
-    """Trains (or resumes) in `workdir`; evaluates on `valid_data` and early-stops on its metric."""
+        workdir: str | pathlib.Path, devices: Any = None) -> FitResult:
+    """Trains (or resumes) in `workdir`; evaluates on `valid_data` and early-stops on its metric.
+
+    `devices` (default: all) are the devices the mesh is built from.
+    """
     workdir = pathlib.Path(workdir)
     tc = config.train
     steps_per_epoch = train_data.steps_per_epoch
@@ -164,7 +167,7 @@ def fit(objective: Objective, train_data: ArrayDataset, valid_data: ArrayDataset
     es_cfg = tc.early_stopping
     early = EarlyStopping(metric=es_cfg.metric, mode=es_cfg.mode, patience=int(es_cfg.patience),
                           min_delta=float(es_cfg.get("min_delta", 0.0)))
-    trainer = Trainer(objective, config, workdir, total_steps, train_data.train_batch(0))
+    trainer = Trainer(objective, config, workdir, total_steps, train_data.train_batch(0), devices)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=int(tc.get("checkpoint_keep", 2)),
                                 best_metric=es_cfg.metric if valid_data is not None else None, best_mode=es_cfg.mode)
     state = trainer.init(int(config.seed))

@@ -95,9 +95,9 @@ def make_train_step(objective: Objective, schedule: optax.Schedule) -> Callable[
             "total_loss": main + sum(aux_losses.values(), 0.0),
             **{f"aux/{k}": v for k, v in aux_losses.items()},
             **metrics,
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(new_state.params),
-            "update_norm": optax.global_norm(applied),
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(new_state.params),
+            "update_norm": optax.tree.norm(applied),
             "learning_rate": schedule(state.step),
         }
         return new_state, out

@@ -1,0 +1,1 @@
+"""Experiments: `python -m experiments.run --config configs/<name>.py`. See `experiments/registry.py`."""

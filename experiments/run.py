@@ -1,0 +1,69 @@
+"""Entry point: `python -m experiments.run --config configs/tabular.py [--config.a.b=v ...] [--workdir DIR]`.
+
+Parses flags, picks the experiment named by `config.experiment` and calls its `run(config, workdir)`.
+All logic lives in the library so a notebook can call the same function (`run_experiment`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments.registry import get_experiment
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/tabular.py. Override fields with --config.a.b=v.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Output folder (checkpoints, metrics, results). Default: a fresh folder under runs/. "
+    "Rerunning with the same folder resumes training.")
+flags.mark_flag_as_required("config")
+
+
+def default_workdir(config_path: str) -> pathlib.Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return pathlib.Path("runs") / f"{pathlib.Path(config_path).stem}-{stamp}"
+
+
+def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
+    """Creates `workdir` and checks it is writable; a clear error otherwise."""
+    path = pathlib.Path(workdir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise SystemExit(f"--workdir {path} cannot be written ({err.strerror or err}); choose another folder.")
+    return path
+
+
+def run_experiment(config, workdir: str | os.PathLike) -> dict:
+    """Runs `config.experiment` in `workdir` (created if needed); returns its results dict."""
+    experiment = get_experiment(config.experiment)
+    workdir = prepare_workdir(workdir)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    return experiment.run(config, workdir)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; config fields are set as --config.a.b=v")
+    config = _CONFIG.value
+    try:
+        get_experiment(config.experiment)
+    except ValueError as err:
+        raise SystemExit(str(err))
+    workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
+    results = run_experiment(config, workdir)
+    print(json.dumps({"workdir": str(workdir), **results}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))
