@@ -1,0 +1,139 @@
+"""Vectorised index computation for relational context sets (no Python loop over rows).
+
+Given the keys (and times) of N target rows and of the rows of a related table, these functions
+return which related rows each target row may see:
+
+- `parent_index`: the one row whose primary key equals the target's foreign key (or -1), `[N]`.
+- `history_index`: up to M rows sharing the target's key whose time is at or before the target's
+  time (strictly before when `strict`), most recent first, `[N, M]` padded with -1.
+
+How `history_index` stays vectorised: candidate rows are sorted by (key code, time, position); each
+(key, time) pair is mapped to one sortable int64 ``key * R + rank(time)``; one `np.searchsorted` per
+target row finds the end of its visible window, and the M slots before that end (inside the key's
+group) are the most recent visible rows.
+
+Times are `time_ticks` values: int64 nanoseconds for datetimes, float64 for numeric time columns.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+NS_PER_HOUR = 3_600_000_000_000
+
+
+def time_ticks(times: pd.Series | None) -> tuple[np.ndarray | None, np.ndarray | None, bool]:
+    """Comparable time values of a parsed time column.
+
+    Args:
+      times: `schema.parse_time` output `[N]` (UTC datetimes or float64), or None.
+    Returns:
+      (ticks `[N]` int64 ns or float64, valid `[N]` bool, is_datetime); (None, None, False) for None.
+    """
+    if times is None:
+        return None, None, False
+    if pd.api.types.is_datetime64_any_dtype(times.dtype):
+        valid = times.notna().to_numpy()
+        naive = times.dt.tz_convert("UTC").dt.tz_localize(None) if times.dt.tz is not None else times
+        ticks = naive.to_numpy("datetime64[ns]").view(np.int64).copy()
+        ticks[~valid] = 0
+        return ticks, valid, True
+    values = times.to_numpy(np.float64)
+    valid = np.isfinite(values)
+    return np.where(valid, values, 0.0), valid, False
+
+
+def ages_between(target_ticks: np.ndarray, row_ticks: np.ndarray, is_datetime: bool) -> np.ndarray:
+    """Target time minus row time: hours for datetimes, raw units otherwise; float32, same shape."""
+    diff = (target_ticks - row_ticks).astype(np.float64)
+    return (diff / NS_PER_HOUR if is_datetime else diff).astype(np.float32)
+
+
+def shared_codes(a: pd.Series, b: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes of two key columns in one vocabulary; -1 where the key is null.
+
+    A numeric key compared with a string key is compared by canonical strings (``3.0`` == ``"3"``).
+    """
+    a_num, b_num = pd.api.types.is_numeric_dtype(a.dtype), pd.api.types.is_numeric_dtype(b.dtype)
+    if a_num != b_num:
+        from nexus_jax.data.column_types import category_keys
+        a, b = category_keys(a), category_keys(b)
+    both = pd.concat([a.reset_index(drop=True), b.reset_index(drop=True)], ignore_index=True)
+    codes, _ = pd.factorize(both, use_na_sentinel=True)
+    return codes[:len(a)].astype(np.int64), codes[len(a):].astype(np.int64)
+
+
+def parent_index(target_keys: pd.Series, parent_keys: pd.Series) -> np.ndarray:
+    """Row (position) of the parent whose key equals each target's key, -1 if none/null; `[N]` int64.
+
+    `parent_keys` must be unique (a validated primary key).
+    """
+    t_codes, p_codes = shared_codes(target_keys, parent_keys)
+    lookup = np.full(max(int(p_codes.max(initial=-1)), int(t_codes.max(initial=-1))) + 2, -1, np.int64)
+    valid = p_codes >= 0
+    lookup[p_codes[valid]] = np.flatnonzero(valid)
+    return np.where(t_codes >= 0, lookup[t_codes], -1)
+
+
+def history_index(target_keys: pd.Series, cand_keys: pd.Series, max_rows: int,
+                  target_ticks: np.ndarray | None = None, cand_ticks: np.ndarray | None = None,
+                  cand_time_valid: np.ndarray | None = None, strict: bool = False,
+                  exclude_self: bool = False) -> np.ndarray:
+    """Most recent visible related rows per target row.
+
+    Args:
+      target_keys: key of each target row `[N]` (null -> no history).
+      cand_keys: key of each candidate row `[C]` (null -> never visible).
+      max_rows: M, rows kept per target row.
+      target_ticks: target times `[N]`, or None when the target table has no time column (then
+        every candidate is visible).
+      cand_ticks: candidate times `[C]`, or None when the related table has no time column (then
+        every candidate is visible and "most recent" means last in table order).
+      cand_time_valid: `[C]` False where a candidate's time is null (never visible when times are used).
+      strict: times must be strictly before the target's (rows of the target table itself).
+      exclude_self: candidates are the target rows themselves (same order): never return row i for
+        target i. Needed only when times do not already exclude it (no time column).
+    Returns:
+      int64 `[N, M]` candidate positions, most recent first, -1 padding after the last real row.
+    """
+    n, m = len(target_keys), int(max_rows)
+    t_codes, c_codes = shared_codes(target_keys, cand_keys)
+    use_time = target_ticks is not None and cand_ticks is not None
+    visible = c_codes >= 0
+    if use_time and cand_time_valid is not None:
+        visible &= cand_time_valid
+    rows = np.flatnonzero(visible)
+    keys = c_codes[rows]
+    if use_time:
+        all_ticks = np.concatenate([cand_ticks[rows], target_ticks])
+        uniq, rank = np.unique(all_ticks, return_inverse=True)
+        width = len(uniq) + 1
+        c_rank, t_rank = rank[:len(rows)], rank[len(rows):]
+    else:  # no cut: order by the candidate's own time if it has one, else by table position
+        width = 1
+        c_rank = t_rank = None
+    n_keys = max(int(c_codes.max(initial=-1)), int(t_codes.max(initial=-1))) + 2
+    if n_keys * width >= np.iinfo(np.int64).max // 2:
+        raise OverflowError(f"history_index: {n_keys} keys x {width} distinct times overflow int64")
+    if use_time:
+        order = np.lexsort((rows, c_rank, keys))
+        composite = keys[order] * width + c_rank[order]
+        side = "left" if strict else "right"
+        end = np.searchsorted(composite, np.where(t_codes >= 0, t_codes, 0) * width + t_rank, side=side)
+    else:
+        within = cand_ticks[rows] if cand_ticks is not None else np.zeros(len(rows))
+        order = np.lexsort((rows, within, keys))
+        composite = keys[order]
+        end = np.searchsorted(composite, np.where(t_codes >= 0, t_codes, 0), side="right")
+    start = np.searchsorted(composite, np.where(t_codes >= 0, t_codes, 0) * width, side="left")
+    sorted_rows = rows[order]
+    extra = 1 if exclude_self else 0
+    pos = end[:, None] - 1 - np.arange(m + extra)[None, :]  # [N, M(+1)]
+    ok = (pos >= start[:, None]) & (t_codes >= 0)[:, None]
+    index = np.where(ok, sorted_rows[np.clip(pos, 0, max(len(sorted_rows) - 1, 0))] if len(sorted_rows) else -1, -1)
+    if exclude_self:
+        index = np.where(index == np.arange(n)[:, None], -1, index)
+        # Compact: move the removed slot (at most one per row) to the end, keeping recency order.
+        index = np.take_along_axis(index, np.argsort(index < 0, axis=1, kind="stable"), axis=1)[:, :m]
+    return index.astype(np.int64)
