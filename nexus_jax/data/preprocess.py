@@ -168,17 +168,18 @@ class TabularPreprocessor:
 
     # ------------------------------------------------------------------ fit
     def fit(self, df: pd.DataFrame) -> "TabularPreprocessor":
-        """Fits on training rows `df` `[N, C]` (any dtypes); returns self."""
+        """Fits on training rows `df` `[N, C]` (any dtypes); returns self.
+
+        With N = 0 nothing can be learned: every column is typed ``"constant"`` (no features).
+        """
         cfg = self.config
         _check_frame(df, "fit")
-        if len(df) == 0:
-            raise ValueError("TabularPreprocessor.fit: got 0 rows; fit on the training rows of the table")
         unknown = set(cfg["column_types"]) - set(df.columns)
         if unknown:
             raise ValueError(f"TabularPreprocessor: column_types names columns {sorted(unknown)} not in the "
                              f"DataFrame (columns: {list(df.columns)})")
         columns = [c for c in df.columns if c not in set(cfg["ignore_columns"])]
-        types = {c: cfg["column_types"].get(c) or ct.detect_column_type(
+        types = {c: ct.CONSTANT if len(df) == 0 else cfg["column_types"].get(c) or ct.detect_column_type(
             df[c], identifier_ratio=cfg["identifier_ratio"], identifier_min_unique=cfg["identifier_min_unique"])
             for c in columns}
         numeric_plan: list[tuple[str, str]] = []  # (input column, part); part "value" for numerics

@@ -34,6 +34,7 @@ vectorised (pandas factorize/merge logic + numpy searchsorted/take); see `contex
 from __future__ import annotations
 
 import json
+import warnings
 import pathlib
 from collections.abc import Mapping, Sequence
 
@@ -43,7 +44,7 @@ import pandas as pd
 from nexus_jax.data import context_index as ci
 from nexus_jax.data.context_sets import AGE_FEATURE, ContextArrays, ContextSpec, RelationalData
 from nexus_jax.data.preprocess import FeatureInfo, TabularPreprocessor
-from nexus_jax.data.schema import Schema, SchemaError, ValidationReport, parse_cutoff, parse_time
+from nexus_jax.data.schema import Schema, SchemaError, SchemaWarning, ValidationReport, parse_cutoff, parse_time
 from nexus_jax.data.splits import assign_split
 
 BUILDER_FILE = "context_set_builder.json"
@@ -166,10 +167,11 @@ class ContextSetBuilder:
                 where = f"table {table!r} column {column!r}"
                 t = parse_time(df[column], where)
                 rows = df[(t < parse_cutoff(schema.split.valid_start, t, where)).to_numpy()]
-                if len(rows) == 0:
-                    raise SchemaError(f"table {table!r}: no rows before split.valid_start to fit its features on")
             else:
                 rows = df
+            if len(rows) == 0:
+                warnings.warn(f"table {table!r}: no rows known during training; its rows get no features",
+                              SchemaWarning, stacklevel=2)
             kwargs = {**self.config["preprocessor"], **self.config["table_preprocessors"].get(table, {})}
             # Foreign keys are identities, never quantities: categorical unless the user says otherwise.
             fk_types = {c: "categorical" for c in schema.tables[table].foreign_keys if c in rows.columns}

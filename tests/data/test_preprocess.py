@@ -168,8 +168,9 @@ def test_errors_name_the_problem():
         TabularPreprocessor(column_types={"nope": "numeric"}).fit(_frame())
     with pytest.raises(ValueError, match="column_types\\['x'\\]"):
         TabularPreprocessor(column_types={"x": "float"})
-    with pytest.raises(ValueError, match="0 rows"):
-        TabularPreprocessor().fit(_frame().iloc[:0])
+    empty = TabularPreprocessor().fit(_frame().iloc[:0])  # nothing to learn: no features
+    assert set(empty.get_feature_info().types.values()) == {"constant"}
+    assert empty.transform(_frame())["numeric"].shape == (200, 0)
     with pytest.raises(TypeError, match="DataFrame"):
         TabularPreprocessor().fit(np.zeros((3, 2)))
 
