@@ -7,12 +7,14 @@ All logic lives in the library so a notebook can call the same function (`run_ex
 from __future__ import annotations
 
 import datetime
+import difflib
+import importlib.util
 import json
 import os
 import pathlib
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments.registry import get_experiment
@@ -52,9 +54,53 @@ def run_experiment(config, workdir: str | os.PathLike) -> dict:
     return experiment.run(config, workdir)
 
 
+def _config_path(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def check_config_overrides(argv: list[str]) -> None:
+    """Fails at once, naming the field, when a `--config.a.b=v` override names no existing field.
+
+    (ml_collections would raise a bare AttributeError from deep inside flag parsing.)
+    """
+    path = _config_path(argv)
+    if path is None:
+        return
+    file, _, arg = path.partition(":")
+    if not os.path.isfile(file):
+        raise SystemExit(f"--config {file}: no such config file (see configs/ for the available ones).")
+    spec = importlib.util.spec_from_file_location("_nexus_config", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    for raw in argv:
+        for prefix in ("--config.", "--noconfig."):
+            if raw.startswith(prefix):
+                field = raw[len(prefix):].split("=", 1)[0]
+                break
+        else:
+            continue
+        node, walked = config, []
+        for key in field.split("."):
+            keys = list(node.keys()) if hasattr(node, "keys") else []
+            if key not in keys:
+                where = "config." + ".".join(walked) if walked else "config"
+                close = difflib.get_close_matches(key, keys, n=1)
+                hint = f" Did you mean {'.'.join(walked + close)}?" if close else ""
+                raise SystemExit(f"--config.{field}: {where} has no field {key!r}.{hint} "
+                                 f"Fields of {where}: {', '.join(sorted(keys)) or '(none)'}.")
+            node, walked = node[key], walked + [key]
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; config fields are set as --config.a.b=v")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO
     config = _CONFIG.value
     try:
         get_experiment(config.experiment)
@@ -66,4 +112,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    check_config_overrides(sys.argv[1:])
     sys.exit(app.run(main))

@@ -51,6 +51,7 @@ class FitResult:
     rows_per_second: float
     stopped_early: bool
     checkpointer: Checkpointer
+    trainer: "Trainer"  # evaluates further splits: `result.trainer.evaluate(state, data)`
     history: list[dict[str, float]]  # validation metrics of this call, with "step"
 
 
@@ -231,7 +232,8 @@ def fit(objective: Objective, train_data: ArrayDataset, valid_data: ArrayDataset
         best_metrics = checkpointer.read_meta(early.best_step).get("metrics")
     return FitResult(state=state, best_step=early.best_step, best_metrics=best_metrics, steps_run=steps_run,
                      train_seconds=seconds, rows_per_second=steps_run * train_data.batch_size / max(seconds, 1e-9),
-                     stopped_early=stopped_early, checkpointer=checkpointer, history=history)
+                     stopped_early=stopped_early, checkpointer=checkpointer, trainer=trainer,
+                     history=history)
 
 
 def restore_best(result: FitResult) -> TrainState:

@@ -72,7 +72,7 @@ class MLP(nn.Module):
                  row_mask: Array | None = None, *, deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
         x, lead = _row_features(self, x_num, x_cat, num_missing)
         for i, width in enumerate(self.d_layers):
-            x = jax.nn.relu(_dense(width, ("feature" if i == 0 else "mlp", "mlp"), f"layer{i}", self.dtype, self.param_dtype)(x))
+            x = jax.nn.relu(_dense(width, ("feature" if i == 0 else "embed", "mlp"), f"layer{i}", self.dtype, self.param_dtype)(x))
             x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
         out = _dense(self.d_out, ("mlp", "embed"), "head", self.dtype, self.param_dtype)(x)
         return out.reshape(*lead, self.d_out), {}
@@ -149,7 +149,7 @@ class EnsembleDense(nn.Module):
             init = _random_signs if self.r_init == "random_signs" else nn.initializers.ones
             r = self.param("r", logical_init((None, "mlp"), init), (k, d_in), self.param_dtype)
             x = x * r.astype(self.dtype)
-        w = self.param("kernel", logical_init(("mlp", "mlp"), nn.initializers.lecun_normal()), (d_in, self.features), self.param_dtype)
+        w = self.param("kernel", logical_init(("embed", "mlp"), nn.initializers.lecun_normal()), (d_in, self.features), self.param_dtype)
         y = jnp.einsum("nki,io->nko", x, w.astype(self.dtype))
         if self.scale_out:
             s = self.param("s", logical_init((None, "mlp"), nn.initializers.ones), (k, self.features), self.param_dtype)

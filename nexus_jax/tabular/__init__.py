@@ -1,0 +1,1 @@
+"""Tabular tasks: objectives and metrics for binary / multiclass / regression prediction."""
