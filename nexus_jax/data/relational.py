@@ -256,7 +256,7 @@ class ContextSetBuilder:
                               f"{'datetimes' if r_is_dt else 'numbers'} but the target's are not")
         ages = (np.where(mask, ci.ages_between(t_ticks[:, None], r_ticks[index], t_is_dt), 0.0).astype(np.float32)
                 if timed else np.zeros(index.shape, np.float32))
-        numeric, missing = feats["numeric"][index], feats["numeric_missing"][index]
+        numeric, missing = np.take(feats["numeric"], index, axis=0), np.take(feats["numeric_missing"], index, axis=0)
         info = self.preprocessors[spec.table].get_feature_info()
         if timed:  # the age of each row as one more numeric feature
             numeric = np.concatenate([numeric, _signed_log1p(ages)[..., None]], axis=-1)
@@ -264,7 +264,7 @@ class ContextSetBuilder:
             info = FeatureInfo(info.numeric_names + (AGE_FEATURE,), info.numeric_sources + (AGE_FEATURE,),
                                info.categorical_names, info.categorical_cardinalities, info.column_types)
         return ContextArrays(spec=spec, feature_info=info, numeric=numeric, numeric_missing=missing,
-                             categorical=feats["categorical"][index], mask=mask, ages=ages, row_index=index)
+                             categorical=np.take(feats["categorical"], index, axis=0), mask=mask, ages=ages, row_index=index)
 
     def fit_transform(self, tables: Mapping[str, pd.DataFrame]) -> RelationalData:
         return self.fit(tables).transform(tables)

@@ -43,9 +43,8 @@ def assign_split(schema: Schema, target_df: pd.DataFrame, times: pd.Series | Non
         test_start = parse_cutoff(s.test_start, times, f"split.test_start ({where})")
         if test_start < valid_start:
             raise SchemaError(f"split: test_start {s.test_start!r} is before valid_start {s.valid_start!r}")
-        values = times.to_numpy()
-        out[values >= valid_start] = "valid"
-        out[values >= test_start] = "test"
+        out[(times >= valid_start).to_numpy()] = "valid"  # pandas compare: no per-row Timestamp objects
+        out[(times >= test_start).to_numpy()] = "test"
         return out
     rng = np.random.default_rng(s.seed)
     if s.method == "random":
