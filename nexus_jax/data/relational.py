@@ -203,9 +203,12 @@ class ContextSetBuilder:
     def transform(self, tables: Mapping[str, pd.DataFrame]) -> RelationalData:
         """Builds every context for every row of the target table.
 
+        For prediction, pass the rows to predict together with the past rows they should see (the
+        histories come from these tables), then select the predicted rows with `RelationalData.take`.
+
         Returns:
           `RelationalData` with N = rows of the target table (in table order); labels are None when
-          the target column is absent (prediction).
+          the target column is absent or has nulls (prediction).
         """
         if not self.preprocessors:
             raise RuntimeError("ContextSetBuilder is not fitted: call .fit(tables) or .load(directory)")
