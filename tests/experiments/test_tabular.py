@@ -21,6 +21,7 @@ def tiny_config():
     c.data.max_rows = 3000
     c.train.update(batch_size=128, num_epochs=2, progress=False, tensorboard=False, log_every_steps=5)
     c.model.update(d_hidden=16, d_embedding=4, d_layers=(32,))
+    c.optim.warmup_steps = 5
     return c
 
 
