@@ -23,18 +23,20 @@ class ToyMLP(nn.Module):
     batch_norm: bool = False
     aux_weight: float = 1e-3
     nan_after: float = 0.0  # if > 0, the output becomes NaN when |x| exceeds it (for NaN tests)
+    dtype: Any = jnp.float32  # compute dtype (params stay float32)
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False):
         init = nn.initializers.lecun_normal()
-        h = nn.Dense(self.hidden, kernel_init=nn.with_logical_partitioning(init, ("embed", "mlp")),
+        h = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=nn.with_logical_partitioning(init, ("embed", "mlp")),
                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x)
         if self.batch_norm:
             h = nn.BatchNorm(use_running_average=not train)(h)
         h = nn.gelu(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         self.sow("aux_loss", "toy_l2", self.aux_weight * jnp.mean(h ** 2))
-        y = nn.Dense(1, kernel_init=nn.with_logical_partitioning(init, ("mlp", "embed")))(h)[..., 0]
+        y = nn.Dense(1, dtype=self.dtype, kernel_init=nn.with_logical_partitioning(init, ("mlp", "embed")))(h)
+        y = y[..., 0].astype(jnp.float32)
         if self.nan_after > 0:
             y = jnp.where(jnp.max(jnp.abs(x)) > self.nan_after, jnp.nan, y)
         return y, {"hidden": h}

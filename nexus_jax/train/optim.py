@@ -15,6 +15,7 @@ Config fields (`config.optim`):
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -24,8 +25,11 @@ from flax import traverse_util
 SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "lion", "sgd")
 
-# Parameter names that never get weight decay: norms, biases and embedding tables.
-_NO_DECAY_NAMES = ("bias", "scale", "embedding", "embed", "norm", "ln", "cls")
+# Name parts that mark parameters without weight decay: norms, biases and embedding tables
+# (matched against the parts of every path component split at "_", trailing digits removed, so
+# "cat_embedding_0", "step1_bn0" and "plr_bias" are all recognised).
+_NO_DECAY_NAMES = frozenset({"bias", "scale", "embedding", "embeddings", "embed", "norm", "layernorm", "rmsnorm",
+                             "ln", "bn", "cls", "missing", "pos"})
 
 
 def learning_rate_schedule(optim_config: Any, total_steps: int) -> optax.Schedule:
@@ -58,11 +62,8 @@ def weight_decay_mask(params: Any) -> Any:
         return jax.tree.map(lambda p: p.ndim >= 2, params)
 
     def decays(path: tuple[str, ...], leaf: Any) -> bool:
-        names = [str(p).lower() for p in path]
-        if any(any(n == bad or n.startswith(bad + "_") or n.endswith("_" + bad) for bad in _NO_DECAY_NAMES)
-               for n in names):
-            return False
-        return getattr(leaf, "ndim", 0) >= 2
+        parts = {re.sub(r"\d+$", "", part) for name in path for part in str(name).lower().split("_")}
+        return not (parts & _NO_DECAY_NAMES) and getattr(leaf, "ndim", 0) >= 2
 
     return traverse_util.unflatten_dict({k: decays(k, v) for k, v in flat.items()})
 

@@ -50,6 +50,18 @@ def test_loss_decreases_and_aux_losses_are_logged_separately(tmp_path):
     assert all(k in rows[0] for k in ("grad_norm", "param_norm", "update_norm", "learning_rate", "rows_per_second"))
 
 
+def test_bfloat16_compute_trains_with_float32_params(tmp_path):
+    import jax.numpy as jnp
+
+    train, valid = datasets(256)
+    c = config(num_epochs=6)
+    c.optim.learning_rate = 1e-2
+    result = fit(toy_objective(dropout=0.0, dtype=jnp.bfloat16), train, valid, c, tmp_path)
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < 0.6 * losses[0]
+    assert {x.dtype for x in jax.tree.leaves(result.state.params)} == {jnp.dtype("float32")}
+
+
 def test_interrupted_run_resumes_to_identical_params(tmp_path):
     train, valid = datasets()
     full = fit(toy_objective(batch_norm=True), train, valid, config(), tmp_path / "full")

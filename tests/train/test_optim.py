@@ -51,6 +51,8 @@ def test_weight_decay_mask_skips_norms_biases_embeddings():
         "LayerNorm_0": {"scale": jnp.ones(4), "bias": jnp.ones(4)},
         "token_embed": {"embedding": jnp.ones((10, 4))},
         "block": {"attn": {"query": {"kernel": jnp.ones((4, 2, 2))}}, "rms_norm": {"scale": jnp.ones(4)}},
+        "tabnet": {"cat_embedding_0": jnp.ones((5, 3)), "step1_bn0": {"scale": jnp.ones(3)}},
+        "tokenizer": {"plr_bias": jnp.ones((3, 4)), "plr_weight": jnp.ones((3, 8, 4)), "missing": jnp.ones((3, 4))},
     }
     mask = weight_decay_mask(params)
     assert mask["Dense_0"] == {"kernel": True, "bias": False}
@@ -58,6 +60,8 @@ def test_weight_decay_mask_skips_norms_biases_embeddings():
     assert mask["token_embed"] == {"embedding": False}
     assert mask["block"]["attn"]["query"]["kernel"] is True
     assert mask["block"]["rms_norm"]["scale"] is False
+    assert mask["tabnet"] == {"cat_embedding_0": False, "step1_bn0": {"scale": False}}
+    assert mask["tokenizer"] == {"plr_bias": False, "plr_weight": True, "missing": False}
 
 
 def test_weight_decay_applies_only_where_masked():
