@@ -1,0 +1,171 @@
+"""Mixture-of-Experts feed-forward layer: top-k softmax router, aux losses, two dispatch paths.
+
+`MoE(num_experts=8, mlp_dim=256, top_k=2)(x) -> (y, aux)` with `x, y [B, T, D]`.
+
+- Router: float32 logits `x W_r`, optional multiplicative input jitter in training (Switch),
+  softmax over experts, top-k; the kept weights are renormalised to sum to 1 (`renormalize`).
+- Aux losses, in float32, are `sow`n into the "aux_loss" collection already multiplied by their
+  coefficients (the training loop adds them to the objective and logs them; they are not part of
+  the reported main loss): Switch load balancing `E * sum_e f_e * P_e` (f_e: fraction of the
+  token->expert assignments routed to e, P_e: mean router probability of e) and the ST-MoE
+  router z-loss `mean(logsumexp(logits)^2)`.
+- Dispatch: `capacity_factor=None` -> dropless sort + grouped matmul (`jax.lax.ragged_dot`);
+  a float -> capacity-limited einsum dispatch per batch row, dropping overflow assignments.
+- aux: `expert_load [E]` (f_e), `max_load_ratio` (max f_e / mean f_e), `load_balance_loss`,
+  `router_z_loss` (unweighted), `dropped_fraction` (0 for dropless).
+A `mask [B, T]` excludes padding tokens from routing statistics, capacity and the output (0).
+
+Expert weights are `[expert, embed, mlp]` / `[expert, mlp, embed]`, shardable on the `expert`
+mesh axis. The capacity path's einsums are partitioned by GSPMD (all-to-alls inserted by XLA).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nexus_jax.layers import moe_dispatch
+from nexus_jax.layers.feedforward import get_activation
+
+Dtype = Any
+
+
+def router_statistics(logits_NE, expert_idx_NK, valid_N=None):
+  """Float32 `(load_balance_loss, z_loss, expert_load [E])` over the valid tokens."""
+  n, e = logits_NE.shape
+  k = expert_idx_NK.shape[1]
+  logits = logits_NE.astype(jnp.float32)
+  valid = jnp.ones((n,), jnp.float32) if valid_N is None else valid_N.astype(jnp.float32)
+  count = jnp.maximum(valid.sum(), 1.0)
+  probs = jax.nn.softmax(logits, axis=-1)
+  assigned = jax.nn.one_hot(expert_idx_NK, e, dtype=jnp.float32).sum(1)  # [N, E]
+  load = jnp.einsum("ne,n->e", assigned, valid) / (count * k)
+  mean_prob = jnp.einsum("ne,n->e", probs, valid) / count
+  load_balance = e * jnp.sum(load * mean_prob)
+  z_loss = jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * valid) / count
+  return load_balance, z_loss, load
+
+
+def expert_init():
+  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2,
+                                          out_axis=-1, batch_axis=(0,))
+
+
+class MoE(nn.Module):
+  """Top-k routed experts; `x [B, T, D] -> (y [B, T, D], aux)`."""
+
+  num_experts: int
+  mlp_dim: int  # hidden width of each expert
+  top_k: int = 2
+  activation: str = "swiglu"
+  capacity_factor: float | None = None  # None: dropless
+  renormalize: bool = True
+  router_jitter: float = 0.0  # multiplicative uniform noise on router inputs in training
+  load_balance_coef: float = 1e-2
+  z_loss_coef: float = 1e-3
+  gmm_impl: str = "auto"  # dropless grouped matmul: auto | ragged_dot | tiled
+  gmm_tile: int = 128
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Callable = expert_init()
+
+  def _check(self, x):
+    if x.ndim != 3:
+      raise ValueError(f"MoE input must be [batch, length, embed]; got {x.shape}.")
+    if self.num_experts < 1 or not 1 <= self.top_k <= self.num_experts:
+      raise ValueError(f"MoE needs num_experts >= 1 and 1 <= top_k <= num_experts; got "
+                       f"num_experts={self.num_experts}, top_k={self.top_k}.")
+    if self.capacity_factor is not None and self.capacity_factor <= 0:
+      raise ValueError(f"capacity_factor must be > 0 or None; got {self.capacity_factor}.")
+    if self.gmm_impl not in moe_dispatch.GMM_IMPLS:
+      raise ValueError(f"Unknown gmm_impl {self.gmm_impl!r}; choose one of "
+                       f"{moe_dispatch.GMM_IMPLS}.")
+
+  def _expert_params(self, d: int):
+    _, gated = get_activation(self.activation)
+    p = lambda name, shape, names: self.param(
+        name, nn.with_logical_partitioning(self.kernel_init, names), shape, self.param_dtype)
+    e, f = self.num_experts, self.mlp_dim
+    names = ["wi_gate", "wi_up"] if gated else ["wi"]
+    wi = [p(n, (e, d, f), ("expert", "embed", "mlp")) for n in names]
+    return wi, p("wo", (e, f, d), ("expert", "mlp", "embed"))
+
+  @nn.compact
+  def __call__(self, x, mask=None, deterministic: bool = True):
+    self._check(x)
+    b, t, d = x.shape
+    dtype = self.dtype or x.dtype
+    x = x.astype(dtype)
+    valid = None if mask is None else mask.reshape(b * t).astype(bool)
+
+    # Router (float32 throughout).
+    router_in = x.astype(jnp.float32)
+    if self.router_jitter > 0 and not deterministic:
+      noise = jax.random.uniform(self.make_rng("dropout"), router_in.shape, jnp.float32,
+                                 1.0 - self.router_jitter, 1.0 + self.router_jitter)
+      router_in = router_in * noise
+    w_router = self.param(
+        "router", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", None)),
+        (d, self.num_experts), self.param_dtype)
+    logits = (router_in.reshape(b * t, d) @ w_router.astype(jnp.float32))  # [N, E]
+    probs = jax.nn.softmax(logits, axis=-1)
+    top_w, top_idx = jax.lax.top_k(probs, self.top_k)  # [N, K]
+    if self.renormalize:
+      top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+    if valid is not None:
+      top_w = top_w * valid[:, None]
+
+    load_balance, z_loss, load = router_statistics(logits, top_idx, valid)
+    if self.load_balance_coef:
+      self.sow("aux_loss", "load_balance", self.load_balance_coef * load_balance)
+    if self.z_loss_coef:
+      self.sow("aux_loss", "router_z", self.z_loss_coef * z_loss)
+
+    wi, wo = self._expert_params(d)
+    if self.capacity_factor is None:
+      y, dropped = self._dropless(x.reshape(b * t, d), top_idx, top_w, valid, wi, wo), 0.0
+    else:
+      y, dropped = self._capacity(x, top_idx.reshape(b, t, -1), top_w.reshape(b, t, -1),
+                                  None if valid is None else valid.reshape(b, t), wi, wo)
+    aux = {"expert_load": load, "max_load_ratio": self.num_experts * jnp.max(load),
+           "load_balance_loss": load_balance, "router_z_loss": z_loss,
+           "dropped_fraction": jnp.asarray(dropped, jnp.float32)}
+    y = nn.with_logical_constraint(y.reshape(b, t, d), ("batch", "length", "embed"))
+    return y, aux
+
+  def _hidden(self, h_parts):
+    act, gated = get_activation(self.activation)
+    return act(h_parts[0]) * h_parts[1] if gated else act(h_parts[0])
+
+  def _dropless(self, x_ND, idx_NK, w_NK, valid_N, wi, wo):
+    """Sort assignments by expert, grouped matmuls, unsort, weight and sum over k."""
+    n, k = idx_NK.shape
+    order, group_sizes = moe_dispatch.sort_assignments(idx_NK, self.num_experts, valid_N)
+    xs = jnp.take(x_ND, order // k, axis=0)  # [N*K, D], expert-major
+    gmm = lambda a, w: moe_dispatch.grouped_matmul(a, w.astype(a.dtype), group_sizes,
+                                                   impl=self.gmm_impl, tile=self.gmm_tile)
+    h = self._hidden([gmm(xs, w) for w in wi])
+    ys = gmm(h, wo)  # [N*K, D]
+    y_NKD = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
+    return jnp.einsum("nkd,nk->nd", y_NKD, w_NK.astype(ys.dtype))
+
+  def _capacity(self, x_GND, idx_GNK, w_GNK, valid_GN, wi, wo):
+    """Capacity-limited one-hot dispatch/combine einsums; returns (y, dropped fraction)."""
+    g, n, _ = x_GND.shape
+    cap = moe_dispatch.expert_capacity(n, self.num_experts, self.top_k, self.capacity_factor)
+    dispatch, combine, kept = moe_dispatch.capacity_masks(idx_GNK, w_GNK, self.num_experts, cap,
+                                                          valid_GN)
+    dtype = x_GND.dtype
+    xin = jnp.einsum("gnec,gnd->egcd", dispatch.astype(dtype), x_GND)
+    xin = nn.with_logical_constraint(xin, ("expert", "batch", None, "embed"))
+    h = self._hidden([jnp.einsum("egcd,edf->egcf", xin, w.astype(dtype)) for w in wi])
+    h = nn.with_logical_constraint(h, ("expert", "batch", None, "mlp"))
+    out = jnp.einsum("egcf,efd->egcd", h, wo.astype(dtype))
+    out = nn.with_logical_constraint(out, ("expert", "batch", None, "embed"))
+    y = jnp.einsum("gnec,egcd->gnd", combine.astype(dtype), out)
+    total = g * n * self.top_k if valid_GN is None else jnp.sum(valid_GN) * self.top_k
+    dropped = (total - jnp.sum(kept)) / jnp.maximum(total, 1)
+    return y, dropped
