@@ -91,11 +91,12 @@ def _tile_layout(group_sizes_E, rows: int, tile: int):
   padded = (group_sizes_E + tile - 1) // tile * tile
   padded_ends = jnp.cumsum(padded)
   r = jnp.arange(rows)
-  grp = jnp.searchsorted(ends, r, side="right")
+  grp = jnp.searchsorted(ends, r, side="right", method="compare_all")
   g = jnp.minimum(grp, num_groups - 1)
   dest = jnp.where(grp < num_groups, padded_ends[g] - padded[g] + r - (ends[g] - group_sizes_E[g]),
                    num_tiles * tile)
-  tile_group = jnp.searchsorted(padded_ends, jnp.arange(num_tiles) * tile, side="right")
+  tile_group = jnp.searchsorted(padded_ends, jnp.arange(num_tiles) * tile, side="right",
+                                method="compare_all")
   return dest, jnp.minimum(tile_group, num_groups - 1), num_tiles
 
 
