@@ -61,9 +61,10 @@ def test_cross_attention_cache_matches_uncached():
   full = jax.jit(Attention(**kw).apply)({"params": params}, x, ctx)
   dec = Attention(**kw, decode=True)
   cache = jax.jit(dec.init)(jax.random.PRNGKey(1), x, ctx)["cache"]
-  apply = jax.jit(dec.apply, static_argnames="mutable")
-  first, state = apply({"params": params, "cache": cache}, x[:, :2], ctx, mutable=["cache"])
-  rest, _ = apply({"params": params, "cache": state["cache"]}, x[:, 2:], mutable=["cache"])
+  prefill = jax.jit(lambda v, x, c: dec.apply(v, x, c, mutable=["cache"]))
+  step = jax.jit(lambda v, x: dec.apply(v, x, mutable=["cache"]))
+  first, state = prefill({"params": params, "cache": cache}, x[:, :2], ctx)
+  rest, _ = step({"params": params, "cache": state["cache"]}, x[:, 2:])
   np.testing.assert_allclose(np.concatenate([first, rest], 1), np.asarray(full), atol=1e-5)
 
 
