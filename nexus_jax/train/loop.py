@@ -17,6 +17,7 @@ Config fields read (all under `config`):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import pathlib
@@ -102,14 +103,11 @@ class Trainer:
             self._eval_step = jax.jit(make_eval_step(objective),
                                       in_shardings=(self.state_shardings, self.batch_sharding))
 
+    @contextlib.contextmanager
     def context(self):
         """Mesh + logical-axis-rule context needed while tracing (for `nn.with_logical_constraint`)."""
-        import contextlib
-
-        stack = contextlib.ExitStack()
-        stack.enter_context(jax.set_mesh(self.mesh))
-        stack.enter_context(nn.logical_axis_rules(self.rules))
-        return stack
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
 
     def init(self, seed: int) -> TrainState:
         with self.context():
