@@ -73,13 +73,16 @@ class SetEncoder(nn.Module):
         x = nn.Dense(self.d_model, dtype=self.dtype, param_dtype=self.param_dtype, name="in_proj",
                      kernel_init=logical_init(("mlp", "embed"), nn.initializers.lecun_normal()),
                      bias_init=logical_init(("embed",), nn.initializers.zeros))(rows)
-        if self.use_ages and ages is not None:
-            chex.assert_shape(ages, (b, m))
-            ages = jnp.where(row_mask, ages, 0.0)
-            x = x + nn.Dense(self.d_model, dtype=self.dtype, param_dtype=self.param_dtype, name="recency",
-                             kernel_init=logical_init(("feature", "embed"), nn.initializers.lecun_normal()),
-                             bias_init=logical_init(("embed",), nn.initializers.zeros))(
-                recency_features(ages, self.n_age_frequencies).astype(self.dtype))
+        if self.use_ages:  # params exist whether or not this call has ages, so one init serves both
+            n_rec = 1 + 2 * self.n_age_frequencies
+            w_rec = self.param("recency_kernel", logical_init(("feature", "embed"), nn.initializers.lecun_normal()),
+                               (n_rec, self.d_model), self.param_dtype)
+            b_rec = self.param("recency_bias", logical_init(("embed",), nn.initializers.zeros), (self.d_model,),
+                               self.param_dtype)
+            if ages is not None:
+                chex.assert_shape(ages, (b, m))
+                feats = recency_features(jnp.where(row_mask, ages, 0.0), self.n_age_frequencies).astype(self.dtype)
+                x = x + feats @ w_rec.astype(self.dtype) + b_rec.astype(self.dtype)
         cls = self.param("cls", logical_init(("embed",), nn.initializers.normal(0.02)), (self.d_model,), self.param_dtype)
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.d_model)), x], axis=1)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))

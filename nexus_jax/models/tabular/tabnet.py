@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nexus_jax.models.tabular.ft_transformer import prepare_features
 
@@ -152,13 +153,15 @@ class GhostBatchNorm(nn.Module):
         else:
             vbs = self.virtual_batch_size or max(n, 1)
             n_chunks = max(1, -(-n // vbs))
-            seg = (jnp.arange(n) * n_chunks) // max(n, 1)  # [N] chunk id, near-equal chunk sizes
+            seg = (np.arange(n) * n_chunks) // max(n, 1)  # [N] chunk id, near-equal consecutive chunks
+            onehot = jnp.asarray(seg[:, None] == np.arange(n_chunks)[None], jnp.float32)  # [N, C], static
             w = jnp.ones((n,), jnp.float32) if weights is None else weights.astype(jnp.float32)
-            count = jax.ops.segment_sum(w, seg, n_chunks)  # [C]
+            wc = onehot * w[:, None]  # [N, C]
+            count = jnp.sum(wc, axis=0)  # [C]
             denom = jnp.maximum(count, 1.0)[:, None]
-            mean_c = jax.ops.segment_sum(w[:, None] * xf, seg, n_chunks) / denom  # [C, D]
-            var_c = jax.ops.segment_sum(w[:, None] * (xf - mean_c[seg]) ** 2, seg, n_chunks) / denom
-            mean, var = mean_c[seg], var_c[seg]
+            mean_c = (wc.T @ xf) / denom  # [C, D]
+            var_c = (wc.T @ (xf - onehot @ mean_c) ** 2) / denom
+            mean, var = onehot @ mean_c, onehot @ var_c
             if not self.is_initializing():
                 total = jnp.sum(count)
                 frac = (count / jnp.maximum(total, 1.0))[:, None]
