@@ -1,0 +1,1 @@
+"""Inference: generation (KV cache, sampling, beam search, speculative decoding) and quantisation."""

@@ -1,0 +1,135 @@
+"""Incremental decoding for `Decoder` / `EncoderDecoder` (and `lm.MoELanguageModel`).
+
+The decoding state is the Flax `cache` collection of the model with `decode=True`: per layer
+`cached_key`/`cached_value [B, cache_len, K, D]` and `cache_index` (self-attention) and the
+projected encoder keys/values `[B, S, K, D]` (cross-attention). Its length is static, so one
+jitted step serves every position.
+
+    cache = init_cache(model, batch_size=B, cache_len=L)            # zeros, no forward pass
+    logits, cache = decode_step(model, params, cache, prompt_BP)     # prefill: [B, P, V]
+    logits, cache = decode_step(model, params, cache, token_B1)      # then one token at a time
+
+For an `EncoderDecoder`, `encode(model, params, source)` runs the encoder once; pass
+`encoded=` on the first `decode_step` (it fills the cross-attention cache) and omit it later.
+`cache_mask [B, L]` marks valid cache slots (left-padded prompts), `positions [B, T]` the RoPE
+positions (default: cache index onwards). Writing past `cache_len` is not checked inside jit;
+`check_fits` is the host-side check the generation functions run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from nexus_jax.models.transformer import Decoder, EncoderDecoder
+
+CACHE_INDEX = "cache_index"
+
+
+def _check_model(model):
+  if not isinstance(model, (Decoder, EncoderDecoder)):
+    raise TypeError(f"incremental decoding needs a Decoder or EncoderDecoder (e.g. the LM's "
+                    f"`.decoder()`); got {type(model).__name__}.")
+  if model.attention_backend == "fourier":
+    raise ValueError("attention_backend='fourier' has no KV cache; decode with 'xla' or "
+                     "'chunked' (the params are the same).")
+
+
+def _dummy(vocab_size: int, batch: int, length: int, features: int):
+  if vocab_size > 0:
+    return jnp.zeros((batch, length), jnp.int32)
+  if features < 1:
+    raise ValueError("feature-input models need num_features / source_features >= 1 to size "
+                     "the cache.")
+  return jnp.zeros((batch, length, features), jnp.float32)
+
+
+def init_cache(model, batch_size: int, cache_len: int, *, num_features: int = 0,
+               source_len: int = 0, source_features: int = 0) -> Any:
+  """Zero decoding state for `batch_size` sequences of up to `cache_len` positions.
+
+  `num_features`: input width of a feature-input decoder; `source_len` / `source_features`:
+  the encoder input length / width of an `EncoderDecoder` (sizes the cross-attention cache).
+  """
+  _check_model(model)
+  if batch_size < 1 or cache_len < 1:
+    raise ValueError(f"batch_size ({batch_size}) and cache_len ({cache_len}) must be >= 1.")
+  dec = model.clone(decode=True)
+  targets = _dummy(model.vocab_size, batch_size, cache_len, num_features)
+  if isinstance(model, EncoderDecoder):
+    if source_len < 1:
+      raise ValueError("init_cache(EncoderDecoder) needs source_len >= 1 (encoder length).")
+    src_vocab = model.vocab_size if model.source_vocab_size is None else model.source_vocab_size
+    source = _dummy(src_vocab, batch_size, source_len, source_features)
+    shapes = jax.eval_shape(lambda: dec.init(jax.random.PRNGKey(0), source, targets))
+  else:
+    shapes = jax.eval_shape(lambda: dec.init(jax.random.PRNGKey(0), targets))
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+
+
+def cache_length(cache: Any) -> int:
+  """The static number of positions of a cache made by `init_cache`."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(cache)[0]:
+    keys = [getattr(p, "key", None) for p in path]
+    if "self_attention" in keys and keys[-1] == "cached_key":
+      return int(leaf.shape[-3])
+  raise ValueError("no self-attention KV cache found in `cache`.")
+
+
+def encode(model: EncoderDecoder, params, source, source_mask=None):
+  """Runs the encoder once: `source [B, S] | [B, S, F]` -> `encoded [B, S, E]`."""
+  if not isinstance(model, EncoderDecoder):
+    raise TypeError(f"encode needs an EncoderDecoder; got {type(model).__name__}.")
+  encoded, _ = model.apply({"params": params}, source, source_mask, method="encode")
+  return encoded
+
+
+def decode_step(model, params, cache, inputs, *, positions=None, cache_mask=None,
+                encoded=None, source_mask=None):
+  """Feeds `inputs [B, T] | [B, T, F]` at the cache index; returns `(outputs [B, T, ...], cache)`.
+
+  outputs are the model head's (LM logits `[B, T, V]` float32). jit it with `model` static.
+  """
+  _check_model(model)
+  dec = model.clone(decode=True)
+  variables = {"params": params, "cache": cache}
+  if isinstance(model, EncoderDecoder):
+    (outputs, _), state = dec.apply(variables, inputs, encoded, source_mask, cache_mask,
+                                    positions, method="decode_targets", mutable=["cache"])
+  else:
+    (outputs, _), state = dec.apply(variables, inputs, mask=cache_mask, positions=positions,
+                                    mutable=["cache"])
+  return outputs, state["cache"]
+
+
+def _is_index(path) -> bool:
+  return getattr(path[-1], "key", None) == CACHE_INDEX
+
+
+def set_cache_index(cache: Any, index) -> Any:
+  """Every layer's write position set to `index` (int scalar): rewinds or skips the cache.
+
+  Slots at and after `index` become invisible to later queries and are overwritten next.
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.full_like(x, index) if _is_index(p) else x, cache)
+
+
+def reorder_cache(model, cache: Any, index_B) -> Any:
+  """Gathers the batch rows `index_B [B']` of every cache array (beam search reordering)."""
+  axis = 1 if (model.scan_layers or model.share_layers) else 0
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: x if _is_index(p) else jnp.take(x, index_B, axis=axis), cache)
+
+
+def check_fits(cache_len: int, prompt_len: int, new_tokens: int, extra: int = 0):
+  """Host-side check that a prompt plus the generated tokens fit the static cache."""
+  if prompt_len < 1:
+    raise ValueError("empty prompt: every sequence needs at least one token (e.g. a BOS id).")
+  need = prompt_len + new_tokens + extra
+  if need > cache_len:
+    raise ValueError(f"prompt length {prompt_len} + {new_tokens} new tokens"
+                     f"{f' + {extra} lookahead' if extra else ''} = {need} exceeds the cache "
+                     f"length {cache_len}; raise cache_len or shorten the prompt.")
