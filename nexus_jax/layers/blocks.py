@@ -83,8 +83,8 @@ class TransformerBlock(nn.Module):
   def __call__(self, x, context=None, segment_ids=None, positions=None, mask=None,
                context_mask=None, deterministic: bool = True):
     """x `[B, T, E]`; context `[B, S, E_ctx]` for cross-attention; mask/segment_ids/positions
-    as in `Attention` (mask on self-attention keys; a `[B, T]` mask is also the MoE token mask);
-    context_mask `[B, S]` on cross-attention keys."""
+    as in `Attention` (mask on self-attention keys; a `[B, T]` mask is also the MoE token mask,
+    except while decoding); context_mask `[B, S]` on cross-attention keys."""
     if self.norm_placement not in ("pre", "post"):
       raise ValueError(f"norm_placement must be 'pre' or 'post'; got {self.norm_placement!r}.")
     if self.cross_attention and context is None and not self.decode:
@@ -107,7 +107,9 @@ class TransformerBlock(nn.Module):
                 load_balance_coef=self.moe_load_balance_coef, z_loss_coef=self.moe_z_loss_coef,
                 router_jitter=self.moe_router_jitter, dtype=self.dtype,
                 param_dtype=self.param_dtype, name="moe")
-      token_mask = mask if (mask is not None and mask.ndim == 2) else None
+      # A [B, T] key-padding mask doubles as the token mask. While decoding, masks index cache
+      # slots ([B, cache_len]), not the step's tokens, so every step token is routed.
+      token_mask = mask if (mask is not None and mask.ndim == 2 and not self.decode) else None
       x, aux = self._residual("mlp", x, lambda h: moe(h, token_mask, deterministic),
                               deterministic)
     else:

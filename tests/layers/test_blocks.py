@@ -83,6 +83,27 @@ def test_decoding_through_a_scanned_stack_matches_the_full_pass():
   np.testing.assert_allclose(np.concatenate(outs, 1), np.asarray(full), atol=1e-5)
 
 
+def test_decoding_an_moe_block_with_a_padding_mask():
+  """While decoding, the [B, cache_len] mask masks cache slots and is not the MoE token mask."""
+  x = _x(7)
+  pad = jnp.arange(T)[None, :] < jnp.array([[T], [4]])
+  block = TransformerBlock(num_heads=2, mlp_dim=8, causal=True, num_experts=2, moe_top_k=1,
+                           moe_capacity_factor=2.0)  # capacity == tokens: nothing dropped
+  params = jax.jit(block.init)(jax.random.PRNGKey(1), x)["params"]
+  full, _ = jax.jit(lambda p, x: block.apply({"params": p}, x, mask=pad))(params, x)
+  dec = block.clone(decode=True)
+  cache = jax.jit(dec.init)(jax.random.PRNGKey(1), x)["cache"]
+  step = jax.jit(lambda c, xs: dec.apply({"params": params, "cache": c}, xs, mask=pad,
+                                         mutable=["cache"]))
+  outs = []
+  for i in range(T):
+    (y, _), state = step(cache, x[:, i:i + 1])
+    cache, outs = state["cache"], outs + [y]
+  out = np.concatenate(outs, 1)
+  np.testing.assert_allclose(out[0], np.asarray(full[0]), atol=1e-5)
+  np.testing.assert_allclose(out[1, :4], np.asarray(full[1, :4]), atol=1e-5)  # real tokens
+
+
 def test_post_norm_output_is_normalised_and_cross_attention_uses_context():
   x, ctx = _x(4) * 10, _x(5, (B, 3, 8))
   block = TransformerBlock(num_heads=2, mlp_dim=8, norm="layer", norm_placement="post",
