@@ -49,7 +49,7 @@ def _check_broadcastable(name: str, x, target: tuple[int, ...]):
                      f"[batch, heads, q_len, kv_len] = {list(target)}.")
 
 
-def _validate(q, k, v, causal, mask, segment_ids, bias, backend):
+def _validate(q, k, v, causal, mask, segment_ids, bias, backend, block_sizes):
   if backend not in BACKENDS:
     raise ValueError(f"Unknown attention backend {backend!r}; choose one of {BACKENDS}.")
   for name, x in (("q", q), ("k", k), ("v", v)):
@@ -87,6 +87,10 @@ def _validate(q, k, v, causal, mask, segment_ids, bias, backend):
     if asked:
       raise ValueError(f"The fourier backend mixes all positions globally and cannot apply "
                        f"{', '.join(asked)}; use backend='xla', 'chunked' or 'pallas'.")
+  expected = {"chunked": chunked_lib.ChunkSizes, "pallas": flash_lib.BlockSizes}.get(backend)
+  if expected is not None and block_sizes is not None and not isinstance(block_sizes, expected):
+    raise ValueError(f"backend={backend!r} takes block_sizes={expected.__module__}."
+                     f"{expected.__name__}; got {type(block_sizes).__name__}.")
   if backend == "pallas" and ((mask is not None and mask.ndim == 4) or bias is not None):
     raise ValueError("The pallas backend supports causal masking, segment_ids and a [batch, "
                      "kv_len] key-padding mask, not a 4-D mask or bias; use backend='chunked'.")
@@ -182,7 +186,7 @@ def dot_product_attention(q, k, v, *, causal: bool = False, mask=None, segment_i
   Returns:
     `[B, T, H, D]` in q's dtype.
   """
-  _validate(q, k, v, causal, mask, segment_ids, bias, backend)
+  _validate(q, k, v, causal, mask, segment_ids, bias, backend, block_sizes)
   b, t, _, d = q.shape
   s = k.shape[1]
   scale = 1.0 / math.sqrt(d) if scale is None else float(scale)

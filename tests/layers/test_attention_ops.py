@@ -145,6 +145,7 @@ def test_fourier_bf16_keeps_dtype():
     (dict(mask=(2, 8, 8)), "mask has shape"),
     (dict(bias=(2, 3, 8, 8)), "bias has shape"),
     (dict(segment_ids=(2, 7)), "segment_ids must be"),
+    (dict(backend="pallas", block_sizes=chunked_attention.ChunkSizes()), "takes block_sizes"),
 ])
 def test_bad_input_is_rejected_clearly(kwargs, match):
   shapes = dict(q=(2, 8, 4, 4), k=(2, 8, 2, 4), v=(2, 8, 2, 4))
