@@ -87,8 +87,8 @@ def test_module_scan_methods_agree_on_outputs_and_param_gradients():
         {"params": p}, x)
     return jnp.sum(jnp.sin(y)) + jnp.sum(aux["final_state"] ** 2), y
 
-  grad_fn = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
-  results = {m: grad_fn(params, m) for m in ssm.SCAN_METHODS}
+  all_grads = jax.jit(lambda p: {m: jax.grad(loss, has_aux=True)(p, m) for m in ssm.SCAN_METHODS})
+  results = all_grads(params)
   ref_g, ref_y = results["sequential"]
   for method, (g, y) in results.items():
     np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5, err_msg=method)
@@ -116,14 +116,16 @@ def test_step_decoding_equals_full_forward(conv_width):
   np.testing.assert_allclose(jnp.stack(ys, 1), full, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(cache["ssm_state"], full_aux["final_state"], rtol=1e-5, atol=1e-6)
 
-  # Prefill a prompt (scanned from the cache) then one token at a time through __call__.
+  # Prefill a prompt (scanned from the cached state), then one token at a time with `step`.
   cache = model.init(jax.random.PRNGKey(2), x)["cache"]
-  call = jax.jit(lambda c, xt: model.apply({"params": params, "cache": c}, xt, mutable=["cache"]))
-  (y_prompt, _), state = call(cache, x[:, :5])
-  outs = [y_prompt]
+  (y_prompt, _), state = jax.jit(
+      lambda c, xt: model.apply({"params": params, "cache": c}, xt, mutable=["cache"]))(
+          cache, x[:, :5])
+  outs, cache = [y_prompt], state["cache"]
   for t in range(5, x.shape[1]):
-    (y, _), state = call(state["cache"], x[:, t:t + 1])
-    outs.append(y)
+    (y, _), state = step(cache, x[:, t])
+    outs.append(y[:, None])
+    cache = state["cache"]
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-5, atol=1e-6)
 
 
