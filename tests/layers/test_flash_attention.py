@@ -76,6 +76,7 @@ def test_pallas_matches_jax_reference_kernel():
     (2, 256, 256, 4, 2, 64, True, True),
     (1, 100, 77, 6, 2, 40, False, True),  # G=3, padded lengths and head_dim
     (1, 128, 128, 8, 1, 128, True, False),  # MQA
+    (1, 5, 9, 2, 1, 8, True, False),  # shorter than one Triton tile
 ])
 def test_kernels_lower_for_gpu(b, t, s, h, kv, d, causal, seg):
   """Forward, dq and dk/dv kernels lower through Triton for CUDA (no GPU needed to lower)."""

@@ -301,9 +301,12 @@ def flash_attention(q_BTHD, k_BSKD, v_BSKD, q_seg_BT=None, kv_seg_BS=None, *, ca
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
   sz = block_sizes
-  # Pad lengths so every kernel's tiles divide them (all block sizes are powers of two).
-  q_tile = max(min(x, pl.next_power_of_2(t)) for x in (sz.block_q, sz.block_q_dq, sz.block_q_dkv))
-  k_tile = max(min(x, pl.next_power_of_2(s)) for x in (sz.block_k, sz.block_k_dq, sz.block_k_dkv))
+  # Pad lengths so every kernel's tiles divide them (all block sizes are powers of two); at
+  # least 16 rows, the smallest tile a Triton dot accepts.
+  q_tile = max(16, *(min(x, pl.next_power_of_2(t)) for x in
+                     (sz.block_q, sz.block_q_dq, sz.block_q_dkv)))
+  k_tile = max(16, *(min(x, pl.next_power_of_2(s)) for x in
+                     (sz.block_k, sz.block_k_dq, sz.block_k_dkv)))
   tp, sp = _round_up(t, q_tile), _round_up(s, k_tile)
   dp = max(16, pl.next_power_of_2(d))
   st = _Static(causal=causal, scale=float(scale), kv_len=s, groups=h // num_kv,
