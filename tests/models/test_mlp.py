@@ -76,13 +76,10 @@ def test_mlp_and_resnet_shapes_and_leading_dims():
         out3, _ = apply(x_num.reshape(3, 4, 3), x_cat.reshape(3, 4, 2))
         assert out.shape == (12, 4) and out3.shape == (3, 4, 4) and aux == {}
         np.testing.assert_allclose(out3.reshape(12, 4), out, atol=1e-5)
-    numeric_only = MLP(num_numeric=3, d_out=4, d_layers=(8,), d_embedding=4)
-    v = init_variables(numeric_only, x_num, None)
-    out, _ = fast_jit(lambda: numeric_only.apply(v, x_num, None))()
-    assert out.shape == (12, 4)
 
 
-@pytest.mark.parametrize("name", ["mlp", "resnet", "tabm"])
+@pytest.mark.parametrize("name", [pytest.param("mlp", marks=pytest.mark.slow),
+                                  pytest.param("resnet", marks=pytest.mark.slow), "tabm"])
 def test_mlp_family_fits_synthetic_task(rows, name):
     x_num, x_cat, y = rows
     model = {
@@ -92,5 +89,5 @@ def test_mlp_family_fits_synthetic_task(rows, name):
         "tabm": TabM(num_numeric=3, cat_cardinalities=CARDS, d_out=8, k=4, n_blocks=2, d_block=32, dropout=0.0,
                      d_embedding=8, numeric_embedding="plr"),
     }[name]
-    first, last = fit(model, (x_num, x_cat), y, steps=200, lr=3e-3)
+    first, last = fit(model, (x_num, x_cat), y, lr=3e-3)
     assert last < 0.5 * first and last < 0.5, (first, last)

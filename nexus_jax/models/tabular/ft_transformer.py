@@ -4,7 +4,8 @@ NeurIPS 2021) and the small transformer pieces the tabular encoders share.
 Feature tokens (one per column, CLS first, from `FeatureTokenizer`) go through pre-norm transformer
 blocks; the first block has no norm before attention (its input is the raw tokens), as in the paper
 and rtdl. Each block: x = x + ResDrop(MHA(LN(x))), x = x + ResDrop(FFN(LN(x))), FFN = Linear ->
-ReGLU -> FFNDrop -> Linear, attention dropout on the attention probabilities. The row representation
+ReGLU -> FFNDrop -> Linear (or a routed MoE of such FFNs with `moe_experts > 0`), attention
+dropout on the attention probabilities. The row representation
 is Linear(ReLU(LN(CLS))), the rtdl head with `d_out` outputs. Unless `return_tokens=True` the last
 block only computes the CLS query (rtdl's `last_layer_query_idx=[-1]`): same CLS output, less work.
 
@@ -28,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nexus_jax.layers.moe import MoE
 from nexus_jax.models.tabular.feature_tokenizer import FeatureTokenizer
 
 Array = jax.Array
@@ -121,6 +123,9 @@ class TransformerBlock(nn.Module):
 
     `attention_norm=False` skips the LayerNorm before attention (FT-Transformer's first block).
     `n_queries` keeps only the first n_queries tokens as queries (and outputs), e.g. 1 for CLS only.
+    `moe_experts > 0` replaces the dense FFN by `nexus_jax.layers.moe.MoE` (top-`moe_top_k`
+    dropless routing, same activation and hidden width per expert; no hidden dropout); its load
+    balance and router z-losses are sown into "aux_loss"; masked tokens are left out of routing.
     Returns (x_out [N, Q, d], attention probs f32 [N, heads, Q, T]).
     """
 
@@ -131,6 +136,8 @@ class TransformerBlock(nn.Module):
     ffn_dropout: float = 0.0
     residual_dropout: float = 0.0
     attention_norm: bool = True
+    moe_experts: int = 0
+    moe_top_k: int = 2
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -148,8 +155,15 @@ class TransformerBlock(nn.Module):
         a, probs = MultiHeadAttention(self.n_heads, self.attention_dropout, self.dtype, self.param_dtype,
                                       name="attention")(q, h, kv_mask, deterministic=deterministic)
         x = x + nn.Dropout(self.residual_dropout)(a, deterministic=deterministic)
-        f = FeedForward(self.d_ffn, self.activation, self.ffn_dropout, self.dtype, self.param_dtype,
-                        name="ffn")(norm("ffn_norm")(x), deterministic=deterministic)
+        h = norm("ffn_norm")(x)
+        if self.moe_experts:
+            token_mask = None if kv_mask is None else kv_mask[:, : x.shape[1]]
+            f, _ = MoE(self.moe_experts, self.d_ffn, min(self.moe_top_k, self.moe_experts), self.activation,
+                       dtype=self.dtype, param_dtype=self.param_dtype, name="moe")(
+                h, token_mask, deterministic=deterministic)
+        else:
+            f = FeedForward(self.d_ffn, self.activation, self.ffn_dropout, self.dtype, self.param_dtype,
+                            name="ffn")(h, deterministic=deterministic)
         x = x + nn.Dropout(self.residual_dropout)(f, deterministic=deterministic)
         return x, probs
 
@@ -179,6 +193,8 @@ class FTTransformer(nn.Module):
     residual_dropout: float = 0.0
     numeric_embedding: str = "linear"  # "linear" | "plr"
     return_tokens: bool = False
+    moe_experts: int = 0  # > 0: MoE feed-forward in every block
+    moe_top_k: int = 2
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -209,8 +225,8 @@ class FTTransformer(nn.Module):
             last = i == self.n_blocks - 1
             x, probs = TransformerBlock(
                 self.n_heads, d_ffn, self.activation, self.attention_dropout, self.ffn_dropout,
-                self.residual_dropout, attention_norm=i > 0, dtype=self.dtype, param_dtype=self.param_dtype,
-                name=f"block{i}",
+                self.residual_dropout, attention_norm=i > 0, moe_experts=self.moe_experts,
+                moe_top_k=self.moe_top_k, dtype=self.dtype, param_dtype=self.param_dtype, name=f"block{i}",
             )(x, None, 1 if last and not self.return_tokens else None, deterministic=deterministic)
         h = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm",
                          scale_init=logical_init(("embed",), nn.initializers.ones),

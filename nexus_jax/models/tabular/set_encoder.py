@@ -59,6 +59,8 @@ class SetEncoder(nn.Module):
     residual_dropout: float = 0.0
     use_ages: bool = True
     n_age_frequencies: int = 8
+    moe_experts: int = 0  # > 0: MoE feed-forward in every block (masked rows are not routed)
+    moe_top_k: int = 2
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -91,8 +93,8 @@ class SetEncoder(nn.Module):
         for i in range(self.n_blocks):
             x, probs = TransformerBlock(
                 self.n_heads, int(self.d_model * self.ffn_factor), self.activation, self.attention_dropout,
-                self.ffn_dropout, self.residual_dropout, attention_norm=True, dtype=self.dtype,
-                param_dtype=self.param_dtype, name=f"block{i}",
+                self.ffn_dropout, self.residual_dropout, attention_norm=True, moe_experts=self.moe_experts,
+                moe_top_k=self.moe_top_k, dtype=self.dtype, param_dtype=self.param_dtype, name=f"block{i}",
             )(x, kv_mask, deterministic=deterministic)
         x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm",
                          scale_init=logical_init(("embed",), nn.initializers.ones),
@@ -130,6 +132,8 @@ class StandardEncoder(nn.Module):
     residual_dropout: float = 0.0
     numeric_embedding: str = "linear"  # "linear" | "plr"
     use_ages: bool = True
+    moe_experts: int = 0
+    moe_top_k: int = 2
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -160,5 +164,6 @@ class StandardEncoder(nn.Module):
         return SetEncoder(
             self.d_model, self.d_out, self.n_blocks, self.n_heads, self.ffn_factor, "reglu",
             self.attention_dropout, self.ffn_dropout, self.residual_dropout, self.use_ages,
-            dtype=self.dtype, param_dtype=self.param_dtype, name="set_encoder",
+            moe_experts=self.moe_experts, moe_top_k=self.moe_top_k, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="set_encoder",
         )(rows, row_mask, ages, deterministic=deterministic)
