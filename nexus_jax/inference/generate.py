@@ -212,20 +212,24 @@ def generate(model, params, prompts, *, max_new_tokens: int, rng=None,
     if sampling.temperature != 0:
       raise ValueError("sampling with temperature > 0 needs `rng`.")
     rng = jax.random.PRNGKey(0)
-  out, gen_len = _generate_jit(sm, sampling, int(max_new_tokens), tuple(stop_tokens), pad_id,
-                               params, tokens, lengths, rng, _source_arg(sm, source, source_mask))
+  out, gen_len = _generate_jit(sm, sampling, int(max_new_tokens), params, tokens, lengths, rng,
+                               _source_arg(sm, source, source_mask), _stops(stop_tokens),
+                               jnp.int32(pad_id))
   return GenerateOutput(np.asarray(out), np.asarray(gen_len))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _generate_jit(sm, sampling, max_new, stop_tokens, pad_id, params, tokens, lengths, rng,
-                  source):
+def _stops(stop_tokens) -> jax.Array:
+  """Stop ids as a dynamic int32 array (-1 when none: never sampled), so they cost no recompile."""
+  return jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _generate_jit(sm, sampling, max_new, params, tokens, lengths, rng, source, stops, pad_id):
   b = tokens.shape[0]
   state = sm.init(params, b, source)
   last, state, cache_mask = _prefill(sm, params, state, tokens, lengths)
   valid = jnp.arange(tokens.shape[1])[None, :] >= (tokens.shape[1] - lengths)[:, None]
   seen = jnp.any(jax.nn.one_hot(tokens, sm.vocab_size, dtype=bool) & valid[..., None], axis=1)
-  stops = jnp.asarray(stop_tokens, jnp.int32)
 
   def cond(c):
     return (c["t"] < max_new) & ~jnp.all(c["done"])
@@ -268,18 +272,17 @@ def beam_search(model, params, prompts, *, beam_width: int, max_new_tokens: int,
   sm = _as_step_model(model, cache_len, tokens.shape[1], max_new_tokens)
   decoding.check_fits(sm.cache_len, tokens.shape[1], max_new_tokens)
   src = _source_arg(sm, source, source_mask)
-  out = _beam_jit(sm, int(beam_width), int(max_new_tokens), float(length_penalty),
-                  tuple(stop_tokens), pad_id, params, tokens, lengths, src)
+  out = _beam_jit(sm, int(beam_width), int(max_new_tokens), params, tokens, lengths, src,
+                  jnp.float32(length_penalty), _stops(stop_tokens), jnp.int32(pad_id))
   return BeamOutput(*(np.asarray(x) for x in out))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _beam_jit(sm, w, max_new, alpha, stop_tokens, pad_id, params, tokens, lengths, source):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _beam_jit(sm, w, max_new, params, tokens, lengths, source, alpha, stops, pad_id):
   b, v = tokens.shape[0], sm.vocab_size
   tokens, lengths = jnp.repeat(tokens, w, 0), jnp.repeat(lengths, w, 0)  # [B*W, P]
   state = sm.init(params, b * w, source)
   last, state, cache_mask = _prefill(sm, params, state, tokens, lengths)
-  stops = jnp.asarray(stop_tokens, jnp.int32)
   norm = lambda s, n: s / jnp.maximum(n, 1).astype(jnp.float32) ** alpha
 
   def body(c):

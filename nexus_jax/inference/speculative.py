@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nexus_jax.inference.generate import (Sampling, StepModel, _as_step_model, prepare_prompts,
-                                          sampling_probs)
+from nexus_jax.inference.generate import (Sampling, StepModel, _as_step_model, _stops,
+                                          prepare_prompts, sampling_probs)
 from nexus_jax.models import decoding
 
 
@@ -74,10 +74,6 @@ def speculative_generate(target, target_params, draft, draft_params, prompt, *,
   if sampling.repetition_penalty != 1.0:
     raise ValueError("speculative decoding does not support repetition_penalty (the penalised "
                      "distribution would change inside a round); use generate().")
-  if rng is None:
-    if sampling.temperature != 0:
-      raise ValueError("sampling with temperature > 0 needs `rng`.")
-    rng = jax.random.PRNGKey(0)
   tokens, _ = prepare_prompts([prompt], target.vocab_size)
   p_len = tokens.shape[1]
   models = [_as_step_model(m, cache_len, p_len, max_new_tokens + num_draft) for m in (target, draft)]
@@ -85,25 +81,29 @@ def speculative_generate(target, target_params, draft, draft_params, prompt, *,
     if sm.needs_source:
       raise ValueError("speculative_generate supports decoder-only models.")
     decoding.check_fits(sm.cache_len, p_len, max_new_tokens, extra=num_draft)
-  out = _speculative_jit(*models, sampling, int(max_new_tokens), int(num_draft),
-                         tuple(stop_tokens), pad_id, target_params, draft_params,
-                         jnp.asarray(tokens[0]), rng)
+  if rng is None:
+    if sampling.temperature != 0:
+      raise ValueError("sampling with temperature > 0 needs `rng`.")
+    rng = jax.random.PRNGKey(0)
+  out = _speculative_jit(*models, sampling, int(max_new_tokens), int(num_draft), target_params,
+                         draft_params, jnp.asarray(tokens[0]), rng, _stops(stop_tokens),
+                         jnp.int32(pad_id))
   toks, length, acc, rounds = (np.asarray(x) for x in out)
   return SpeculativeOutput(toks, int(length), int(acc), int(rounds) * num_draft, int(rounds))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
-def _speculative_jit(tsm: StepModel, dsm: StepModel, sampling, max_new, gamma, stop_tokens,
-                     pad_id, tparams, dparams, prompt_P, rng):
-  return speculative_sample(tsm, dsm, sampling, max_new, gamma, stop_tokens, pad_id, tparams,
-                            dparams, prompt_P, rng)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _speculative_jit(tsm: StepModel, dsm: StepModel, sampling, max_new, gamma, tparams, dparams,
+                     prompt_P, rng, stops, pad_id):
+  return speculative_sample(tsm, dsm, sampling, max_new, gamma, tparams, dparams, prompt_P, rng,
+                            stops, pad_id)
 
 
 def speculative_sample(tsm: StepModel, dsm: StepModel, sampling: Sampling, max_new: int,
-                       gamma: int, stop_tokens: tuple, pad_id: int, tparams, dparams, prompt_P,
-                       rng):
+                       gamma: int, tparams, dparams, prompt_P, rng, stops=None, pad_id=0):
   """Traceable core (vmap it over `rng`): returns `(tokens [max_new], length, accepted,
-  rounds)`. The caches must hold `len(prompt) + max_new + gamma` positions."""
+  rounds)`. `stops`: int array of stop ids (None: none). The caches must hold
+  `len(prompt) + max_new + gamma` positions."""
   p_len = prompt_P.shape[0]
   buf = jnp.concatenate([prompt_P.astype(jnp.int32),
                          jnp.full((max_new + gamma + 1,), pad_id, jnp.int32)])
@@ -113,7 +113,7 @@ def speculative_sample(tsm: StepModel, dsm: StepModel, sampling: Sampling, max_n
     states = [sm.apply(params, st, prompt_P[None, :-1], pos, None, True)[1]
               for sm, params, st in ((tsm, tparams, states[0]), (dsm, dparams, states[1]))]
   probs = lambda logits: sampling_probs(logits, sampling)
-  stops = jnp.asarray(stop_tokens, jnp.int32)
+  stops = _stops(()) if stops is None else stops
 
   def draft_round(dstate, first_tok, n, key):
     def one(carry, i):
