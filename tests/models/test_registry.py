@@ -74,3 +74,23 @@ def test_prepare_features_checks_and_cleans():
         prepare_features(x_num, None, None, 3, 0)
     with pytest.raises(ValueError, match="at least one feature"):
         prepare_features(None, None, None, 0, 0)
+
+
+@pytest.mark.parametrize("name", ["ft_transformer", "tabnet", "tabm", "mlp", "resnet", "standard"])
+def test_every_param_has_distinct_logical_axis_names(name):
+    """All params are boxed with logical names (for train/sharding.py), none repeats a name."""
+    import jax
+
+    cls = registry.get_encoder(name)
+    small = {"ft_transformer": dict(n_blocks=1, d_token=8, n_heads=2), "tabnet": dict(n_steps=1),
+             "tabm": dict(k=2, d_block=8), "mlp": dict(d_layers=(8,)), "resnet": dict(d_main=8),
+             "standard": dict(d_model=8, n_heads=2)}[name]
+    model = cls(num_numeric=2, cat_cardinalities=(4,), d_out=4, **small)
+    shape = (3, 2, 2) if cls.pools_rows else (3, 2)
+    x_num, x_cat = jnp.zeros(shape, jnp.float32), jnp.zeros(shape[:-1] + (1,), jnp.int32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x_num, x_cat))
+    leaves = jax.tree_util.tree_leaves(variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(p, nn.Partitioned) for p in leaves)
+    for p in leaves:
+        names = [n for n in p.names if n is not None]
+        assert len(names) == len(set(names)) and len(p.names) == len(p.value.shape), p.names

@@ -34,10 +34,11 @@ from nexus_jax.models.tabular.feature_tokenizer import FeatureTokenizer
 
 Array = jax.Array
 
+_SHARED = dict(n_heads=8, ffn_factor=4 / 3, residual_dropout=0.0)
 FT_TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
-    "small": dict(n_blocks=1, d_token=96, n_heads=8, ffn_factor=4 / 3, attention_dropout=0.10, ffn_dropout=0.00, residual_dropout=0.0),
-    "medium": dict(n_blocks=2, d_token=128, n_heads=8, ffn_factor=4 / 3, attention_dropout=0.15, ffn_dropout=0.05, residual_dropout=0.0),
-    "large": dict(n_blocks=3, d_token=192, n_heads=8, ffn_factor=4 / 3, attention_dropout=0.20, ffn_dropout=0.10, residual_dropout=0.0),
+    "small": dict(n_blocks=1, d_token=96, attention_dropout=0.10, ffn_dropout=0.00, **_SHARED),
+    "medium": dict(n_blocks=2, d_token=128, attention_dropout=0.15, ffn_dropout=0.05, **_SHARED),
+    "large": dict(n_blocks=3, d_token=192, attention_dropout=0.20, ffn_dropout=0.10, **_SHARED),
 }
 FT_TRANSFORMER_PRESETS["default"] = FT_TRANSFORMER_PRESETS["large"]
 
@@ -61,7 +62,8 @@ class MultiHeadAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x_q: Array, x_kv: Array, kv_mask: Array | None = None, *, deterministic: bool = True) -> tuple[Array, Array]:
+    def __call__(self, x_q: Array, x_kv: Array, kv_mask: Array | None = None,
+                 *, deterministic: bool = True) -> tuple[Array, Array]:
         d = x_q.shape[-1]
         if d % self.n_heads:
             raise ValueError(f"attention width {d} is not divisible by n_heads={self.n_heads}.")

@@ -3,7 +3,9 @@
 All three embed each feature with `FeatureTokenizer` (no CLS; numeric "linear" or "plr" — the
 periodic -> linear -> ReLU embeddings of Gorishniy et al. 2022), flatten the tokens of a row to
 [N, F * d_embedding] and apply their backbone. Leading dims [...] of the inputs ([batch] or
-[batch, rows]) are flattened to N and restored.
+[batch, rows]) are flattened to N and restored. `row_mask` is accepted for interface parity and
+unused (rows are independent). Inputs: x_num f32[..., Fn] (NaN = missing), x_cat i32[..., Fc] codes,
+num_missing bool[..., Fn] | None.
 
 - MLP: (Linear -> ReLU -> Dropout) per width in `d_layers`, then Linear(d_out). (rtdl MLP.)
 - ResNetMLP: Linear(d_main); blocks x + Drop2(Linear(Drop1(ReLU(Linear(Norm(x)))))) with hidden width
@@ -72,7 +74,8 @@ class MLP(nn.Module):
                  row_mask: Array | None = None, *, deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
         x, lead = _row_features(self, x_num, x_cat, num_missing)
         for i, width in enumerate(self.d_layers):
-            x = jax.nn.relu(_dense(width, ("feature" if i == 0 else "embed", "mlp"), f"layer{i}", self.dtype, self.param_dtype)(x))
+            axes = ("feature" if i == 0 else "embed", "mlp")
+            x = jax.nn.relu(_dense(width, axes, f"layer{i}", self.dtype, self.param_dtype)(x))
             x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
         out = _dense(self.d_out, ("mlp", "embed"), "head", self.dtype, self.param_dtype)(x)
         return out.reshape(*lead, self.d_out), {}
@@ -113,7 +116,8 @@ class ResNetMLP(nn.Module):
         x = _dense(self.d_main, ("feature", "embed"), "first", self.dtype, self.param_dtype)(x)
         d_hidden = int(self.d_main * self.d_hidden_factor)
         for i in range(self.n_blocks):
-            h = _dense(d_hidden, ("embed", "mlp"), f"block{i}_fc1", self.dtype, self.param_dtype)(self._norm(f"block{i}_norm")(x))
+            h = self._norm(f"block{i}_norm")(x)
+            h = _dense(d_hidden, ("embed", "mlp"), f"block{i}_fc1", self.dtype, self.param_dtype)(h)
             h = nn.Dropout(self.dropout_first)(jax.nn.relu(h), deterministic=deterministic)
             h = _dense(self.d_main, ("mlp", "embed"), f"block{i}_fc2", self.dtype, self.param_dtype)(h)
             x = x + nn.Dropout(self.dropout_second)(h, deterministic=deterministic)
@@ -149,7 +153,8 @@ class EnsembleDense(nn.Module):
             init = _random_signs if self.r_init == "random_signs" else nn.initializers.ones
             r = self.param("r", logical_init((None, "mlp"), init), (k, d_in), self.param_dtype)
             x = x * r.astype(self.dtype)
-        w = self.param("kernel", logical_init(("embed", "mlp"), nn.initializers.lecun_normal()), (d_in, self.features), self.param_dtype)
+        w = self.param("kernel", logical_init(("embed", "mlp"), nn.initializers.lecun_normal()),
+                       (d_in, self.features), self.param_dtype)
         y = jnp.einsum("nki,io->nko", x, w.astype(self.dtype))
         if self.scale_out:
             s = self.param("s", logical_init((None, "mlp"), nn.initializers.ones), (k, self.features), self.param_dtype)

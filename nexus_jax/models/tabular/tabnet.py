@@ -176,7 +176,8 @@ class GhostBatchNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-def _dense(features: int, axes: tuple[str, str], name: str, dtype: Any, param_dtype: Any, use_bias: bool = False) -> nn.Dense:
+def _dense(features: int, axes: tuple[str, str], name: str, dtype: Any, param_dtype: Any,
+           use_bias: bool = False) -> nn.Dense:
     return nn.Dense(
         features,
         use_bias=use_bias,
@@ -188,7 +189,8 @@ def _dense(features: int, axes: tuple[str, str], name: str, dtype: Any, param_dt
     )
 
 
-def feature_groups(num_numeric: int, cat_cardinalities: Sequence[int], cat_embed_dim: int, missing_indicators: bool) -> list[int]:
+def feature_groups(num_numeric: int, cat_cardinalities: Sequence[int], cat_embed_dim: int,
+                   missing_indicators: bool) -> list[int]:
     """Feature index of each input column, in the column order TabNet builds: numeric values,
     numeric missing flags (if used), then each categorical's `cat_embed_dim` embedding columns."""
     groups = list(range(num_numeric))
@@ -208,9 +210,12 @@ class TabNet(nn.Module):
     out of the batch statistics and of the sparsity loss). Leading dims [...] are [batch] or
     [batch, rows]; they are flattened to N rows.
 
+    `deterministic=False` is training: batch statistics are used and the running averages updated
+    (pass `mutable=["batch_stats", "aux_loss"]`); `deterministic=True` uses the running averages.
+
     Returns (out f32[..., d_out], aux) with aux["masks"] [steps, ..., F] (each sums to 1 over F),
-    aux["importance"] [..., F] (mask weighted by each step's decision magnitude, normalised),
-    aux["sparsity_entropy"] scalar.
+    aux["importance"] [..., F] (mask weighted by each step's decision magnitude, normalised; all 0
+    for a row whose decisions are all 0), aux["sparsity_entropy"] scalar.
     """
 
     num_numeric: int
@@ -240,7 +245,8 @@ class TabNet(nn.Module):
             momentum=self.momentum, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
         )
 
-    def _feature_transformer(self, x: Array, shared: Sequence[nn.Dense], step: int, train: bool, w: Array | None) -> Array:
+    def _feature_transformer(self, x: Array, shared: Sequence[nn.Dense], step: int, train: bool,
+                             w: Array | None) -> Array:
         """Shared then step-specific GLU layers, [N, D_in] -> [N, n_d + n_a]; residual * sqrt(0.5)."""
         width = self.n_d + self.n_a
         fcs = list(shared) + [
@@ -278,12 +284,16 @@ class TabNet(nn.Module):
         n_cat = len(self.cat_cardinalities)
         if self.mask_type not in ("sparsemax", "entmax15"):
             raise ValueError(f"TabNet.mask_type={self.mask_type!r}; use 'sparsemax' or 'entmax15'.")
+        if self.n_steps < 1 or self.n_shared + self.n_independent < 1:
+            raise ValueError(f"TabNet needs n_steps >= 1 and n_shared + n_independent >= 1; got n_steps="
+                             f"{self.n_steps}, n_shared={self.n_shared}, n_independent={self.n_independent}.")
         x_num, x_cat, num_missing, lead = prepare_features(x_num, x_cat, num_missing, self.num_numeric, n_cat)
         n = math.prod(lead)
         train = not deterministic
         w = None if row_mask is None else row_mask.reshape(n).astype(jnp.float32)
         n_feat = self.num_numeric + n_cat
-        groups = jnp.asarray(feature_groups(self.num_numeric, self.cat_cardinalities, self.cat_embed_dim, self.missing_indicators))
+        groups = jnp.asarray(feature_groups(self.num_numeric, self.cat_cardinalities, self.cat_embed_dim,
+                                            self.missing_indicators))
 
         x = self._columns(x_num, x_cat, num_missing, n)  # [N, D]
         x = self._gbn("input_bn", train, vbs=None)(x, use_running_average=not train, weights=w)
@@ -312,7 +322,8 @@ class TabNet(nn.Module):
         masks_all = jnp.stack(masks)  # [steps, N, F]
         entropy = sparsity_loss(masks_all, None if row_mask is None else row_mask.reshape(n), self.epsilon)
         self.sow("aux_loss", "tabnet_sparsity", self.sparsity_coef * entropy)
-        out = _dense(self.d_out, ("mlp", "embed"), "out", self.dtype, self.param_dtype, use_bias=True)(decision.astype(self.dtype))
+        out = _dense(self.d_out, ("mlp", "embed"), "out", self.dtype, self.param_dtype, use_bias=True)(
+            decision.astype(self.dtype))
         importance = importance / jnp.maximum(jnp.sum(importance, -1, keepdims=True), 1e-12)
         aux = {
             "masks": masks_all.reshape(self.n_steps, *lead, n_feat),
