@@ -11,6 +11,7 @@ from types import ModuleType
 
 EXPERIMENTS: dict[str, str] = {
     "tabular": "experiments.tabular",
+    "lm": "experiments.lm",
 }
 
 

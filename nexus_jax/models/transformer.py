@@ -22,6 +22,7 @@ statistics when the model has experts. `decode=True` turns on the KV caches (see
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -184,10 +185,16 @@ class _Transformer(nn.Module):
   def run_stack(self, stack, x, *, context=None, positions=None, mask=None, context_mask=None,
                 deterministic=True):
     args = (x, context, None, positions, mask, context_mask, deterministic)
-    if self.decode and mask is not None and self.num_experts > 0:
-      with nn.intercept_methods(_drop_cache_mask_from_moe):
-        x, aux = stack(*args)
-    else:
+    with contextlib.ExitStack() as ctx:
+      if self.decode and mask is not None and self.num_experts > 0:
+        ctx.enter_context(nn.intercept_methods(_drop_cache_mask_from_moe))
+      if not jax.sharding.get_abstract_mesh().empty:
+        # Workaround (see report): flax's DenseGeneral (used by Attention) applies the logical
+        # sharding of its 3-d kernel to the flat 2-d kernel it draws (at init, and in the shape
+        # check it traces on every apply), which fails whenever a mesh is set (as in
+        # train.loop.fit). The blocks are traced without the mesh: their activation constraints
+        # are dropped, while params and batches keep the trainer's shardings (GSPMD propagates).
+        ctx.enter_context(jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())))
       x, aux = stack(*args)
     return x, ({"moe": aux} if self.num_experts > 0 else {})
 

@@ -1,0 +1,145 @@
+"""Byte-level language modelling: MoE LM vs a dense LM with equal active params vs xz -9e.
+
+`run(config, workdir)` (config: configs/lm.py):
+  1. read the corpus (stdlib .py files by default), split by file-path hash;
+  2. train the MoE `LanguageModel` and, with the same batches, its `dense_equivalent`
+     (workdir/moe, workdir/dense; rerunning resumes), selecting the best validation checkpoint;
+  3. score `data.test_bytes` test bytes: bits/byte of each model and of lzma preset 9|EXTREME
+     (what `xz -9e` does) on exactly those bytes;
+  4. sample text from the MoE model; write results.json and lm_curves.png.
+"""
+
+from __future__ import annotations
+
+import json
+import lzma
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from nexus_jax.data.datasets import text
+from nexus_jax.inference.generate import Sampling, generate
+from nexus_jax.models.lm import LanguageModel, active_params, count_params, dense_equivalent
+from nexus_jax.models.seq_objectives import lm_objective
+from nexus_jax.train.data import ArrayDataset
+from nexus_jax.train.loop import fit, restore_best
+from nexus_jax.train.metrics import read_metrics
+
+FULL_FIELDS = {"embed_dim": "model.embed_dim", "num_layers": "model.num_layers",
+               "mlp_dim": "model.mlp_dim", "num_experts": "model.num_experts",
+               "seq_len": "data.seq_len", "num_steps": "train.num_steps",
+               "eval_every_steps": "train.eval_every_steps", "test_bytes": "data.test_bytes"}
+
+
+def apply_preset(config) -> Any:
+  """A copy of `config` with the `full` block applied when `config.preset == "full"`."""
+  if config.preset not in ("default", "full"):
+    raise ValueError(f"config.preset={config.preset!r}; choose 'default' or 'full'.")
+  config = config.copy_and_resolve_references()
+  if config.preset == "full":
+    with config.unlocked():
+      for key, dotted in FULL_FIELDS.items():
+        section, field = dotted.split(".")
+        config[section][field] = config.full[key]
+  return config
+
+
+def xz_bits_per_byte(data: bytes) -> float:
+  """8 * len(lzma.compress(data, preset=9 | PRESET_EXTREME)) / len(data)."""
+  return 8.0 * len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)) / len(data)
+
+
+def build_model(mc) -> LanguageModel:
+  return LanguageModel(vocab_size=256, num_layers=mc.num_layers, embed_dim=mc.embed_dim,
+                       num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, mlp_dim=mc.mlp_dim,
+                       num_experts=mc.num_experts, moe_top_k=mc.moe_top_k,
+                       moe_load_balance_coef=mc.moe_load_balance_coef,
+                       dropout_rate=mc.dropout_rate, attention_backend=mc.attention_backend)
+
+
+def _eval_data(data: np.ndarray, num_bytes: int, seq_len: int, batch: int) -> ArrayDataset:
+  data = data[:num_bytes] if num_bytes else data
+  return ArrayDataset({"tokens": text.windows(data, seq_len + 1)}, batch)
+
+
+def _plot(workdir: pathlib.Path, runs: dict[str, pathlib.Path], xz: float) -> pathlib.Path:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for i, (name, path) in enumerate(runs.items()):
+    train, valid = read_metrics(path, "train"), read_metrics(path, "valid")
+    ax.plot([r["step"] for r in train], [r["bits_per_token"] for r in train], color=f"C{i}",
+            alpha=0.5, label=f"{name} train")
+    ax.plot([r["step"] for r in valid], [r["bits_per_token"] for r in valid], "o-",
+            color=f"C{i}", label=f"{name} valid")
+  ax.axhline(xz, color="k", ls="--", label="xz -9e (test bytes)")
+  ax.set_xlabel("step"), ax.set_ylabel("bits / byte"), ax.grid(alpha=0.3), ax.legend()
+  fig.tight_layout()
+  out = workdir / "lm_curves.png"
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+  return out
+
+
+def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
+  config = apply_preset(config)
+  workdir = pathlib.Path(workdir)
+  dc, tc = config.data, config.train
+  t0 = time.perf_counter()
+  splits, files = text.load_text_splits(dc.root or None, pattern=dc.pattern,
+                                        valid_fraction=dc.valid_fraction,
+                                        test_fraction=dc.test_fraction)
+  seq = int(dc.seq_len)
+  bs = int(tc.batch_size)
+  train = ArrayDataset({"tokens": text.random_windows(splits["train"], seq + 1,
+                                                      int(tc.num_steps) * bs, int(config.seed))},
+                       bs, seed=int(config.seed))
+  valid = _eval_data(splits["valid"], int(dc.valid_bytes), seq, bs)
+  test = _eval_data(splits["test"], int(dc.test_bytes), seq, bs)
+  scored = test.arrays["tokens"]
+  test_bytes = np.concatenate([scored[0], scored[1:, 1:].reshape(-1)]).tobytes()
+  data_seconds = time.perf_counter() - t0
+
+  moe = build_model(config.model)
+  models = {"moe": moe}
+  if config.model.train_dense_baseline:
+    models["dense"] = dense_equivalent(moe)
+  results: dict[str, Any] = {"test_bits_per_byte": {}, "params": {}, "train": {}}
+  states = {}
+  for name, model in models.items():
+    fit_result = fit(lm_objective(model), train, valid, config, workdir / name)
+    state = restore_best(fit_result)
+    states[name] = state
+    metrics, _ = fit_result.trainer.evaluate(state, test)
+    results["test_bits_per_byte"][name] = metrics["loss"] / math.log(2.0)
+    results["params"][name] = {"total": count_params(state.params),
+                               "active_per_byte": active_params(model, state.params)}
+    results["train"][name] = {"best_step": fit_result.best_step,
+                               "train_seconds": round(fit_result.train_seconds, 1),
+                               "bytes_per_second": round(fit_result.rows_per_second * seq, 1)}
+  xz = xz_bits_per_byte(test_bytes)
+  results["test_bits_per_byte"]["xz_9e"] = xz
+
+  t1 = time.perf_counter()
+  prompt = list(config.sample.prompt.encode())
+  out = generate(moe, states["moe"].params, [prompt], max_new_tokens=int(config.sample.num_bytes),
+                 rng=jax.random.PRNGKey(int(config.seed)),
+                 sampling=Sampling(temperature=float(config.sample.temperature),
+                                   top_p=float(config.sample.top_p)))
+  sample = bytes(prompt + out.tokens[0, :out.lengths[0]].tolist()).decode("utf-8", "replace")
+  results.update({
+      "sample": sample, "sample_seconds": round(time.perf_counter() - t1, 2),
+      "corpus": {"root": dc.root or str(text.stdlib_dir()),
+                 "files": {s: len(f) for s, f in files.items()},
+                 "bytes": {s: int(len(d)) for s, d in splits.items()},
+                 "test_bytes_scored": len(test_bytes) - 1, "data_seconds": round(data_seconds, 2)},
+      "preset": config.preset,
+  })
+  results["plot"] = str(_plot(workdir, {n: workdir / n for n in models}, xz))
+  (workdir / "results.json").write_text(json.dumps(results, indent=2))
+  return results
