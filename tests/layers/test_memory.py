@@ -1,6 +1,8 @@
 """Titans neural memory: chunked update == per-token numpy reference with hand-derived gradients,
 inner loss drops, state persists across calls, outer gradients == finite differences."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -69,20 +71,20 @@ def _reference(weights, momentum, inputs, chunk):
 
 
 def _random_problem(seed, b=2, h=2, length=10, d=4, depth=2):
-  k = jax.random.split(jax.random.PRNGKey(seed), 10)
-  m = 2 * d
-  shapes = {"w1": (b, h, d, m if depth == 2 else d)}
+  rng = np.random.default_rng(seed)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  shapes = {"w1": (b, h, d, 2 * d if depth == 2 else d)}
   if depth == 2:
-    shapes["w2"] = (b, h, m, d)
-  weights = {n: 0.5 * jax.random.normal(k[i], s) for i, (n, s) in enumerate(shapes.items())}
-  momentum = {n: 0.1 * jax.random.normal(k[2 + i], s) for i, (n, s) in enumerate(shapes.items())}
-  unit = lambda a: a / jnp.linalg.norm(a, axis=-1, keepdims=True)
-  inputs = {"k": unit(jax.random.normal(k[4], (b, h, length, d))),
-            "q": unit(jax.random.normal(k[5], (b, h, length, d))),
-            "v": jax.random.normal(k[6], (b, h, length, d)),
-            "lr": jax.random.uniform(k[7], (b, h, length), maxval=0.5),
-            "log_eta": jnp.log(jax.random.uniform(k[8], (b, h, length), minval=0.05)),
-            "log_keep": jnp.log(1 - jax.random.uniform(k[9], (b, h, length), maxval=0.3))}
+    shapes["w2"] = (b, h, 2 * d, d)
+  weights = {n: f32(0.5 * rng.normal(size=s)) for n, s in shapes.items()}
+  momentum = {n: f32(0.1 * rng.normal(size=s)) for n, s in shapes.items()}
+  unit = lambda a: f32(a / np.linalg.norm(a, axis=-1, keepdims=True))
+  inputs = {"k": unit(rng.normal(size=(b, h, length, d))),
+            "q": unit(rng.normal(size=(b, h, length, d))),
+            "v": f32(rng.normal(size=(b, h, length, d))),
+            "lr": f32(rng.uniform(0, 0.5, (b, h, length))),
+            "log_eta": f32(np.log(rng.uniform(0.05, 1, (b, h, length)))),
+            "log_keep": f32(np.log(1 - rng.uniform(0, 0.3, (b, h, length))))}
   return weights, momentum, inputs
 
 
@@ -101,10 +103,17 @@ def test_chunked_update_matches_per_token_reference(depth, chunk):
     np.testing.assert_allclose(got, stats[name], err_msg=name, **tol)
 
 
-def _layer_and_input(seed=0, b=2, length=12, e=8, **kw):
+@functools.lru_cache(maxsize=None)
+def _layer_and_input(seed=0, b=2, length=16, e=8, **kw):
   layer = memory_lib.NeuralMemory(**{"num_heads": 2, "chunk_size": 4, **kw})
-  x = jax.random.normal(jax.random.PRNGKey(seed), (b, length, e))
-  return layer, x, layer.init(jax.random.PRNGKey(seed + 1), x)["params"]
+  x = jnp.asarray(np.random.default_rng(seed).normal(size=(b, length, e)), jnp.float32)
+  # rbg keys: random init compiles much faster on CPU than with threefry keys.
+  return layer, x, jax.jit(layer.init)(jax.random.key(seed + 1, impl="rbg"), x)["params"]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(layer, params, x):
+  return layer.apply({"params": params}, x)
 
 
 def test_update_is_a_gradient_step_taken_with_jax_grad_inside_apply(monkeypatch):
@@ -114,7 +123,7 @@ def test_update_is_a_gradient_step_taken_with_jax_grad_inside_apply(monkeypatch)
   # One chunk, no momentum (eta ~ 0), no forgetting (alpha ~ 0): M_1 = M_0 - sum_t theta_t g_t.
   layer, x, params = _layer_and_input(length=6, chunk_size=6, momentum_bias_init=-40.0,
                                       forget_bias_init=-40.0)
-  (_, aux), state = layer.apply({"params": params}, x, mutable=["memory"])
+  (_, aux), state = jax.jit(lambda p: layer.apply({"params": p}, x, mutable=["memory"]))(params)
   assert calls and all(f is memory_lib.inner_loss for f in calls)
 
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), nn.unbox(params))
@@ -138,8 +147,8 @@ def test_update_is_a_gradient_step_taken_with_jax_grad_inside_apply(monkeypatch)
 
 
 def test_inner_loss_after_update_is_lower_than_before_on_the_same_chunk():
-  layer, x, params = _layer_and_input(length=16)
-  _, aux = jax.jit(layer.apply)({"params": params}, x)
+  layer, x, params = _layer_and_input()
+  _, aux = _apply(layer, params, x)
   chunk_mean = lambda a: a.reshape(a.shape[0], 4, 4, a.shape[-1]).mean(2)  # [B, chunks, H]
   before, after = chunk_mean(aux["loss_before"]), chunk_mean(aux["loss_after"])
   assert np.all(after < before), (before, after)
@@ -148,8 +157,7 @@ def test_inner_loss_after_update_is_lower_than_before_on_the_same_chunk():
 
 def test_memory_persists_across_calls_only_with_mutable_memory():
   layer, x, params = _layer_and_input(length=8)
-  variables = layer.init(jax.random.PRNGKey(3), x)
-  assert set(variables) == {"params"}  # init does not create the memory state
+  assert set(jax.eval_shape(layer.init, jax.random.key(3, impl="rbg"), x)) == {"params"}  # no memory yet
   apply = jax.jit(lambda v, x: layer.apply(v, x, mutable=["memory"]))
   (y_full, _), state_full = apply({"params": params}, x)
   (y1, _), state1 = apply({"params": params}, x[:, :4])  # split at a chunk boundary
@@ -181,37 +189,41 @@ def test_outer_gradients_through_inner_updates_match_finite_differences():
       (y2, _), _ = layer.apply({"params": p, **state}, x[:, 3:], mutable=["memory"])
       return jnp.mean((jnp.concatenate([y, y2], 1) - target) ** 2)
 
-    grads = jax.jit(jax.grad(loss))(params)
+    value_and_grad = jax.jit(jax.value_and_grad(loss))  # one compilation for both
+    _, grads = value_and_grad(params)
     # The learning-rate gate only acts through the inner updates: its gradient is second order.
     assert np.abs(grads["lr"]["kernel"]).max() > 1e-6
     leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(7), 3 * len(leaves))
-    f = jax.jit(loss)
-    for trial in range(2):
-      direction = jax.tree.unflatten(tree, [jax.random.normal(keys[trial * len(leaves) + i], a.shape, a.dtype)
-                                            for i, a in enumerate(leaves)])
+    rng = np.random.default_rng(7)
+    for _ in range(2):
+      direction = jax.tree.unflatten(tree, [jnp.asarray(rng.normal(size=a.shape), a.dtype)
+                                            for a in leaves])
       eps = 1e-5
       shift = lambda s: jax.tree.map(lambda p, d: p + s * d, params, direction)
-      numeric = (f(shift(eps)) - f(shift(-eps))) / (2 * eps)
-      analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+      numeric = (value_and_grad(shift(eps))[0] - value_and_grad(shift(-eps))[0]) / (2 * eps)
+      analytic = sum(jnp.vdot(g, d) for g, d in
+                     zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
       np.testing.assert_allclose(analytic, numeric, rtol=1e-7, atol=1e-10)
 
 
 def test_bfloat16_compute_and_float32_params_under_remat_and_jit():
   layer, x, params = _layer_and_input()
-  y32, _ = jax.jit(layer.apply)({"params": params}, x)
+  y32, _ = _apply(layer, params, x)
   bf16 = nn.remat(memory_lib.NeuralMemory)(num_heads=2, chunk_size=4, dtype=jnp.bfloat16)
-  y16, _ = jax.jit(bf16.apply)({"params": params}, x)
+
+  def loss(p):
+    y16, _ = bf16.apply({"params": p}, x)
+    return jnp.mean(y16.astype(jnp.float32) ** 2), y16
+
+  grads, y16 = jax.jit(jax.grad(loss, has_aux=True))(params)
   assert y16.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=0.05 * float(jnp.abs(y32).max()))
-  loss = lambda p: jnp.mean(bf16.apply({"params": p}, x)[0].astype(jnp.float32) ** 2)
-  grads = jax.jit(jax.grad(loss))(params)
   assert all(g.dtype == jnp.float32 and np.isfinite(g).all() for g in jax.tree.leaves(nn.unbox(grads)))
 
 
 def test_params_have_distinct_logical_axis_names():
   layer, x, _ = _layer_and_input()
-  boxed = layer.init(jax.random.PRNGKey(0), x)["params"]
+  boxed = jax.eval_shape(layer.init, jax.random.key(0, impl="rbg"), x)["params"]
   leaves = jax.tree.leaves(boxed, is_leaf=lambda v: isinstance(v, nn.Partitioned))
   assert leaves and all(isinstance(v, nn.Partitioned) for v in leaves)
   for v in leaves:
@@ -221,12 +233,16 @@ def test_params_have_distinct_logical_axis_names():
 
 def test_bad_inputs_raise_clear_errors():
   layer, x, params = _layer_and_input()
+  trace = lambda f, *args: jax.eval_shape(f, *args)  # errors are raised while tracing
+  key = jax.random.key(0, impl="rbg")
   with pytest.raises(ValueError, match="depth"):
-    memory_lib.NeuralMemory(depth=3).init(jax.random.PRNGKey(0), x)
+    trace(memory_lib.NeuralMemory(depth=3).init, key, x)
   with pytest.raises(ValueError, match="not divisible by num_heads"):
-    memory_lib.NeuralMemory(num_heads=3).init(jax.random.PRNGKey(0), x)
+    trace(memory_lib.NeuralMemory(num_heads=3).init, key, x)
   with pytest.raises(ValueError, match="batch, length, embed"):
-    layer.init(jax.random.PRNGKey(0), x[0])
-  _, state = layer.apply({"params": params}, x, mutable=["memory"])
+    trace(layer.init, key, x[0])
+  with pytest.raises(ValueError, match="chunk_size"):
+    trace(memory_lib.NeuralMemory(chunk_size=0).init, key, x)
+  _, state = trace(lambda p: layer.apply({"params": p}, x, mutable=["memory"]), params)
   with pytest.raises(ValueError, match="stored memory"):
-    layer.apply({"params": params, **state}, x[:1], mutable=["memory"])
+    trace(lambda p, s: layer.apply({"params": p, **s}, x[:1], mutable=["memory"]), params, state)

@@ -10,15 +10,17 @@ from hypothesis import given, settings, strategies as st
 from nexus_jax.layers import ssm
 
 
+def _key(seed):
+  """A PRNG key whose random ops compile fast on CPU (threefry's do not, for tiny tests)."""
+  return jax.random.key(seed, impl="rbg")
+
+
 def _scan_inputs(seed, b, l, d, n):
-  k = jax.random.split(jax.random.PRNGKey(seed), 6)
-  return dict(
-      x_BLD=jax.random.normal(k[0], (b, l, d)),
-      delta_BLD=jax.nn.softplus(jax.random.normal(k[1], (b, l, d))),
-      A_DN=-jnp.exp(0.5 * jax.random.normal(k[2], (d, n))),
-      B_BLN=jax.random.normal(k[3], (b, l, n)),
-      C_BLN=jax.random.normal(k[4], (b, l, n)),
-      h0_BDN=jax.random.normal(k[5], (b, d, n)))
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  return dict(x_BLD=normal(b, l, d), delta_BLD=jax.nn.softplus(normal(b, l, d)),
+              A_DN=-jnp.exp(0.5 * normal(d, n)), B_BLN=normal(b, l, n), C_BLN=normal(b, l, n),
+              h0_BDN=normal(b, d, n))
 
 
 def _numpy_loop(x_BLD, delta_BLD, A_DN, B_BLN, C_BLN, h0_BDN):
@@ -62,11 +64,10 @@ def test_scan_methods_match_reference_values_and_gradients(seed, shape):
   b, l, d, n, chunk, h0 = shape
   inputs = _scan_inputs(seed, b, l, d, n)
   if not h0:
-    inputs["h0_BDN"] = jnp.zeros((b, d, n))  # the default (None) is zeros
-    np.testing.assert_allclose(ssm.selective_scan(**{**inputs, "h0_BDN": None})[0],
-                               ssm.selective_scan(**inputs)[0])
-  ct = jax.random.split(jax.random.PRNGKey(seed + 1), 2)
-  cot = (jax.random.normal(ct[0], (b, l, d)), jax.random.normal(ct[1], (b, d, n)))
+    inputs["h0_BDN"] = jnp.zeros((b, d, n))  # a fresh sequence (the default, None, is zeros)
+  rng = np.random.default_rng(seed + 1)
+  cot = (jnp.asarray(rng.normal(size=(b, l, d)), jnp.float32),
+         jnp.asarray(rng.normal(size=(b, d, n)), jnp.float32))
   results = _scan_vjps(inputs, cot, jnp.zeros((chunk,)))
   ref = jax.tree.leaves(results["sequential"])
   for method in ("associative", "chunked"):
@@ -75,12 +76,12 @@ def test_scan_methods_match_reference_values_and_gradients(seed, shape):
 
 
 def _module_inputs(b=2, t=11, e=8, seed=0):
-  return jax.random.normal(jax.random.PRNGKey(seed), (b, t, e))
+  return jnp.asarray(np.random.default_rng(seed).normal(size=(b, t, e)), jnp.float32)
 
 
 def test_module_scan_methods_agree_on_outputs_and_param_gradients():
   x = _module_inputs()
-  params = ssm.SelectiveSSM(state_dim=4).init(jax.random.PRNGKey(1), x)["params"]
+  params = jax.jit(ssm.SelectiveSSM(state_dim=4).init)(_key(1), x)["params"]
 
   def loss(p, method):
     y, aux = ssm.SelectiveSSM(state_dim=4, scan_method=method, chunk_size=4).apply(
@@ -101,11 +102,12 @@ def test_module_scan_methods_agree_on_outputs_and_param_gradients():
 def test_step_decoding_equals_full_forward(conv_width):
   x = _module_inputs(t=9)
   full_model = ssm.SelectiveSSM(state_dim=4, conv_width=conv_width, chunk_size=4)
-  params = full_model.init(jax.random.PRNGKey(1), x)["params"]
-  full, full_aux = full_model.apply({"params": params}, x)
+  params = jax.jit(full_model.init)(_key(1), x)["params"]
+  full, full_aux = jax.jit(full_model.apply)({"params": params}, x)
 
   model = full_model.clone(decode=True)
-  cache = model.init(jax.random.PRNGKey(2), x[:, :1])["cache"]
+  cache0 = jax.jit(model.init)(_key(2), x[:, :1])["cache"]
+  cache = cache0
   step = jax.jit(lambda c, xt: model.apply({"params": params, "cache": c}, xt,
                                            mutable=["cache"], method="step"))
   ys = []
@@ -117,7 +119,7 @@ def test_step_decoding_equals_full_forward(conv_width):
   np.testing.assert_allclose(cache["ssm_state"], full_aux["final_state"], rtol=1e-5, atol=1e-6)
 
   # Prefill a prompt (scanned from the cached state), then one token at a time with `step`.
-  cache = model.init(jax.random.PRNGKey(2), x)["cache"]
+  cache = cache0  # the cache does not depend on the length
   (y_prompt, _), state = jax.jit(
       lambda c, xt: model.apply({"params": params, "cache": c}, xt, mutable=["cache"]))(
           cache, x[:, :5])
@@ -131,7 +133,7 @@ def test_step_decoding_equals_full_forward(conv_width):
 
 def test_init_values_follow_mamba():
   model = ssm.SelectiveSSM(state_dim=3, dt_min=0.01, dt_max=0.05)
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), _module_inputs())["params"])
+  params = nn.unbox(jax.jit(model.init)(_key(0), _module_inputs())["params"])
   np.testing.assert_allclose(-np.exp(params["A_log"]), -np.tile([1.0, 2.0, 3.0], (16, 1)),
                              rtol=1e-6)
   dt = jax.nn.softplus(params["dt_proj"]["bias"])
@@ -140,7 +142,7 @@ def test_init_values_follow_mamba():
 
 
 def test_params_have_distinct_logical_axis_names():
-  boxed = ssm.SelectiveSSM(state_dim=4).init(jax.random.PRNGKey(0), _module_inputs())["params"]
+  boxed = jax.eval_shape(ssm.SelectiveSSM(state_dim=4).init, _key(0), _module_inputs())["params"]
   leaves = jax.tree.leaves(boxed, is_leaf=lambda v: isinstance(v, nn.Partitioned))
   assert leaves and all(isinstance(v, nn.Partitioned) for v in leaves)
   for v in leaves:
@@ -150,9 +152,9 @@ def test_params_have_distinct_logical_axis_names():
 
 def test_bfloat16_compute_is_close_to_float32_and_params_stay_float32():
   x = _module_inputs()
-  params = ssm.SelectiveSSM(state_dim=4).init(jax.random.PRNGKey(1), x)["params"]
-  y32, _ = ssm.SelectiveSSM(state_dim=4).apply({"params": params}, x)
-  y16, _ = ssm.SelectiveSSM(state_dim=4, dtype=jnp.bfloat16).apply({"params": params}, x)
+  params = jax.jit(ssm.SelectiveSSM(state_dim=4).init)(_key(1), x)["params"]
+  y32, _ = jax.jit(ssm.SelectiveSSM(state_dim=4).apply)({"params": params}, x)
+  y16, _ = jax.jit(ssm.SelectiveSSM(state_dim=4, dtype=jnp.bfloat16).apply)({"params": params}, x)
   assert y16.dtype == jnp.bfloat16
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nn.unbox(params)))
   np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=0.05 * float(jnp.abs(y32).max()))
@@ -170,7 +172,7 @@ def test_works_under_jit_grad_remat_and_scan_over_layers():
       return layers(ssm.SelectiveSSM(state_dim=4, chunk_size=4), x, None)[0]
 
   x = _module_inputs()
-  params = Stack().init(jax.random.PRNGKey(0), x)["params"]
+  params = jax.jit(Stack().init)(_key(0), x)["params"]
   assert nn.unbox(params)["SelectiveSSM_0"]["A_log"].shape == (3, 16, 4)
   grads = jax.jit(jax.grad(lambda p: jnp.mean(Stack().apply({"params": p}, x) ** 2)))(params)
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
@@ -194,20 +196,20 @@ def test_chunked_scan_needs_less_compiled_memory_than_associative():
 def test_bad_inputs_raise_clear_errors():
   x = _module_inputs()
   with pytest.raises(ValueError, match="scan_method"):
-    ssm.SelectiveSSM(scan_method="fft").init(jax.random.PRNGKey(0), x)
+    ssm.SelectiveSSM(scan_method="fft").init(_key(0), x)
   with pytest.raises(ValueError, match="batch, length, embed"):
-    ssm.SelectiveSSM().init(jax.random.PRNGKey(0), x[0])
+    ssm.SelectiveSSM().init(_key(0), x[0])
   with pytest.raises(ValueError, match="state_dim"):
-    ssm.SelectiveSSM(state_dim=0).init(jax.random.PRNGKey(0), x)
+    ssm.SelectiveSSM(state_dim=0).init(_key(0), x)
   with pytest.raises(ValueError, match="dt_min"):
-    ssm.SelectiveSSM(dt_min=0.2, dt_max=0.1).init(jax.random.PRNGKey(0), x)
+    ssm.SelectiveSSM(dt_min=0.2, dt_max=0.1).init(_key(0), x)
   inputs = _scan_inputs(0, 1, 4, 2, 3)
   with pytest.raises(ValueError, match="B and C"):
     ssm.selective_scan(**{**inputs, "B_BLN": inputs["B_BLN"][..., :2]})
   with pytest.raises(ValueError, match="Unknown scan method"):
     ssm.selective_scan(**inputs, method="fft")
   model = ssm.SelectiveSSM(state_dim=4, decode=True)
-  variables = model.init(jax.random.PRNGKey(0), x)
+  variables = jax.jit(model.init)(_key(0), x)
   with pytest.raises(ValueError, match="cache batch"):
     model.apply(variables, x[:1], mutable=["cache"])
   with pytest.raises(ValueError, match="decode=True"):
