@@ -12,6 +12,8 @@ from types import ModuleType
 EXPERIMENTS: dict[str, str] = {
     "tabular": "experiments.tabular",
     "lm": "experiments.lm",
+    "timeseries": "experiments.timeseries",
+    "seq2seq": "experiments.seq2seq",
 }
 
 
