@@ -1,0 +1,235 @@
+"""JEPA world model (Assran et al. 2023; LeCun 2022) with VICReg regularisation (Bardes et al. 2022).
+
+A context encoder reads a sequence whose masked positions (15% by default, in contiguous spans,
+`span_mask`) are replaced by a learned mask embedding; a predictor maps its latents (plus
+optional actions) to predictions of the *target encoder's* latents at the masked positions. The
+target encoder has the context encoder's architecture; its weights are an exponential moving
+average of the context encoder's (`init_target`, `ema_update`) and it gets no gradient.
+
+Loss (`jepa_loss`), with z = predictions and t = targets at the masked positions and c = the
+context latents at the visible positions (each `[N, E]`, rows weighted by the mask):
+
+    inv_coef * mean((z - t)^2)                                         invariance / prediction
+  + var_coef * (hinge(z) + hinge(t)) / 2 + var_coef * hinge(c)         hinge = mean_j relu(gamma - std_j)
+  + cov_coef * (cov(z) + cov(t)) + cov_coef * cov(c)                   cov = sum_{i!=j} C_ij^2 / E
+
+`vicreg_terms` is the VICReg loss of the official implementation (unbiased variance, eps 1e-4);
+the target's variance/covariance terms carry no gradient (they are logged), so the terms on the
+context latents are what keeps the encoder from collapsing.
+
+Inputs are token ids `[B, L]` (`vocab_size` set) or feature vectors `[B, L, F]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nexus_jax.layers.blocks import TransformerBlock
+from nexus_jax.layers.norms import RMSNorm
+
+Dtype = Any
+
+
+def span_mask(key, batch: int, length: int, mask_ratio: float = 0.15, span_length: int = 4):
+  """Boolean `[batch, length]` mask with `k * span_length` True positions in k spans.
+
+  The sequence is cut into `length // span_length` slots; k = round(mask_ratio * length /
+  span_length) (at least 1, at most all slots but one) random slots per row are masked, and each
+  row is rolled by a random offset in [0, span_length) so spans are not grid-aligned (a span may
+  wrap around the end). Deterministic given `key`.
+  """
+  if not 0.0 < mask_ratio < 1.0:
+    raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}.")
+  if span_length < 1 or length < 2 * span_length:
+    raise ValueError(f"need span_length >= 1 and length >= 2 * span_length; got span_length "
+                     f"{span_length}, length {length}.")
+  slots = length // span_length
+  k = min(max(1, round(mask_ratio * length / span_length)), slots - 1)
+  k_slots, k_shift = jax.random.split(key)
+  rank = jnp.argsort(jnp.argsort(jax.random.uniform(k_slots, (batch, slots)), axis=1), axis=1)
+  mask = jnp.repeat(rank < k, span_length, axis=1)
+  mask = jnp.pad(mask, ((0, 0), (0, length - slots * span_length)))
+  shift = jax.random.randint(k_shift, (batch,), 0, span_length)
+  return jax.vmap(jnp.roll)(mask, shift)
+
+
+def _weighted_moments(z_NE, w_N):
+  """Weighted mean-centred rows and the unbiased covariance `[E, E]` (weights 0/1)."""
+  n = jnp.sum(w_N)
+  mean = jnp.sum(z_NE * w_N[:, None], 0) / jnp.maximum(n, 1.0)
+  centred = (z_NE - mean) * w_N[:, None]
+  return centred.T @ centred / jnp.maximum(n - 1.0, 1.0)
+
+
+def variance_covariance(z_NE, weights_N=None, gamma: float = 1.0, eps: float = 1e-4):
+  """VICReg regularisers of one branch: `(mean_j relu(gamma - sqrt(var_j + eps)),
+  sum_{i != j} cov_ij^2 / E)`; rows with weight 0 are ignored."""
+  z_NE = z_NE.astype(jnp.float32)
+  w_N = jnp.ones(z_NE.shape[0]) if weights_N is None else weights_N.astype(jnp.float32)
+  cov = _weighted_moments(z_NE, w_N)
+  std = jnp.sqrt(jnp.diagonal(cov) + eps)
+  off_diagonal = cov - jnp.diag(jnp.diagonal(cov))
+  return jnp.mean(nn.relu(gamma - std)), jnp.sum(off_diagonal**2) / z_NE.shape[1]
+
+
+def vicreg_terms(z_a, z_b, weights=None, gamma: float = 1.0, eps: float = 1e-4):
+  """The three VICReg terms of two branches `[N, E]` (rows weighted by 0/1 `weights [N]`):
+  invariance (mean squared difference), variance (hinge, averaged over branches), covariance
+  (summed over branches). Returns a dict of float32 scalars."""
+  if z_a.ndim != 2 or z_a.shape != z_b.shape:
+    raise ValueError(f"VICReg branches must both be [rows, dims]; got {z_a.shape}, {z_b.shape}.")
+  w = jnp.ones(z_a.shape[0]) if weights is None else weights.astype(jnp.float32)
+  sq = jnp.mean(jnp.square(z_a.astype(jnp.float32) - z_b.astype(jnp.float32)), -1)
+  invariance = jnp.sum(sq * w) / jnp.maximum(jnp.sum(w), 1.0)
+  var_a, cov_a = variance_covariance(z_a, w, gamma, eps)
+  var_b, cov_b = variance_covariance(z_b, w, gamma, eps)
+  return {"invariance": invariance, "variance": (var_a + var_b) / 2, "covariance": cov_a + cov_b}
+
+
+def init_target(params):
+  """Target-encoder weights: a copy of the context encoder's (`params["encoder"]`)."""
+  return jax.tree.map(jnp.array, params["encoder"])
+
+
+def ema_update(target, online, decay: float):
+  """`decay * target + (1 - decay) * online`, leaf by leaf (online = `params["encoder"]`)."""
+  return jax.tree.map(lambda t, o: decay * t + (1.0 - decay) * o.astype(t.dtype), target, online)
+
+
+class SequenceEncoder(nn.Module):
+  """`inputs [B, L]` ids or `[B, L, F]` features, `mask [B, L]` -> `(latents [B, L, E], aux)`.
+
+  Masked positions are replaced by a learned mask embedding before the first block, so the
+  latents never depend on the masked inputs. Bidirectional unless `causal`.
+  """
+
+  embed_dim: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  vocab_size: int | None = None  # None: feature-vector input
+  causal: bool = False
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs, mask=None, deterministic: bool = True):
+    init = nn.initializers.normal(0.02)
+    if self.vocab_size is not None:
+      if inputs.ndim != 2:
+        raise ValueError(f"token inputs must be [batch, length]; got {inputs.shape}.")
+      x = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="embed",
+                   embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")))(inputs)
+    else:
+      if inputs.ndim != 3:
+        raise ValueError(f"feature inputs must be [batch, length, features]; got {inputs.shape} "
+                         "(set vocab_size for token ids).")
+      x = nn.Dense(self.embed_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="embed",
+                   kernel_init=nn.with_logical_partitioning(
+                       nn.initializers.lecun_normal(), ("feature", "embed")),
+                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(
+                       inputs)
+    if mask is not None:
+      if mask.shape != x.shape[:2]:
+        raise ValueError(f"mask must be [batch, length] = {x.shape[:2]}; got {mask.shape}.")
+      token = self.param("mask_token", nn.with_logical_partitioning(init, ("embed",)),
+                         (self.embed_dim,), self.param_dtype)
+      x = jnp.where(mask[..., None], token.astype(x.dtype), x)
+    for i in range(self.num_layers):
+      x, _ = TransformerBlock(self.num_heads, self.mlp_dim, causal=self.causal, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name=f"block_{i}")(
+                                  x, deterministic=deterministic)
+    return RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x), {}
+
+
+class Predictor(nn.Module):
+  """`latents [B, L, E], mask [B, L]`, optional `actions [B, L, A]` -> predictions `[B, L, E]`."""
+
+  dim: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, latents, mask, actions=None, deterministic: bool = True):
+    dense = lambda features, names, name: nn.Dense(
+        features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]))
+    h = dense(self.dim, (None, "embed"), "in")(latents)
+    token = self.param("mask_token", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), ("embed",)), (self.dim,), self.param_dtype)
+    h = jnp.where(mask[..., None], token.astype(h.dtype), h)
+    if actions is not None:
+      h = h + dense(self.dim, ("feature", "embed"), "actions")(actions)
+    for i in range(self.num_layers):
+      h, _ = TransformerBlock(self.num_heads, self.mlp_dim, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name=f"block_{i}")(
+                                  h, deterministic=deterministic)
+    h = RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(h)
+    return dense(latents.shape[-1], ("embed", None), "out")(h)
+
+
+class JEPAWorldModel(nn.Module):
+  """Context encoder + predictor. `model(inputs, mask, actions=None)` ->
+  `(predictions [B, L, E], {"context": latents [B, L, E]})`; `model.apply(..., method="encode")`
+  runs the encoder alone (also with target-encoder weights: `{"params": {"encoder": target}}`).
+  """
+
+  embed_dim: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  mlp_dim: int = 256
+  vocab_size: int | None = None
+  causal: bool = False
+  predictor_dim: int = 64
+  predictor_layers: int = 1
+  predictor_heads: int = 4
+  predictor_mlp_dim: int = 128
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.encoder = SequenceEncoder(self.embed_dim, self.num_layers, self.num_heads, self.mlp_dim,
+                                   self.vocab_size, self.causal, self.dtype, self.param_dtype)
+    self.predictor = Predictor(self.predictor_dim, self.predictor_layers, self.predictor_heads,
+                               self.predictor_mlp_dim, self.dtype, self.param_dtype)
+
+  def encode(self, inputs, mask=None, deterministic: bool = True):
+    return self.encoder(inputs, mask, deterministic)
+
+  def __call__(self, inputs, mask, actions=None, deterministic: bool = True):
+    latents, _ = self.encoder(inputs, mask, deterministic)
+    return self.predictor(latents, mask, actions, deterministic), {"context": latents}
+
+
+def jepa_loss(model: JEPAWorldModel, params, target_params, inputs, mask, actions=None, *,
+              inv_coef: float = 25.0, var_coef: float = 25.0, cov_coef: float = 1.0,
+              gamma: float = 1.0, normalize_targets: bool = True):
+  """JEPA + VICReg loss (module docstring). Returns `(loss, aux)`; aux holds every term, the
+  mean per-dimension std of the context latents, and `context` latents `[B, L, E]`.
+  Gradients flow to `params` only (the targets are under `stop_gradient`)."""
+  targets, _ = model.apply({"params": {"encoder": target_params}}, inputs, method="encode")
+  targets = jax.lax.stop_gradient(targets.astype(jnp.float32))
+  if normalize_targets:  # per-position layer norm without affine params, as in I-JEPA
+    mean = jnp.mean(targets, -1, keepdims=True)
+    targets = (targets - mean) * jax.lax.rsqrt(jnp.var(targets, -1, keepdims=True) + 1e-6)
+  predictions, aux = model.apply({"params": params}, inputs, mask, actions)
+  e = predictions.shape[-1]
+  w = mask.reshape(-1).astype(jnp.float32)
+  terms = vicreg_terms(predictions.reshape(-1, e), targets.reshape(-1, e), w, gamma)
+  context = aux["context"].reshape(-1, e)
+  ctx_var, ctx_cov = variance_covariance(context, 1.0 - w, gamma)
+  loss = (inv_coef * terms["invariance"] + var_coef * (terms["variance"] + ctx_var)
+          + cov_coef * (terms["covariance"] + ctx_cov))
+  std = jnp.sqrt(jnp.diagonal(_weighted_moments(context.astype(jnp.float32), 1.0 - w)))
+  return loss, {**terms, "context_variance": ctx_var, "context_covariance": ctx_cov,
+                "context_std_mean": jnp.mean(std), "context_std_min": jnp.min(std),
+                "context": aux["context"]}
