@@ -1,0 +1,153 @@
+"""JEPA world model: no collapse + linear probe vs a random encoder; prints ONE JSON object.
+
+    python benchmarks/jepa_probe.py                 # ~2-4 minutes on one shared CPU core
+    python benchmarks/jepa_probe.py --steps 100
+
+Data (synthetic, seeded): sequences of `features`-dim observations from a hidden regime process.
+Each sequence is cut into segments of random length in [min_segment, max_segment]; each segment
+has a regime c in 0..regimes-1, and x_t = mu_c + z_t with AR(1) noise z_t = rho z_{t-1} + e_t.
+A single observation says little about its regime (the means are close relative to the noise);
+the surrounding positions say much more, so a representation that has learned the dynamics from
+context should expose the regime linearly.
+
+Train `JEPAWorldModel` with `jepa_loss` (15% span masking, EMA target, VICReg terms), then on
+held-out sequences (no masking):
+- per-dimension std of the context-encoder embeddings vs the VICReg threshold gamma;
+- a logistic-regression probe (sklearn) predicting the regime of every position from its
+  embedding: trained encoder vs the same architecture at random init vs the raw observation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import sklearn
+from sklearn.linear_model import LogisticRegression
+
+from nexus_jax.models import world_model as wm
+
+
+def regime_sequences(rng, n, length, features, regimes, means, rho, noise, seg_range):
+  """x `[n, length, features]` float32 and regimes `[n, length]` int32."""
+  x = np.zeros((n, length, features), np.float32)
+  labels = np.zeros((n, length), np.int32)
+  for i in range(n):
+    t = 0
+    while t < length:
+      seg = int(rng.integers(seg_range[0], seg_range[1] + 1))
+      labels[i, t:t + seg] = rng.integers(0, regimes)
+      t += seg
+    z = np.zeros(features)
+    for t in range(length):
+      z = rho * z + noise * rng.normal(size=features)
+      x[i, t] = means[labels[i, t]] + z
+  return x, labels
+
+
+def probe_accuracy(train_emb, train_y, test_emb, test_y) -> float:
+  clf = LogisticRegression(max_iter=2000)
+  clf.fit(train_emb.reshape(-1, train_emb.shape[-1]), train_y.reshape(-1))
+  return float(clf.score(test_emb.reshape(-1, test_emb.shape[-1]), test_y.reshape(-1)))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--length", type=int, default=64)
+  parser.add_argument("--features", type=int, default=8)
+  parser.add_argument("--regimes", type=int, default=4)
+  parser.add_argument("--mean_scale", type=float, default=0.5, help="std of the regime means")
+  parser.add_argument("--rho", type=float, default=0.5)
+  parser.add_argument("--noise", type=float, default=1.0)
+  parser.add_argument("--min_segment", type=int, default=8)
+  parser.add_argument("--max_segment", type=int, default=24)
+  parser.add_argument("--embed_dim", type=int, default=32)
+  parser.add_argument("--num_layers", type=int, default=2)
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--steps", type=int, default=300)
+  parser.add_argument("--learning_rate", type=float, default=1e-3)
+  parser.add_argument("--ema_decay", type=float, default=0.99)
+  parser.add_argument("--mask_ratio", type=float, default=0.15)
+  parser.add_argument("--span_length", type=int, default=4)
+  parser.add_argument("--probe_train", type=int, default=200, help="sequences")
+  parser.add_argument("--probe_test", type=int, default=100, help="sequences")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args()
+
+  rng = np.random.default_rng(args.seed)
+  means = args.mean_scale * rng.normal(size=(args.regimes, args.features))
+  data = lambda n: regime_sequences(rng, n, args.length, args.features, args.regimes, means,
+                                    args.rho, args.noise, (args.min_segment, args.max_segment))
+  model = wm.JEPAWorldModel(embed_dim=args.embed_dim, num_layers=args.num_layers, num_heads=4,
+                            mlp_dim=2 * args.embed_dim, predictor_dim=args.embed_dim,
+                            predictor_layers=1, predictor_heads=4,
+                            predictor_mlp_dim=2 * args.embed_dim)
+  key = jax.random.key(args.seed)
+  x0, _ = data(args.batch)
+  mask0 = wm.span_mask(key, args.batch, args.length, args.mask_ratio, args.span_length)
+  init = jax.jit(model.init)
+  params = nn.unbox(init(jax.random.fold_in(key, 1), x0, mask0)["params"])
+  random_params = nn.unbox(init(jax.random.fold_in(key, 2), x0, mask0)["params"])
+  target = wm.init_target(params)
+  optimizer = optax.adamw(args.learning_rate, weight_decay=1e-4)
+  opt_state = optimizer.init(params)
+
+  @jax.jit
+  def train_step(params, target, opt_state, x, key):
+    mask = wm.span_mask(key, x.shape[0], x.shape[1], args.mask_ratio, args.span_length)
+    (loss, aux), grads = jax.value_and_grad(
+        lambda p: wm.jepa_loss(model, p, target, x, mask), has_aux=True)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    target = wm.ema_update(target, params["encoder"], args.ema_decay)
+    aux = {k: v for k, v in aux.items() if k != "context"}
+    return params, target, opt_state, loss, aux
+
+  start = time.perf_counter()
+  history = []
+  for step in range(args.steps):
+    x, _ = data(args.batch)
+    params, target, opt_state, loss, aux = train_step(params, target, opt_state, jnp.asarray(x),
+                                                      jax.random.fold_in(key, 100 + step))
+    history.append({"loss": float(loss), **{k: float(v) for k, v in aux.items()}})
+  train_s = time.perf_counter() - start
+
+  encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode")[0])
+  x_train, y_train = data(args.probe_train)
+  x_test, y_test = data(args.probe_test)
+  emb = {name: (np.asarray(encode(p, x_train)), np.asarray(encode(p, x_test)))
+         for name, p in (("trained", params), ("random_init", random_params))}
+  emb["raw_observation"] = (x_train, x_test)
+  std = emb["trained"][1].reshape(-1, args.embed_dim).std(0, ddof=1)
+  gamma = 1.0
+  last = {k: round(float(np.mean([h[k] for h in history[-20:]])), 4) for k in history[0]}
+  print(json.dumps({
+      "benchmark": "jepa_probe",
+      "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                  "device": str(jax.devices()[0]), "note": "shared CPU, about one effective core"},
+      "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+                   "sklearn": sklearn.__version__},
+      "config": vars(args),
+      "train": {"seconds": round(train_s, 1), "first": {k: round(v, 4) for k, v in history[0].items()},
+                "last_20_mean": last},
+      "embedding_std": {"gamma": gamma, "min": round(float(std.min()), 4),
+                        "mean": round(float(std.mean()), 4),
+                        "fraction_dims_at_least_gamma": round(float(np.mean(std >= gamma)), 4),
+                        "fraction_dims_at_least_half_gamma": round(float(np.mean(std >= gamma / 2)), 4)},
+      "probe_accuracy": {name: round(probe_accuracy(tr, y_train, te, y_test), 4)
+                         for name, (tr, te) in emb.items()},
+      "chance": round(float(np.max(np.bincount(y_test.reshape(-1))) / y_test.size), 4),
+  }))
+
+
+if __name__ == "__main__":
+  main()
