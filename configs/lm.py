@@ -6,9 +6,9 @@ Run:  python -m experiments.run --config configs/lm.py
 
 Trains a MoE LM and a dense LM with the same active parameters per byte on the same batches,
 reports test bits/byte of both next to `xz -9e` (Python's lzma, preset 9 | PRESET_EXTREME) on the
-same test bytes, samples text from the MoE model and writes results.json + lm_curves.png. The
-default (150 steps per model) took about 9 minutes on a 2-core CPU shared with other jobs; `preset=full` replaces the fields listed under
-`full` (a bigger model, longer run; set `full.*` to change them).
+same test bytes, samples text from the MoE model and writes results.json + lm_curves.png.
+`preset=full` replaces the fields listed under `full` (a bigger model, a longer run; set `full.*`
+to change them). Timing of the default is in the closing note of issue 7's work (CPU shared).
 """
 
 import ml_collections

@@ -207,7 +207,7 @@ def generate(model, params, prompts, *, max_new_tokens: int, rng=None,
   tokens, lengths = prepare_prompts(prompts, vocab)
   sm = _as_step_model(model, cache_len, tokens.shape[1], max_new_tokens)
   decoding.check_fits(sm.cache_len, tokens.shape[1], max_new_tokens)
-  check_token_range(np.asarray(list(stop_tokens) + [pad_id], np.int64), vocab, "stop/pad tokens")
+  _check_special(stop_tokens, pad_id, vocab)
   if rng is None:
     if sampling.temperature != 0:
       raise ValueError("sampling with temperature > 0 needs `rng`.")
@@ -216,6 +216,11 @@ def generate(model, params, prompts, *, max_new_tokens: int, rng=None,
                                _source_arg(sm, source, source_mask), _stops(stop_tokens),
                                jnp.int32(pad_id))
   return GenerateOutput(np.asarray(out), np.asarray(gen_len))
+
+
+def _check_special(stop_tokens, pad_id, vocab_size):
+  check_token_range(np.asarray(list(stop_tokens) + [pad_id], np.int64), vocab_size,
+                    "stop_tokens / pad_id")
 
 
 def _stops(stop_tokens) -> jax.Array:
@@ -271,6 +276,7 @@ def beam_search(model, params, prompts, *, beam_width: int, max_new_tokens: int,
   tokens, lengths = prepare_prompts(prompts, model.vocab_size)
   sm = _as_step_model(model, cache_len, tokens.shape[1], max_new_tokens)
   decoding.check_fits(sm.cache_len, tokens.shape[1], max_new_tokens)
+  _check_special(stop_tokens, pad_id, sm.vocab_size)
   src = _source_arg(sm, source, source_mask)
   out = _beam_jit(sm, int(beam_width), int(max_new_tokens), params, tokens, lengths, src,
                   jnp.float32(length_penalty), _stops(stop_tokens), jnp.int32(pad_id))

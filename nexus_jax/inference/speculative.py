@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nexus_jax.inference.generate import (Sampling, StepModel, _as_step_model, _stops,
-                                          prepare_prompts, sampling_probs)
+from nexus_jax.inference.generate import (Sampling, StepModel, _as_step_model, _check_special,
+                                          _stops, prepare_prompts, sampling_probs)
 from nexus_jax.models import decoding
 
 
@@ -75,6 +75,7 @@ def speculative_generate(target, target_params, draft, draft_params, prompt, *,
     raise ValueError("speculative decoding does not support repetition_penalty (the penalised "
                      "distribution would change inside a round); use generate().")
   tokens, _ = prepare_prompts([prompt], target.vocab_size)
+  _check_special(stop_tokens, pad_id, target.vocab_size)
   p_len = tokens.shape[1]
   models = [_as_step_model(m, cache_len, p_len, max_new_tokens + num_draft) for m in (target, draft)]
   for sm in models:

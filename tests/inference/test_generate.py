@@ -211,5 +211,7 @@ def test_bad_inputs_get_clear_errors(lm):
     beam_search(model, params, [[1]], beam_width=0, max_new_tokens=2)
   with pytest.raises(ValueError, match="needs `rng`"):
     generate(model, params, [[1]], max_new_tokens=2, sampling=Sampling(temperature=1.0))
+  with pytest.raises(ValueError, match="stop_tokens / pad_id"):
+    generate(model, params, [[1]], max_new_tokens=2, stop_tokens=(40,))
   with pytest.raises(ValueError, match="list of token-id sequences"):
     generate(model, params, [1, 2, 3], max_new_tokens=2)
