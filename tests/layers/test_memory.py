@@ -246,3 +246,25 @@ def test_bad_inputs_raise_clear_errors():
   _, state = trace(lambda p: layer.apply({"params": p}, x, mutable=["memory"]), params)
   with pytest.raises(ValueError, match="stored memory"):
     trace(lambda p, s: layer.apply({"params": p, **s}, x[:1], mutable=["memory"]), params, state)
+
+
+def test_memory_persists_under_scan_over_layers():
+  class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      def body(layer, h, _):
+        y, aux = layer(h)
+        return h + y, aux["grad_norm"]
+      layers = nn.scan(nn.remat(body), variable_axes={"params": 0, "memory": 0},
+                       split_rngs={"params": True}, length=2,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
+      return layers(memory_lib.NeuralMemory(num_heads=2, chunk_size=4), x, None)
+
+  x = _layer_and_input(length=8)[1]
+  params = jax.jit(Stack().init)(jax.random.key(0, impl="rbg"), x)["params"]
+  apply = jax.jit(lambda v, x: Stack().apply(v, x, mutable=["memory"]))
+  (y1, _), state = apply({"params": params}, x[:, :4])
+  assert jax.tree.leaves(state)[0].shape[:3] == (2, 2, 2)  # [layers, batch, heads, ...]
+  (y2, _), _ = apply({"params": params, **state}, x[:, 4:])
+  (y_full, _), _ = apply({"params": params}, x)
+  np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y_full, rtol=1e-5, atol=1e-5)
