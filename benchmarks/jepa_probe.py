@@ -72,6 +72,8 @@ def main() -> None:
   parser.add_argument("--max_segment", type=int, default=24)
   parser.add_argument("--embed_dim", type=int, default=32)
   parser.add_argument("--num_layers", type=int, default=2)
+  parser.add_argument("--predictor_layers", type=int, default=0,
+                      help="0: per-position predictor, so the encoder must use the context")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--learning_rate", type=float, default=1e-3)
@@ -89,7 +91,7 @@ def main() -> None:
                                     args.rho, args.noise, (args.min_segment, args.max_segment))
   model = wm.JEPAWorldModel(embed_dim=args.embed_dim, num_layers=args.num_layers, num_heads=4,
                             mlp_dim=2 * args.embed_dim, predictor_dim=args.embed_dim,
-                            predictor_layers=1, predictor_heads=4,
+                            predictor_layers=args.predictor_layers, predictor_heads=4,
                             predictor_mlp_dim=2 * args.embed_dim)
   key = jax.random.key(args.seed)
   x0, _ = data(args.batch)

@@ -1,8 +1,9 @@
 """JEPA world model (Assran et al. 2023; LeCun 2022) with VICReg regularisation (Bardes et al. 2022).
 
 A context encoder reads a sequence whose masked positions (15% by default, in contiguous spans,
-`span_mask`) are replaced by a learned mask embedding; a predictor maps its latents (plus
-optional actions) to predictions of the *target encoder's* latents at the masked positions. The
+`span_mask`) are replaced by a learned mask embedding; a predictor maps its latents (with the
+masked positions flagged, plus optional actions) to predictions of the *target encoder's*
+latents at the masked positions. The
 target encoder has the context encoder's architecture; its weights are an exponential moving
 average of the context encoder's (`init_target`, `ema_update`) and it gets no gradient.
 
@@ -148,7 +149,11 @@ class SequenceEncoder(nn.Module):
 
 
 class Predictor(nn.Module):
-  """`latents [B, L, E], mask [B, L]`, optional `actions [B, L, A]` -> predictions `[B, L, E]`."""
+  """`latents [B, L, E], mask [B, L]`, optional `actions [B, L, A]` -> predictions `[B, L, E]`.
+
+  `num_layers=0` gives a per-position head, so all inference from context must happen in the
+  encoder (which then learns contextual representations); more layers let the predictor
+  aggregate context itself."""
 
   dim: int
   num_layers: int
@@ -164,9 +169,11 @@ class Predictor(nn.Module):
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]))
     h = dense(self.dim, (None, "embed"), "in")(latents)
+    # The context encoder has already read the sequence with mask tokens at the masked
+    # positions, so its latents there are kept; a learned embedding flags them as queries.
     token = self.param("mask_token", nn.with_logical_partitioning(
         nn.initializers.normal(0.02), ("embed",)), (self.dim,), self.param_dtype)
-    h = jnp.where(mask[..., None], token.astype(h.dtype), h)
+    h = h + mask[..., None].astype(h.dtype) * token.astype(h.dtype)
     if actions is not None:
       h = h + dense(self.dim, ("feature", "embed"), "actions")(actions)
     for i in range(self.num_layers):
