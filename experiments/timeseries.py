@@ -4,9 +4,11 @@
   1. hourly weather of EWR, JFK, LGA in 2013 (7 variables; gaps interpolated; the known
      wind-speed outliers clipped), standardised with training-period statistics;
   2. windows by forecast start: train Jan-Sep, valid Oct-Nov, test Dec;
-  3. an `EncoderDecoder` on feature vectors (encoder: the past 96 h; decoder: the previous hour's
-     values + calendar features -> the next hour's change), trained with teacher forcing;
-  4. test forecasts are autoregressive with incremental decoding (encoder once, KV cache, each
+  3. an `EncoderDecoder` on feature vectors: the encoder reads the past 96 h; the decoder, one
+     future hour per step, reads calendar/origin features (and, with `model.autoregressive`, the
+     previous hour's values, teacher-forced in training) and predicts the change from the last
+     observed hour (from the previous hour when autoregressive);
+  4. test forecasts run the decoder incrementally (encoder once, KV cache; autoregressive: each
      prediction fed back), scored by MAE next to seasonal-naive (24 h), persistence and a ridge
      regression on the lags (alpha picked on valid); results.json + timeseries.png.
 """
@@ -56,8 +58,14 @@ def calendar(hours: pd.DatetimeIndex) -> np.ndarray:
   return np.stack([np.sin(h), np.cos(h), np.sin(d), np.cos(d)], -1).astype(np.float32)
 
 
-def make_windows(z, cal, starts, past: int, horizon: int) -> dict[str, np.ndarray]:
-  """Windows for forecast starts `starts [N]` of every origin. z: standardised `[O, H, V]`."""
+def make_windows(z, cal, starts, past: int, horizon: int,
+                 autoregressive: bool) -> dict[str, np.ndarray]:
+  """Windows for forecast starts `starts [N]` of every origin. z: standardised `[O, H, V]`.
+
+  Decoder input per future hour: its calendar + origin features, preceded (autoregressive) by
+  the previous hour's values; target: the change from the previous hour (autoregressive) or
+  from the last observed hour (direct).
+  """
   o, _, v = z.shape
   org = np.repeat(np.eye(o, dtype=np.float32), len(starts), 0)  # [O*N, O]
   t = np.tile(starts, o)
@@ -68,9 +76,13 @@ def make_windows(z, cal, starts, past: int, horizon: int) -> dict[str, np.ndarra
   history = z[oi[:, None], past_idx]  # [N, past, V]
   future = z[oi[:, None], fut_idx]  # [N, horizon, V]
   previous = np.concatenate([history[:, -1:], future[:, :-1]], 1)
-  return {"source": np.concatenate([history, feats(past_idx)], -1),
-          "decoder_inputs": np.concatenate([previous, feats(fut_idx)], -1),
-          "targets": future - previous, "history": history, "future": future}
+  if autoregressive:
+    dec, targets = np.concatenate([previous, feats(fut_idx)], -1), future - previous
+  else:
+    dec, targets = feats(fut_idx), future - history[:, -1:]
+  return {"source": np.concatenate([history, feats(past_idx)], -1), "decoder_inputs": dec,
+          "targets": targets, "history": history, "future": future,
+          "future_feats": feats(fut_idx)}
 
 
 def split_windows(config) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray, np.ndarray]:
@@ -84,8 +96,8 @@ def split_windows(config) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray,
   ranges = {"train": (past, bounds[0] - horizon + 1), "valid": (bounds[0], bounds[1] - horizon + 1),
             "test": (bounds[1], len(hours) - horizon + 1)}
   strides = {"train": 1, "valid": int(config.data.eval_stride), "test": int(config.data.eval_stride)}
-  windows = {s: make_windows(z, cal, np.arange(a, b, strides[s]), past, horizon)
-             for s, (a, b) in ranges.items()}
+  windows = {s: make_windows(z, cal, np.arange(a, b, strides[s]), past, horizon,
+                             bool(config.model.autoregressive)) for s, (a, b) in ranges.items()}
   return windows, mean, std
 
 
@@ -97,38 +109,41 @@ def build_model(mc, num_vars: int) -> EncoderDecoder:
                         activation=mc.activation, rotary_fraction=mc.rotary_fraction)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def forecast(model: EncoderDecoder, params, source, decoder_feats, last):
-  """Autoregressive rollout with the KV cache. `source [B, S, F]`, `decoder_feats [B, H, C]`
-  (calendar + origin per future hour), `last [B, V]` -> predictions `[B, H, V]`."""
-  b, horizon = decoder_feats.shape[:2]
-  encoded = decoding.encode(model, params, source)  # once
-  cache = decoding.init_cache(model, b, horizon, num_features=last.shape[-1] + decoder_feats.shape[-1],
-                              source_len=source.shape[1], source_features=source.shape[-1])
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def forecast(model: EncoderDecoder, autoregressive: bool, params, source, future_feats, last):
+  """24 decoding steps with the KV cache (encoder once). `source [B, S, F]`, `future_feats
+  [B, H, C]` (calendar + origin per future hour), `last [B, V]` -> predictions `[B, H, V]`.
+  Autoregressive: each prediction is fed back as the next step's input."""
+  b, horizon = future_feats.shape[:2]
+  width = future_feats.shape[-1] + (last.shape[-1] if autoregressive else 0)
+  encoded = decoding.encode(model, params, source)
+  cache = decoding.init_cache(model, b, horizon, num_features=width, source_len=source.shape[1],
+                              source_features=source.shape[-1])
 
   def step(cache, prev, feats, encoded=None):
-    inp = jnp.concatenate([prev, feats], -1)[:, None]
+    inp = (jnp.concatenate([prev, feats], -1) if autoregressive else feats)[:, None]
     delta, cache = decoding.decode_step(model, params, cache, inp, encoded=encoded)
-    return cache, prev + delta[:, 0]
+    return cache, (prev if autoregressive else last) + delta[:, 0]
 
-  cache, first = step(cache, last, decoder_feats[:, 0], encoded)
+  cache, first = step(cache, last, future_feats[:, 0], encoded)
+
   def body(carry, feats):
     cache, prev = carry
     cache, pred = step(cache, prev, feats)
     return (cache, pred), pred
-  _, rest = jax.lax.scan(body, (cache, first), jnp.swapaxes(decoder_feats[:, 1:], 0, 1))
+
+  _, rest = jax.lax.scan(body, (cache, first), jnp.swapaxes(future_feats[:, 1:], 0, 1))
   return jnp.concatenate([first[:, None], jnp.swapaxes(rest, 0, 1)], 1)
 
 
-def model_forecasts(model, params, w, batch: int) -> np.ndarray:
-  v = w["history"].shape[-1]
+def model_forecasts(model, autoregressive, params, w, batch: int) -> np.ndarray:
   out = []
   for i in range(0, len(w["source"]), batch):
     sl = slice(i, i + batch)
     n = len(w["source"][sl])
     pad = lambda x: np.concatenate([x, np.repeat(x[-1:], batch - n, 0)]) if n < batch else x
-    pred = forecast(model, params, pad(w["source"][sl]), pad(w["decoder_inputs"][sl][..., v:]),
-                    pad(w["history"][sl][:, -1]))
+    pred = forecast(model, autoregressive, params, pad(w["source"][sl]),
+                    pad(w["future_feats"][sl]), pad(w["history"][sl][:, -1]))
     out.append(np.asarray(pred)[:n])
   return np.concatenate(out)
 
@@ -136,9 +151,8 @@ def model_forecasts(model, params, w, batch: int) -> np.ndarray:
 def ridge_forecasts(windows, alphas) -> tuple[dict[str, np.ndarray], float]:
   """Multi-output ridge from the flattened lags (+ calendar/origin of the first target hour)."""
   from sklearn.linear_model import Ridge
-  v = windows["train"]["history"].shape[-1]
   x = lambda w: np.concatenate([w["history"].reshape(len(w["history"]), -1),
-                                w["decoder_inputs"][:, 0, v:]], 1)
+                                w["future_feats"][:, 0]], 1)
   y = lambda w: w["future"].reshape(len(w["future"]), -1)
   best = min(alphas, key=lambda a: np.abs(Ridge(alpha=a).fit(x(windows["train"]), y(
       windows["train"])).predict(x(windows["valid"])) - y(windows["valid"])).mean())
@@ -176,7 +190,8 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   state = restore_best(result)
   test = windows["test"]
   ridge, alpha = ridge_forecasts(windows, tuple(config.baselines.ridge_alphas))
-  preds = {"transformer": model_forecasts(model, state.params, test, bs),
+  preds = {"transformer": model_forecasts(model, bool(config.model.autoregressive), state.params,
+                                          test, bs),
            "seasonal_naive_24h": test["history"][:, -24:], "ridge_lags": ridge["test"],
            "persistence": np.repeat(test["history"][:, -1:], 24, 1)}
   mae = {k: float(np.abs(p - test["future"]).mean()) for k, p in preds.items()}

@@ -23,7 +23,7 @@ def test_windows_align_past_future_and_teacher_forcing_inputs():
   import pandas as pd
   z = np.arange(2 * 50 * 3, dtype=np.float32).reshape(2, 50, 3)
   cal = calendar(pd.date_range("2013-01-01", periods=50, freq="h", tz="UTC"))
-  w = make_windows(z, cal, np.array([10, 20]), past=4, horizon=3)
+  w = make_windows(z, cal, np.array([10, 20]), past=4, horizon=3, autoregressive=True)
   assert w["source"].shape == (4, 4, 3 + 4 + 2) and w["decoder_inputs"].shape == (4, 3, 9)
   np.testing.assert_array_equal(w["history"][1, :, 0], z[0, 16:20, 0])
   np.testing.assert_array_equal(w["future"][2, :, 0], z[1, 10:13, 0])
@@ -31,11 +31,15 @@ def test_windows_align_past_future_and_teacher_forcing_inputs():
   np.testing.assert_array_equal(w["decoder_inputs"][2, 1, :3], z[1, 10])  # teacher forcing
   np.testing.assert_array_equal(w["targets"], w["future"] - w["decoder_inputs"][..., :3])
   np.testing.assert_array_equal(w["source"][3, :, -2:], [[0, 1]] * 4)  # origin one-hot
+  direct = make_windows(z, cal, np.array([10, 20]), past=4, horizon=3, autoregressive=False)
+  np.testing.assert_array_equal(direct["decoder_inputs"], w["future_feats"])
+  np.testing.assert_array_equal(direct["targets"], w["future"] - w["history"][:, -1:])
 
 
 def test_timeseries_experiment_end_to_end(tmp_path):
   c = _config()
   c.data.eval_stride = 48
+  c.model.autoregressive = True  # the feedback path (the default is direct)
   c.model.update(num_encoder_layers=1, num_decoder_layers=1, embed_dim=16, mlp_dim=32)
   c.train.update(batch_size=32, num_steps=10, eval_every_steps=10, log_every_steps=5,
                  progress=False, tensorboard=False)
