@@ -1,6 +1,6 @@
 """Speculative decoding vs plain sampling with the same target: acceptance rate and speedup.
 
-    python benchmarks/speculative_decoding.py [--steps 300] [--new_tokens 256] [--num_draft 4]
+    python benchmarks/speculative_decoding.py [--steps 120] [--new_tokens 128] [--num_draft 4]
 
 Trains a byte-level target `LanguageModel` and a much smaller draft on the standard library's
 .py sources (the LM experiment's training split; `--steps` Adam steps each, so acceptance rates
@@ -68,16 +68,16 @@ def timed(fn, repeats):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--steps", type=int, default=300)
+  ap.add_argument("--steps", type=int, default=120)
   ap.add_argument("--batch", type=int, default=16)
   ap.add_argument("--seq", type=int, default=128)
-  ap.add_argument("--target_dim", type=int, default=256)
+  ap.add_argument("--target_dim", type=int, default=192)
   ap.add_argument("--target_layers", type=int, default=4)
-  ap.add_argument("--draft_dim", type=int, default=64)
+  ap.add_argument("--draft_dim", type=int, default=48)
   ap.add_argument("--draft_layers", type=int, default=1)
-  ap.add_argument("--new_tokens", type=int, default=256)
+  ap.add_argument("--new_tokens", type=int, default=128)
   ap.add_argument("--num_draft", type=int, default=4)
-  ap.add_argument("--prompts", type=int, default=3)
+  ap.add_argument("--prompts", type=int, default=2)
   ap.add_argument("--repeats", type=int, default=1)
   args = ap.parse_args()
 
