@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 from nexus_jax.inference.generate import (Sampling, StepModel, beam_search, generate,
@@ -60,6 +62,29 @@ def test_sampling_transforms_on_a_tiny_vocabulary():
   np.testing.assert_allclose(got, want, atol=1e-6)
   pos = jnp.array([[2.0, 1.0, 0.0]])
   assert process_logits(pos, Sampling(repetition_penalty=2.0), jnp.array([[1, 0, 0]], bool))[0, 0] == 1.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.floats(-5, 5), min_size=6, max_size=6), st.integers(0, 6),
+       st.floats(0.05, 1.0), st.floats(0.2, 3.0))
+def test_filtering_keeps_the_most_likely_tokens(logits, top_k, top_p, temperature):
+  """Properties: a distribution; kept tokens outrank excluded ones; at most top_k kept; the
+  kept set reaches top_p of the tempered mass, and drops a token only when the more likely
+  ones already reach it."""
+  x = jnp.array([logits], jnp.float32)
+  probs = np.asarray(sampling_probs(x, Sampling(temperature, top_k, top_p)))[0]
+  kept = probs > 0
+  np.testing.assert_allclose(probs.sum(), 1.0, rtol=1e-5)
+  assert kept.any() and (top_k == 0 or kept.sum() <= top_k or
+                         np.sum(np.asarray(logits) >= np.sort(logits)[-top_k]) == kept.sum())
+  if (~kept).any():
+    assert np.min(np.asarray(logits)[kept]) >= np.max(np.asarray(logits)[~kept])
+  base = np.asarray(jax.nn.softmax(x[0] / temperature))
+  if top_k == 0:
+    assert base[kept].sum() >= top_p - 1e-5
+    order = np.argsort(-base)
+    n = kept.sum()
+    assert n == 1 or base[order[:n - 1]].sum() < top_p + 1e-5
 
 
 def test_sampled_frequencies_follow_the_processed_distribution():
