@@ -1,4 +1,4 @@
-"""Shared helpers for attention tests: random inputs and a backend-vs-reference comparison."""
+"""Shared helpers for the layer tests: cheap keys/inputs, attention inputs and reference checks."""
 
 from __future__ import annotations
 
@@ -9,6 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from nexus_jax.layers import attention_ops
+
+def key(seed: int = 0):
+  """An `rbg` PRNG key: compiling param init with it is several times faster than threefry."""
+  return jax.random.key(seed, impl="rbg")
+
+
+def normal(seed: int, shape, dtype=jnp.float32):
+  """Standard-normal test input made with numpy (no per-shape random-number compilation)."""
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype)
+
 
 # Tolerances, relative to max(1, max |reference|). float32 differences come from summation order
 # only; bfloat16 ones from rounding the probabilities (and outputs) to 8 mantissa bits.

@@ -9,11 +9,13 @@ import pytest
 from nexus_jax.layers.attention import Attention
 from nexus_jax.layers.kernels import chunked_attention
 
+import layers_testing as lt
+
 B, L, E = 2, 7, 16
 
 
 def _x(seed=0, shape=(B, L, E), dtype=jnp.float32):
-  return jax.random.normal(jax.random.PRNGKey(seed), shape, dtype)
+  return lt.normal(seed, shape, dtype)
 
 
 def test_cached_decoding_matches_full_causal_forward():
@@ -21,11 +23,11 @@ def test_cached_decoding_matches_full_causal_forward():
   RoPE, qk-norm), including RoPE positions continuing from the cache index."""
   kw = dict(num_heads=4, num_kv_heads=2, causal=True, rotary_fraction=0.5, qk_norm=True)
   x = _x()
-  params = jax.jit(Attention(**kw).init)(jax.random.PRNGKey(1), x)["params"]
+  params = jax.jit(Attention(**kw).init)(lt.key(1), x)["params"]
   full = jax.jit(Attention(**kw).apply)({"params": params}, x)
 
   dec = Attention(**kw, decode=True)
-  cache = jax.jit(dec.init)(jax.random.PRNGKey(1), x)["cache"]  # sized by x: max length L
+  cache = jax.jit(dec.init)(lt.key(1), x)["cache"]  # sized by x: max length L
   step = jax.jit(lambda c, xs: dec.apply({"params": params, "cache": c}, xs, mutable=["cache"]))
   outs = []
   for lo, hi in [(0, 3)] + [(i, i + 1) for i in range(3, L)]:
@@ -41,10 +43,10 @@ def test_cached_decoding_with_chunked_backend_and_padding_mask():
             block_sizes=chunked_attention.ChunkSizes(4, 4))
   x = _x(1)
   pad = jnp.arange(L)[None, :] < jnp.array([[L], [5]])  # row 1: last 2 keys are padding
-  params = jax.jit(Attention(**kw).init)(jax.random.PRNGKey(1), x)["params"]
+  params = jax.jit(Attention(**kw).init)(lt.key(1), x)["params"]
   full = jax.jit(lambda p, x: Attention(**kw).apply({"params": p}, x, mask=pad))(params, x)
   dec = Attention(**kw, decode=True)
-  cache = jax.jit(dec.init)(jax.random.PRNGKey(1), x)["cache"]
+  cache = jax.jit(dec.init)(lt.key(1), x)["cache"]
   step = jax.jit(lambda c, xs: dec.apply({"params": params, "cache": c}, xs, mask=pad,
                                          mutable=["cache"]))
   outs = []
@@ -57,10 +59,10 @@ def test_cached_decoding_with_chunked_backend_and_padding_mask():
 def test_cross_attention_cache_matches_uncached():
   kw = dict(num_heads=4, num_kv_heads=1, cross_attention=True)
   x, ctx = _x(2), _x(3, (B, 5, 12))
-  params = jax.jit(Attention(**kw).init)(jax.random.PRNGKey(1), x, ctx)["params"]
+  params = jax.jit(Attention(**kw).init)(lt.key(1), x, ctx)["params"]
   full = jax.jit(Attention(**kw).apply)({"params": params}, x, ctx)
   dec = Attention(**kw, decode=True)
-  cache = jax.jit(dec.init)(jax.random.PRNGKey(1), x, ctx)["cache"]
+  cache = jax.jit(dec.init)(lt.key(1), x, ctx)["cache"]
   prefill = jax.jit(lambda v, x, c: dec.apply(v, x, c, mutable=["cache"]))
   step = jax.jit(lambda v, x: dec.apply(v, x, mutable=["cache"]))
   first, state = prefill({"params": params, "cache": cache}, x[:, :2], ctx)
@@ -73,7 +75,7 @@ def test_packed_sequences_equal_separate_sequences():
   kw = dict(num_heads=2, causal=True, rotary_fraction=1.0)
   a, b = _x(4, (1, 4, E)), _x(5, (1, 3, E))
   module = Attention(**kw)
-  params = jax.jit(module.init)(jax.random.PRNGKey(1), a)
+  params = jax.jit(module.init)(lt.key(1), a)
   apply = jax.jit(module.apply)
   packed = apply(params, jnp.concatenate([a, b], 1),
                  segment_ids=jnp.array([[1, 1, 1, 1, 2, 2, 2]]),
@@ -88,7 +90,7 @@ def test_backends_agree_inside_the_module_in_bf16():
   for backend in ("xla", "chunked", "pallas"):
     m = Attention(num_heads=4, num_kv_heads=2, causal=True, rotary_fraction=1.0,
                   backend=backend, dtype=jnp.bfloat16)
-    params = jax.jit(m.init)(jax.random.PRNGKey(1), x)
+    params = jax.jit(m.init)(lt.key(1), x)
     y = jax.jit(m.apply)(params, x)
     assert y.dtype == jnp.bfloat16
     outs[backend] = np.asarray(y, np.float32)
@@ -98,7 +100,7 @@ def test_backends_agree_inside_the_module_in_bf16():
 
 def test_params_carry_logical_axis_names():
   m = Attention(num_heads=4, num_kv_heads=2, qk_norm=True)
-  boxed = jax.eval_shape(m.init, jax.random.PRNGKey(0), _x())["params"]
+  boxed = jax.eval_shape(m.init, lt.key(0), _x())["params"]
   names = {k: v.names for k, v in boxed.items() if isinstance(v, nn.LogicallyPartitioned)}
   names.update({k: v["kernel"].names for k, v in boxed.items() if "kernel" in v})
   names.update({k: v["scale"].names for k, v in boxed.items() if "scale" in v})
@@ -110,11 +112,11 @@ def test_params_carry_logical_axis_names():
 def test_fourier_backend_in_module_and_no_cache():
   x = _x(7)
   m = Attention(num_heads=2, backend="fourier", fourier_modes=3)
-  params = jax.jit(m.init)(jax.random.PRNGKey(0), x)
+  params = jax.jit(m.init)(lt.key(0), x)
   assert jax.jit(m.apply)(params, x).shape == x.shape
   with pytest.raises(ValueError, match="fourier backend has no KV cache"):
     Attention(num_heads=2, backend="fourier", causal=True, decode=True).init(
-        jax.random.PRNGKey(0), x)
+        lt.key(0), x)
 
 
 @pytest.mark.parametrize("kwargs,call,match", [
@@ -131,4 +133,4 @@ def test_bad_configuration_is_rejected(kwargs, call, match):
   if call.get("context"):
     call = {"context": x}
   with pytest.raises(ValueError, match=match):
-    Attention(**kwargs).init(jax.random.PRNGKey(0), x, **call)
+    Attention(**kwargs).init(lt.key(0), x, **call)

@@ -8,19 +8,21 @@ import pytest
 
 from nexus_jax.layers.blocks import TransformerBlock, TransformerStack
 
+import layers_testing as lt
+
 B, T, E = 2, 6, 16
 BLOCK = TransformerBlock(num_heads=4, num_kv_heads=2, mlp_dim=32, causal=True)
 
 
 def _x(seed=0, shape=(B, T, E)):
-  return jax.random.normal(jax.random.PRNGKey(seed), shape)
+  return lt.normal(seed, shape)
 
 
 def test_scanned_stack_equals_unrolled_stack_with_the_same_weights():
   x = _x()
   scanned = TransformerStack(block=BLOCK, num_layers=2)
   unrolled = TransformerStack(block=BLOCK, num_layers=2, scan_layers=False)
-  params = nn.unbox(jax.jit(scanned.init)(jax.random.PRNGKey(1), x)["params"])
+  params = nn.unbox(jax.jit(scanned.init)(lt.key(1), x)["params"])
   assert params["layers"]["self_attention"]["query"]["kernel"].shape == (2, E, 4, 4)
   per_layer = {f"layers_{i}": jax.tree.map(lambda a, i=i: a[i], params["layers"])
                for i in range(2)}
@@ -33,7 +35,7 @@ def test_scanned_stack_equals_unrolled_stack_with_the_same_weights():
 def test_shared_layers_apply_one_block_repeatedly():
   x = _x(1)
   stack = TransformerStack(block=BLOCK, num_layers=3, share_layers=True, final_norm=False)
-  params = nn.unbox(jax.jit(stack.init)(jax.random.PRNGKey(1), x)["params"])
+  params = nn.unbox(jax.jit(stack.init)(lt.key(1), x)["params"])
   assert params["layers"]["mlp"]["wo"]["kernel"].shape == (32, E)  # no layer axis
   y, _ = jax.jit(stack.apply)({"params": params}, x)
   block = jax.jit(lambda x: BLOCK.apply({"params": params["layers"]}, x)[0])
@@ -46,7 +48,7 @@ def test_remat_policy_keeps_gradients():
   grads = {}
   for policy in ("none", "dots_with_no_batch_dims"):
     stack = TransformerStack(block=BLOCK, num_layers=2, remat_policy=policy)
-    params = jax.jit(stack.init)(jax.random.PRNGKey(1), x)["params"]
+    params = jax.jit(stack.init)(lt.key(1), x)["params"]
     loss = lambda p, stack=stack: jnp.mean(stack.apply({"params": p}, x)[0] ** 2)
     grads[policy] = jax.jit(jax.grad(loss))(params)
   for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads["dots_with_no_batch_dims"])):
@@ -58,7 +60,7 @@ def test_moe_stack_aux_and_aux_losses_are_stacked_over_layers():
   block = TransformerBlock(num_heads=2, mlp_dim=8, causal=True, num_experts=4, moe_top_k=2,
                            moe_capacity_factor=2.0)
   stack = TransformerStack(block=block, num_layers=3)
-  params = jax.jit(stack.init)(jax.random.PRNGKey(1), x)["params"]
+  params = jax.jit(stack.init)(lt.key(1), x)["params"]
   (_, aux), state = jax.jit(lambda p: stack.apply({"params": p}, x, mutable=["aux_loss"]))(params)
   assert aux["expert_load"].shape == (3, 4)
   np.testing.assert_allclose(np.asarray(aux["expert_load"]).sum(-1), 1.0, rtol=1e-5)
@@ -67,32 +69,19 @@ def test_moe_stack_aux_and_aux_losses_are_stacked_over_layers():
                              rtol=1e-6)
 
 
-def test_decoding_through_a_scanned_stack_matches_the_full_pass():
+def test_decoding_a_scanned_moe_stack_with_padding_matches_the_full_pass():
+  """Token-by-token decoding through 2 scanned layers (GQA attention + MoE) with a padding mask
+  equals the full causal pass on the real tokens. While decoding, the [B, cache_len] mask masks
+  cache slots and is not used as the MoE token mask."""
   x = _x(3)
-  stack = TransformerStack(block=BLOCK, num_layers=2)
-  params = jax.jit(stack.init)(jax.random.PRNGKey(1), x)["params"]
-  full, _ = jax.jit(stack.apply)({"params": params}, x)
-  dec = TransformerStack(block=BLOCK.clone(decode=True), num_layers=2)
-  cache = jax.jit(dec.init)(jax.random.PRNGKey(1), x)["cache"]
-  assert cache["layers"]["self_attention"]["cached_key"].shape == (2, B, T, 2, 4)
-  step = jax.jit(lambda c, xs: dec.apply({"params": params, "cache": c}, xs, mutable=["cache"]))
-  outs = []
-  for i in range(T):
-    (y, _), state = step(cache, x[:, i:i + 1])
-    cache, outs = state["cache"], outs + [y]
-  np.testing.assert_allclose(np.concatenate(outs, 1), np.asarray(full), atol=1e-5)
-
-
-def test_decoding_an_moe_block_with_a_padding_mask():
-  """While decoding, the [B, cache_len] mask masks cache slots and is not the MoE token mask."""
-  x = _x(7)
   pad = jnp.arange(T)[None, :] < jnp.array([[T], [4]])
-  block = TransformerBlock(num_heads=2, mlp_dim=8, causal=True, num_experts=2, moe_top_k=1,
-                           moe_capacity_factor=2.0)  # capacity == tokens: nothing dropped
-  params = jax.jit(block.init)(jax.random.PRNGKey(1), x)["params"]
-  full, _ = jax.jit(lambda p, x: block.apply({"params": p}, x, mask=pad))(params, x)
-  dec = block.clone(decode=True)
-  cache = jax.jit(dec.init)(jax.random.PRNGKey(1), x)["cache"]
+  block = BLOCK.clone(num_experts=2, moe_top_k=1, moe_capacity_factor=2.0)  # nothing dropped
+  stack = TransformerStack(block=block, num_layers=2)
+  params = jax.jit(stack.init)(lt.key(1), x)["params"]
+  full, _ = jax.jit(lambda p, x: stack.apply({"params": p}, x, mask=pad))(params, x)
+  dec = TransformerStack(block=block.clone(decode=True), num_layers=2)
+  cache = jax.jit(dec.init)(lt.key(1), x)["cache"]
+  assert cache["layers"]["self_attention"]["cached_key"].shape == (2, B, T, 2, 4)
   step = jax.jit(lambda c, xs: dec.apply({"params": params, "cache": c}, xs, mask=pad,
                                          mutable=["cache"]))
   outs = []
@@ -108,14 +97,14 @@ def test_post_norm_output_is_normalised_and_cross_attention_uses_context():
   x, ctx = _x(4) * 10, _x(5, (B, 3, 8))
   block = TransformerBlock(num_heads=2, mlp_dim=8, norm="layer", norm_placement="post",
                            cross_attention=True, dropout_rate=0.1)
-  params = jax.jit(block.init)(jax.random.PRNGKey(1), x, ctx)
+  params = jax.jit(block.init)(lt.key(1), x, ctx)
   apply = jax.jit(lambda p, x, c: block.apply(p, x, c)[0])
   y = np.asarray(apply(params, x, ctx))
   np.testing.assert_allclose(y.mean(-1), 0.0, atol=1e-4)
   np.testing.assert_allclose(y.std(-1), 1.0, atol=1e-2)
   assert not np.allclose(y, np.asarray(apply(params, x, ctx + 1.0)))
   train = jax.jit(lambda p, x, c: block.apply(p, x, c, deterministic=False,
-                                              rngs={"dropout": jax.random.PRNGKey(2)})[0])(
+                                              rngs={"dropout": lt.key(2)})[0])(
                                                   params, x, ctx)
   assert not np.allclose(np.asarray(train), y)
 
@@ -130,4 +119,4 @@ def test_post_norm_output_is_normalised_and_cross_attention_uses_context():
 def test_bad_configuration_is_rejected(stack_kw, block_kw, match):
   stack = TransformerStack(**{"block": BLOCK.clone(**block_kw), "num_layers": 2, **stack_kw})
   with pytest.raises(ValueError, match=match):
-    stack.init(jax.random.PRNGKey(0), _x())
+    stack.init(lt.key(0), _x())

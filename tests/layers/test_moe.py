@@ -9,6 +9,8 @@ import pytest
 from nexus_jax.layers import moe as moe_lib
 from nexus_jax.layers import moe_dispatch
 
+import layers_testing as lt
+
 
 def _loop_reference(params, x, idx, w, activation="swiglu"):
   """y_n = sum_k w_nk * FFN_{idx_nk}(x_n), one token at a time, in numpy."""
@@ -55,7 +57,7 @@ def test_router_aux_losses_equal_hand_computed_values():
 def test_module_sows_weighted_aux_losses():
   layer = moe_lib.MoE(num_experts=2, mlp_dim=4, top_k=1, load_balance_coef=0.1, z_loss_coef=0.01)
   x = jnp.array([[[2.0, 0.0], [1.0, 0.0], [0.0, 1.0], [3.0, 0.0]]])
-  params = nn.unbox(jax.jit(layer.init)(jax.random.PRNGKey(0), x))
+  params = nn.unbox(jax.jit(layer.init)(lt.key(0), x))
   params = {"params": {**params["params"], "router": jnp.eye(2)}}  # logits == x
   (_, aux), state = jax.jit(lambda p, x: layer.apply(p, x, mutable=["aux_loss"]))(params, x)
   lb, z, _ = moe_lib.router_statistics(x[0], jnp.array([[0], [0], [1], [0]]))
@@ -68,8 +70,8 @@ def test_module_sows_weighted_aux_losses():
 def test_capacity_drops_exactly_the_overflow_tokens():
   layer = moe_lib.MoE(num_experts=2, mlp_dim=8, top_k=1, capacity_factor=0.8,
                       activation="gelu")  # capacity = ceil(0.8 * 5 * 1 / 2) = 2
-  x = jnp.abs(jax.random.normal(jax.random.PRNGKey(1), (2, 5, 4)))
-  params = nn.unbox(jax.jit(layer.init)(jax.random.PRNGKey(0), x))
+  x = jnp.abs(lt.normal(1, (2, 5, 4)))
+  params = nn.unbox(jax.jit(layer.init)(lt.key(0), x))
   router = jnp.stack([jnp.ones(4), -jnp.ones(4)], axis=1)  # every token prefers expert 0
   params = {"params": {**params["params"], "router": router}}
   y, aux = jax.jit(layer.apply)(params, x)
@@ -90,22 +92,23 @@ def test_capacity_ranks_first_choices_before_second_choices():
   np.testing.assert_array_equal(dispatch[0, :, 0], [[1, 0], [0, 1], [0, 0]])
   np.testing.assert_array_equal(dispatch[0, :, 1], [[0, 1], [0, 0], [1, 0]])
   np.testing.assert_allclose(combine.sum(), 2.0)
+  # A masked token takes no slot: with token 0 masked, token 2's 2nd choice fits in expert 0.
+  _, _, kept = moe_dispatch.capacity_masks(idx, w, 2, 2, jnp.array([[False, True, True]]))
+  np.testing.assert_array_equal(kept[0], [[False, False], [True, True], [True, True]])
 
 
-@pytest.mark.parametrize("impl", ["tiled", "ragged_dot"])
-def test_dropless_and_capacity_match_per_token_loop(impl):
-  x = jax.random.normal(jax.random.PRNGKey(2), (2, 7, 8))
-  dropless = moe_lib.MoE(num_experts=4, mlp_dim=16, top_k=2, gmm_impl=impl, gmm_tile=4)
-  capacity = moe_lib.MoE(num_experts=4, mlp_dim=16, top_k=2, capacity_factor=2.0)
-  params = nn.unbox(jax.jit(dropless.init)(jax.random.PRNGKey(0), x))
+def test_dropless_and_capacity_match_per_token_loop():
+  x = lt.normal(2, (2, 7, 8))
+  moe = lambda **kw: moe_lib.MoE(num_experts=4, mlp_dim=16, top_k=2, **kw)
+  params = nn.unbox(jax.jit(moe().init)(lt.key(0), x))
   idx, w = _routing(params, x, 2)
   expected = _loop_reference(params, x, idx, w)
-  y1, aux1 = jax.jit(dropless.apply)(params, x)
-  y2, aux2 = jax.jit(capacity.apply)(params, x)
-  np.testing.assert_allclose(np.asarray(y1), expected, atol=2e-5)
-  np.testing.assert_allclose(np.asarray(y2), expected, atol=2e-5)
-  assert float(aux1["dropped_fraction"]) == 0.0 and float(aux2["dropped_fraction"]) == 0.0
-  np.testing.assert_allclose(np.asarray(aux1["expert_load"]).sum(), 1.0, rtol=1e-6)
+  for layer in (moe(gmm_impl="tiled", gmm_tile=4), moe(gmm_impl="ragged_dot"),
+                moe(capacity_factor=2.0)):  # capacity 7 = all tokens: nothing dropped
+    y, aux = jax.jit(layer.apply)(params, x)
+    np.testing.assert_allclose(np.asarray(y), expected, atol=2e-5)
+    assert float(aux["dropped_fraction"]) == 0.0
+    np.testing.assert_allclose(np.asarray(aux["expert_load"]).sum(), 1.0, rtol=1e-6)
 
 
 def test_grouped_matmul_tiled_matches_ragged_dot_values_and_grads():
@@ -127,12 +130,11 @@ def test_grouped_matmul_tiled_matches_ragged_dot_values_and_grads():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
 
 
-@pytest.mark.parametrize("capacity_factor", [None, 1.5])
-def test_masked_tokens_output_zero_and_take_no_capacity(capacity_factor):
-  layer = moe_lib.MoE(num_experts=4, mlp_dim=8, top_k=2, capacity_factor=capacity_factor)
-  x = jax.random.normal(jax.random.PRNGKey(3), (2, 6, 8))
+def test_masked_tokens_output_zero():
+  layer = moe_lib.MoE(num_experts=4, mlp_dim=8, top_k=2)
+  x = lt.normal(3, (2, 6, 8))
   mask = jnp.arange(6)[None, :] < jnp.array([[6], [2]])
-  params = nn.unbox(jax.jit(layer.init)(jax.random.PRNGKey(0), x))
+  params = nn.unbox(jax.jit(layer.init)(lt.key(0), x))
   y, aux = jax.jit(lambda p, x, m: layer.apply(p, x, mask=m))(params, x, mask)
   np.testing.assert_array_equal(np.asarray(y[1, 2:]), 0.0)
   y_short, _ = jax.jit(layer.apply)(params, x[1:, :2])
@@ -142,11 +144,11 @@ def test_masked_tokens_output_zero_and_take_no_capacity(capacity_factor):
 def test_bf16_training_step_and_jitter():
   layer = moe_lib.MoE(num_experts=4, mlp_dim=8, top_k=2, router_jitter=0.1,
                       dtype=jnp.bfloat16)
-  x = jax.random.normal(jax.random.PRNGKey(4), (2, 8, 8), jnp.bfloat16)
-  params = nn.unbox(jax.jit(layer.init)(jax.random.PRNGKey(0), x))
+  x = lt.normal(4, (2, 8, 8), jnp.bfloat16)
+  params = nn.unbox(jax.jit(layer.init)(lt.key(0), x))
 
   def loss(p):
-    (y, _), aux_losses = layer.apply(p, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)},
+    (y, _), aux_losses = layer.apply(p, x, deterministic=False, rngs={"dropout": lt.key(1)},
                                      mutable=["aux_loss"])
     total_aux = sum(jnp.sum(v) for v in jax.tree.leaves(aux_losses))
     return jnp.mean(jnp.square(y.astype(jnp.float32))) + total_aux
@@ -164,4 +166,4 @@ def test_bf16_training_step_and_jitter():
 def test_bad_config_is_rejected(kwargs, match):
   layer = moe_lib.MoE(**{"num_experts": 4, "mlp_dim": 8, **kwargs})
   with pytest.raises(ValueError, match=match):
-    layer.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 8)))
+    layer.init(lt.key(0), jnp.zeros((1, 4, 8)))

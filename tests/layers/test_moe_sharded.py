@@ -22,10 +22,10 @@ SCRIPT = textwrap.dedent(r"""
              ("mlp", "tensor"), ("vocab", "tensor"), ("expert", "expert"), ("length", None))
     mesh = Mesh(np.array(jax.devices()).reshape(1, 2, 1, 4), ("data", "fsdp", "tensor", "expert"),
                 axis_types=(AxisType.Auto,) * 4)
-    x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 32))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 16, 32)), jnp.float32)
     for capacity_factor in (None, 1.0):
       layer = MoE(num_experts=8, mlp_dim=16, top_k=2, capacity_factor=capacity_factor)
-      boxed = jax.jit(layer.init)(jax.random.PRNGKey(1), x)["params"]
+      boxed = jax.jit(layer.init)(jax.random.key(1, impl="rbg"), x)["params"]
       params = nn.unbox(boxed)
 
       def loss(p, x):

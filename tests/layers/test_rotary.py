@@ -8,6 +8,8 @@ from hypothesis import given, settings, strategies as st
 
 from nexus_jax.layers import rotary
 
+import layers_testing as lt
+
 _rope = jax.jit(rotary.apply_rope, static_argnames=("rotary_fraction", "theta"))
 
 
@@ -27,7 +29,7 @@ def test_scores_depend_only_on_relative_position(seed, m, n, shift, fraction):
 
 
 def test_partial_rotation_leaves_tail_untouched_and_preserves_norm():
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 3, 8))
+  x = lt.normal(0, (2, 5, 3, 8))
   pos = jnp.broadcast_to(jnp.arange(5) * 7, (2, 5))
   y = _rope(x, pos, rotary_fraction=0.5)
   np.testing.assert_array_equal(np.asarray(y[..., 4:]), np.asarray(x[..., 4:]))
@@ -40,7 +42,7 @@ def test_partial_rotation_leaves_tail_untouched_and_preserves_norm():
 
 
 def test_matches_explicit_rotation_formula():
-  x = jax.random.normal(jax.random.PRNGKey(1), (1, 1, 1, 4))
+  x = lt.normal(1, (1, 1, 1, 4))
   y = np.asarray(_rope(x, jnp.array([[3]]), rotary_fraction=1.0, theta=100.0))[0, 0, 0]
   x = np.asarray(x)[0, 0, 0]
   for i, freq in enumerate([1.0, 100.0 ** -0.5]):
