@@ -63,8 +63,8 @@ def make_windows(z, cal, starts, past: int, horizon: int,
   """Windows for forecast starts `starts [N]` of every origin. z: standardised `[O, H, V]`.
 
   Decoder input per future hour: its calendar + origin features, preceded (autoregressive) by
-  the previous hour's values; target: the change from the previous hour (autoregressive) or
-  from the last observed hour (direct).
+  the previous hour's values minus the last observed ones; target: the change from the previous
+  hour (autoregressive) or from the last observed hour (direct).
   """
   o, _, v = z.shape
   org = np.repeat(np.eye(o, dtype=np.float32), len(starts), 0)  # [O*N, O]
@@ -75,13 +75,17 @@ def make_windows(z, cal, starts, past: int, horizon: int,
   feats = lambda idx: np.concatenate([cal[idx], np.broadcast_to(org[:, None], idx.shape + (o,))], -1)
   history = z[oi[:, None], past_idx]  # [N, past, V]
   future = z[oi[:, None], fut_idx]  # [N, horizon, V]
-  previous = np.concatenate([history[:, -1:], future[:, :-1]], 1)
+  last = history[:, -1:]
+  previous = np.concatenate([last, future[:, :-1]], 1)
   if autoregressive:
-    dec, targets = np.concatenate([previous, feats(fut_idx)], -1), future - previous
+    dec, targets = np.concatenate([previous - last, feats(fut_idx)], -1), future - previous
   else:
-    dec, targets = feats(fut_idx), future - history[:, -1:]
-  return {"source": np.concatenate([history, feats(past_idx)], -1), "decoder_inputs": dec,
-          "targets": targets, "history": history, "future": future,
+    dec, targets = feats(fut_idx), future - last
+  # The encoder sees the history relative to the last observed hour (shift-invariant across
+  # seasons) plus that hour's level as constant channels.
+  level = np.broadcast_to(last, history.shape)
+  return {"source": np.concatenate([history - last, level, feats(past_idx)], -1),
+          "decoder_inputs": dec, "targets": targets, "history": history, "future": future,
           "future_feats": feats(fut_idx)}
 
 
@@ -121,7 +125,7 @@ def forecast(model: EncoderDecoder, autoregressive: bool, params, source, future
                               source_features=source.shape[-1])
 
   def step(cache, prev, feats, encoded=None):
-    inp = (jnp.concatenate([prev, feats], -1) if autoregressive else feats)[:, None]
+    inp = (jnp.concatenate([prev - last, feats], -1) if autoregressive else feats)[:, None]
     delta, cache = decoding.decode_step(model, params, cache, inp, encoded=encoded)
     return cache, (prev if autoregressive else last) + delta[:, 0]
 
