@@ -8,15 +8,18 @@ target encoder has the context encoder's architecture; its weights are an expone
 average of the context encoder's (`init_target`, `ema_update`) and it gets no gradient.
 
 Loss (`jepa_loss`), with z = predictions and t = targets at the masked positions and c = the
-context latents at the visible positions (each `[N, E]`, rows weighted by the mask):
+context latents at all positions (each `[N, E]`):
 
-    inv_coef * mean((z - t)^2)                                         invariance / prediction
-  + var_coef * (hinge(z) + hinge(t)) / 2 + var_coef * hinge(c)         hinge = mean_j relu(gamma - std_j)
-  + cov_coef * (cov(z) + cov(t)) + cov_coef * cov(c)                   cov = sum_{i!=j} C_ij^2 / E
+    inv_coef * mean((z - t)^2)                   invariance: predict the target latents
+  + var_coef * mean_j relu(gamma - std_j(c))     variance hinge on the representations
+  + cov_coef * sum_{i != j} cov_ij(c)^2 / E      covariance (decorrelation) on the representations
 
-`vicreg_terms` is the VICReg loss of the official implementation (unbiased variance, eps 1e-4);
-the target's variance/covariance terms carry no gradient (they are logged), so the terms on the
-context latents are what keeps the encoder from collapsing.
+`vicreg_terms` is the two-branch VICReg loss of the official implementation (unbiased variance,
+eps 1e-4). In the JEPA loss the variance and covariance terms act on the context encoder's
+representations, which is what keeps them from collapsing, and not on the predictions: the best
+prediction of a partly unpredictable target (its conditional mean) has a smaller spread than
+the target, and a variance hinge on it would fight the invariance term. The targets' own
+variance/covariance (no gradient) and the predictions' spread are logged in aux.
 
 Inputs are token ids `[B, L]` (`vocab_size` set) or feature vectors `[B, L, F]`.
 """
@@ -77,18 +80,23 @@ def variance_covariance(z_NE, weights_N=None, gamma: float = 1.0, eps: float = 1
   return jnp.mean(nn.relu(gamma - std)), jnp.sum(off_diagonal**2) / z_NE.shape[1]
 
 
+def invariance(z_a, z_b, weights=None):
+  """Mean squared difference of rows `[N, E]`, averaged over dims and the rows with weight 1."""
+  w = jnp.ones(z_a.shape[0]) if weights is None else weights.astype(jnp.float32)
+  sq = jnp.mean(jnp.square(z_a.astype(jnp.float32) - z_b.astype(jnp.float32)), -1)
+  return jnp.sum(sq * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
 def vicreg_terms(z_a, z_b, weights=None, gamma: float = 1.0, eps: float = 1e-4):
   """The three VICReg terms of two branches `[N, E]` (rows weighted by 0/1 `weights [N]`):
   invariance (mean squared difference), variance (hinge, averaged over branches), covariance
   (summed over branches). Returns a dict of float32 scalars."""
   if z_a.ndim != 2 or z_a.shape != z_b.shape:
     raise ValueError(f"VICReg branches must both be [rows, dims]; got {z_a.shape}, {z_b.shape}.")
-  w = jnp.ones(z_a.shape[0]) if weights is None else weights.astype(jnp.float32)
-  sq = jnp.mean(jnp.square(z_a.astype(jnp.float32) - z_b.astype(jnp.float32)), -1)
-  invariance = jnp.sum(sq * w) / jnp.maximum(jnp.sum(w), 1.0)
-  var_a, cov_a = variance_covariance(z_a, w, gamma, eps)
-  var_b, cov_b = variance_covariance(z_b, w, gamma, eps)
-  return {"invariance": invariance, "variance": (var_a + var_b) / 2, "covariance": cov_a + cov_b}
+  var_a, cov_a = variance_covariance(z_a, weights, gamma, eps)
+  var_b, cov_b = variance_covariance(z_b, weights, gamma, eps)
+  return {"invariance": invariance(z_a, z_b, weights), "variance": (var_a + var_b) / 2,
+          "covariance": cov_a + cov_b}
 
 
 def init_target(params):
@@ -220,9 +228,9 @@ class JEPAWorldModel(nn.Module):
 def jepa_loss(model: JEPAWorldModel, params, target_params, inputs, mask, actions=None, *,
               inv_coef: float = 25.0, var_coef: float = 25.0, cov_coef: float = 1.0,
               gamma: float = 1.0, normalize_targets: bool = True):
-  """JEPA + VICReg loss (module docstring). Returns `(loss, aux)`; aux holds every term, the
-  mean per-dimension std of the context latents, and `context` latents `[B, L, E]`.
-  Gradients flow to `params` only (the targets are under `stop_gradient`)."""
+  """JEPA + VICReg loss (module docstring). Returns `(loss, aux)`: the terms, logged statistics
+  and the `context` latents `[B, L, E]`. Gradients flow to `params` only (targets are under
+  `stop_gradient`)."""
   targets, _ = model.apply({"params": {"encoder": target_params}}, inputs, method="encode")
   targets = jax.lax.stop_gradient(targets.astype(jnp.float32))
   if normalize_targets:  # per-position layer norm without affine params, as in I-JEPA
@@ -231,12 +239,16 @@ def jepa_loss(model: JEPAWorldModel, params, target_params, inputs, mask, action
   predictions, aux = model.apply({"params": params}, inputs, mask, actions)
   e = predictions.shape[-1]
   w = mask.reshape(-1).astype(jnp.float32)
-  terms = vicreg_terms(predictions.reshape(-1, e), targets.reshape(-1, e), w, gamma)
-  context = aux["context"].reshape(-1, e)
-  ctx_var, ctx_cov = variance_covariance(context, 1.0 - w, gamma)
-  loss = (inv_coef * terms["invariance"] + var_coef * (terms["variance"] + ctx_var)
-          + cov_coef * (terms["covariance"] + ctx_cov))
-  std = jnp.sqrt(jnp.diagonal(_weighted_moments(context.astype(jnp.float32), 1.0 - w)))
-  return loss, {**terms, "context_variance": ctx_var, "context_covariance": ctx_cov,
+  flat_predictions, flat_targets = predictions.reshape(-1, e), targets.reshape(-1, e)
+  inv = invariance(flat_predictions, flat_targets, w)
+  context = aux["context"].reshape(-1, e).astype(jnp.float32)
+  var, cov = variance_covariance(context, None, gamma)
+  target_var, target_cov = variance_covariance(flat_targets, w, gamma)
+  loss = inv_coef * inv + var_coef * var + cov_coef * cov
+  std = jnp.sqrt(jnp.diagonal(_weighted_moments(context, jnp.ones(context.shape[0]))))
+  prediction_std = jnp.sqrt(jnp.diagonal(_weighted_moments(
+      jax.lax.stop_gradient(flat_predictions.astype(jnp.float32)), w)))
+  return loss, {"invariance": inv, "variance": var, "covariance": cov,
+                "target_variance": target_var, "target_covariance": target_cov,
                 "context_std_mean": jnp.mean(std), "context_std_min": jnp.min(std),
-                "context": aux["context"]}
+                "prediction_std_mean": jnp.mean(prediction_std), "context": aux["context"]}
