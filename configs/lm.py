@@ -62,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.01
   c.optim.b2 = 0.98
 
-  # preset="full": these fields replace the values above (hours on a 2-core CPU; minutes on a GPU).
+  # preset="full": these fields replace the values above (not run here; hours on a 2-core CPU).
   c.full = ml_collections.ConfigDict()
   c.full.embed_dim = 192  # model.embed_dim
   c.full.num_layers = 4  # model.num_layers

@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.rotary_fraction = 0.5  # RoPE on half of each head's dims
   c.model.dropout_rate = 0.1  # residual dropout
   c.model.autoregressive = False  # feed each predicted hour back (teacher forcing in training)
+  c.model.residual_on = "last"  # direct decoder predicts future - "last" observed hour | - "ridge" forecast
 
   c.baselines = ml_collections.ConfigDict()
   c.baselines.ridge_alphas = (1.0, 10.0, 100.0, 1000.0)  # ridge strengths tried on valid

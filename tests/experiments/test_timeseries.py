@@ -24,7 +24,7 @@ def test_windows_align_past_future_and_teacher_forcing_inputs():
   z = np.arange(2 * 50 * 3, dtype=np.float32).reshape(2, 50, 3)
   cal = calendar(pd.date_range("2013-01-01", periods=50, freq="h", tz="UTC"))
   w = make_windows(z, cal, np.array([10, 20]), past=4, horizon=3, autoregressive=True)
-  assert w["source"].shape == (4, 4, 3 + 3 + 4 + 2) and w["decoder_inputs"].shape == (4, 3, 9)
+  assert w["source"].shape == (4, 4, 3 + 3 + 2 + 2) and w["decoder_inputs"].shape == (4, 3, 7)
   np.testing.assert_array_equal(w["history"][1, :, 0], z[0, 16:20, 0])
   np.testing.assert_array_equal(w["future"][2, :, 0], z[1, 10:13, 0])
   np.testing.assert_array_equal(w["source"][1, :, 0], z[0, 16:20, 0] - z[0, 19, 0])  # relative
