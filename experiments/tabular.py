@@ -1,103 +1,145 @@
-"""Tabular experiment: nycflights13 flat feature set A -> row model -> results.json + learning curves.
+"""Tabular experiment: multi-table NexusFormer (default) or a flat row model on nycflights13 / any schema folder.
 
 `run(config, workdir)`:
-  1. load the bundled tables, join the one-to-one relations (feature set A), split by month;
-  2. fit the TabularPreprocessor on the training split only, transform every split;
-  3. train a RowPredictor with the generic loop (early stopping on validation AUC, checkpoints,
-     resume when rerun in the same workdir);
-  4. evaluate the best checkpoint on test once; write results.json and learning_curves.png.
+  1. resolve `config.preset` (`nexus_jax.tabular.config.apply_preset`);
+  2. `model.name = "nexus_former"`: load the tables + schema (bundled `data.name` or `data.path`), fit
+     the per-table preprocessors on training-time rows only, build the leakage-safe context sets;
+     train NexusFormer with the generic loop (early stopping on validation, checkpoints, resume);
+     evaluate the best checkpoint on test once; plot per-context attention; report int8 quantisation
+     and magnitude pruning on test; save a predict-ready artifact;
+     `model.name = "row"`: the flat feature set A path (`nexus_jax/tabular/flat.py`);
+  3. write `results.json` (test metrics next to the TASKS.md baselines, timings, rows/s).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from nexus_jax.data.datasets import nycflights13
-from nexus_jax.data.preprocess import TabularPreprocessor
-from nexus_jax.models.tabular.registry import get_encoder
-from nexus_jax.models.tabular.row_predictor import RowPredictor
-from nexus_jax.tabular.objectives import tabular_objective
-from nexus_jax.train.data import ArrayDataset
-from nexus_jax.train.loop import fit, restore_best
+from nexus_jax.data.datasets import load_dataset
+from nexus_jax.data.relational import ContextSetBuilder
+from nexus_jax.inference import dequantize, magnitude_prune, quantize_int8
+from nexus_jax.tabular.artifact import save_artifact
+from nexus_jax.tabular.config import apply_preset
+from nexus_jax.tabular.flat import run_flat
+from nexus_jax.tabular.objectives import evaluation_metrics, relational_arrays
+from nexus_jax.tabular.predictor import TabularPredictor
+from nexus_jax.tabular.plots import context_importance, plot_context_importance
+from nexus_jax.tabular.runtime import make_predict_fn, predict_arrays
+from nexus_jax.tabular.training import train_nexus_former
 from nexus_jax.train.plots import plot_learning_curves
 
-DATASETS = ("nycflights13",)
+MODELS = ("nexus_former", "row")
 SPLITS = ("train", "valid", "test")
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+EVAL_BATCH = 2048
 
 
-def load_flat_splits(data_config: Any) -> tuple[dict[str, dict[str, np.ndarray]], TabularPreprocessor]:
-    """Feature set A as arrays per split: {"train"|"valid"|"test": {x_num, x_cat, num_missing, y}}."""
-    if data_config.name not in DATASETS:
-        raise ValueError(f"config.data.name={data_config.name!r} is not a bundled dataset; choose one of {DATASETS}.")
-    tables = nycflights13.load_tables(max_target_rows=int(data_config.max_rows) or None)
-    features, target, split = nycflights13.flat_feature_set_a(tables)
-    pre = TabularPreprocessor(numeric_transform=data_config.numeric_transform,
-                              max_categories=int(data_config.max_categories))
-    pre.fit(features[split == "train"])
-    out = {}
-    for name in SPLITS:
-        rows = (split == name).to_numpy()
-        arrays = pre.transform(features[rows])
-        out[name] = {"x_num": arrays["numeric"], "x_cat": arrays["categorical"],
-                     "num_missing": arrays["numeric_missing"], "y": target.to_numpy()[rows].astype(np.int32)}
-    return out, pre
+def load_relational(config: Any):
+    """(dataset, fitted ContextSetBuilder, {split: RelationalData}) for `config.data`."""
+    dc = config.data
+    ds = load_dataset(name=dc.name, path=dc.path or None, max_target_rows=int(dc.max_rows) or None, seed=int(config.seed))
+    kwargs = dict(ds.builder_kwargs) or {"max_history": int(dc.max_history)}
+    pre = {**kwargs.get("preprocessor", {}), "numeric_transform": dc.numeric_transform,
+           "max_categories": int(dc.max_categories)}
+    if dc.datetime_parts:
+        pre["datetime_parts"] = [p.strip() for p in dc.datetime_parts.split(",") if p.strip()]
+    builder = ContextSetBuilder(ds.schema, **{**kwargs, "preprocessor": pre}).fit(ds.tables)
+    data = builder.transform(ds.tables)
+    return ds, builder, {s: data.subset(s) for s in SPLITS}
 
 
-def build_model(config: Any, pre: TabularPreprocessor) -> RowPredictor:
-    info = pre.get_feature_info()
-    encoder_cls = get_encoder(config.model.encoder)
-    accepted = {f.name for f in dataclasses.fields(encoder_cls)}
-    shared = {k: v for k, v in config.model.items() if k in accepted and k not in ("d_out", "dtype")}
-    if config.train.compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"config.train.compute_dtype={config.train.compute_dtype!r}; choose one of "
-                         f"{sorted(COMPUTE_DTYPES)}.")
-    return RowPredictor(encoder=config.model.encoder, num_numeric=len(info.numeric_names),
-                        cat_cardinalities=tuple(info.categorical_cardinalities), n_outputs=1,
-                        d_hidden=int(config.model.d_hidden), encoder_kwargs=shared,
-                        dtype=COMPUTE_DTYPES[config.train.compute_dtype])
+def _test_metrics(result, arrays, variables, task, predict_fn) -> dict[str, float]:
+    preds, _ = predict_arrays(result.model, variables, arrays, task, EVAL_BATCH, predict_fn=predict_fn)
+    return evaluation_metrics(task, preds, arrays["y"], result.target_scale)
+
+
+def optimisation_report(result, test, config) -> dict[str, Any]:
+    """Test metrics of the int8-quantised and of the magnitude-pruned model next to the original's."""
+    task = test.task
+    arrays = relational_arrays(test, result.target_scale)
+    fn = make_predict_fn(result.model, task)
+    params = jax.device_get(result.variables["params"])
+    extra = {k: v for k, v in result.variables.items() if k != "params"}
+    base = _test_metrics(result, arrays, result.variables, task, fn)
+    qparams, qreport = quantize_int8(params)
+    quant = _test_metrics(result, arrays, {"params": dequantize(qparams), **extra}, task, fn)
+    pruned, preport = magnitude_prune(params, float(config.eval.prune_amount))
+    prune = _test_metrics(result, arrays, {"params": pruned, **extra}, task, fn)
+    preport.pop("per_leaf")
+    return {"test_float32": base,
+            "int8": {**qreport, "test": quant, "change": {k: quant[k] - base[k] for k in base}},
+            "prune": {**preport, "test": prune, "change": {k: prune[k] - base[k] for k in base}}}
 
 
 def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
+    preset_changes = apply_preset(config)
+    if config.model.name not in MODELS:
+        raise ValueError(f"config.model.name={config.model.name!r}; choose one of {MODELS}.")
+    if config.model.name == "row":
+        return run_flat(config, workdir, preset_changes)
     t0 = time.perf_counter()
-    splits, pre = load_flat_splits(config.data)
+    ds, builder, splits = load_relational(config)
     data_seconds = time.perf_counter() - t0
-    pre.save(workdir / "preprocessor")
-    model = build_model(config, pre)
-    objective = tabular_objective(model, "binary")
-    bs = int(config.train.batch_size)
-    train = ArrayDataset(splits["train"], bs, seed=int(config.seed))
-    valid, test = ArrayDataset(splits["valid"], bs), ArrayDataset(splits["test"], bs)
-
-    result = fit(objective, train, valid, config, workdir)
-    best = restore_best(result)
-    test_metrics, _ = result.trainer.evaluate(best, test)
-    valid_metrics = result.best_metrics or {}
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(best.params))
+    train, valid, test = splits["train"], splits["valid"], splits["test"]
+    result = train_nexus_former(train, valid if valid.num_rows else None, config, workdir)
+    t_eval = time.perf_counter()
+    task = train.task
+    test_arrays = relational_arrays(test, result.target_scale)
+    aux_keys = ("context_attention", "fusion_gates", "context_present", "iterations")
+    preds, aux = predict_arrays(result.model, result.variables, test_arrays, task, EVAL_BATCH, aux_keys=aux_keys)
+    test_metrics = evaluation_metrics(task, preds, test_arrays["y"], result.target_scale) if test.num_rows else {}
+    eval_seconds = time.perf_counter() - t_eval
+    names = [c["name"] for c in result.spec["contexts"]]
+    tables = [c["table"] for c in result.spec["contexts"]]
+    importance = context_importance(aux["context_attention"], aux["fusion_gates"], aux["context_present"])
+    if int(config.eval.attention_rows) and names:
+        plot_context_importance(workdir / "context_attention.png", names, tables, importance,
+                                title=f"Which tables mattered ({ds.name}, test rows)")
+    valid_metrics = result.fit.best_metrics or {}
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(result.variables["params"]))
+    baselines = {k: v["test_auc"] for k, v in ds.baselines.items() if "test_auc" in v}
     results = {
-        "task": "nycflights13 delayed > 15 min (feature set A, flat)",
-        "test": {k: test_metrics[k] for k in ("auc", "log_loss", "accuracy")},
-        "valid_at_best": {k: valid_metrics.get(k) for k in ("auc", "log_loss", "accuracy")},
-        "best_step": result.best_step,
-        "stopped_early": result.stopped_early,
-        "model": {"encoder": config.model.encoder, "parameters": n_params},
-        "rows": {name: int(len(splits[name]["y"])) for name in SPLITS},
-        "train_seconds_this_call": round(result.train_seconds, 2),
-        "train_rows_per_second": round(result.rows_per_second, 1),
+        "task": f"{ds.name}: {ds.schema.target.table}.{ds.schema.target.column} ({task}), multi-table NexusFormer",
+        "preset": config.preset, "preset_changes": {k: list(v) if isinstance(v, tuple) else v for k, v in preset_changes.items()},
+        "test": test_metrics,
+        "valid_at_best": valid_metrics,
+        "best_step": result.fit.best_step, "stopped_early": result.fit.stopped_early,
+        "early_stopping": list(result.early_stopping),
+        "model": {"name": "nexus_former", "parameters": n_params, "contexts": names,
+                  "inference_iterations_mean": float(np.mean(aux["iterations"])) if len(aux["iterations"]) else None},
+        "context_importance": {n: {"attention": float(importance["attention"][i]), "gate": float(importance["gate"][i]),
+                                   "present": float(importance["present"][i])} for i, n in enumerate(names)},
+        "rows": {s: int(splits[s].num_rows) for s in SPLITS},
         "data_seconds": round(data_seconds, 2),
-        "wall_seconds": round(time.perf_counter() - t0, 2),
-        "baselines_test_auc": {k: v["test_auc"] for k, v in nycflights13.BASELINES.items()},
-        "beats_lightgbm_set_a": bool(test_metrics["auc"] > nycflights13.BASELINES["lightgbm_set_a"]["test_auc"]),
+        "train_seconds_this_call": round(result.fit.train_seconds, 2),
+        "train_rows_per_second": round(result.fit.rows_per_second, 1),
+        "test_eval_seconds": round(eval_seconds, 2),
+        "baselines_test_auc": baselines,
         "device": f"{jax.devices()[0].platform} x{jax.device_count()}",
     }
-    (workdir / "results.json").write_text(json.dumps(results, indent=2))
-    plot_learning_curves(workdir, valid_metric=config.train.early_stopping.metric)
+    if "lightgbm_set_a" in baselines and "auc" in test_metrics:
+        results["beats_lightgbm_set_a"] = bool(test_metrics["auc"] > baselines["lightgbm_set_a"])
+        results["beats_catboost_set_b"] = bool(test_metrics["auc"] > baselines["catboost_set_b"])
+    if config.eval.optimize and test.num_rows:
+        results["optimization"] = optimisation_report(result, test, config)
+    results["wall_seconds"] = round(time.perf_counter() - t0, 2)
+    (workdir / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
+    if config.eval.save_artifact:
+        predictor = TabularPredictor.from_training(builder, result, ds.tables, config)
+        results["artifact"] = str(save_artifact(predictor, workdir / "artifact"))
+        (workdir / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
+    plot_learning_curves(workdir, valid_metric=result.early_stopping[0])
     return results
+
+
+def _json_default(x):
+    if isinstance(x, (np.generic,)):
+        return x.item()
+    if isinstance(x, tuple):
+        return list(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")

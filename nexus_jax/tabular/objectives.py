@@ -93,3 +93,35 @@ def tabular_objective(model: Any, task: str, target_scale: tuple[float, float] =
         predict=task_predict(task),
         host_metrics=lambda preds, arrays: evaluation_metrics(task, preds, arrays["y"], target_scale),
     )
+
+
+def relational_objective(model: Any, task: str, target_scale: tuple[float, float] = (0.0, 1.0)) -> Objective:
+    """Objective for `NexusFormer`-style models called as `model(target, contexts, train=...)`.
+
+    Batches are `relational_arrays(...)` rows: {"target": {...}, "contexts": {name: {...}}, "y": [batch]}.
+    """
+    n_outputs(task)
+    return Objective(
+        model=model,
+        loss=task_loss(task),
+        inputs=lambda batch, train: {"target": batch["target"], "contexts": batch["contexts"], "train": train},
+        predict=task_predict(task),
+        host_metrics=lambda preds, arrays: evaluation_metrics(task, preds, arrays["y"], target_scale),
+    )
+
+
+def relational_arrays(data: Any, target_scale: tuple[float, float] = (0.0, 1.0)) -> dict:
+    """`RelationalData` -> the batch pytree of `relational_objective`.
+
+    Labels become "y": int32 class indices (binary / multiclass) or float32 standardised targets
+    ((y - shift) / scale, regression). Unlabelled data (prediction) gets no "y".
+    """
+    out = data.arrays()
+    labels = out.pop("labels", None)
+    if labels is not None:
+        if data.task == "regression":
+            shift, scale = target_scale
+            out["y"] = ((labels.astype(np.float64) - shift) / scale).astype(np.float32)
+        else:
+            out["y"] = labels.astype(np.int32)
+    return out

@@ -48,6 +48,7 @@ import numpy as np
 
 from nexus_jax.models.tabular.cross_table import ContextPooling, CrossTableRefiner, _dense, _norm
 from nexus_jax.models.tabular.ft_transformer import logical_init
+from nexus_jax.models.tabular.lean_mlp import LeanMLP  # noqa: F401  (registers "lean_mlp")
 from nexus_jax.models.tabular.registry import get_encoder
 
 Array = jax.Array
