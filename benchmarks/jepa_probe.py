@@ -5,16 +5,20 @@
 
 Data (synthetic, seeded): sequences of `features`-dim observations from a hidden regime process.
 Each sequence is cut into segments of random length in [min_segment, max_segment]; each segment
-has a regime c in 0..regimes-1, and x_t = mu_c + z_t with AR(1) noise z_t = rho z_{t-1} + e_t.
-A single observation says little about its regime (the means are close relative to the noise);
-the surrounding positions say much more, so a representation that has learned the dynamics from
-context should expose the regime linearly.
+has a regime c in 0..regimes-1, and x_t = mu_c + z_t with regime means mu_c ~ N(0, mean_scale^2)
+and noise z whose features follow AR(1) processes z_t = rho_c z_{t-1} + sqrt(1 - rho_c^2) e_t
+(stationary variance 1), rho_c evenly spaced in [-rho_max, rho_max]. Defaults: regimes differ
+by their means only, with i.i.d. noise (rho_max = 0) large enough that one observation is a weak
+cue; the rest of the segment is a strong one. `--mean_scale 0 --rho_max 0.8` makes the regimes
+differ only in their dynamics.
 
 Train `JEPAWorldModel` with `jepa_loss` (15% span masking, EMA target, VICReg terms), then on
-held-out sequences (no masking):
+held-out sequences:
 - per-dimension std of the context-encoder embeddings vs the VICReg threshold gamma;
-- a logistic-regression probe (sklearn) predicting the regime of every position from its
-  embedding: trained encoder vs the same architecture at random init vs the raw observation.
+- logistic-regression probes (sklearn) predicting the regime at every position:
+  `probe_visible`: embeddings of the full sequence (trained encoder vs the same architecture at
+  random init vs the raw observation); `probe_masked`: embeddings at positions hidden by a 15%
+  span mask, i.e. the state the encoder infers where it has no observation (trained vs random).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from sklearn.linear_model import LogisticRegression
 from nexus_jax.models import world_model as wm
 
 
-def regime_sequences(rng, n, length, features, regimes, means, rho, noise, seg_range):
+def regime_sequences(rng, n, length, features, means, rhos, seg_range):
   """x `[n, length, features]` float32 and regimes `[n, length]` int32."""
   x = np.zeros((n, length, features), np.float32)
   labels = np.zeros((n, length), np.int32)
@@ -45,11 +49,12 @@ def regime_sequences(rng, n, length, features, regimes, means, rho, noise, seg_r
     t = 0
     while t < length:
       seg = int(rng.integers(seg_range[0], seg_range[1] + 1))
-      labels[i, t:t + seg] = rng.integers(0, regimes)
+      labels[i, t:t + seg] = rng.integers(0, len(rhos))
       t += seg
-    z = np.zeros(features)
+    z = rng.normal(size=features)
     for t in range(length):
-      z = rho * z + noise * rng.normal(size=features)
+      rho = rhos[labels[i, t]]
+      z = rho * z + np.sqrt(1 - rho**2) * rng.normal(size=features)
       x[i, t] = means[labels[i, t]] + z
   return x, labels
 
@@ -66,8 +71,7 @@ def main() -> None:
   parser.add_argument("--features", type=int, default=8)
   parser.add_argument("--regimes", type=int, default=4)
   parser.add_argument("--mean_scale", type=float, default=0.5, help="std of the regime means")
-  parser.add_argument("--rho", type=float, default=0.5)
-  parser.add_argument("--noise", type=float, default=1.0)
+  parser.add_argument("--rho_max", type=float, default=0.0, help="AR(1) coefficient range")
   parser.add_argument("--min_segment", type=int, default=8)
   parser.add_argument("--max_segment", type=int, default=24)
   parser.add_argument("--embed_dim", type=int, default=32)
@@ -87,8 +91,9 @@ def main() -> None:
 
   rng = np.random.default_rng(args.seed)
   means = args.mean_scale * rng.normal(size=(args.regimes, args.features))
-  data = lambda n: regime_sequences(rng, n, args.length, args.features, args.regimes, means,
-                                    args.rho, args.noise, (args.min_segment, args.max_segment))
+  rhos = np.linspace(-args.rho_max, args.rho_max, args.regimes)
+  data = lambda n: regime_sequences(rng, n, args.length, args.features, means, rhos,
+                                    (args.min_segment, args.max_segment))
   model = wm.JEPAWorldModel(embed_dim=args.embed_dim, num_layers=args.num_layers, num_heads=4,
                             mlp_dim=2 * args.embed_dim, predictor_dim=args.embed_dim,
                             predictor_layers=args.predictor_layers, predictor_heads=4,
@@ -123,12 +128,18 @@ def main() -> None:
     history.append({"loss": float(loss), **{k: float(v) for k, v in aux.items()}})
   train_s = time.perf_counter() - start
 
-  encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode")[0])
+  encode = jax.jit(lambda p, x, m: model.apply({"params": p}, x, m, method="encode")[0])
   x_train, y_train = data(args.probe_train)
   x_test, y_test = data(args.probe_test)
-  emb = {name: (np.asarray(encode(p, x_train)), np.asarray(encode(p, x_test)))
-         for name, p in (("trained", params), ("random_init", random_params))}
+  masks = [np.asarray(wm.span_mask(jax.random.fold_in(key, i), len(x), args.length,
+                                   args.mask_ratio, args.span_length))
+           for i, x in ((10, x_train), (11, x_test))]
+  models = (("trained", params), ("random_init", random_params))
+  emb = {name: (np.asarray(encode(p, x_train, None)), np.asarray(encode(p, x_test, None)))
+         for name, p in models}
   emb["raw_observation"] = (x_train, x_test)
+  masked = {name: (np.asarray(encode(p, x_train, masks[0]))[masks[0]],
+                   np.asarray(encode(p, x_test, masks[1]))[masks[1]]) for name, p in models}
   std = emb["trained"][1].reshape(-1, args.embed_dim).std(0, ddof=1)
   gamma = 1.0
   last = {k: round(float(np.mean([h[k] for h in history[-20:]])), 4) for k in history[0]}
@@ -145,8 +156,10 @@ def main() -> None:
                         "mean": round(float(std.mean()), 4),
                         "fraction_dims_at_least_gamma": round(float(np.mean(std >= gamma)), 4),
                         "fraction_dims_at_least_half_gamma": round(float(np.mean(std >= gamma / 2)), 4)},
-      "probe_accuracy": {name: round(probe_accuracy(tr, y_train, te, y_test), 4)
-                         for name, (tr, te) in emb.items()},
+      "probe_visible": {name: round(probe_accuracy(tr, y_train, te, y_test), 4)
+                        for name, (tr, te) in emb.items()},
+      "probe_masked": {name: round(probe_accuracy(tr, y_train[masks[0]], te, y_test[masks[1]]), 4)
+                       for name, (tr, te) in masked.items()},
       "chance": round(float(np.max(np.bincount(y_test.reshape(-1))) / y_test.size), 4),
   }))
 
