@@ -44,6 +44,10 @@ def load_relational(config: Any):
     dc = config.data
     ds = load_dataset(name=dc.name, path=dc.path or None, max_target_rows=int(dc.max_rows) or None, seed=int(config.seed))
     kwargs = dict(ds.builder_kwargs) or {"max_history": int(dc.max_history)}
+    if dc.contexts:
+        kwargs["contexts"] = [c.strip() for c in dc.contexts.split(",") if c.strip()]
+    if int(dc.history_rows) > 0:
+        kwargs["max_history"] = int(dc.history_rows)
     pre = {**kwargs.get("preprocessor", {}), "numeric_transform": dc.numeric_transform,
            "max_categories": int(dc.max_categories)}
     if dc.datetime_parts:

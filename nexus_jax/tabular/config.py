@@ -55,6 +55,8 @@ def tabular_config() -> ml_collections.ConfigDict:
     c.data.numeric_transform = "quantile"  # "quantile" (rtdl quantile-to-normal) | "standard"
     c.data.max_categories = 1000  # most frequent categories kept per column; the rest map to "unknown"
     c.data.max_history = 16  # rows per history context for datasets without recommended settings
+    c.data.contexts = ""  # comma-separated context names to build; "" = the dataset's recommended (or all)
+    c.data.history_rows = 0  # if > 0: M for every history context (overrides the dataset's settings)
     # Parts of datetime columns used as features ("" = the dataset's default). Not "yearday" or "epoch":
     # under a time split no validation / test day of the year (or date) occurs in training.
     c.data.datetime_parts = "hour,weekday"
@@ -79,9 +81,6 @@ def tabular_config() -> ml_collections.ConfigDict:
     c.model.encoders.target = "mlp"  # encoder of the target row's own features
     for table in NYCFLIGHTS13_TABLES:
         setattr(c.model.encoders, table, "")  # per-table choice for that table's contexts; "" = default
-    # Weather carries most of the signal (TASKS.md) and has nonlinear effects (visibility, wind, precipitation):
-    # its rows get periodic (PLR) numeric embeddings + an MLP; the other tables' rows the cheap lean_mlp.
-    c.model.encoders.weather = "mlp"
     c.model.target_encoder_kwargs = ml_collections.ConfigDict()  # hyperparameters of the target encoder
     c.model.target_encoder_kwargs.d_layers = (128,)  # hidden widths (mlp / tabm use what applies)
     c.model.target_encoder_kwargs.d_embedding = 8  # per-feature embedding width
