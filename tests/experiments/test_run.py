@@ -46,7 +46,7 @@ def test_misspelt_field_from_the_command_line():
     proc = subprocess.run([sys.executable, "-m", "experiments.run", f"--config={CONFIG}",
                            "--config.model.encodr=mlp"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "config.model has no field 'encodr'. Did you mean model.encoder?" in proc.stderr
+    assert "config.model has no field 'encodr'. Did you mean model.encoders?" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -65,7 +65,7 @@ def test_sampling_transforms_on_a_tiny_vocabulary():
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.floats(-5, 5), min_size=6, max_size=6), st.integers(0, 6),
+@given(st.lists(st.floats(-5, 5).map(lambda v: round(v, 3)), min_size=6, max_size=6), st.integers(0, 6),
        st.floats(0.05, 1.0), st.floats(0.2, 3.0))
 def test_filtering_keeps_the_most_likely_tokens(logits, top_k, top_p, temperature):
   """Properties: a distribution; kept tokens outrank excluded ones; at most top_k kept; the
@@ -74,11 +74,13 @@ def test_filtering_keeps_the_most_likely_tokens(logits, top_k, top_p, temperatur
   x = jnp.array([logits], jnp.float32)
   probs = np.asarray(sampling_probs(x, Sampling(temperature, top_k, top_p)))[0]
   kept = probs > 0
+  values = np.asarray(x[0])  # logits rounded to 1e-3: XLA flushes subnormal floats to zero
   np.testing.assert_allclose(probs.sum(), 1.0, rtol=1e-5)
-  assert kept.any() and (top_k == 0 or kept.sum() <= top_k or
-                         np.sum(np.asarray(logits) >= np.sort(logits)[-top_k]) == kept.sum())
+  # At most top_k kept, unless ties at the k-th largest value make the cut ambiguous.
+  ties_at_cut = np.sum(values >= np.sort(values)[-top_k]) if top_k else len(values)
+  assert kept.any() and (top_k == 0 or kept.sum() <= max(top_k, ties_at_cut))
   if (~kept).any():
-    assert np.min(np.asarray(logits)[kept]) >= np.max(np.asarray(logits)[~kept])
+    assert np.min(values[kept]) >= np.max(values[~kept])
   base = np.asarray(jax.nn.softmax(x[0] / temperature))
   if top_k == 0:
     assert base[kept].sum() >= top_p - 1e-5
