@@ -1,10 +1,12 @@
 """Inference: generation (KV cache, sampling, beam search, speculative decoding) and quantisation.
 
 Optimisation of trained params (any params pytree: nested dicts of arrays), each returning a report:
-int8 weight-only quantisation (`quantize.py`) and global magnitude pruning (`prune.py`).
+int8 / packed int4 weight-only quantisation with per-channel or per-group scales (`quantize.py`)
+and global magnitude pruning (`prune.py`).
 """
 
 from nexus_jax.inference.prune import magnitude_prune, sparsity
-from nexus_jax.inference.quantize import dequantize, is_quantized, quantize_int8, tree_bytes
+from nexus_jax.inference.quantize import dequantize, is_quantized, quantize, quantize_int8, tree_bytes
 
-__all__ = ["dequantize", "is_quantized", "magnitude_prune", "quantize_int8", "sparsity", "tree_bytes"]
+__all__ = ["dequantize", "is_quantized", "magnitude_prune", "quantize", "quantize_int8", "sparsity",
+           "tree_bytes"]
