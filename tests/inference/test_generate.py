@@ -236,6 +236,13 @@ def test_bad_inputs_get_clear_errors(lm):
     Sampling(temperature=-1.0)
   with pytest.raises(ValueError, match="beam_width must be >= 1"):
     beam_search(model, params, [[1]], beam_width=0, max_new_tokens=2)
+  # beam search shares the prompt checks
+  with pytest.raises(ValueError, match="exceeds the cache length 6"):
+    beam_search(model, params, [[1, 2, 3, 4, 5]], beam_width=2, max_new_tokens=2, cache_len=6)
+  with pytest.raises(ValueError, match="empty prompt at row 0"):
+    beam_search(model, params, [[]], beam_width=2, max_new_tokens=2)
+  with pytest.raises(ValueError, match=r"token ids must lie in \[0, 12\)"):
+    beam_search(model, params, [[3, 12]], beam_width=2, max_new_tokens=2)
   with pytest.raises(ValueError, match="needs `rng`"):
     generate(model, params, [[1]], max_new_tokens=2, sampling=Sampling(temperature=1.0))
   with pytest.raises(ValueError, match="stop_tokens / pad_id"):
