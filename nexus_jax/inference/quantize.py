@@ -113,14 +113,14 @@ def _dequantize_leaf(node: Mapping[str, Any], dtype: Any, xp: Any) -> Any:
 def dequantize(qparams: Any, dtype: Any = np.float32) -> Any:
   """Quantised leaves -> `dtype` arrays (q * scale), other leaves unchanged; same tree structure.
 
-  Uses jnp when the tree holds jax arrays (so it traces inside `jax.jit`, e.g. at the top of a
-  jitted forward), numpy otherwise.
+  A quantised leaf held as jax arrays (device arrays, or tracers inside `jax.jit`, e.g. at the top
+  of a jitted forward) is dequantised with jnp; one held as numpy arrays with numpy.
   """
-  xp = jnp if any(isinstance(x, jax.Array) for x in jax.tree.leaves(qparams)) else np
 
   def walk(node):
     if is_quantized(node):
-      return _dequantize_leaf(node, dtype, xp)
+      on_device = any(isinstance(x, jax.Array) for x in node.values())
+      return _dequantize_leaf(node, dtype, jnp if on_device else np)
     if isinstance(node, Mapping):
       return {k: walk(v) for k, v in node.items()}
     return node
