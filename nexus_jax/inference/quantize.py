@@ -46,7 +46,8 @@ def is_quantized(node: Any) -> bool:
 
 
 def _eligible(path: str, leaf: Any, min_size: int) -> bool:
-  return np.issubdtype(np.asarray(leaf).dtype, np.floating) and np.ndim(leaf) >= 2 and np.size(leaf) >= min_size
+  dtype = getattr(leaf, "dtype", None)   # jnp.issubdtype also knows bfloat16 is floating point
+  return dtype is not None and jnp.issubdtype(dtype, jnp.floating) and np.ndim(leaf) >= 2 and np.size(leaf) >= min_size
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:

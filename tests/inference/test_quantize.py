@@ -129,6 +129,17 @@ def test_fallback_bad_arguments_and_double_quantisation():
     quantize(qp, bits=4)
 
 
+def test_bfloat16_params_are_quantised_and_restored_in_bfloat16():
+  import jax.numpy as jnp
+  w = jnp.asarray(np.random.default_rng(3).normal(size=(128, 64)), jnp.bfloat16)
+  qp, report = quantize({"w": w, "step": np.int32(3)}, bits=4, group_size=32)
+  assert report["quantized_leaves"] == 1 and report["kept_leaves"] == 1
+  back = dequantize(qp, dtype=jnp.bfloat16)["w"]
+  assert back.dtype == jnp.bfloat16 and back.shape == (128, 64)
+  rounding = float(np.abs(np.asarray(w, np.float32)).max()) * 2.0 ** -8   # bfloat16's own rounding
+  assert np.all(np.abs(np.asarray(back, np.float32) - np.asarray(w, np.float32)) <= report["max_abs_error"] + rounding)
+
+
 def test_tiny_lm_dequantised_inside_jit_output_change_bounded():
   import jax
   import jax.numpy as jnp
