@@ -14,6 +14,7 @@ EXPERIMENTS: dict[str, str] = {
     "lm": "experiments.lm",
     "timeseries": "experiments.timeseries",
     "seq2seq": "experiments.seq2seq",
+    "hybrid": "experiments.hybrid",
 }
 
 

@@ -1,0 +1,135 @@
+"""Byte-level language modelling with the hybrid attention/SSM model vs xz -9e.
+
+`run(config, workdir)` (config: configs/hybrid.py):
+  1. read the corpus with the LM experiment's loader (stdlib .py files by default, split by
+     file-path hash);
+  2. train `HybridLM` (optionally wrapped in `HybridJEPA` when `jepa.weight > 0`) with
+     `train.loop.fit` and `lm_objective`, selecting the best validation checkpoint
+     (rerunning resumes);
+  3. score `data.test_bytes` test bytes: bits/byte of the model and of lzma preset 9|EXTREME
+     (`experiments.lm.xz_bits_per_byte`) on exactly those bytes;
+  4. sample text with incremental decoding (KV + SSM caches); write results.json and
+     hybrid_curves.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from experiments.lm import _eval_data, xz_bits_per_byte
+from nexus_jax.data.datasets import text
+from nexus_jax.inference.generate import Sampling
+from nexus_jax.models import hybrid
+from nexus_jax.models.hybrid import HybridLM
+from nexus_jax.models.hybrid_jepa import HybridJEPA
+from nexus_jax.models.seq_objectives import lm_objective
+from nexus_jax.train.data import ArrayDataset
+from nexus_jax.train.loop import fit, restore_best
+from nexus_jax.train.metrics import read_metrics
+from nexus_jax.train.plots import plot_learning_curves
+
+
+def apply_preset(config) -> Any:
+  """A copy of `config`; with `preset == "full"` every `full.<section>.<field>` replaces
+  `<section>.<field>`."""
+  if config.preset not in ("default", "full"):
+    raise ValueError(f"config.preset={config.preset!r}; choose 'default' or 'full'.")
+  config = config.copy_and_resolve_references()
+  if config.preset == "full":
+    with config.unlocked():
+      for section, fields in config.full.items():
+        for field, value in fields.items():
+          if field not in config[section]:
+            raise ValueError(f"config.full.{section}.{field} names no field {section}.{field}.")
+          config[section][field] = value
+  return config
+
+
+def build_model(mc, jc, seq_len: int):
+  """`HybridLM` from `config.model` (wrapped in `HybridJEPA` when `config.jepa.weight > 0`)."""
+  if mc.preset not in hybrid.PRESETS:
+    raise ValueError(f"config.model.preset={mc.preset!r}; choose one of {list(hybrid.PRESETS)}.")
+  if jc.weight < 0:
+    raise ValueError(f"config.jepa.weight must be >= 0 (0 = off); got {jc.weight}.")
+  sizes = {k: int(mc[k]) for k in ("d_model", "num_heads", "num_blocks") if mc[k] > 0}
+  lm = HybridLM.from_preset(
+      mc.preset, vocab_size=256, **sizes, layers_per_block=int(mc.layers_per_block),
+      attention_index=None if mc.attention_index < 0 else int(mc.attention_index),
+      moe_every=int(mc.moe_every), num_experts=int(mc.num_experts),
+      use_memory=bool(mc.use_memory), ssm_state_dim=int(mc.ssm_state_dim),
+      ssm_scan_method=str(mc.ssm_scan_method),
+      ssm_chunk_size=int(mc.ssm_chunk_size), dropout_rate=float(mc.dropout_rate))
+  if jc.weight == 0:
+    return lm, lm
+  if not 1 <= jc.horizon < seq_len:
+    raise ValueError(f"config.jepa.horizon must be in [1, data.seq_len={seq_len}); got {jc.horizon}.")
+  wrapped = HybridJEPA(lm=lm, weight=float(jc.weight), horizon=int(jc.horizon),
+                       ema_decay=float(jc.ema_decay), inv_coef=float(jc.inv_coef),
+                       var_coef=float(jc.var_coef), cov_coef=float(jc.cov_coef))
+  return lm, wrapped
+
+
+def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
+  config = apply_preset(config)
+  workdir = pathlib.Path(workdir)
+  dc, tc = config.data, config.train
+  t0 = time.perf_counter()
+  splits, files = text.load_text_splits(dc.root or None, pattern=dc.pattern,
+                                        valid_fraction=dc.valid_fraction,
+                                        test_fraction=dc.test_fraction)
+  seq, bs = int(dc.seq_len), int(tc.batch_size)
+  train = ArrayDataset({"tokens": text.random_windows(splits["train"], seq + 1,
+                                                      int(tc.num_steps) * bs, int(config.seed))},
+                       bs, seed=int(config.seed))
+  valid = _eval_data(splits["valid"], int(dc.valid_bytes), seq, bs)
+  test = _eval_data(splits["test"], int(dc.test_bytes), seq, bs)
+  scored = test.arrays["tokens"]
+  test_bytes = np.concatenate([scored[0], scored[1:, 1:].reshape(-1)]).tobytes()
+  data_seconds = time.perf_counter() - t0
+
+  lm, model = build_model(config.model, config.jepa, seq)
+  fit_result = fit(lm_objective(model), train, valid, config, workdir)
+  state = restore_best(fit_result)
+  metrics, _ = fit_result.trainer.evaluate(state, test)
+  lm_params = state.params["lm"] if model is not lm else state.params
+  results: dict[str, Any] = {
+      "test_bits_per_byte": {"hybrid": metrics["loss"] / math.log(2.0),
+                             "xz_9e": xz_bits_per_byte(test_bytes)},
+      "params": hybrid.count_params(lm_params),
+      "model": {"preset": config.model.preset, "d_model": lm.d_model, "num_heads": lm.num_heads,
+                "num_blocks": lm.num_blocks, "layers": lm.num_blocks * lm.layers_per_block,
+                "moe_every": lm.moe_every, "use_memory": lm.use_memory,
+                "jepa_weight": float(config.jepa.weight)},
+      "train": {"best_step": fit_result.best_step, "steps_run": fit_result.steps_run,
+                "train_seconds": round(fit_result.train_seconds, 1),
+                "bytes_per_second": round(fit_result.rows_per_second * seq, 1)},
+  }
+  train_log = read_metrics(workdir, "train")
+  if config.jepa.weight > 0 and train_log:
+    results["train"]["final_aux_jepa"] = train_log[-1].get("aux/jepa")
+
+  t1 = time.perf_counter()
+  prompt = list(config.sample.prompt.encode())
+  out = hybrid.generate(lm, lm_params, [prompt], max_new_tokens=int(config.sample.num_bytes),
+                        rng=jax.random.PRNGKey(int(config.seed)),
+                        sampling=Sampling(temperature=float(config.sample.temperature),
+                                          top_p=float(config.sample.top_p)))
+  sample = bytes(prompt + out.tokens[0, :out.lengths[0]].tolist()).decode("utf-8", "replace")
+  results.update({
+      "sample": sample, "sample_seconds": round(time.perf_counter() - t1, 2),
+      "corpus": {"root": dc.root or str(text.stdlib_dir()),
+                 "files": {s: len(f) for s, f in files.items()},
+                 "bytes": {s: int(len(d)) for s, d in splits.items()},
+                 "test_bytes_scored": len(test_bytes) - 1, "data_seconds": round(data_seconds, 2)},
+      "preset": config.preset,
+  })
+  results["plot"] = str(plot_learning_curves(workdir, "bits_per_token", "hybrid_curves.png"))
+  (workdir / "results.json").write_text(json.dumps(results, indent=2))
+  return results
