@@ -19,7 +19,10 @@ from nexus_jax.models.tabular.registry import encoder_for_table, get_encoder
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODEL_FIELDS = ("d_model", "n_heads", "pool_heads", "ffn_factor", "refine_iterations", "max_inference_iterations",
-                "convergence_tol", "top_k_contexts", "share_table_encoders", "d_head", "dropout", "attention_dropout")
+                "convergence_tol", "top_k_contexts", "share_table_encoders", "d_head", "dropout", "attention_dropout",
+                "join_context_rows")
+# Fields added after the first artifacts were written, with the value those artifacts were trained with.
+FIELD_DEFAULTS = {"join_context_rows": False}
 
 
 def compute_dtype(name: str) -> Any:
@@ -88,5 +91,5 @@ def build_nexus_former(spec: Mapping[str, Any], dtype: str = "float32") -> Nexus
         context_priors=None if spec.get("context_priors") is None else tuple(spec["context_priors"]),
         n_outputs=int(spec["n_outputs"]),
         dtype=compute_dtype(dtype),
-        **{k: spec[k] for k in MODEL_FIELDS},
+        **{k: spec[k] if k in spec else FIELD_DEFAULTS[k] for k in MODEL_FIELDS},
     )

@@ -152,6 +152,32 @@ def test_zero_prior_removes_context_and_top_k_gating(base):
     np.testing.assert_array_equal(present.sum(1), others.astype(int))  # top-1 of the remaining contexts
 
 
+def test_joined_target_reads_row_zero_of_each_context():
+    """join_context_rows: the target encoder reads row 0 of every context (absent rows as missing).
+
+    With the history context's prior at 0 (removed from cross-table attention) the output still depends
+    on its row 0 through the join -- and not on its later rows, nor on row 0 once that row is masked.
+    """
+    target, contexts = make_inputs(seed=1)
+    contexts["hist.k=k"]["mask"][:, 0] = True
+    model = make_model(join_context_rows=True, context_priors=(1.0, 0.0, 1.0))
+    variables = jax.jit(lambda k: nn.unbox(model.init(k, target, contexts)))(jax.random.key(0))
+    joined_inputs = 3 + 2 + 4 + 2  # numeric features of the target + every context's row 0
+    layout = model._joined_target(target, contexts)[0]
+    assert layout.num_numeric == joined_inputs and layout.cat_cardinalities == (5, 4, 3, 6)
+    apply = jax.jit(lambda c: model.apply(variables, target, c)[0])
+    base_out = apply(contexts)
+    row0, later, masked0 = copy(contexts), copy(contexts), copy(contexts)
+    row0["hist.k=k"]["numeric"][:, 0] += 3.0
+    later["hist.k=k"]["numeric"][:, 1:] += 3.0
+    masked0["hist.k=k"]["mask"][:, 0] = False
+    masked_out = apply(masked0)
+    masked0["hist.k=k"]["numeric"][:, 0] += 3.0
+    assert np.abs(np.asarray(apply(row0) - base_out)).max() > 1e-4
+    np.testing.assert_allclose(apply(later), base_out, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(apply(masked0), masked_out, rtol=1e-6, atol=1e-6)
+
+
 def test_bad_inputs_name_the_context(base):
     model, variables, target, contexts, _ = base
     with pytest.raises(ValueError, match="absent: \\['other.k=k'\\]"):

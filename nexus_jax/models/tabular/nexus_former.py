@@ -11,6 +11,10 @@ Pipeline (every step is a named submodule; widths are `d_model`):
 1. Per-table encoders (`registry.get_encoder`): the target row -> token t0 [B, d]; each context's
    rows -> [B, M, d]. Contexts of the same table with the same feature layout share one encoder
    (`share_table_encoders`), e.g. ``origin->airports`` and ``dest->airports``.
+   With ``join_context_rows`` the target encoder also reads row 0 of every context -- the parent
+   row, or the most recent history row with its ``__age__`` -- as a one-to-one join learned from
+   the schema (absent rows read as missing), so the target token starts from what a flat joined
+   table would give a row model; the contexts then add what no single row holds.
 2. One token per context: M = 1 (a parent row) keeps its row; M > 1 (a history) is pooled by
    `ContextPooling` -- masked multi-head attention whose query comes from the target token, with
    the rows' ages as recency features (keys = values = rows + recency, split into heads, so no
@@ -83,6 +87,7 @@ class NexusFormer(nn.Module):
       refine_iterations: R at training. max_inference_iterations: cap at inference (0 = R).
       convergence_tol: inference early stop on the relative token change (0 = always R).
       top_k_contexts: keep only the k best-scoring present contexts (0 = all).
+      join_context_rows: the target encoder also reads row 0 of every context (see step 1).
       context_priors: prior weight per context (>= 0; 0 removes it; None = all 1).
       share_table_encoders: contexts of one table with one feature layout share an encoder.
       d_head: hidden width of the head. n_outputs: 1 (binary logit / regression) or n_classes.
@@ -105,6 +110,7 @@ class NexusFormer(nn.Module):
     max_inference_iterations: int = 0
     convergence_tol: float = 1e-3
     top_k_contexts: int = 0
+    join_context_rows: bool = False
     context_priors: Sequence[float] | None = None
     share_table_encoders: bool = True
     d_head: int = 64
@@ -157,13 +163,31 @@ class NexusFormer(nn.Module):
                                      f"{tuple(ctx[key].shape)}; expected {shape} ([batch, rows, features]).")
         return b
 
+    def _joined_target(self, target: Mapping[str, Array], contexts: Mapping[str, Mapping[str, Array]]
+                       ) -> tuple[TableFeatures, dict[str, Array]]:
+        """The target row followed by row 0 of every context: (layout, {numeric, numeric_missing, categorical} [B, F])."""
+        feats = [self.target_features, *self.context_features]
+        num, missing, cat = [target["numeric"]], [target["numeric_missing"]], [target["categorical"]]
+        for name in self.context_names:
+            ctx = contexts[name]
+            present = ctx["mask"][:, :1].astype(bool)  # [B, 1]
+            num.append(jnp.where(present, ctx["numeric"][:, 0], 0.0))
+            missing.append(ctx["numeric_missing"][:, 0].astype(bool) | ~present)
+            cat.append(jnp.where(present, ctx["categorical"][:, 0], 0))  # code 0 = missing
+        layout = TableFeatures(sum(f.num_numeric for f in feats), tuple(c for f in feats for c in f.cat_cardinalities))
+        return layout, {"numeric": jnp.concatenate(num, -1), "numeric_missing": jnp.concatenate(missing, -1),
+                        "categorical": jnp.concatenate(cat, -1)}
+
     @nn.compact
     def __call__(self, target: Mapping[str, Array], contexts: Mapping[str, Mapping[str, Array]], *,
                  train: bool = False) -> tuple[Array, dict[str, Any]]:
         b = self._check(target, contexts)
         det, dt, pdt, d = not train, self.dtype, self.param_dtype, self.d_model
-        t0, _ = self._encoder(self.target_encoder, self.target_features, self.target_encoder_kwargs, "target_encoder")(
-            target["numeric"], target["categorical"], target["numeric_missing"], deterministic=det)
+        target_layout, row = self.target_features, target
+        if self.join_context_rows:
+            target_layout, row = self._joined_target(target, contexts)
+        t0, _ = self._encoder(self.target_encoder, target_layout, self.target_encoder_kwargs, "target_encoder")(
+            row["numeric"], row["categorical"], row["numeric_missing"], deterministic=det)
         t0 = _norm("target_norm", dt, pdt)(t0.astype(dt))
         encoders: dict[Any, nn.Module] = {}
         kinds = self.context_encoders or ("mlp",) * len(self.context_names)
