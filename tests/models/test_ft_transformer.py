@@ -113,3 +113,62 @@ def test_ft_transformer_fits_synthetic_task(rows):
                           attention_dropout=0.0, ffn_dropout=0.0)
     first, last = fit(model, (x_num, x_cat), y, lr=3e-3)
     assert last < 0.5 * first and last < 0.5, (first, last)
+
+
+def test_init_under_a_mesh_with_logical_axis_rules():
+    """Params keep their full rank when created, so the logical sharding constraint applies (as in the
+    training loop); `nn.DenseGeneral`'s flattened kernels used to fail here."""
+    import flax.linen as nn
+    import ml_collections
+
+    from nexus_jax.train import sharding
+
+    x_num, x_cat, _ = synthetic_rows(8)
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1)))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_axis_rules(None)):
+        shapes = jax.eval_shape(lambda: _ft().init(jax.random.key(0), x_num, x_cat))
+    attention = shapes["params"]["block0"]["attention"]
+    assert attention["query"]["kernel"].value.shape == (16, 2, 8)
+    assert attention["out"]["kernel"].names == ("heads", "kv", "embed")
+
+
+def test_fused_attention_matches_separate_projections():
+    """q, k, v from one stacked matmul == three separate projections, with and without CLS-only queries."""
+    import flax.linen as nn
+
+    from nexus_jax.models.tabular.ft_transformer import MultiHeadAttention
+
+    x = jax.random.normal(jax.random.key(3), (4, 5, 16))
+    mha = MultiHeadAttention(n_heads=2)
+    v = fast_jit(lambda x: mha.init(jax.random.key(0), x, x))(x)
+    p = nn.unbox(v["params"])
+
+    def reference(x_q, x_kv):
+        proj = lambda x, n: jnp.einsum("ntd,dhk->nthk", x, p[n]["kernel"]) + p[n]["bias"]  # noqa: E731
+        q, k, val = proj(x_q, "query"), proj(x_kv, "key"), proj(x_kv, "value")
+        probs = jax.nn.softmax(jnp.einsum("nqhk,nthk->nhqt", q, k) / np.sqrt(8), axis=-1)
+        out = jnp.einsum("nhqt,nthk->nqhk", probs, val)
+        return jnp.einsum("nqhk,hkd->nqd", out, p["out"]["kernel"]) + p["out"]["bias"], probs
+
+    apply = fast_jit(lambda v, x: mha.apply(v, x, x))
+    apply_cls = fast_jit(lambda v, x: mha.apply(v, x[:, :1], x))
+    for (out, probs), (ref_out, ref_probs) in ((apply(v, x), reference(x, x)),
+                                               (apply_cls(v, x), reference(x[:, :1], x))):
+        np.testing.assert_allclose(out, ref_out, atol=1e-5)
+        np.testing.assert_allclose(probs, ref_probs, atol=1e-6)
+
+
+def test_hash_dropout_rate_scale_and_keys():
+    from nexus_jax.models.tabular.ft_transformer import HashDropout
+
+    x = jnp.ones((64, 1000))
+    drop = fast_jit(lambda key: HashDropout(0.2).apply({}, x, deterministic=False, rngs={"dropout": key}))
+    a, b, a2 = drop(jax.random.key(1)), drop(jax.random.key(2)), drop(jax.random.key(1))
+    kept = np.asarray(a) > 0
+    assert abs(kept.mean() - 205 / 256) < 0.01  # keep fraction round(0.8 * 256) / 256
+    np.testing.assert_allclose(np.asarray(a)[kept], 256 / 205, rtol=1e-6)  # mean preserved
+    assert abs(float(np.mean(a)) - 1.0) < 0.02
+    np.testing.assert_array_equal(a, a2)  # a pure function of the rng
+    assert 0.6 < np.mean(kept == (np.asarray(b) > 0)) < 0.75  # independent masks agree ~0.8^2 + 0.2^2
+    assert abs(np.corrcoef(kept[:, :-1].ravel(), kept[:, 1:].ravel())[0, 1]) < 0.02  # neighbours independent
+    np.testing.assert_array_equal(HashDropout(0.2).apply({}, x, deterministic=True), x)
