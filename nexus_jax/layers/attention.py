@@ -82,11 +82,15 @@ class Attention(nn.Module):
     return num_kv, self.head_dim or embed_dim // self.num_heads
 
   def _proj(self, x, heads: int, head_dim: int, axis_name, name: str):
-    return nn.DenseGeneral(
+    """`x [B, T, E] -> [B, T, heads, head_dim]`, as a matmul over the flattened `[B*T, E]`
+    tokens (2-D operands keep the weight gradient a plain matmul; see `feedforward`)."""
+    y = nn.DenseGeneral(
         (heads, head_dim), use_bias=self.use_bias, dtype=self.dtype or x.dtype,
         param_dtype=self.param_dtype, name=name,
         kernel_init=nn.with_logical_partitioning(self.kernel_init, ("embed", axis_name, "kv")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name, "kv")))(x)
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name, "kv")))(
+            x.reshape(-1, x.shape[-1]))
+    return y.reshape(*x.shape[:-1], heads, head_dim)
 
   @nn.compact
   def __call__(self, x, context=None, *, mask=None, segment_ids=None, positions=None,
@@ -154,8 +158,9 @@ class Attention(nn.Module):
         self.out_dim or e, axis=(-2, -1), use_bias=self.use_bias, dtype=dtype,
         param_dtype=self.param_dtype, name="out",
         kernel_init=nn.with_logical_partitioning(self.kernel_init, ("heads", "kv", "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(out)
-    return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(
+            out.reshape(b * t, *out.shape[2:]))
+    return nn.with_logical_constraint(out.reshape(b, t, -1), ("batch", "length", "embed"))
 
   def _cross_kv(self, context, num_kv: int, d: int):
     """Projected context keys/values `[B, S, K, D]`, through the cross cache when decoding."""

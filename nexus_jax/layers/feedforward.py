@@ -2,6 +2,11 @@
 
 `[..., E] -> [..., out_dim or E]`. Gated variants compute `act(x W_gate) * (x W_up)` (Shazeer,
 2020). Kernels are `[embed, mlp]` / `[mlp, embed]` with those logical axis names.
+
+The matmuls run on the tokens flattened to `[tokens, E]`: with a `[B, T, E]` input the weight
+gradients would contract over two axes (B, T), which XLA:CPU lowers to a transposing copy of the
+`[B, T, mlp]` activation gradients fused with their elementwise math (strided reads from every
+input); on 2-D operands it is one plain transposed-lhs matmul (`benchmarks/lm_train_mfu.py`).
 """
 
 from __future__ import annotations
@@ -60,12 +65,16 @@ class MLP(nn.Module):
                       kernel_init=nn.with_logical_partitioning(self.kernel_init, names),
                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]))
 
+    lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])  # [tokens, E] (see the module docstring)
     if gated:
       h = act(dense(self.hidden_dim, ("embed", "mlp"), "wi_gate")(x))
       h = h * dense(self.hidden_dim, ("embed", "mlp"), "wi_up")(x)
     else:
       h = act(dense(self.hidden_dim, ("embed", "mlp"), "wi")(x))
+    h = h.reshape(*lead, self.hidden_dim)
     if h.ndim == 3:
       h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-    return dense(self.out_dim or x.shape[-1], ("mlp", "embed"), "wo")(h)
+    out = dense(self.out_dim or x.shape[-1], ("mlp", "embed"), "wo")
+    out = out(h.reshape(-1, self.hidden_dim))
+    return out.reshape(*lead, out.shape[-1])

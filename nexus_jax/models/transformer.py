@@ -202,17 +202,19 @@ class _Transformer(nn.Module):
     """`x [B, T, E]` -> head outputs (float32; see the module docstring for shapes)."""
     if self.head == "none":
       return x
-    if self.head == "lm" and self.tie_embeddings:
-      return embed.attend(x).astype(jnp.float32) / math.sqrt(self.embed_dim)
     if self.head in ("classification", "regression"):
       x = pool(x, mask, self.pooling)
-    axis = "vocab" if self.head == "lm" else None
-    out = nn.Dense(self.output_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                   kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                            ("embed", axis)),
-                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis,)),
-                   name="head")(x)
-    return out.astype(jnp.float32)
+    lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])  # [tokens, E]: 2-D matmul (feedforward)
+    if self.head == "lm" and self.tie_embeddings:
+      out = embed.attend(x).astype(jnp.float32) / math.sqrt(self.embed_dim)
+    else:
+      axis = "vocab" if self.head == "lm" else None
+      out = nn.Dense(self.output_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                     kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                              ("embed", axis)),
+                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis,)),
+                     name="head")(x)
+    return out.reshape(*lead, out.shape[-1]).astype(jnp.float32)
 
 
 def check_token_range(tokens, vocab_size: int, name: str = "tokens"):
