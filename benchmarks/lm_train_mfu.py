@@ -8,7 +8,9 @@ Times jitted AdamW training steps of a dense byte-level `LanguageModel` (and, wi
 load of a shared machine moves both alike: each of --rounds rounds measures the peak (the best
 `[n, n] @ [n, n]` throughput over n in --peak_sizes, in --compute_dtype), then --steps steps per
 model (their median). MFU per round = model FLOP/s of its steps / its peak; the JSON reports
-every round and the medians.
+every round and the medians. The same ratio per second of CPU time this process received
+(`mfu_per_cpu_second`) is reported next to it: on a shared CPU it does not depend on how much of
+the machine the other jobs leave us.
 
 Model FLOPs per token = 6 * (non-embedding params used per token, output head included) +
 12 * layers * seq * embed_dim (attention scores and values, causal not discounted), the PaLM
@@ -48,16 +50,19 @@ def peak_fns(sizes, dtype):
 
 
 def matmul_peak(fns, repeats=5) -> dict:
-  """Best FLOP/s over sizes and repeats (one measurement of the peak)."""
-  best = {}
+  """Best FLOP/s over sizes and repeats (one measurement of the peak), per wall second and per
+  second of CPU time used by this process (all threads)."""
+  best, best_cpu = {}, {}
   for n, (f, a) in fns.items():
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-      t = time.perf_counter()
+      t, c = time.perf_counter(), time.process_time()
       f(a).block_until_ready()
       times.append(time.perf_counter() - t)
+      cpu.append(time.process_time() - c)
     best[n] = 2 * n ** 3 / min(times)
-  return {"flops_per_s": max(best.values()),
+    best_cpu[n] = 2 * n ** 3 / max(min(cpu), 1e-9)
+  return {"flops_per_s": max(best.values()), "flops_per_cpu_s": max(best_cpu.values()),
           "by_size_gflops": {str(k): round(v / 1e9, 2) for k, v in best.items()}}
 
 
@@ -90,17 +95,19 @@ def make_step(model, batch, seq):
   return step, params, opt, active_params(model, params), cost["flops"] / 1e9
 
 
-def time_steps(state, steps) -> float:
-  """Median seconds of `steps` training steps; updates `state` (step, params, opt) in place."""
+def time_steps(state, steps) -> tuple[float, float]:
+  """Median wall seconds and CPU seconds (this process, all threads) of `steps` training steps;
+  updates `state` (step, params, opt) in place."""
   step, params, opt = state["step"], state["params"], state["opt"]
-  times = []
+  times, cpu = [], []
   for _ in range(steps):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     params, opt = step(params, opt)
     jax.block_until_ready(params)
     times.append(time.perf_counter() - t)
+    cpu.append(time.process_time() - c)
   state["params"], state["opt"] = params, opt
-  return statistics.median(times)
+  return statistics.median(times), statistics.median(cpu)
 
 
 def main():
@@ -145,10 +152,14 @@ def main():
   tokens = args.batch * args.seq
   peak_gflops = [r["peak"]["flops_per_s"] / 1e9 for r in rounds]
   results = {}
+  peak_cpu = [r["peak"]["flops_per_cpu_s"] / 1e9 for r in rounds]
   for name in models:
     gflop = info[name]["model_gflop_per_step"]
-    seconds = [r[name] for r in rounds]
+    seconds = [r[name][0] for r in rounds]
+    cpu_seconds = [r[name][1] for r in rounds]
     mfu = [gflop / s / p for s, p in zip(seconds, peak_gflops)]
+    # The same ratio per CPU-second this process got: insensitive to its share of a shared CPU.
+    mfu_cpu = [gflop / c / p for c, p in zip(cpu_seconds, peak_cpu)]
     results[name] = {
         **info[name], "model_gflop_per_step": round(gflop, 2),
         "step_seconds_median": round(statistics.median(seconds), 4),
@@ -156,7 +167,10 @@ def main():
         "model_gflops_median": round(gflop / statistics.median(seconds), 2),
         "mfu_median": round(statistics.median(mfu), 4),
         "mfu_per_round": [round(m, 4) for m in mfu],
-        "step_seconds_per_round": [round(s, 4) for s in seconds]}
+        "step_seconds_per_round": [round(s, 4) for s in seconds],
+        "step_cpu_seconds_per_round": [round(c, 3) for c in cpu_seconds],
+        "mfu_per_cpu_second_median": round(statistics.median(mfu_cpu), 4),
+        "mfu_per_cpu_second_per_round": [round(m, 4) for m in mfu_cpu]}
   print(json.dumps({
       "benchmark": "lm_train_mfu", "machine": machine_info(),
       "load_avg_start_end": [list(load_start), list(os.getloadavg())],
@@ -164,6 +178,7 @@ def main():
       "config": vars(args), "matmul_peak_gflops_median": round(statistics.median(peak_gflops), 2),
       "matmul_peak_gflops_per_round": [round(p, 2) for p in peak_gflops],
       "matmul_peak_by_size_gflops_per_round": [r["peak"]["by_size_gflops"] for r in rounds],
+      "matmul_peak_gflop_per_cpu_second_per_round": [round(p, 2) for p in peak_cpu],
       "results": results}))
 
 
