@@ -21,15 +21,24 @@ held-out sequences:
   span mask, i.e. the state the encoder infers where it has no observation (trained vs random).
 `trained_ema_target` probes the EMA target encoder (what I-JEPA evaluates).
 
-Measured (seed 0, shared 2-core CPU; accuracy, chance 0.27):
+Measured (seed 0, shared 2-core CPU; accuracy, majority class 0.27-0.28):
 - old defaults (300 steps, VICReg 25/25/1): visible trained 0.585 vs random 0.635 (raw 0.592);
   masked 0.454 vs 0.428.
 - 1000 steps, same coefficients: visible 0.548 vs 0.642; masked 0.529 vs 0.424.
-- current defaults (1000 steps, --var_coef 5 --cov_coef 0.2): visible 0.568 (EMA target 0.569)
-  vs 0.642; masked 0.638 vs 0.424: at positions where the regime must be inferred from context
-  the learned representation beats the random encoder by 21 points; at visible positions it
-  does not (the loss puts no predictive pressure on visible positions' latents, and the
-  variance hinge makes every one of the 32 dims carry unit variance, mostly observation noise).
+- 1000 steps, lighter VICReg (invariance 25 throughout), visible / masked trained vs random
+  (0.642 / 0.424), and embedding std min / mean (fraction of dims >= gamma):
+    var 5,    cov 0.2:   0.568 / 0.638   std 0.90 / 1.06 (0.84)
+    var 1,    cov 0.04:  0.613 / 0.725   std 0.92 / 1.02
+    var 0.25, cov 0.01:  0.636 / 0.720   std 0.86 / 0.99 (0.50)
+    var 0.1,  cov 0.004: 0.655 / 0.726   std 0.77 / 0.93 (0.25)   <- defaults
+    var 0.05, cov 0.002: 0.666 / 0.730   std 0.71 / 0.89 (0.25)
+  A strong variance hinge makes each of the 32 dims carry unit variance, which with 4 regimes
+  can only come from observation noise; visible positions get no predictive pressure (the
+  invariance term is on masked positions), so they fill up with noise. With the lighter hinge
+  the learned encoder beats the random one at visible positions (0.655 vs 0.642) and by 30
+  points at masked positions, without collapse (every dim's std >= gamma / 2) but with 75% of
+  the dims below gamma itself: the no-collapse target and the probe target pull apart here.
+  2000 steps at var 5 did not help (0.579 / 0.668).
 - tried, no better on visible: --mask_ratio 0.3/0.5 with --span_length 8 (visible 0.593/0.583),
   --embed_dim 8 (0.492 vs 0.506), dynamics-only regimes --mean_scale 0 --rho_max 0.8 (all
   probes near chance: 0.258 vs 0.236).
@@ -97,8 +106,8 @@ def main() -> None:
   parser.add_argument("--learning_rate", type=float, default=1e-3)
   parser.add_argument("--ema_decay", type=float, default=0.99)
   parser.add_argument("--inv_coef", type=float, default=25.0, help="VICReg invariance weight")
-  parser.add_argument("--var_coef", type=float, default=5.0, help="VICReg variance weight")
-  parser.add_argument("--cov_coef", type=float, default=0.2, help="VICReg covariance weight")
+  parser.add_argument("--var_coef", type=float, default=0.1, help="VICReg variance weight")
+  parser.add_argument("--cov_coef", type=float, default=0.004, help="VICReg covariance weight")
   parser.add_argument("--mask_ratio", type=float, default=0.15)
   parser.add_argument("--span_length", type=int, default=4)
   parser.add_argument("--probe_train", type=int, default=200, help="sequences")
