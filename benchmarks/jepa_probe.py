@@ -39,9 +39,10 @@ Measured (seed 0, shared 2-core CPU; accuracy, majority class 0.27-0.28):
   points at masked positions, without collapse (every dim's std >= gamma / 2) but with 75% of
   the dims below gamma itself: the no-collapse target and the probe target pull apart here.
   2000 steps at var 5 did not help (0.579 / 0.668).
-- tried, no better on visible: --mask_ratio 0.3/0.5 with --span_length 8 (visible 0.593/0.583),
-  --embed_dim 8 (0.492 vs 0.506), dynamics-only regimes --mean_scale 0 --rho_max 0.8 (all
-  probes near chance: 0.258 vs 0.236).
+- tried, no better on visible: --mask_ratio 0.3 --span_length 8 (300 steps, var 25: 0.593),
+  --mask_ratio 0.5 --span_length 8 (var 5: 0.583), --embed_dim 8 (var 25: 0.492 vs 0.506),
+  dynamics-only regimes --mean_scale 0 --rho_max 0.8 (var 5: all probes near chance, 0.258
+  vs 0.236).
 """
 
 from __future__ import annotations
