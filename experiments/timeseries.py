@@ -8,7 +8,10 @@
      future hour per step, reads calendar/origin features (and, with `model.autoregressive`, the
      previous hour's values, teacher-forced in training) and predicts the change from the last
      observed hour (from the previous hour when autoregressive), or, with
-     `model.residual_on="ridge"`, the error of the ridge forecast below (a linear skip path);
+     `model.residual_on="ridge"`, the error of the ridge forecast below (a linear skip path;
+     with `model.zero_init_head` the output layer starts at 0, i.e. at the base forecast);
+     `train.loss` "mse" or "mae" (L1), the checkpoint chosen on validation
+     (`train.early_stopping.metric`);
   4. test forecasts run the decoder incrementally (encoder once, KV cache; autoregressive: each
      prediction fed back), scored by MAE next to seasonal-naive (24 h), persistence and a ridge
      regression on the lags (alpha picked on valid); results.json + timeseries.png.
@@ -16,6 +19,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import pathlib
@@ -31,6 +35,7 @@ from nexus_jax.models.seq_objectives import seq2seq_objective
 from nexus_jax.models.transformer import EncoderDecoder
 from nexus_jax.train.data import ArrayDataset
 from nexus_jax.train.loop import fit, restore_best
+from nexus_jax.train.steps import Objective
 
 VARIABLES = ("temp", "dewp", "humid", "wind_speed", "pressure", "visib", "precip")
 ORIGINS = ("EWR", "JFK", "LGA")
@@ -111,7 +116,26 @@ def build_model(mc, num_vars: int) -> EncoderDecoder:
                         num_outputs=num_vars, num_layers=mc.num_decoder_layers,
                         num_encoder_layers=mc.num_encoder_layers, embed_dim=mc.embed_dim,
                         num_heads=mc.num_heads, mlp_dim=mc.mlp_dim, dropout_rate=mc.dropout_rate,
-                        activation=mc.activation, rotary_fraction=mc.rotary_fraction)
+                        activation=mc.activation, rotary_fraction=mc.rotary_fraction,
+                        zero_init_head=bool(mc.get("zero_init_head", False)))
+
+
+def forecast_objective(model: EncoderDecoder, loss: str) -> Objective:
+  """`seq2seq_objective` with the training loss `loss`: "mse" or "mae" (L1: the per-hour median,
+  which is what test MAE scores; the ridge forecast it corrects is a conditional mean)."""
+  base = seq2seq_objective(model)
+  if loss == "mse":
+    return base
+  if loss != "mae":
+    raise ValueError(f"config.train.loss={loss!r}; 'mse' or 'mae'.")
+
+  def l1(outputs, batch):
+    err = jnp.abs(outputs - batch["targets"].astype(jnp.float32)).mean(-1)  # [B, T]
+    w = batch["weight"][:, None].astype(jnp.float32) * jnp.ones_like(err)
+    mae = jnp.sum(err * w) / jnp.maximum(jnp.sum(w), 1e-9)
+    return mae, {"mae": mae}
+
+  return dataclasses.replace(base, loss=l1)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -204,7 +228,7 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   bs = int(config.train.batch_size)
   train = ArrayDataset({k: windows["train"][k] for k in keys}, bs, seed=int(config.seed))
   valid = ArrayDataset({k: windows["valid"][k] for k in keys}, bs)
-  result = fit(seq2seq_objective(model), train, valid, config, workdir)
+  result = fit(forecast_objective(model, str(config.train.get("loss", "mse"))), train, valid, config, workdir)
   state = restore_best(result)
   test = windows["test"]
   horizon = test["future"].shape[1]

@@ -84,6 +84,7 @@ class _Transformer(nn.Module):
   num_outputs: int = 0  # classes / regression targets (non-lm heads)
   pooling: str = "mean"  # mean | first | last (classification / regression heads)
   tie_embeddings: bool = False  # lm head = input embedding transposed
+  zero_init_head: bool = False  # untied head kernel starts at 0 (outputs = bias = 0 at init)
   norm: str = "rms"  # rms | layer
   norm_placement: str = "pre"  # pre | post
   activation: str = "swiglu"  # gelu | relu | swish | swiglu | geglu | reglu
@@ -210,8 +211,9 @@ class _Transformer(nn.Module):
     else:
       axis = "vocab" if self.head == "lm" else None
       out = nn.Dense(self.output_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                              ("embed", axis)),
+                     kernel_init=nn.with_logical_partitioning(
+                         nn.initializers.zeros if self.zero_init_head else
+                         nn.initializers.lecun_normal(), ("embed", axis)),
                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis,)),
                      name="head")(x)
     return out.reshape(*lead, out.shape[-1]).astype(jnp.float32)
