@@ -228,7 +228,8 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   bs = int(config.train.batch_size)
   train = ArrayDataset({k: windows["train"][k] for k in keys}, bs, seed=int(config.seed))
   valid = ArrayDataset({k: windows["valid"][k] for k in keys}, bs)
-  result = fit(forecast_objective(model, str(config.train.get("loss", "mse"))), train, valid, config, workdir)
+  objective = forecast_objective(model, str(config.train.get("loss", "mse")))
+  result = fit(objective, train, valid, config, workdir)
   state = restore_best(result)
   test = windows["test"]
   horizon = test["future"].shape[1]
