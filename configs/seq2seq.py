@@ -17,6 +17,7 @@ from nexus_jax.train.config import base_config
 def get_config() -> ml_collections.ConfigDict:
   c = base_config()
   c.experiment = "seq2seq"  # experiments/registry.py entry
+  c.preset = "default"  # "default" | "full" (wider, longer; PRESETS in experiments/seq2seq.py)
 
   c.data = ml_collections.ConfigDict()
   c.data.valid_fraction = 0.05  # stdlib files (by path hash) in the validation split

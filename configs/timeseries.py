@@ -21,6 +21,7 @@ from nexus_jax.train.config import base_config
 def get_config() -> ml_collections.ConfigDict:
   c = base_config()
   c.experiment = "timeseries"  # experiments/registry.py entry
+  c.preset = "default"  # "default" | "full" (wider, longer; PRESETS in experiments/timeseries.py)
 
   c.data = ml_collections.ConfigDict()
   c.data.past_hours = 96  # encoder input length
