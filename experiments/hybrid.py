@@ -20,12 +20,10 @@ import pathlib
 import time
 from typing import Any
 
-import jax
 import numpy as np
 
-from experiments.lm import _eval_data, xz_bits_per_byte
+from experiments.lm import _eval_data, sample_and_corpus_report, xz_bits_per_byte
 from nexus_jax.data.datasets import text
-from nexus_jax.inference.generate import Sampling
 from nexus_jax.models import hybrid
 from nexus_jax.models.hybrid import HybridLM
 from nexus_jax.models.hybrid_jepa import HybridJEPA
@@ -115,21 +113,8 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   if config.jepa.weight > 0 and train_log:
     results["train"]["final_aux_jepa"] = train_log[-1].get("aux/jepa")
 
-  t1 = time.perf_counter()
-  prompt = list(config.sample.prompt.encode())
-  out = hybrid.generate(lm, lm_params, [prompt], max_new_tokens=int(config.sample.num_bytes),
-                        rng=jax.random.PRNGKey(int(config.seed)),
-                        sampling=Sampling(temperature=float(config.sample.temperature),
-                                          top_p=float(config.sample.top_p)))
-  sample = bytes(prompt + out.tokens[0, :out.lengths[0]].tolist()).decode("utf-8", "replace")
-  results.update({
-      "sample": sample, "sample_seconds": round(time.perf_counter() - t1, 2),
-      "corpus": {"root": dc.root or str(text.stdlib_dir()),
-                 "files": {s: len(f) for s, f in files.items()},
-                 "bytes": {s: int(len(d)) for s, d in splits.items()},
-                 "test_bytes_scored": len(test_bytes) - 1, "data_seconds": round(data_seconds, 2)},
-      "preset": config.preset,
-  })
+  results.update(sample_and_corpus_report(
+      config, lambda *args, **kw: hybrid.generate(lm, lm_params, *args, **kw), files, splits, test_bytes, data_seconds))
   results["plot"] = str(plot_learning_curves(workdir, "bits_per_token", "hybrid_curves.png"))
   (workdir / "results.json").write_text(json.dumps(results, indent=2))
   return results

@@ -86,6 +86,27 @@ def _plot(workdir: pathlib.Path, runs: dict[str, pathlib.Path], xz: float) -> pa
   return out
 
 
+def sample_and_corpus_report(config: Any, generate_fn: Any, files: dict, splits: dict, test_bytes: Any,
+                             data_seconds: float) -> dict[str, Any]:
+  """A text sample from `generate_fn(prompts, max_new_tokens=, rng=, sampling=)` plus corpus facts.
+
+  Shared by the byte-level LM experiments (lm, hybrid); keys: sample, sample_seconds, corpus, preset.
+  """
+  t1 = time.perf_counter()
+  prompt = list(config.sample.prompt.encode())
+  out = generate_fn([prompt], max_new_tokens=int(config.sample.num_bytes), rng=jax.random.PRNGKey(int(config.seed)),
+                    sampling=Sampling(temperature=float(config.sample.temperature), top_p=float(config.sample.top_p)))
+  sample = bytes(prompt + out.tokens[0, :out.lengths[0]].tolist()).decode("utf-8", "replace")
+  return {
+      "sample": sample, "sample_seconds": round(time.perf_counter() - t1, 2),
+      "corpus": {"root": config.data.root or str(text.stdlib_dir()),
+                 "files": {s: len(f) for s, f in files.items()},
+                 "bytes": {s: int(len(d)) for s, d in splits.items()},
+                 "test_bytes_scored": len(test_bytes) - 1, "data_seconds": round(data_seconds, 2)},
+      "preset": config.preset,
+  }
+
+
 def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   config = apply_preset(config)
   workdir = pathlib.Path(workdir)
@@ -125,21 +146,9 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   xz = xz_bits_per_byte(test_bytes)
   results["test_bits_per_byte"]["xz_9e"] = xz
 
-  t1 = time.perf_counter()
-  prompt = list(config.sample.prompt.encode())
-  out = generate(moe, states["moe"].params, [prompt], max_new_tokens=int(config.sample.num_bytes),
-                 rng=jax.random.PRNGKey(int(config.seed)),
-                 sampling=Sampling(temperature=float(config.sample.temperature),
-                                   top_p=float(config.sample.top_p)))
-  sample = bytes(prompt + out.tokens[0, :out.lengths[0]].tolist()).decode("utf-8", "replace")
-  results.update({
-      "sample": sample, "sample_seconds": round(time.perf_counter() - t1, 2),
-      "corpus": {"root": dc.root or str(text.stdlib_dir()),
-                 "files": {s: len(f) for s, f in files.items()},
-                 "bytes": {s: int(len(d)) for s, d in splits.items()},
-                 "test_bytes_scored": len(test_bytes) - 1, "data_seconds": round(data_seconds, 2)},
-      "preset": config.preset,
-  })
+  results.update(sample_and_corpus_report(
+      config, lambda *args, **kw: generate(moe, states["moe"].params, *args, **kw),
+      files, splits, test_bytes, data_seconds))
   results["plot"] = str(_plot(workdir, {n: workdir / n for n in models}, xz))
   (workdir / "results.json").write_text(json.dumps(results, indent=2))
   return results
