@@ -17,18 +17,14 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-import time
 from typing import Any
 
-import numpy as np
 
-from experiments.lm import _eval_data, sample_and_corpus_report, xz_bits_per_byte
-from nexus_jax.data.datasets import text
+from experiments.lm import load_byte_lm_data, sample_and_corpus_report, xz_bits_per_byte
 from nexus_jax.models import hybrid
 from nexus_jax.models.hybrid import HybridLM
 from nexus_jax.models.hybrid_jepa import HybridJEPA
 from nexus_jax.models.seq_objectives import lm_objective
-from nexus_jax.train.data import ArrayDataset
 from nexus_jax.train.loop import fit, restore_best
 from nexus_jax.train.metrics import read_metrics
 from nexus_jax.train.plots import plot_learning_curves
@@ -77,20 +73,8 @@ def build_model(mc, jc, seq_len: int):
 def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   config = apply_preset(config)
   workdir = pathlib.Path(workdir)
-  dc, tc = config.data, config.train
-  t0 = time.perf_counter()
-  splits, files = text.load_text_splits(dc.root or None, pattern=dc.pattern,
-                                        valid_fraction=dc.valid_fraction,
-                                        test_fraction=dc.test_fraction)
-  seq, bs = int(dc.seq_len), int(tc.batch_size)
-  train = ArrayDataset({"tokens": text.random_windows(splits["train"], seq + 1,
-                                                      int(tc.num_steps) * bs, int(config.seed))},
-                       bs, seed=int(config.seed))
-  valid = _eval_data(splits["valid"], int(dc.valid_bytes), seq, bs)
-  test = _eval_data(splits["test"], int(dc.test_bytes), seq, bs)
-  scored = test.arrays["tokens"]
-  test_bytes = np.concatenate([scored[0], scored[1:, 1:].reshape(-1)]).tobytes()
-  data_seconds = time.perf_counter() - t0
+  splits, files, train, valid, test, test_bytes, data_seconds = load_byte_lm_data(config)
+  seq = int(config.data.seq_len)
 
   lm, model = build_model(config.model, config.jepa, seq)
   fit_result = fit(lm_objective(model), train, valid, config, workdir)

@@ -86,6 +86,28 @@ def _plot(workdir: pathlib.Path, runs: dict[str, pathlib.Path], xz: float) -> pa
   return out
 
 
+def load_byte_lm_data(config: Any) -> tuple[dict, dict, ArrayDataset, ArrayDataset, ArrayDataset, bytes, float]:
+  """The byte-level LM data of `config.data` (shared by the lm and hybrid experiments).
+
+  Returns (splits {name: uint8 bytes}, files {name: paths}, train (random windows of seq_len + 1,
+  num_steps * batch_size of them), valid, test (consecutive windows), the test bytes scored, seconds).
+  """
+  dc, tc = config.data, config.train
+  t0 = time.perf_counter()
+  splits, files = text.load_text_splits(dc.root or None, pattern=dc.pattern,
+                                        valid_fraction=dc.valid_fraction,
+                                        test_fraction=dc.test_fraction)
+  seq, bs = int(dc.seq_len), int(tc.batch_size)
+  train = ArrayDataset({"tokens": text.random_windows(splits["train"], seq + 1,
+                                                      int(tc.num_steps) * bs, int(config.seed))},
+                       bs, seed=int(config.seed))
+  valid = _eval_data(splits["valid"], int(dc.valid_bytes), seq, bs)
+  test = _eval_data(splits["test"], int(dc.test_bytes), seq, bs)
+  scored = test.arrays["tokens"]
+  test_bytes = np.concatenate([scored[0], scored[1:, 1:].reshape(-1)]).tobytes()
+  return splits, files, train, valid, test, test_bytes, time.perf_counter() - t0
+
+
 def sample_and_corpus_report(config: Any, generate_fn: Any, files: dict, splits: dict, test_bytes: Any,
                              data_seconds: float) -> dict[str, Any]:
   """A text sample from `generate_fn(prompts, max_new_tokens=, rng=, sampling=)` plus corpus facts.
@@ -110,21 +132,8 @@ def sample_and_corpus_report(config: Any, generate_fn: Any, files: dict, splits:
 def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   config = apply_preset(config)
   workdir = pathlib.Path(workdir)
-  dc, tc = config.data, config.train
-  t0 = time.perf_counter()
-  splits, files = text.load_text_splits(dc.root or None, pattern=dc.pattern,
-                                        valid_fraction=dc.valid_fraction,
-                                        test_fraction=dc.test_fraction)
-  seq = int(dc.seq_len)
-  bs = int(tc.batch_size)
-  train = ArrayDataset({"tokens": text.random_windows(splits["train"], seq + 1,
-                                                      int(tc.num_steps) * bs, int(config.seed))},
-                       bs, seed=int(config.seed))
-  valid = _eval_data(splits["valid"], int(dc.valid_bytes), seq, bs)
-  test = _eval_data(splits["test"], int(dc.test_bytes), seq, bs)
-  scored = test.arrays["tokens"]
-  test_bytes = np.concatenate([scored[0], scored[1:, 1:].reshape(-1)]).tobytes()
-  data_seconds = time.perf_counter() - t0
+  splits, files, train, valid, test, test_bytes, data_seconds = load_byte_lm_data(config)
+  seq = int(config.data.seq_len)
 
   moe = build_model(config.model)
   models = {"moe": moe}
