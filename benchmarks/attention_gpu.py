@@ -32,7 +32,8 @@ def implementations(args, on_gpu: bool):
   scale = args.head_dim ** -0.5
   causal = bool(args.causal)
   ours = flash_attention.BlockSizes(args.block_q, args.block_k, args.block_bwd, args.block_bwd,
-                                    args.block_bwd, args.block_bwd)
+                                    args.block_bwd, args.block_bwd, num_warps=args.num_warps or None,
+                                    num_stages=args.num_stages)
   theirs = jax_mha.BlockSizes(block_q=args.block_q, block_k=args.block_k,
                               block_q_dkv=args.block_bwd, block_kv_dkv=args.block_bwd,
                               block_q_dq=args.block_bwd, block_kv_dq=args.block_bwd)
@@ -46,6 +47,9 @@ def implementations(args, on_gpu: bool):
           q, k, v, scale=scale, is_causal=causal,
           implementation="cudnn" if on_gpu else "xla"),
   }
+  wanted = [i for i in args.impls.split(",") if i]
+  if wanted:
+    impls = {k: v for k, v in impls.items() if k in wanted or (k == "xla" and "cudnn" in wanted)}
   return impls
 
 
@@ -67,9 +71,12 @@ def main():
   p.add_argument("--head_dim", type=int, default=128)
   p.add_argument("--causal", type=int, default=1)
   p.add_argument("--dtype", default="bfloat16")
-  p.add_argument("--block_q", type=int, default=128)
+  p.add_argument("--block_q", type=int, default=128)  # defaults: the tuned GPU tiles (default_block_sizes)
   p.add_argument("--block_k", type=int, default=64)
   p.add_argument("--block_bwd", type=int, default=64)
+  p.add_argument("--num_warps", type=int, default=4, help="our kernel; 0 = 4 if head_dim <= 64 else 8")
+  p.add_argument("--num_stages", type=int, default=3, help="our kernel's pipeline stages")
+  p.add_argument("--impls", default="", help="comma-separated subset of nexus_pallas,jax_pallas_mha,cudnn")
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--allow_cpu", action="store_true")
   args = p.parse_args()

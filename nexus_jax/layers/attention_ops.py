@@ -202,7 +202,7 @@ def dot_product_attention(q, k, v, *, causal: bool = False, mask=None, segment_i
       out = chunked_lib.chunked_attention(q, k, v, q_seg, kv_seg, causal=causal, scale=scale,
                                           mask=dense, bias=bias, chunk_sizes=sizes)
     else:
-      sizes = flash_lib.BlockSizes() if block_sizes is None else block_sizes
+      sizes = block_sizes  # None: flash_lib.default_block_sizes (tuned tiles on GPU)
       if segment_ids is None and mask is None:
         q_seg = kv_seg = None  # lets the kernels skip segment loads entirely
       out = flash_lib.flash_attention(q, k, v, q_seg, kv_seg, causal=causal, scale=scale,

@@ -85,10 +85,27 @@ def test_kernels_lower_for_gpu(b, t, s, h, kv, d, causal, seg):
   qs = jax.ShapeDtypeStruct((b, t), jnp.int32) if seg else None
   ks = jax.ShapeDtypeStruct((b, s), jnp.int32) if seg else None
   loss = lambda q, k, v, qs, ks: fa.flash_attention(
-      q, k, v, qs, ks, causal=causal, scale=0.125, interpret=False).astype(jnp.float32).sum()
+      q, k, v, qs, ks, causal=causal, scale=0.125, interpret=False,
+      block_sizes=fa.default_block_sizes(d, "gpu")).astype(jnp.float32).sum()
   lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, qs, ks).lower(
       lowering_platforms=("cuda",))
   assert lowered.as_text().count("xla.gpu.triton") == 3  # fwd, dq, dkv
+
+
+def test_default_block_sizes_are_the_tuned_gpu_tiles_only_where_they_fit():
+  tuned = fa.default_block_sizes(128, "gpu")
+  assert (tuned.block_q, tuned.block_k, tuned.block_q_dq, tuned.block_k_dkv) == (128, 64, 64, 64)
+  assert (tuned.num_warps, tuned.num_stages) == (4, 3)
+  assert fa.default_block_sizes(256, "gpu") == fa.BlockSizes()
+  assert fa.default_block_sizes(64, "cpu") == fa.BlockSizes()
+
+
+def test_tuned_gpu_tiles_match_reference_in_interpret_mode():
+  """The GPU default tiles (q 128, k 64) on lengths that are not multiples of them."""
+  q, k, v, kw = lt.make_inputs(seed=3, b=1, t=150, s=70, h=2, kv=1, d=16, masking="segments",
+                               dtype="float32")
+  lt.compare_to_reference("pallas", q, k, v, causal=True, dtype="float32",
+                          block_sizes=fa.default_block_sizes(16, "gpu"), **kw)
 
 
 def test_block_sizes_must_be_powers_of_two():
