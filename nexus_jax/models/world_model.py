@@ -8,15 +8,22 @@ target encoder has the context encoder's architecture; its weights are an expone
 average of the context encoder's (`init_target`, `ema_update`) and it gets no gradient.
 
 Loss (`jepa_loss`), with z = predictions and t = targets at the masked positions and c = the
-context latents at all positions (each `[N, E]`):
+context latents (each `[N, E]`), and e = the VICReg *embeddings*: `expander(c)` `[N, D]` when
+`expander_dims` is set (the VICReg paper's expander MLP; the default), else c, taken at the masked
+positions (`vicreg_on="masked"`, the default) or at all positions (`"all"`):
 
     inv_coef * mean((z - t)^2)                   invariance: predict the target latents
-  + var_coef * mean_j relu(gamma - std_j(c))     variance hinge on the representations
-  + cov_coef * sum_{i != j} cov_ij(c)^2 / E      covariance (decorrelation) on the representations
+  + var_coef * mean_j relu(gamma - std_j(e))     variance hinge on the embeddings
+  + cov_coef * sum_{i != j} cov_ij(e)^2 / D      covariance (decorrelation) on the embeddings
+
+As in VICReg, the representations (encoder output, what downstream probes read) and the embeddings
+(expander output, where the variance / covariance terms act) are different tensors: the expander
+lets every embedding dimension keep unit spread without forcing each representation dimension to
+carry unit variance of observation noise. `expander_dims=()` applies the terms to c directly.
 
 `vicreg_terms` is the two-branch VICReg loss of the official implementation (unbiased variance,
-eps 1e-4). In the JEPA loss the variance and covariance terms act on the context encoder's
-representations, which is what keeps them from collapsing, and not on the predictions: the best
+eps 1e-4). In the JEPA loss the variance and covariance terms act on (the expansion of) the context
+encoder's latents, which is what keeps them from collapsing, and not on the predictions: the best
 prediction of a partly unpredictable target (its conditional mean) has a smaller spread than
 the target, and a variance hinge on it would fight the invariance term. The targets' own
 variance/covariance (no gradient) and the predictions' spread are logged in aux.
@@ -192,10 +199,32 @@ class Predictor(nn.Module):
     return dense(latents.shape[-1], ("embed", None), "out")(h)
 
 
+class Expander(nn.Module):
+  """VICReg expander: `[..., E]` -> `[..., dims[-1]]`, (Dense -> LayerNorm -> ReLU) per hidden width,
+  then a plain Dense (Bardes et al. 2022 use BatchNorm; LayerNorm keeps it free of batch state)."""
+
+  dims: tuple[int, ...]
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    for i, d in enumerate(self.dims):
+      x = nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name=f"dense_{i}",
+                   kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                            ("embed", "mlp")),
+                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x)
+      if i < len(self.dims) - 1:
+        x = nn.relu(nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=f"norm_{i}")(x))
+    return x
+
+
 class JEPAWorldModel(nn.Module):
-  """Context encoder + predictor. `model(inputs, mask, actions=None)` ->
+  """Context encoder + predictor (+ VICReg expander). `model(inputs, mask, actions=None)` ->
   `(predictions [B, L, E], {"context": latents [B, L, E]})`; `model.apply(..., method="encode")`
-  runs the encoder alone (also with target-encoder weights: `{"params": {"encoder": target}}`).
+  runs the encoder alone (also with target-encoder weights: `{"params": {"encoder": target}}`);
+  `method="expand"` maps latents `[..., E]` to VICReg embeddings `[..., expander_dims[-1]]`
+  (identity when `expander_dims` is empty).
   """
 
   embed_dim: int = 128
@@ -208,6 +237,7 @@ class JEPAWorldModel(nn.Module):
   predictor_layers: int = 1
   predictor_heads: int = 4
   predictor_mlp_dim: int = 128
+  expander_dims: tuple[int, ...] = (512, 512)  # VICReg expander widths; () = terms on the latents
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
@@ -216,21 +246,33 @@ class JEPAWorldModel(nn.Module):
                                    self.vocab_size, self.causal, self.dtype, self.param_dtype)
     self.predictor = Predictor(self.predictor_dim, self.predictor_layers, self.predictor_heads,
                                self.predictor_mlp_dim, self.dtype, self.param_dtype)
+    if self.expander_dims:
+      self.expander = Expander(tuple(self.expander_dims), self.dtype, self.param_dtype)
 
   def encode(self, inputs, mask=None, deterministic: bool = True):
     return self.encoder(inputs, mask, deterministic)
 
+  def expand(self, latents):
+    return self.expander(latents) if self.expander_dims else latents
+
   def __call__(self, inputs, mask, actions=None, deterministic: bool = True):
     latents, _ = self.encoder(inputs, mask, deterministic)
-    return self.predictor(latents, mask, actions, deterministic), {"context": latents}
+    return (self.predictor(latents, mask, actions, deterministic),
+            {"context": latents, "embeddings": self.expand(latents)})
 
 
 def jepa_loss(model: JEPAWorldModel, params, target_params, inputs, mask, actions=None, *,
               inv_coef: float = 25.0, var_coef: float = 25.0, cov_coef: float = 1.0,
-              gamma: float = 1.0, normalize_targets: bool = True):
-  """JEPA + VICReg loss (module docstring). Returns `(loss, aux)`: the terms, logged statistics
-  and the `context` latents `[B, L, E]`. Gradients flow to `params` only (targets are under
-  `stop_gradient`)."""
+              gamma: float = 1.0, normalize_targets: bool = True, vicreg_on: str = "masked"):
+  """JEPA + VICReg loss (module docstring). Returns `(loss, aux)`: the terms, logged statistics,
+  the `context` latents `[B, L, E]` and the VICReg `embeddings` `[B, L, D]`. Gradients flow to `params` only (targets are under
+  `stop_gradient`). `vicreg_on`: which positions' embeddings feed the variance / covariance terms.
+  "masked" (default): the latents the encoder infers from context alone. "all": every position; then
+  the visible positions (85% of them) are pushed to keep the spread up with whatever varies most,
+  i.e. observation noise, and a linear probe on them lost to a random encoder in every setting of
+  benchmarks/jepa_probe.py (its docstring has the numbers)."""
+  if vicreg_on not in ("all", "masked"):
+    raise ValueError(f"vicreg_on must be 'all' or 'masked', got {vicreg_on!r}.")
   targets, _ = model.apply({"params": {"encoder": target_params}}, inputs, method="encode")
   targets = jax.lax.stop_gradient(targets.astype(jnp.float32))
   if normalize_targets:  # per-position layer norm without affine params, as in I-JEPA
@@ -242,13 +284,17 @@ def jepa_loss(model: JEPAWorldModel, params, target_params, inputs, mask, action
   flat_predictions, flat_targets = predictions.reshape(-1, e), targets.reshape(-1, e)
   inv = invariance(flat_predictions, flat_targets, w)
   context = aux["context"].reshape(-1, e).astype(jnp.float32)
-  var, cov = variance_covariance(context, None, gamma)
+  embeddings = aux["embeddings"].reshape(context.shape[0], -1).astype(jnp.float32)
+  var, cov = variance_covariance(embeddings, w if vicreg_on == "masked" else None, gamma)
   target_var, target_cov = variance_covariance(flat_targets, w, gamma)
   loss = inv_coef * inv + var_coef * var + cov_coef * cov
   std = jnp.sqrt(jnp.diagonal(_weighted_moments(context, jnp.ones(context.shape[0]))))
+  embedding_std = jnp.sqrt(jnp.diagonal(_weighted_moments(embeddings, jnp.ones(context.shape[0]))))
   prediction_std = jnp.sqrt(jnp.diagonal(_weighted_moments(
       jax.lax.stop_gradient(flat_predictions.astype(jnp.float32)), w)))
   return loss, {"invariance": inv, "variance": var, "covariance": cov,
                 "target_variance": target_var, "target_covariance": target_cov,
                 "context_std_mean": jnp.mean(std), "context_std_min": jnp.min(std),
-                "prediction_std_mean": jnp.mean(prediction_std), "context": aux["context"]}
+                "embedding_std_mean": jnp.mean(embedding_std), "embedding_std_min": jnp.min(embedding_std),
+                "prediction_std_mean": jnp.mean(prediction_std), "context": aux["context"],
+                "embeddings": aux["embeddings"]}

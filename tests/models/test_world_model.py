@@ -118,15 +118,40 @@ def test_context_latents_do_not_depend_on_masked_inputs():
 
 def test_loss_terms_and_shapes():
   model, x, mask, params = _setup()
-  loss, aux = jax.jit(lambda p: wm.jepa_loss(model, p, wm.init_target(p), x, mask,
+  loss, aux = jax.jit(lambda p: wm.jepa_loss(model, p, wm.init_target(p), x, mask, vicreg_on="all",
                                              actions=jnp.ones((4, 24, 2))))(
       {**params, "predictor": {**params["predictor"], "actions": {
           "kernel": jnp.zeros((2, 16)), "bias": jnp.zeros((16,))}}})
   assert aux["context"].shape == (4, 24, 16)
+  assert aux["embeddings"].shape == (4, 24, model.expander_dims[-1])
   np.testing.assert_allclose(loss, 25 * aux["invariance"] + 25 * aux["variance"]
                              + aux["covariance"], rtol=1e-5)
-  context = np.asarray(aux["context"]).reshape(-1, 16)
-  var, cov = wm.variance_covariance(jnp.asarray(context))
+  # variance / covariance act on the expander's embeddings, not on the representations
+  expanded = model.apply({"params": params}, aux["context"], method="expand")
+  np.testing.assert_allclose(expanded, aux["embeddings"], rtol=1e-5, atol=1e-6)
+  var, cov = wm.variance_covariance(jnp.asarray(aux["embeddings"]).reshape(24 * 4, -1))
+  np.testing.assert_allclose([aux["variance"], aux["covariance"]], [var, cov], rtol=1e-5)
+
+
+def test_vicreg_on_masked_positions_uses_only_those_embeddings():
+  model, x, mask, params = _setup()
+  _, aux = jax.jit(lambda p: wm.jepa_loss(model, p, wm.init_target(p), x, mask, vicreg_on="masked"))(params)
+  rows = np.asarray(aux["embeddings"])[np.asarray(mask)]  # [masked positions, D]
+  var, cov = wm.variance_covariance(jnp.asarray(rows))
+  np.testing.assert_allclose([aux["variance"], aux["covariance"]], [var, cov], rtol=1e-4)
+  with pytest.raises(ValueError, match="vicreg_on"):
+    wm.jepa_loss(model, params, wm.init_target(params), x, mask, vicreg_on="visible")
+
+
+def test_without_expander_vicreg_terms_act_on_the_representations():
+  model = wm.JEPAWorldModel(embed_dim=16, num_layers=1, num_heads=2, mlp_dim=32, predictor_dim=16,
+                            predictor_heads=2, predictor_mlp_dim=32, expander_dims=())
+  _, x, mask, _ = _setup()
+  params = nn.unbox(jax.jit(model.init)(_key(2), x, mask)["params"])
+  assert "expander" not in params
+  _, aux = jax.jit(lambda p: wm.jepa_loss(model, p, wm.init_target(p), x, mask, vicreg_on="all"))(params)
+  np.testing.assert_array_equal(aux["embeddings"], aux["context"])
+  var, cov = wm.variance_covariance(jnp.asarray(aux["context"]).reshape(-1, 16))
   np.testing.assert_allclose([aux["variance"], aux["covariance"]], [var, cov], rtol=1e-5)
 
 
