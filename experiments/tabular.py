@@ -25,7 +25,7 @@ from nexus_jax.data.datasets import load_dataset
 from nexus_jax.data.relational import ContextSetBuilder
 from nexus_jax.inference import dequantize, magnitude_prune, quantize_int8
 from nexus_jax.tabular.artifact import save_artifact
-from nexus_jax.tabular.config import apply_preset
+from nexus_jax.tabular.config import DEFAULT_MAX_CATEGORIES, apply_preset
 from nexus_jax.tabular.flat import run_flat
 from nexus_jax.tabular.objectives import evaluation_metrics, relational_arrays
 from nexus_jax.tabular.predictor import TabularPredictor
@@ -39,6 +39,18 @@ SPLITS = ("train", "valid", "test")
 EVAL_BATCH = 2048
 
 
+def preprocessor_settings(dc: Any, recommended: dict[str, Any]) -> dict[str, Any]:
+    """Preprocessor kwargs from `config.data` over the dataset's `recommended` ones: the config's
+    numeric_transform always, datetime_parts when set, max_categories when > 0 (0 = the dataset's
+    recommendation, else DEFAULT_MAX_CATEGORIES)."""
+    pre = {"max_categories": DEFAULT_MAX_CATEGORIES, **recommended, "numeric_transform": dc.numeric_transform}
+    if int(dc.max_categories) > 0:
+        pre["max_categories"] = int(dc.max_categories)
+    if dc.datetime_parts:
+        pre["datetime_parts"] = [p.strip() for p in dc.datetime_parts.split(",") if p.strip()]
+    return pre
+
+
 def load_relational(config: Any):
     """(dataset, fitted ContextSetBuilder, {split: RelationalData}) for `config.data`."""
     dc = config.data
@@ -48,10 +60,7 @@ def load_relational(config: Any):
         kwargs["contexts"] = [c.strip() for c in dc.contexts.split(",") if c.strip()]
     if int(dc.history_rows) > 0:
         kwargs["max_history"] = int(dc.history_rows)
-    pre = {**kwargs.get("preprocessor", {}), "numeric_transform": dc.numeric_transform,
-           "max_categories": int(dc.max_categories)}
-    if dc.datetime_parts:
-        pre["datetime_parts"] = [p.strip() for p in dc.datetime_parts.split(",") if p.strip()]
+    pre = preprocessor_settings(dc, kwargs.get("preprocessor", {}))
     builder = ContextSetBuilder(ds.schema, **{**kwargs, "preprocessor": pre}).fit(ds.tables)
     data = builder.transform(ds.tables)
     return ds, builder, {s: data.subset(s) for s in SPLITS}

@@ -20,6 +20,8 @@ import ml_collections
 
 from nexus_jax.train.config import base_config
 
+DEFAULT_MAX_CATEGORIES = 1000  # data.max_categories = 0 without a dataset recommendation
+
 # Tables of the bundled nycflights13 task; each may name its own encoder (empty = encoders.default).
 NYCFLIGHTS13_TABLES = ("flights", "planes", "airlines", "airports", "weather")
 
@@ -53,7 +55,9 @@ def tabular_config() -> ml_collections.ConfigDict:
     c.data.path = ""  # folder with schema.json + CSV/Parquet tables; wins over data.name
     c.data.max_rows = 0  # subsample the target rows to this many for quick runs; 0 = all
     c.data.numeric_transform = "quantile"  # "quantile" (rtdl quantile-to-normal) | "standard"
-    c.data.max_categories = 1000  # most frequent categories kept per column; the rest map to "unknown"
+    # Most frequent categories kept per column (the rest map to "unknown"); 0 = the dataset's recommended
+    # value (nycflights13: 50) or DEFAULT_MAX_CATEGORIES for a data.path folder and the flat row model.
+    c.data.max_categories = 0
     c.data.max_history = 16  # rows per history context for datasets without recommended settings
     c.data.contexts = ""  # comma-separated context names to build; "" = the dataset's recommended (or all)
     c.data.history_rows = 0  # if > 0: M for every history context (overrides the dataset's settings)

@@ -22,6 +22,7 @@ from nexus_jax.data.datasets import nycflights13
 from nexus_jax.data.preprocess import TabularPreprocessor
 from nexus_jax.models.tabular.registry import get_encoder
 from nexus_jax.models.tabular.row_predictor import RowPredictor
+from nexus_jax.tabular.config import DEFAULT_MAX_CATEGORIES
 from nexus_jax.tabular.model_spec import compute_dtype
 from nexus_jax.tabular.objectives import tabular_objective
 from nexus_jax.train.data import ArrayDataset
@@ -41,7 +42,7 @@ def load_flat_splits(data_config: Any) -> tuple[dict[str, dict[str, np.ndarray]]
     tables = nycflights13.load_tables(max_target_rows=int(data_config.max_rows) or None)
     features, target, split = nycflights13.flat_feature_set_a(tables)
     pre = TabularPreprocessor(numeric_transform=data_config.numeric_transform,
-                              max_categories=int(data_config.max_categories))
+                              max_categories=int(data_config.max_categories) or DEFAULT_MAX_CATEGORIES)
     pre.fit(features[split == "train"])
     out = {}
     for name in SPLITS:

@@ -80,3 +80,17 @@ def test_row_experiment_end_to_end_and_resume(tmp_path):
     # Rerunning in the same workdir resumes the finished run: no new steps, same test metrics.
     again = run_experiment(c, tmp_path)
     assert again["test"] == results["test"]
+
+
+def test_max_categories_zero_takes_the_datasets_recommendation():
+    from experiments.tabular import preprocessor_settings
+    from nexus_jax.tabular.config import DEFAULT_MAX_CATEGORIES, tabular_config
+
+    dc = tabular_config().data
+    assert dc.max_categories == 0
+    flights = preprocessor_settings(dc, nycflights13.PREPROCESSOR)
+    assert flights["max_categories"] == 50 and flights["numeric_transform"] == dc.numeric_transform
+    assert flights["datetime_parts"] == ["hour", "weekday"]  # the config's parts win over the dataset's
+    assert preprocessor_settings(dc, {})["max_categories"] == DEFAULT_MAX_CATEGORIES  # a data.path folder
+    dc.max_categories = 7
+    assert preprocessor_settings(dc, nycflights13.PREPROCESSOR)["max_categories"] == 7  # an override wins
