@@ -31,6 +31,7 @@ from experiments.tabular import load_relational  # noqa: E402
 from nexus_jax.data.datasets import nycflights13  # noqa: E402
 from nexus_jax.tabular.config import apply_preset, tabular_config  # noqa: E402
 from nexus_jax.tabular.objectives import evaluation_metrics, relational_arrays  # noqa: E402
+from nexus_jax.train.presets import set_path  # noqa: E402
 from nexus_jax.tabular.runtime import predict_arrays  # noqa: E402
 from nexus_jax.tabular.training import train_nexus_former  # noqa: E402
 
@@ -56,13 +57,10 @@ def variant_config(overrides: dict[str, object], seed: int, max_rows: int):
     c.seed = seed
     c.data.max_rows = max_rows
     for field, value in overrides.items():
-        *parents, last = field.split(".")
-        node = c
-        for key in parents:
-            node = node[key]
-        if last not in node:
-            raise SystemExit(f"override {field}: no such config field")
-        node[last] = tuple(value) if isinstance(value, list) else value
+        try:
+            set_path(c, field, tuple(value) if isinstance(value, list) else value)
+        except KeyError as err:
+            raise SystemExit(f"override {field}: {err.args[0]}") from None
     apply_preset(c)
     return c
 

@@ -285,11 +285,12 @@ def jepa_loss(model: JEPAWorldModel, params, target_params, inputs, mask, action
   inv = invariance(flat_predictions, flat_targets, w)
   context = aux["context"].reshape(-1, e).astype(jnp.float32)
   embeddings = aux["embeddings"].reshape(context.shape[0], -1).astype(jnp.float32)
-  var, cov = variance_covariance(embeddings, w if vicreg_on == "masked" else None, gamma)
+  vicreg_rows = w if vicreg_on == "masked" else jnp.ones_like(w)
+  var, cov = variance_covariance(embeddings, vicreg_rows, gamma)
   target_var, target_cov = variance_covariance(flat_targets, w, gamma)
   loss = inv_coef * inv + var_coef * var + cov_coef * cov
   std = jnp.sqrt(jnp.diagonal(_weighted_moments(context, jnp.ones(context.shape[0]))))
-  embedding_std = jnp.sqrt(jnp.diagonal(_weighted_moments(embeddings, jnp.ones(context.shape[0]))))
+  embedding_std = jnp.sqrt(jnp.diagonal(_weighted_moments(embeddings, vicreg_rows)))  # rows the hinge sees
   prediction_std = jnp.sqrt(jnp.diagonal(_weighted_moments(
       jax.lax.stop_gradient(flat_predictions.astype(jnp.float32)), w)))
   return loss, {"invariance": inv, "variance": var, "covariance": cov,

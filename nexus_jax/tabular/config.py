@@ -19,6 +19,7 @@ from typing import Any
 import ml_collections
 
 from nexus_jax.train.config import base_config
+from nexus_jax.train.presets import get_path, set_path
 
 DEFAULT_MAX_CATEGORIES = 1000  # data.max_categories = 0 without a dataset recommendation
 
@@ -128,21 +129,6 @@ def tabular_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _get(config: ml_collections.ConfigDict, path: str) -> Any:
-    node = config
-    for key in path.split("."):
-        node = node[key]
-    return node
-
-
-def _set(config: ml_collections.ConfigDict, path: str, value: Any) -> None:
-    *parents, last = path.split(".")
-    node = config
-    for key in parents:
-        node = node[key]
-    node[last] = value
-
-
 def apply_preset(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Resolves `config.preset` in place (see the module docstring's rule).
 
@@ -158,8 +144,8 @@ def apply_preset(config: ml_collections.ConfigDict) -> dict[str, Any]:
     changed = {}
     with config.unlocked():
         for path, value in PRESETS[name].items():
-            if _normalise(_get(config, path)) == _normalise(_get(quick, path)):
-                _set(config, path, value)
+            if _normalise(get_path(config, path)) == _normalise(get_path(quick, path)):
+                set_path(config, path, value)
                 changed[path] = value
     return changed
 

@@ -5,7 +5,8 @@ import pathlib
 
 import pytest
 
-from nexus_jax.tabular.config import PRESETS, _get, apply_preset, tabular_config
+from nexus_jax.tabular.config import PRESETS, apply_preset, tabular_config
+from nexus_jax.train.presets import get_path
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -27,7 +28,7 @@ def test_full_preset_changes_only_fields_at_their_quick_default():
     assert c.train.num_epochs == 3 and "train.num_epochs" not in changed
     for path, value in PRESETS["full"].items():
         if path != "train.num_epochs":
-            assert _get(c, path) == value and path in changed
+            assert get_path(c, path) == value and path in changed
     quick = tabular_config()
     assert apply_preset(quick) == {} and quick.to_dict() == tabular_config().to_dict()
 
@@ -42,4 +43,4 @@ def test_unknown_preset_names_the_field():
 def test_preset_paths_exist():
     c = tabular_config()
     for path in PRESETS["full"]:
-        _get(c, path)
+        get_path(c, path)
