@@ -5,7 +5,8 @@
 
 A variant is `NAME=OVERRIDES`, OVERRIDES a `;`-separated list of `dotted.field=python_literal` applied
 to the quick config (as `--config.a.b=v` would be; `preset='full'` resolves the preset as a run does).
-Variants must share the `data.*` fields (the context sets are built once). Every (variant, seed) trains
+The context sets are built once per distinct set of `data.*` overrides (the sweep's `--seed` never
+changes them: `data.max_rows` subsampling uses seed 0). Every (variant, seed) trains
 from scratch in its own folder under `--workdir` (the same `train_nexus_former` as the experiment),
 selects its checkpoint on validation and scores test once. The seed ensemble averages the
 probabilities of a variant's seeds. `--deadline_s` skips runs that would start after that many seconds.
@@ -51,6 +52,11 @@ def parse_variant(text: str) -> tuple[str, dict[str, object]]:
     return name.strip(), overrides
 
 
+def data_key(overrides: dict[str, object]) -> tuple:
+    """The `data.*` overrides of a variant, hashable: variants with equal keys share their context sets."""
+    return tuple(sorted((f, repr(v)) for f, v in overrides.items() if f.startswith("data.")))
+
+
 def variant_config(overrides: dict[str, object], seed: int, max_rows: int):
     c = tabular_config()
     c.train.progress = False
@@ -77,13 +83,15 @@ def main() -> None:
     t_start = time.perf_counter()
     variants = [parse_variant(v) for v in args.variants]
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    data_fields = {f for _, o in variants for f in o if f.startswith("data.")}
-    if data_fields:
-        raise SystemExit(f"variants may not change data fields ({sorted(data_fields)}): the data is built once")
     t0 = time.perf_counter()
-    _, _, splits = load_relational(variant_config({}, 0, args.max_rows))
+    built = {}  # data overrides -> (splits, valid / test arrays): built once per distinct data setting
+    for _, overrides in variants:
+        key = data_key(overrides)
+        if key not in built:
+            data_overrides = {f: v for f, v in overrides.items() if f.startswith("data.")}
+            _, _, splits = load_relational(variant_config(data_overrides, 0, args.max_rows))
+            built[key] = splits, {s: relational_arrays(splits[s], (0.0, 1.0)) for s in ("valid", "test")}
     data_seconds = time.perf_counter() - t0
-    arrays = {s: relational_arrays(splits[s], (0.0, 1.0)) for s in ("valid", "test")}
     runs, probs = [], {}
     for seed in seeds:  # seed-major: under a deadline every variant gets its first seed first
         for name, overrides in variants:
@@ -91,6 +99,7 @@ def main() -> None:
                 runs.append({"variant": name, "seed": seed, "skipped": "deadline"})
                 continue
             config = variant_config(overrides, seed, args.max_rows)
+            splits, arrays = built[data_key(overrides)]
             t = time.perf_counter()
             result = train_nexus_former(splits["train"], splits["valid"], config, pathlib.Path(args.workdir) / f"{name}_s{seed}")
             row = {"variant": name, "seed": seed, "overrides": overrides, "best_step": result.fit.best_step,
@@ -103,11 +112,12 @@ def main() -> None:
             runs.append(row)
             print(json.dumps(row, default=str), flush=True)
     ensembles = {}
-    for name, _ in variants:
+    for name, overrides in variants:
         done = [s for s in seeds if (name, s, "test") in probs]
         if len(done) > 1:
+            y = built[data_key(overrides)][1]
             ensembles[name] = {split: evaluation_metrics("binary", np.mean([probs[(name, s, split)] for s in done], 0),
-                                                         arrays[split]["y"]) for split in ("valid", "test")}
+                                                         y[split]["y"]) for split in ("valid", "test")}
             ensembles[name]["seeds"] = done
     summary = {}
     for name, _ in variants:

@@ -8,15 +8,17 @@ Run:  python -m experiments.run --config configs/tabular.py
 Default ("quick" preset): NexusFormer on the multi-table task -- the flight's own row plus 7
 leakage-safe context sets built from the schema (airline, plane, origin and destination airports;
 the plane's 8 previous flights, the origin's 16 previous departures, the origin's last 24 hours of
-weather) -> per-table encoders -> attention pooling -> cross-table attention (R = 2 shared-weight
-iterations) -> gated fusion -> head. Selects the epoch by validation AUC (November), reports test
-(December) in `workdir/results.json` next to the TASKS.md baselines, plots which contexts the
-model attended to (`context_attention.png`), reports int8 quantisation and magnitude pruning on
-test, and writes a predict-ready `workdir/artifact/`.
+weather), plus each history's row counts in the previous 1 / 3 / 24 hours -> per-table encoders ->
+attention pooling -> cross-table attention (R = 2 shared-weight iterations) -> gated fusion -> head.
+Selects the epoch by validation AUC (November), reports test (December) in `workdir/results.json`
+next to the TASKS.md baselines, plots which contexts the model attended to
+(`context_attention.png`), reports int8 quantisation and magnitude pruning on test, and writes a
+predict-ready `workdir/artifact/`.
 
-Presets: `--config.preset=full` (wider, 8 epochs) is resolved at run time; it changes only fields
-still at their quick default, so `--config.preset=full --config.train.num_epochs=3` keeps 3 epochs.
-The fields and their comments live in `nexus_jax/tabular/config.py` (shared with the estimator).
+Presets: `--config.preset=full` (wider, up to 4 epochs, a deep ensemble of 3 seeds) is resolved at
+run time; it changes only fields still at their quick default, so `--config.preset=full
+--config.train.num_epochs=3` keeps 3 epochs. The fields and their comments live in
+`nexus_jax/tabular/config.py` (shared with the estimator).
 """
 
 import ml_collections

@@ -23,6 +23,7 @@ import numpy as np
 
 from nexus_jax.data.datasets import load_dataset
 from nexus_jax.data.relational import ContextSetBuilder
+from nexus_jax.data.schema import Schema
 from nexus_jax.inference import dequantize, magnitude_prune, quantize_int8
 from nexus_jax.tabular.artifact import save_artifact
 from nexus_jax.tabular.config import DEFAULT_MAX_CATEGORIES, apply_preset
@@ -51,17 +52,51 @@ def preprocessor_settings(dc: Any, recommended: dict[str, Any]) -> dict[str, Any
     return pre
 
 
+def with_dropped_columns(schema: Schema, text: str) -> Schema:
+    """`schema` with the "table.column,..." entries of `text` added to their tables' drop_columns.
+
+    Raises ValueError naming `config.data.drop_columns` for a malformed entry or an unknown table.
+    """
+    d = schema.to_dict()
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        table, sep, column = entry.partition(".")
+        if not sep or not column:
+            raise ValueError(f"config.data.drop_columns: {entry!r} is not 'table.column'")
+        if table not in d["tables"]:
+            raise ValueError(f"config.data.drop_columns: unknown table {table!r} in {entry!r}; tables: {sorted(d['tables'])}")
+        drops = d["tables"][table].setdefault("drop_columns", [])
+        if column not in drops:
+            drops.append(column)
+    return Schema.from_dict(d)
+
+
+def parse_count_windows(text: str) -> tuple[float, ...]:
+    """'1,3,24' -> (1.0, 3.0, 24.0); 'none' -> (). Raises ValueError naming `config.data.count_windows`."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        windows = tuple(float(w) for w in text.split(",") if w.strip())
+    except ValueError:
+        raise ValueError(f"config.data.count_windows={text!r}: expected comma-separated numbers or 'none'") from None
+    if not windows or any(not w > 0 for w in windows):
+        raise ValueError(f"config.data.count_windows={text!r}: windows must be positive numbers")
+    return windows
+
+
 def load_relational(config: Any):
     """(dataset, fitted ContextSetBuilder, {split: RelationalData}) for `config.data`."""
     dc = config.data
     ds = load_dataset(name=dc.name, path=dc.path or None, max_target_rows=int(dc.max_rows) or None, seed=int(config.seed))
+    schema = with_dropped_columns(ds.schema, dc.drop_columns) if dc.drop_columns else ds.schema
     kwargs = dict(ds.builder_kwargs) or {"max_history": int(dc.max_history)}
     if dc.contexts:
         kwargs["contexts"] = [c.strip() for c in dc.contexts.split(",") if c.strip()]
     if int(dc.history_rows) > 0:
         kwargs["max_history"] = int(dc.history_rows)
+    if dc.count_windows:
+        kwargs["count_windows"] = parse_count_windows(dc.count_windows)
     pre = preprocessor_settings(dc, kwargs.get("preprocessor", {}))
-    builder = ContextSetBuilder(ds.schema, **{**kwargs, "preprocessor": pre}).fit(ds.tables)
+    builder = ContextSetBuilder(schema, **{**kwargs, "preprocessor": pre}).fit(ds.tables)
     data = builder.transform(ds.tables)
     return ds, builder, {s: data.subset(s) for s in SPLITS}
 
@@ -122,6 +157,7 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
         "test": test_metrics,
         "valid_at_best": valid_metrics,
         "best_step": result.fit.best_step, "stopped_early": result.fit.stopped_early,
+        "ensemble_members": [{k: m[k] for k in ("seed", "best_step", "valid")} for m in result.members],
         "early_stopping": list(result.early_stopping),
         "model": {"name": "nexus_former", "parameters": n_params, "contexts": names,
                   "inference_iterations_mean": float(np.mean(aux["iterations"])) if len(aux["iterations"]) else None},
@@ -146,7 +182,8 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
         predictor = TabularPredictor.from_training(builder, result, ds.tables, config)
         results["artifact"] = str(save_artifact(predictor, workdir / "artifact"))
         (workdir / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
-    plot_learning_curves(workdir, valid_metric=result.early_stopping[0])
+    for member_dir in [m["workdir"] for m in result.members] or [workdir]:
+        plot_learning_curves(member_dir, valid_metric=result.early_stopping[0])
     return results
 
 

@@ -6,6 +6,8 @@ return which related rows each target row may see:
 - `parent_index`: the one row whose primary key equals the target's foreign key (or -1), `[N]`.
 - `history_index`: up to M rows sharing the target's key whose time is at or before the target's
   time (strictly before when `strict`), most recent first, `[N, M]` padded with -1.
+- `window_counts`: how many of those rows (without the M cap) fall in trailing time windows, `[N, W]`;
+  `key_counts`: how many rows share the key at all (no times), `[N]`.
 
 How `history_index` stays vectorised: candidate rows are sorted by (key code, time, position); each
 (key, time) pair is mapped to one sortable int64 ``key * R + rank(time)``; one `np.searchsorted` per
@@ -16,6 +18,8 @@ Times are `time_ticks` values: int64 nanoseconds for datetimes, float64 for nume
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -76,6 +80,56 @@ def parent_index(target_keys: pd.Series, parent_keys: pd.Series) -> np.ndarray:
     return np.where(t_codes >= 0, lookup[t_codes], -1)
 
 
+def key_counts(target_keys: pd.Series, cand_keys: pd.Series, exclude_self: bool = False) -> np.ndarray:
+    """How many candidate rows share each target row's key (0 for a null key); `[N]` int64.
+
+    `exclude_self`: the candidates are the target rows themselves (same order); a row does not count itself.
+    """
+    t_codes, c_codes = shared_codes(target_keys, cand_keys)
+    per_key = np.bincount(c_codes[c_codes >= 0], minlength=int(t_codes.max(initial=-1)) + 1)
+    counts = np.where(t_codes >= 0, per_key[np.maximum(t_codes, 0)] if len(per_key) else 0, 0)
+    return (counts - (exclude_self & (t_codes >= 0))).astype(np.int64)
+
+
+class _SortedCandidates:
+    """Visible candidate rows sorted by (key code, time rank, position), shared by the index functions.
+
+    ``composite[j] = key * width + rank(time)`` is sorted; a target row's visible window is
+    ``[start, end)`` of that array (its key's group, times up to its own).
+    """
+
+    def __init__(self, target_keys: pd.Series, cand_keys: pd.Series, target_ticks, cand_ticks,
+                 cand_time_valid, strict: bool):
+        self.t_codes, c_codes = shared_codes(target_keys, cand_keys)
+        self.use_time = target_ticks is not None and cand_ticks is not None
+        visible = c_codes >= 0
+        if self.use_time and cand_time_valid is not None:
+            visible &= cand_time_valid
+        rows = np.flatnonzero(visible)
+        keys = c_codes[rows]
+        if self.use_time:
+            self.uniq, rank = np.unique(np.concatenate([cand_ticks[rows], target_ticks]), return_inverse=True)
+            self.width = len(self.uniq) + 1
+            c_rank, t_rank = rank[:len(rows)], rank[len(rows):]
+        else:  # no cut: order by the candidate's own time if it has one, else by table position
+            self.width = 1
+        n_keys = max(int(c_codes.max(initial=-1)), int(self.t_codes.max(initial=-1))) + 2
+        if n_keys * self.width >= np.iinfo(np.int64).max // 2:
+            raise OverflowError(f"history_index: {n_keys} keys x {self.width} distinct times overflow int64")
+        self.t_base = np.where(self.t_codes >= 0, self.t_codes, 0) * self.width
+        if self.use_time:
+            order = np.lexsort((rows, c_rank, keys))
+            self.composite = keys[order] * self.width + c_rank[order]
+            self.end = np.searchsorted(self.composite, self.t_base + t_rank, side="left" if strict else "right")
+        else:
+            within = cand_ticks[rows] if cand_ticks is not None else np.zeros(len(rows))
+            order = np.lexsort((rows, within, keys))
+            self.composite = keys[order]
+            self.end = np.searchsorted(self.composite, self.t_base, side="right")
+        self.start = np.searchsorted(self.composite, self.t_base, side="left")
+        self.sorted_rows = rows[order]
+
+
 def history_index(target_keys: pd.Series, cand_keys: pd.Series, max_rows: int,
                   target_ticks: np.ndarray | None = None, cand_ticks: np.ndarray | None = None,
                   cand_time_valid: np.ndarray | None = None, strict: bool = False,
@@ -98,36 +152,8 @@ def history_index(target_keys: pd.Series, cand_keys: pd.Series, max_rows: int,
       int64 `[N, M]` candidate positions, most recent first, -1 padding after the last real row.
     """
     n, m = len(target_keys), int(max_rows)
-    t_codes, c_codes = shared_codes(target_keys, cand_keys)
-    use_time = target_ticks is not None and cand_ticks is not None
-    visible = c_codes >= 0
-    if use_time and cand_time_valid is not None:
-        visible &= cand_time_valid
-    rows = np.flatnonzero(visible)
-    keys = c_codes[rows]
-    if use_time:
-        all_ticks = np.concatenate([cand_ticks[rows], target_ticks])
-        uniq, rank = np.unique(all_ticks, return_inverse=True)
-        width = len(uniq) + 1
-        c_rank, t_rank = rank[:len(rows)], rank[len(rows):]
-    else:  # no cut: order by the candidate's own time if it has one, else by table position
-        width = 1
-        c_rank = t_rank = None
-    n_keys = max(int(c_codes.max(initial=-1)), int(t_codes.max(initial=-1))) + 2
-    if n_keys * width >= np.iinfo(np.int64).max // 2:
-        raise OverflowError(f"history_index: {n_keys} keys x {width} distinct times overflow int64")
-    if use_time:
-        order = np.lexsort((rows, c_rank, keys))
-        composite = keys[order] * width + c_rank[order]
-        side = "left" if strict else "right"
-        end = np.searchsorted(composite, np.where(t_codes >= 0, t_codes, 0) * width + t_rank, side=side)
-    else:
-        within = cand_ticks[rows] if cand_ticks is not None else np.zeros(len(rows))
-        order = np.lexsort((rows, within, keys))
-        composite = keys[order]
-        end = np.searchsorted(composite, np.where(t_codes >= 0, t_codes, 0), side="right")
-    start = np.searchsorted(composite, np.where(t_codes >= 0, t_codes, 0) * width, side="left")
-    sorted_rows = rows[order]
+    cands = _SortedCandidates(target_keys, cand_keys, target_ticks, cand_ticks, cand_time_valid, strict)
+    start, end, sorted_rows, t_codes = cands.start, cands.end, cands.sorted_rows, cands.t_codes
     extra = 1 if exclude_self else 0
     pos = end[:, None] - 1 - np.arange(m + extra)[None, :]  # [N, M(+1)]
     ok = (pos >= start[:, None]) & (t_codes >= 0)[:, None]
@@ -137,3 +163,31 @@ def history_index(target_keys: pd.Series, cand_keys: pd.Series, max_rows: int,
         # Compact: move the removed slot (at most one per row) to the end, keeping recency order.
         index = np.take_along_axis(index, np.argsort(index < 0, axis=1, kind="stable"), axis=1)[:, :m]
     return index.astype(np.int64)
+
+
+def window_counts(target_keys: pd.Series, cand_keys: pd.Series, windows: Sequence[float],
+                  target_ticks: np.ndarray, cand_ticks: np.ndarray, cand_time_valid: np.ndarray | None = None,
+                  strict: bool = False, is_datetime: bool = True) -> np.ndarray:
+    """How many visible related rows share the target's key within trailing time windows.
+
+    The rows `history_index` would list, counted without the M cap: a row counts for window w when
+    ``target time - w < row time <= target time`` (``< target time`` when `strict`).
+
+    Args:
+      target_keys, cand_keys, target_ticks, cand_ticks, cand_time_valid, strict: as `history_index`
+        (times are required).
+      windows: W window lengths: hours for datetimes, raw time units otherwise.
+      is_datetime: ticks are int64 nanoseconds (windows in hours) rather than raw numbers.
+    Returns:
+      int64 `[N, W]` counts (0 for a null key).
+    """
+    cands = _SortedCandidates(target_keys, cand_keys, target_ticks, cand_ticks, cand_time_valid, strict)
+    counts = np.zeros((len(target_keys), len(windows)), np.int64)
+    for j, w in enumerate(windows):
+        if not w > 0:
+            raise ValueError(f"window_counts: windows must be > 0, got {w}")
+        span = int(round(w * NS_PER_HOUR)) if is_datetime else w
+        first_rank = np.searchsorted(cands.uniq, target_ticks - span, side="right")  # first time > t - w
+        lo = np.maximum(np.searchsorted(cands.composite, cands.t_base + first_rank, side="left"), cands.start)
+        counts[:, j] = np.maximum(cands.end - lo, 0)
+    return np.where((cands.t_codes >= 0)[:, None], counts, 0)

@@ -20,6 +20,14 @@ target table: train split rows; other tables with a time column under a time spl
 target column never become features of any row (the target table's history rows included).
 Foreign-key columns are categorical features (codes), never numbers.
 
+**Window counts** (``count_windows``, optional): attention pooling over at most M rows cannot tell a
+busy key from a quiet one beyond M rows, so for every history context with times the target row also
+gets ``log1p`` of how many visible rows fall within each trailing window (``count[<context>,<w>]``,
+hours for datetimes) -- e.g. how many departures the origin had in the previous 3 hours. Histories
+without times get the count of all their rows (``count[<context>,all]``). These are numeric features of
+the target row (appended after the preprocessor's); they are stateless, so predict time recomputes them
+from the tables it is given.
+
 Use::
 
     builder = ContextSetBuilder(schema, max_history={"flights.tailnum=tailnum": 8}, contexts=None)
@@ -109,11 +117,13 @@ class ContextSetBuilder:
       contexts: names of the contexts to build (default: all of `discover_contexts`).
       preprocessor: keyword arguments of `TabularPreprocessor` for every table.
       table_preprocessors: table name -> keyword arguments overriding `preprocessor` for that table.
+      count_windows: trailing windows (hours for datetimes, raw units for numeric times) of the
+        window-count features of every history context (see the module docstring); () = none.
     """
 
     def __init__(self, schema: Schema, max_history: int | Mapping[str, int] = 16,
                  contexts: Sequence[str] | None = None, preprocessor: Mapping | None = None,
-                 table_preprocessors: Mapping[str, Mapping] | None = None):
+                 table_preprocessors: Mapping[str, Mapping] | None = None, count_windows: Sequence[float] = ()):
         self.schema = schema
         available = discover_contexts(schema, max_history)
         names = [s.name for s in available]
@@ -131,9 +141,13 @@ class ContextSetBuilder:
         for table in (table_preprocessors or {}):
             if table not in schema.tables:
                 raise ValueError(f"table_preprocessors: unknown table {table!r}; tables: {sorted(schema.tables)}")
+        windows = [float(w) for w in count_windows]
+        if any(not (np.isfinite(w) and w > 0) for w in windows):
+            raise ValueError(f"count_windows must be positive finite numbers, got {list(count_windows)}")
         self.config = {"max_history": dict(max_history) if isinstance(max_history, Mapping) else int(max_history),
                        "contexts": [s.name for s in self.contexts], "preprocessor": dict(preprocessor or {}),
-                       "table_preprocessors": {k: dict(v) for k, v in (table_preprocessors or {}).items()}}
+                       "table_preprocessors": {k: dict(v) for k, v in (table_preprocessors or {}).items()},
+                       "count_windows": windows}
         self.preprocessors: dict[str, TabularPreprocessor] = {}
         self.classes: tuple | None = None
         self.report: ValidationReport | None = None
@@ -222,15 +236,25 @@ class ContextSetBuilder:
         for table in self.tables_used:  # transform each table once; a zero row at the end is the padding
             arrays = self.preprocessors[table].transform(self._features(table, tables[table]))
             feats[table] = {k: np.concatenate([v, np.zeros((1,) + v.shape[1:], v.dtype)]) for k, v in arrays.items()}
-        contexts = {}
+        contexts, count_names, counts = {}, [], []
         for spec in self.contexts:
             contexts[spec.name] = self._context(spec, tables, target_df, t_ticks, t_is_dt, feats[spec.table])
+            if self.config.get("count_windows") and spec.kind == "history":
+                names, values = self._window_counts(spec, tables, target_df, t_ticks, t_is_dt)
+                count_names += names
+                counts.append(values)
         has_labels = schema.target.column in target_df.columns
-        own = feats[target]
+        own = {k: v[:-1] for k, v in feats[target].items()}
+        info = self.preprocessors[target].get_feature_info()
+        if counts:
+            counts = np.concatenate(counts, axis=1)
+            own["numeric"] = np.concatenate([own["numeric"], _signed_log1p(counts)], axis=1)
+            own["numeric_missing"] = np.concatenate([own["numeric_missing"], np.zeros(counts.shape, bool)], axis=1)
+            info = FeatureInfo(info.numeric_names + tuple(count_names), info.numeric_sources + tuple(count_names),
+                               info.categorical_names, info.categorical_cardinalities, info.column_types)
         return RelationalData(
-            target_table=target, task=schema.target.task, feature_info=self.preprocessors[target].get_feature_info(),
-            numeric=own["numeric"][:-1], numeric_missing=own["numeric_missing"][:-1],
-            categorical=own["categorical"][:-1],
+            target_table=target, task=schema.target.task, feature_info=info,
+            numeric=own["numeric"], numeric_missing=own["numeric_missing"], categorical=own["categorical"],
             labels=self._labels(target_df[schema.target.column]) if has_labels and target_df[schema.target.column].notna().all() else None,
             classes=self.classes, split=assign_split(schema, target_df, times),
             row_index=np.arange(len(target_df), dtype=np.int64), contexts=contexts)
@@ -269,6 +293,19 @@ class ContextSetBuilder:
         return ContextArrays(spec=spec, feature_info=info, numeric=numeric, numeric_missing=missing,
                              categorical=np.take(feats["categorical"], index, axis=0), mask=mask, ages=ages, row_index=index)
 
+    def _window_counts(self, spec: ContextSpec, tables, target_df, t_ticks, t_is_dt) -> tuple[list[str], np.ndarray]:
+        """Names and counts `[N, W]` of the visible rows of history `spec` per trailing window."""
+        related = tables[spec.table]
+        time_column = self.schema.tables[spec.table].time_column
+        keys, cand_keys = target_df[spec.target_column], related[spec.context_column]
+        if t_ticks is None or time_column is None:  # no time cut: every row of the key is visible
+            counts = ci.key_counts(keys, cand_keys, exclude_self=spec.table == self.schema.target.table)
+            return [f"count[{spec.name},all]"], counts[:, None]
+        r_ticks, r_valid, _ = ci.time_ticks(parse_time(related[time_column], f"table {spec.table!r} column {time_column!r}"))
+        windows = self.config["count_windows"]
+        counts = ci.window_counts(keys, cand_keys, windows, t_ticks, r_ticks, r_valid, strict=spec.strict, is_datetime=t_is_dt)
+        return [f"count[{spec.name},{w:g}{'h' if t_is_dt else ''}]" for w in windows], counts
+
     def fit_transform(self, tables: Mapping[str, pd.DataFrame]) -> RelationalData:
         return self.fit(tables).transform(tables)
 
@@ -293,7 +330,7 @@ class ContextSetBuilder:
         cfg = payload["config"]
         builder = cls(Schema.from_dict(payload["schema"]), max_history=cfg["max_history"],
                       contexts=cfg["contexts"], preprocessor=cfg["preprocessor"],
-                      table_preprocessors=cfg["table_preprocessors"])
+                      table_preprocessors=cfg["table_preprocessors"], count_windows=cfg.get("count_windows", ()))
         builder.classes = None if payload["classes"] is None else tuple(payload["classes"])
         builder.preprocessors = {t: TabularPreprocessor.load(directory / f"preprocessor_{i}")
                                  for i, t in enumerate(payload["tables"])}

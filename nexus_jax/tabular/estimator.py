@@ -132,6 +132,8 @@ class _NexusFlowBase:
         report = {"rows": {"train": train.num_rows, "valid": valid.num_rows, "test": test.num_rows},
                   "valid": result.fit.best_metrics, "steps": int(config.train.num_steps),
                   "rows_per_second": result.fit.rows_per_second, "seconds": time.perf_counter() - t0}
+        if result.members:
+            report["members"] = [{k: m[k] for k in ("seed", "best_step", "valid")} for m in result.members]
         if test.num_rows:
             preds, _ = predict_arrays(result.model, result.variables, relational_arrays(test, result.target_scale),
                                       test.task)

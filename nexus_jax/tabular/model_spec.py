@@ -5,7 +5,8 @@
 
 The spec holds every constructor argument of `NexusFormer`, including the feature layouts read from
 the `RelationalData` (numeric feature counts and categorical cardinalities per context), so a model
-can be rebuilt without the training data.
+can be rebuilt without the training data. A deep ensemble's spec adds ``ensemble_size`` and ``task``
+(see `training.train_nexus_former`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from nexus_jax.models.tabular.ensemble import MemberEnsemble
 from nexus_jax.models.tabular.nexus_former import NexusFormer, TableFeatures
 from nexus_jax.models.tabular.registry import encoder_for_table, get_encoder
 
@@ -75,8 +77,13 @@ def nexus_former_spec(model_config: Any, data: Any, n_outputs: int,
     }
 
 
-def build_nexus_former(spec: Mapping[str, Any], dtype: str = "float32") -> NexusFormer:
-    """`NexusFormer` from a spec written by `nexus_former_spec` (e.g. read back from JSON)."""
+def build_nexus_former(spec: Mapping[str, Any], dtype: str = "float32") -> NexusFormer | MemberEnsemble:
+    """`NexusFormer` from a spec written by `nexus_former_spec` (e.g. read back from JSON); a spec with
+    ``ensemble_size`` M > 1 (and ``task``) gives a `MemberEnsemble` of M such NexusFormers."""
+    size = int(spec.get("ensemble_size", 1))
+    if size > 1:
+        return MemberEnsemble(member=build_nexus_former({k: v for k, v in spec.items() if k != "ensemble_size"}, dtype),
+                              size=size, task=spec["task"])
     contexts = spec["contexts"]
     return NexusFormer(
         target_features=TableFeatures(int(spec["target_features"]["num_numeric"]),

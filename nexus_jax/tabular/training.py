@@ -5,6 +5,12 @@
     result.model, result.spec            # NexusFormer and its JSON-able spec (model_spec.py)
     result.fit                           # train/loop.FitResult (history, rows/s, best step, ...)
 
+With ``config.model.ensemble_size = M > 1`` it trains M members one after another (seeds ``seed``,
+``seed + 1``, ...; each in ``workdir/member_i`` with its own early stopping and resume) and returns
+them as one `MemberEnsemble` (``params = {"member_i": ...}``) whose probabilities are the members'
+mean; ``result.fit`` then reports the ensemble's validation metrics and the members' summed time,
+``result.members`` each member's seed, best step and validation metrics.
+
 Regression targets are standardised with the training mean / std (`target_scale`) and predictions
 are mapped back by the callers. The early-stopping metric of `config.train.early_stopping` must be
 one the task produces; if it is not (e.g. "auc" for regression), the task's default is used
@@ -20,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from nexus_jax.tabular.model_spec import build_nexus_former, nexus_former_spec
-from nexus_jax.tabular.objectives import n_outputs, relational_arrays, relational_objective
+from nexus_jax.tabular.objectives import evaluation_metrics, n_outputs, relational_arrays, relational_objective
+from nexus_jax.tabular.runtime import predict_arrays
 from nexus_jax.train.data import ArrayDataset
 from nexus_jax.train.loop import FitResult, fit, restore_best
 
@@ -37,6 +44,7 @@ class TrainResult:
     fit: FitResult
     target_scale: tuple[float, float]  # (shift, scale) of regression targets; (0, 1) otherwise
     early_stopping: tuple[str, str]  # (metric, mode) actually used
+    members: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # ensembles: per-member summary
 
 
 def target_scale_of(data: Any) -> tuple[float, float]:
@@ -63,8 +71,43 @@ def train_nexus_former(train: Any, valid: Any | None, config: Any, workdir: str 
                        context_priors: dict[str, float] | None = None) -> TrainResult:
     """Trains on `train` (RelationalData), early-stops on `valid`, returns the best checkpoint.
 
+    An ensemble (``config.model.ensemble_size > 1``) trains its members as the module docstring says.
     Rerunning with the same `workdir` resumes (see `train/loop.py`).
     """
+    size = int(config.model.get("ensemble_size", 1))
+    if size < 1:
+        raise ValueError(f"config.model.ensemble_size={size}; must be >= 1")
+    if size == 1:
+        return _train_one(train, valid, config, workdir, context_priors)
+    members = []
+    for i in range(size):
+        member_config = config.copy_and_resolve_references()
+        with member_config.unlocked():
+            member_config.seed = int(config.seed) + i
+            member_config.model.ensemble_size = 1
+        members.append(_train_one(train, valid, member_config, pathlib.Path(workdir) / f"member_{i}", context_priors))
+    first = members[0]
+    spec = {**first.spec, "ensemble_size": size, "task": train.task}
+    variables = {col: {f"member_{i}": m.variables[col] for i, m in enumerate(members)} for col in first.variables}
+    model = build_nexus_former(spec, config.train.compute_dtype)
+    best_metrics = None
+    if valid is not None and valid.num_rows:
+        arrays = relational_arrays(valid, first.target_scale)
+        preds, _ = predict_arrays(model, variables, arrays, train.task)
+        best_metrics = evaluation_metrics(train.task, preds, arrays["y"], first.target_scale)
+    seconds = sum(m.fit.train_seconds for m in members)
+    rows = sum(m.fit.rows_per_second * m.fit.train_seconds for m in members)
+    fit_summary = dataclasses.replace(
+        first.fit, best_metrics=best_metrics, steps_run=sum(m.fit.steps_run for m in members), train_seconds=seconds,
+        rows_per_second=rows / seconds if seconds > 0 else 0.0, stopped_early=any(m.fit.stopped_early for m in members))
+    summary = [{"seed": int(config.seed) + i, "workdir": str(pathlib.Path(workdir) / f"member_{i}"),
+                "best_step": m.fit.best_step, "valid": m.fit.best_metrics} for i, m in enumerate(members)]
+    return TrainResult(model=model, spec=spec, variables=variables, fit=fit_summary, target_scale=first.target_scale,
+                       early_stopping=first.early_stopping, members=summary)
+
+
+def _train_one(train: Any, valid: Any | None, config: Any, workdir: str | pathlib.Path,
+               context_priors: dict[str, float] | None) -> TrainResult:
     if train.labels is None:
         raise ValueError("train_nexus_former: the training rows have no labels")
     scale = target_scale_of(train)

@@ -71,3 +71,44 @@ def test_time_ticks_and_ages():
     ticks, valid, is_dt = ci.time_ticks(pd.Series([1.0, np.nan, 4.0]))
     assert not is_dt and valid.tolist() == [True, False, True]
     assert ci.ages_between(ticks[2], ticks[0], False) == np.float32(3.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), n=st.integers(0, 12), c=st.integers(0, 15), strict=st.booleans(),
+       windows=st.lists(st.sampled_from([0.5, 1.0, 2.0, 3.5, 10.0]), min_size=1, max_size=3))
+def test_window_counts_match_reference(data, n, c, strict, windows):
+    keys = st.one_of(st.none(), st.integers(0, 3))
+    t_keys = data.draw(st.lists(keys, min_size=n, max_size=n))
+    c_keys = data.draw(st.lists(keys, min_size=c, max_size=c))
+    t_times = np.array(data.draw(st.lists(st.integers(0, 8), min_size=n, max_size=n)), np.float64)
+    c_times = np.array(data.draw(st.lists(st.integers(0, 8), min_size=c, max_size=c)), np.float64)
+    c_valid = np.array(data.draw(st.lists(st.booleans(), min_size=c, max_size=c)), bool)
+    got = ci.window_counts(pd.Series(t_keys, dtype=object), pd.Series(c_keys, dtype=object), windows,
+                           t_times, c_times, c_valid, strict=strict, is_datetime=False)
+    want = np.zeros((n, len(windows)), np.int64)
+    for i, key in enumerate(t_keys):
+        for j, ck in enumerate(c_keys):
+            if key is None or ck != key or not c_valid[j]:
+                continue
+            before = c_times[j] < t_times[i] if strict else c_times[j] <= t_times[i]
+            for w, width in enumerate(windows):
+                want[i, w] += before and c_times[j] > t_times[i] - width
+    np.testing.assert_array_equal(got, want)
+
+
+def test_window_counts_datetimes_use_hours():
+    hours = pd.to_datetime(["2013-01-01 00:00", "2013-01-01 01:00", "2013-01-01 02:30", "2013-01-01 03:00"])
+    ticks = hours.to_numpy("datetime64[ns]").view(np.int64)
+    keys = pd.Series(["a", "a", "a", "b"])
+    got = ci.window_counts(keys, keys, [1, 3], ticks, ticks, strict=True)
+    # Windows are (t - w, t]: row 1 (01:00) sees 00:00 only within 3 h (exactly 1 h ago is outside 1 h);
+    # row 2 (02:30) sees 01:00 and 00:00 within 3 h, nothing within 1 h.
+    np.testing.assert_array_equal(got, [[0, 0], [0, 1], [0, 2], [0, 0]])
+    assert ci.window_counts(keys, keys, [3], ticks, ticks, strict=False)[2, 0] == 3  # itself included
+
+
+def test_key_counts_and_exclude_self():
+    keys = pd.Series(["a", None, "a", "b", "a"])
+    np.testing.assert_array_equal(ci.key_counts(keys, keys), [3, 0, 3, 1, 3])
+    np.testing.assert_array_equal(ci.key_counts(keys, keys, exclude_self=True), [2, 0, 2, 0, 2])
+    np.testing.assert_array_equal(ci.key_counts(pd.Series(["z", "b"]), keys), [0, 1])

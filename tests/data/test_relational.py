@@ -164,3 +164,37 @@ def test_save_load_builder_and_data_predict_time(tmp_path):
     np.testing.assert_array_equal(back.contexts["visits.cid=cid"].numeric, data.contexts["visits.cid=cid"].numeric)
     train = data.subset("train")
     assert train.num_rows == 4 and train.arrays()["contexts"]["orders.cid=cid"]["mask"].shape == (4, 2)
+
+
+def test_window_count_features_of_histories(tmp_path):
+    tables = _tables()
+    data = _build(count_windows=(1, 3))
+    plain = _build()
+    names = data.feature_info.numeric_names[-4:]
+    assert names == ("count[orders.cid=cid,1h]", "count[orders.cid=cid,3h]",
+                     "count[visits.cid=cid,1h]", "count[visits.cid=cid,3h]")
+    np.testing.assert_array_equal(data.numeric[:, :-4], plain.numeric)
+    counts = np.expm1(data.numeric[:, -4:]).round()
+    # Earlier orders of the same customer (strict): o2/o3 (02:00) see o0 (00:00, 2 h ago) within 3 h only;
+    # o5 (06:00) sees o3 and o2 (4 h ago) in neither window. Visits at or before: o2 sees v1 (02:00) within
+    # 1 h and v1, v0 (23:00, 3 h ago: outside (t-3h, t]) -> 1 within 3 h; o5 (06:00): v2 (03:00) is exactly 3 h ago.
+    np.testing.assert_array_equal(counts[:, 0], [0, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(counts[:, 1], [0, 0, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(counts[:, 2], [0, 1, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(counts[:, 3], [1, 1, 1, 1, 0, 0, 0])
+    builder = ContextSetBuilder(Schema.from_dict(SCHEMA), max_history=2, preprocessor=STANDARD,
+                                count_windows=(1, 3)).fit(tables)
+    builder.save(tmp_path / "b")
+    again = ContextSetBuilder.load(tmp_path / "b").transform(tables)
+    np.testing.assert_array_equal(again.numeric, data.numeric)
+    with pytest.raises(ValueError, match="count_windows"):
+        ContextSetBuilder(Schema.from_dict(SCHEMA), count_windows=(0,))
+
+
+def test_key_count_feature_without_times():
+    schema = {**SCHEMA, "tables": {**SCHEMA["tables"], "orders": {**SCHEMA["tables"]["orders"], "time_column": None}},
+              "split": {"method": "random", "valid_fraction": 0.2, "test_fraction": 0.2, "seed": 0}}
+    data = _build(schema=schema, count_windows=(1,))
+    assert data.feature_info.numeric_names[-2] == "count[orders.cid=cid,all]"
+    # Other orders of the same customer (never itself): customer 1 has 4 orders, customer 2 one.
+    np.testing.assert_array_equal(np.expm1(data.numeric[:, -2]).round(), [3, 0, 3, 3, 0, 3, 0])

@@ -67,6 +67,20 @@ def test_multi_table_experiment_end_to_end_and_predict_command(tiny_config, tmp_
     assert predict_cli.main(["--artifact", str(tmp_path / "nope"), "--data", str(folder), "--output", str(out)]) == 2
 
 
+@pytest.mark.slow
+def test_ensemble_experiment_members_plots_and_resume(tiny_config, tmp_path):
+    c = tiny_config.copy_and_resolve_references()
+    c.model.ensemble_size = 2
+    c.eval.optimize = False
+    results = run_experiment(c, tmp_path)
+    members = results["ensemble_members"]
+    assert [m["seed"] for m in members] == [c.seed, c.seed + 1] and all(m["valid"]["auc"] > 0 for m in members)
+    for i in range(2):
+        assert (tmp_path / f"member_{i}" / "learning_curves.png").stat().st_size > 1000
+    assert json.loads((pathlib.Path(results["artifact"]) / "artifact.json").read_text())["spec"]["ensemble_size"] == 2
+    assert run_experiment(c, tmp_path)["test"] == results["test"]  # both members resume, nothing retrains
+
+
 def test_row_experiment_end_to_end_and_resume(tmp_path):
     c = load_config()
     c.model.name = "row"
@@ -94,3 +108,21 @@ def test_max_categories_zero_takes_the_datasets_recommendation():
     assert preprocessor_settings(dc, {})["max_categories"] == DEFAULT_MAX_CATEGORIES  # a data.path folder
     dc.max_categories = 7
     assert preprocessor_settings(dc, nycflights13.PREPROCESSOR)["max_categories"] == 7  # an override wins
+
+
+def test_drop_columns_and_count_windows_settings():
+    from experiments.tabular import parse_count_windows, with_dropped_columns
+
+    schema = with_dropped_columns(nycflights13.schema(), "flights.day, weather.humid")
+    assert "day" in schema.tables["flights"].drop_columns and "month" in schema.tables["flights"].drop_columns
+    assert schema.tables["weather"].drop_columns[-1] == "humid"
+    tables = nycflights13.load_tables(max_target_rows=500)
+    assert "day" not in schema.feature_columns("flights", tables["flights"])
+    with pytest.raises(ValueError, match="unknown table 'flight'"):
+        with_dropped_columns(nycflights13.schema(), "flight.day")
+    with pytest.raises(ValueError, match="not 'table.column'"):
+        with_dropped_columns(nycflights13.schema(), "day")
+    assert parse_count_windows("1, 3,24") == (1.0, 3.0, 24.0) and parse_count_windows("none") == ()
+    for bad in ("1,x", "0", ","):
+        with pytest.raises(ValueError, match="config.data.count_windows"):
+            parse_count_windows(bad)

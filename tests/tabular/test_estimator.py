@@ -161,3 +161,27 @@ def test_regressor_fit_save_load(tables, tmp_path):
     np.testing.assert_array_equal(NexusFlowRegressor.load(reg.save(tmp_path / "reg")).predict(new), pred)
     with pytest.raises(ValueError, match="regressor"):
         reg.predictor_.predict_proba(new)
+
+
+def test_deep_ensemble_averages_members_and_round_trips(tables, tmp_path):
+    from nexus_jax.tabular.predictor import TabularPredictor
+
+    kwargs = {**TINY, "min_steps": 20, "config_overrides": {**TINY["config_overrides"], "model.ensemble_size": 2}}
+    est = NexusFlowClassifier(**kwargs).fit(tables, SCHEMA)
+    new, history = predict_tables(tables)
+    proba = est.predict_proba(new, history=history)
+    p = est.predictor_
+    assert sorted(p.variables["params"]) == ["member_0", "member_1"] and p.spec["ensemble_size"] == 2
+    assert [m["seed"] for m in est.fit_report_["members"]] == [0, 1]
+    members = []
+    for i in range(2):
+        spec = {k: v for k, v in p.spec.items() if k not in ("ensemble_size", "task")}
+        variables = {col: tree[f"member_{i}"] for col, tree in p.variables.items()}
+        members.append(TabularPredictor(p.builder, spec, variables, p.target_scale, p.fit_columns)
+                       .predict_proba(new, history=history))
+    assert not np.allclose(members[0], members[1])  # two seeds, two models
+    np.testing.assert_allclose(proba, np.mean(members, 0), rtol=1e-5, atol=1e-6)
+    loaded = NexusFlowClassifier.load(est.save(tmp_path / "ens"))
+    np.testing.assert_array_equal(loaded.predict_proba(new, history=history), proba)
+    quant = loaded.optimize("int8", eval_tables=tables)
+    assert quant["size_reduction"] > 0.3 and abs(quant["change"]["auc"]) < 0.02
