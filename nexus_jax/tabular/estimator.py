@@ -34,6 +34,7 @@ from nexus_jax.tabular.objectives import evaluation_metrics, relational_arrays
 from nexus_jax.tabular.predictor import TabularPredictor
 from nexus_jax.tabular.runtime import predict_arrays
 from nexus_jax.tabular.training import train_nexus_former
+from nexus_jax.train.presets import set_path
 
 ESTIMATOR_FILE = "estimator.json"
 
@@ -99,13 +100,10 @@ class _NexusFlowBase:
             if self.d_model is not None:
                 c.model.d_model = int(self.d_model)
             for path, value in (self.config_overrides or {}).items():
-                *parents, last = path.split(".")
-                node = c
-                for key in parents:
-                    node = node[key]
-                if last not in node:
-                    raise ValueError(f"config_overrides: config has no field {path!r}")
-                node[last] = value
+                try:
+                    set_path(c, path, value)
+                except KeyError:
+                    raise ValueError(f"config_overrides: config has no field {path!r}") from None
             c.train.batch_size = int(min(c.train.batch_size, max(8, n_train // 4)))
             steps_per_epoch = max(n_train // c.train.batch_size, 1)
             c.train.num_steps = max(int(c.train.num_epochs) * steps_per_epoch, int(self.min_steps))

@@ -28,16 +28,22 @@ def _reference(t_keys, c_keys, m, t_times, c_times, c_valid, strict, exclude_sel
     return out
 
 
+def _draw_rows(data, n, c, max_time):
+    """n target and c candidate rows: keys in {None, 0..3}, integer times, candidate time validity."""
+    keys = st.one_of(st.none(), st.integers(0, 3))
+    t_keys = data.draw(st.lists(keys, min_size=n, max_size=n))
+    c_keys = data.draw(st.lists(keys, min_size=c, max_size=c))
+    t_times = np.array(data.draw(st.lists(st.integers(0, max_time), min_size=n, max_size=n)), np.int64)
+    c_times = np.array(data.draw(st.lists(st.integers(0, max_time), min_size=c, max_size=c)), np.int64)
+    c_valid = np.array(data.draw(st.lists(st.booleans(), min_size=c, max_size=c)), bool)
+    return t_keys, c_keys, t_times, c_times, c_valid
+
+
 @settings(max_examples=60, deadline=None)
 @given(data=st.data(), n=st.integers(0, 12), c=st.integers(0, 15), m=st.integers(1, 4),
        strict=st.booleans(), timed=st.sampled_from(["both", "target_only", "cand_only", "none"]))
 def test_history_index_matches_reference(data, n, c, m, strict, timed):
-    keys = st.one_of(st.none(), st.integers(0, 3))
-    t_keys = data.draw(st.lists(keys, min_size=n, max_size=n))
-    c_keys = data.draw(st.lists(keys, min_size=c, max_size=c))
-    t_times = np.array(data.draw(st.lists(st.integers(0, 6), min_size=n, max_size=n)), np.int64)
-    c_times = np.array(data.draw(st.lists(st.integers(0, 6), min_size=c, max_size=c)), np.int64)
-    c_valid = np.array(data.draw(st.lists(st.booleans(), min_size=c, max_size=c)), bool)
+    t_keys, c_keys, t_times, c_times, c_valid = _draw_rows(data, n, c, max_time=6)
     t_arg = t_times if timed in ("both", "target_only") else None
     c_arg = c_times if timed in ("both", "cand_only") else None
     got = ci.history_index(pd.Series(t_keys, dtype=object), pd.Series(c_keys, dtype=object), m,
@@ -77,12 +83,8 @@ def test_time_ticks_and_ages():
 @given(data=st.data(), n=st.integers(0, 12), c=st.integers(0, 15), strict=st.booleans(),
        windows=st.lists(st.sampled_from([0.5, 1.0, 2.0, 3.5, 10.0]), min_size=1, max_size=3))
 def test_window_counts_match_reference(data, n, c, strict, windows):
-    keys = st.one_of(st.none(), st.integers(0, 3))
-    t_keys = data.draw(st.lists(keys, min_size=n, max_size=n))
-    c_keys = data.draw(st.lists(keys, min_size=c, max_size=c))
-    t_times = np.array(data.draw(st.lists(st.integers(0, 8), min_size=n, max_size=n)), np.float64)
-    c_times = np.array(data.draw(st.lists(st.integers(0, 8), min_size=c, max_size=c)), np.float64)
-    c_valid = np.array(data.draw(st.lists(st.booleans(), min_size=c, max_size=c)), bool)
+    t_keys, c_keys, t_times, c_times, c_valid = _draw_rows(data, n, c, max_time=8)
+    t_times, c_times = t_times.astype(np.float64), c_times.astype(np.float64)  # numeric (non-datetime) times
     got = ci.window_counts(pd.Series(t_keys, dtype=object), pd.Series(c_keys, dtype=object), windows,
                            t_times, c_times, c_valid, strict=strict, is_datetime=False)
     want = np.zeros((n, len(windows)), np.int64)

@@ -124,6 +124,10 @@ def test_sklearn_params_and_clone():
         est.set_params(epochs=3)
     config = NexusFlowClassifier().make_config(n_train=10_000)  # no arguments: the quick defaults
     assert config.model.name == "nexus_former" and config.train.num_steps >= 200
+    config = NexusFlowClassifier(config_overrides={"model.ensemble_size": 2}).make_config(n_train=1000)
+    assert config.model.ensemble_size == 2
+    with pytest.raises(ValueError, match="config has no field 'model.widht'"):
+        NexusFlowClassifier(config_overrides={"model.widht": 3}).make_config(n_train=1000)
 
 
 def test_quantised_and_pruned_models_predict_with_bounded_change(fitted, tables, tmp_path):
