@@ -6,12 +6,14 @@
     clf.optimize("int8"); clf.save("model_dir")     # artifact: JSON + arrays + Orbax params, no pickle
     same = NexusFlowClassifier.load("model_dir")    # predicts identically
 
-`fit` builds the leakage-safe context sets from the schema (`ContextSetBuilder`; contexts and history
-lengths from `builder_kwargs`, else every discovered context with `max_history` rows), trains
+`fit` builds the leakage-safe context sets from the schema (`ContextSetBuilder`; contexts, history
+lengths and window-count features from `builder_kwargs`, e.g. ``{"max_history": 16, "count_windows":
+[1, 24]}``, else every discovered context with `max_history` rows and no counts), trains
 NexusFormer on the schema's "train" split and early-stops on its "valid" split (the "test" split is
 scored once into `fit_report_["test"]` if it has rows, never used for training). At predict time the
 target table holds the rows to predict, without the target column; `history` passes earlier
-target-table rows that the new rows' histories may look at.
+target-table rows that the new rows' histories may look at. A deep ensemble:
+``config_overrides={"model.ensemble_size": 3}`` (the "full" preset's setting).
 """
 
 from __future__ import annotations
