@@ -80,28 +80,21 @@ def parent_index(target_keys: pd.Series, parent_keys: pd.Series) -> np.ndarray:
     return np.where(t_codes >= 0, lookup[t_codes], -1)
 
 
-def key_counts(target_keys: pd.Series, cand_keys: pd.Series, exclude_self: bool = False) -> np.ndarray:
-    """How many candidate rows share each target row's key (0 for a null key); `[N]` int64.
+class SortedHistory:
+    """The visible related rows of N target rows, sorted once. `history_index`, `window_counts` and
+    `key_counts` are its methods on a fresh instance; the context-set builder reuses one per context.
 
-    `exclude_self`: the candidates are the target rows themselves (same order); a row does not count itself.
-    """
-    t_codes, c_codes = shared_codes(target_keys, cand_keys)
-    per_key = np.bincount(c_codes[c_codes >= 0], minlength=int(t_codes.max(initial=-1)) + 1)
-    counts = np.where(t_codes >= 0, per_key[np.maximum(t_codes, 0)] if len(per_key) else 0, 0)
-    return (counts - (exclude_self & (t_codes >= 0))).astype(np.int64)
-
-
-class _SortedCandidates:
-    """Visible candidate rows sorted by (key code, time rank, position), shared by the index functions.
-
-    ``composite[j] = key * width + rank(time)`` is sorted; a target row's visible window is
-    ``[start, end)`` of that array (its key's group, times up to its own).
+    Visible candidate rows are sorted by (key code, time rank, position): ``composite[j] = key * width
+    + rank(time)`` is sorted and a target row's visible rows are ``[start, end)`` of that array (its
+    key's group, times up to its own). Arguments as `history_index`.
     """
 
-    def __init__(self, target_keys: pd.Series, cand_keys: pd.Series, target_ticks, cand_ticks,
-                 cand_time_valid, strict: bool):
+    def __init__(self, target_keys: pd.Series, cand_keys: pd.Series, target_ticks: np.ndarray | None = None,
+                 cand_ticks: np.ndarray | None = None, cand_time_valid: np.ndarray | None = None,
+                 strict: bool = False):
         self.t_codes, c_codes = shared_codes(target_keys, cand_keys)
         self.use_time = target_ticks is not None and cand_ticks is not None
+        self.target_ticks = target_ticks
         visible = c_codes >= 0
         if self.use_time and cand_time_valid is not None:
             visible &= cand_time_valid
@@ -129,6 +122,47 @@ class _SortedCandidates:
         self.start = np.searchsorted(self.composite, self.t_base, side="left")
         self.sorted_rows = rows[order]
 
+    def index(self, max_rows: int, exclude_self: bool = False) -> np.ndarray:
+        """`history_index`: int64 `[N, M]` positions, most recent first, -1 padding."""
+        n, m = len(self.t_codes), int(max_rows)
+        start, end, sorted_rows = self.start, self.end, self.sorted_rows
+        extra = 1 if exclude_self else 0
+        pos = end[:, None] - 1 - np.arange(m + extra)[None, :]  # [N, M(+1)]
+        ok = (pos >= start[:, None]) & (self.t_codes >= 0)[:, None]
+        index = np.where(ok, sorted_rows[np.clip(pos, 0, max(len(sorted_rows) - 1, 0))] if len(sorted_rows) else -1, -1)
+        if exclude_self:
+            index = np.where(index == np.arange(n)[:, None], -1, index)
+            # Compact: move the removed slot (at most one per row) to the end, keeping recency order.
+            index = np.take_along_axis(index, np.argsort(index < 0, axis=1, kind="stable"), axis=1)[:, :m]
+        return index.astype(np.int64)
+
+    def window_counts(self, windows: Sequence[float], is_datetime: bool = True) -> np.ndarray:
+        """`window_counts`: int64 `[N, W]` visible rows per trailing window (needs times)."""
+        if not self.use_time:
+            raise ValueError("window_counts: needs target and candidate times")
+        counts = np.zeros((len(self.t_codes), len(windows)), np.int64)
+        for j, w in enumerate(windows):
+            if not w > 0:
+                raise ValueError(f"window_counts: windows must be > 0, got {w}")
+            span = int(round(w * NS_PER_HOUR)) if is_datetime else w
+            first_rank = np.searchsorted(self.uniq, self.target_ticks - span, side="right")  # first time > t - w
+            lo = np.maximum(np.searchsorted(self.composite, self.t_base + first_rank, side="left"), self.start)
+            counts[:, j] = np.maximum(self.end - lo, 0)
+        return np.where((self.t_codes >= 0)[:, None], counts, 0)
+
+    def key_counts(self, exclude_self: bool = False) -> np.ndarray:
+        """`key_counts`: int64 `[N]` visible rows sharing each target row's key, without the M cap."""
+        counts = np.where(self.t_codes >= 0, self.end - self.start, 0)
+        return (counts - (exclude_self & (self.t_codes >= 0))).astype(np.int64)
+
+
+def key_counts(target_keys: pd.Series, cand_keys: pd.Series, exclude_self: bool = False) -> np.ndarray:
+    """How many candidate rows share each target row's key (0 for a null key); `[N]` int64.
+
+    `exclude_self`: the candidates are the target rows themselves (same order); a row does not count itself.
+    """
+    return SortedHistory(target_keys, cand_keys).key_counts(exclude_self)
+
 
 def history_index(target_keys: pd.Series, cand_keys: pd.Series, max_rows: int,
                   target_ticks: np.ndarray | None = None, cand_ticks: np.ndarray | None = None,
@@ -151,18 +185,8 @@ def history_index(target_keys: pd.Series, cand_keys: pd.Series, max_rows: int,
     Returns:
       int64 `[N, M]` candidate positions, most recent first, -1 padding after the last real row.
     """
-    n, m = len(target_keys), int(max_rows)
-    cands = _SortedCandidates(target_keys, cand_keys, target_ticks, cand_ticks, cand_time_valid, strict)
-    start, end, sorted_rows, t_codes = cands.start, cands.end, cands.sorted_rows, cands.t_codes
-    extra = 1 if exclude_self else 0
-    pos = end[:, None] - 1 - np.arange(m + extra)[None, :]  # [N, M(+1)]
-    ok = (pos >= start[:, None]) & (t_codes >= 0)[:, None]
-    index = np.where(ok, sorted_rows[np.clip(pos, 0, max(len(sorted_rows) - 1, 0))] if len(sorted_rows) else -1, -1)
-    if exclude_self:
-        index = np.where(index == np.arange(n)[:, None], -1, index)
-        # Compact: move the removed slot (at most one per row) to the end, keeping recency order.
-        index = np.take_along_axis(index, np.argsort(index < 0, axis=1, kind="stable"), axis=1)[:, :m]
-    return index.astype(np.int64)
+    history = SortedHistory(target_keys, cand_keys, target_ticks, cand_ticks, cand_time_valid, strict)
+    return history.index(max_rows, exclude_self)
 
 
 def window_counts(target_keys: pd.Series, cand_keys: pd.Series, windows: Sequence[float],
@@ -181,13 +205,5 @@ def window_counts(target_keys: pd.Series, cand_keys: pd.Series, windows: Sequenc
     Returns:
       int64 `[N, W]` counts (0 for a null key).
     """
-    cands = _SortedCandidates(target_keys, cand_keys, target_ticks, cand_ticks, cand_time_valid, strict)
-    counts = np.zeros((len(target_keys), len(windows)), np.int64)
-    for j, w in enumerate(windows):
-        if not w > 0:
-            raise ValueError(f"window_counts: windows must be > 0, got {w}")
-        span = int(round(w * NS_PER_HOUR)) if is_datetime else w
-        first_rank = np.searchsorted(cands.uniq, target_ticks - span, side="right")  # first time > t - w
-        lo = np.maximum(np.searchsorted(cands.composite, cands.t_base + first_rank, side="left"), cands.start)
-        counts[:, j] = np.maximum(cands.end - lo, 0)
-    return np.where((cands.t_codes >= 0)[:, None], counts, 0)
+    history = SortedHistory(target_keys, cand_keys, target_ticks, cand_ticks, cand_time_valid, strict)
+    return history.window_counts(windows, is_datetime)

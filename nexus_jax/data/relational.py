@@ -238,9 +238,9 @@ class ContextSetBuilder:
             feats[table] = {k: np.concatenate([v, np.zeros((1,) + v.shape[1:], v.dtype)]) for k, v in arrays.items()}
         contexts, count_names, counts = {}, [], []
         for spec in self.contexts:
-            contexts[spec.name] = self._context(spec, tables, target_df, t_ticks, t_is_dt, feats[spec.table])
-            if self.config.get("count_windows") and spec.kind == "history":
-                names, values = self._window_counts(spec, tables, target_df, t_ticks, t_is_dt)
+            contexts[spec.name], history = self._context(spec, tables, target_df, t_ticks, t_is_dt, feats[spec.table])
+            if self.config.get("count_windows") and history is not None:
+                names, values = self._window_counts(spec, history, t_is_dt)
                 count_names += names
                 counts.append(values)
         has_labels = schema.target.column in target_df.columns
@@ -259,12 +259,15 @@ class ContextSetBuilder:
             classes=self.classes, split=assign_split(schema, target_df, times),
             row_index=np.arange(len(target_df), dtype=np.int64), contexts=contexts)
 
-    def _context(self, spec: ContextSpec, tables, target_df, t_ticks, t_is_dt, feats) -> ContextArrays:
+    def _context(self, spec: ContextSpec, tables, target_df, t_ticks, t_is_dt, feats
+                 ) -> tuple[ContextArrays, ci.SortedHistory | None]:
+        """The context's padded rows and, for a history, its sorted visible rows (reused by the counts)."""
         related = tables[spec.table]
         time_column = self.schema.tables[spec.table].time_column
         r_times = None if time_column is None else parse_time(
             related[time_column], f"table {spec.table!r} column {time_column!r}")
         r_ticks, r_valid, r_is_dt = ci.time_ticks(r_times)
+        history = None
         if spec.kind == "parent":
             index = ci.parent_index(target_df[spec.target_column], related[spec.context_column])[:, None]
             if t_ticks is not None and r_ticks is not None:
@@ -272,10 +275,9 @@ class ContextSetBuilder:
                                             else (r_ticks[index] <= t_ticks[:, None]))
                 index = np.where(visible & (index >= 0), index, -1)
         else:
-            index = ci.history_index(
-                target_df[spec.target_column], related[spec.context_column], spec.max_rows,
-                target_ticks=t_ticks, cand_ticks=r_ticks, cand_time_valid=r_valid, strict=spec.strict,
-                exclude_self=spec.table == self.schema.target.table and (t_ticks is None or r_ticks is None))
+            history = ci.SortedHistory(target_df[spec.target_column], related[spec.context_column], t_ticks, r_ticks,
+                                       r_valid, spec.strict)
+            index = history.index(spec.max_rows, exclude_self=self._sees_itself(spec, history))
         mask = index >= 0
         timed = t_ticks is not None and r_ticks is not None
         if timed and t_is_dt != r_is_dt:
@@ -291,20 +293,22 @@ class ContextSetBuilder:
             info = FeatureInfo(info.numeric_names + (AGE_FEATURE,), info.numeric_sources + (AGE_FEATURE,),
                                info.categorical_names, info.categorical_cardinalities, info.column_types)
         return ContextArrays(spec=spec, feature_info=info, numeric=numeric, numeric_missing=missing,
-                             categorical=np.take(feats["categorical"], index, axis=0), mask=mask, ages=ages, row_index=index)
+                             categorical=np.take(feats["categorical"], index, axis=0), mask=mask, ages=ages,
+                             row_index=index), history
 
-    def _window_counts(self, spec: ContextSpec, tables, target_df, t_ticks, t_is_dt) -> tuple[list[str], np.ndarray]:
-        """Names and counts `[N, W]` of the visible rows of history `spec` per trailing window."""
-        related = tables[spec.table]
-        time_column = self.schema.tables[spec.table].time_column
-        keys, cand_keys = target_df[spec.target_column], related[spec.context_column]
-        if t_ticks is None or time_column is None:  # no time cut: every row of the key is visible
-            counts = ci.key_counts(keys, cand_keys, exclude_self=spec.table == self.schema.target.table)
-            return [f"count[{spec.name},all]"], counts[:, None]
-        r_ticks, r_valid, _ = ci.time_ticks(parse_time(related[time_column], f"table {spec.table!r} column {time_column!r}"))
+    def _sees_itself(self, spec: ContextSpec, history: ci.SortedHistory) -> bool:
+        """A history of the target table without a time cut would list each row itself."""
+        return spec.table == self.schema.target.table and not history.use_time
+
+    def _window_counts(self, spec: ContextSpec, history: ci.SortedHistory, t_is_dt: bool
+                       ) -> tuple[list[str], np.ndarray]:
+        """Names and counts `[N, W]` of the visible rows of history `spec` per trailing window; one
+        ``all`` column without a time cut (then every row of the key is visible)."""
+        if not history.use_time:
+            return [f"count[{spec.name},all]"], history.key_counts(self._sees_itself(spec, history))[:, None]
         windows = self.config["count_windows"]
-        counts = ci.window_counts(keys, cand_keys, windows, t_ticks, r_ticks, r_valid, strict=spec.strict, is_datetime=t_is_dt)
-        return [f"count[{spec.name},{w:g}{'h' if t_is_dt else ''}]" for w in windows], counts
+        names = [f"count[{spec.name},{w:g}{'h' if t_is_dt else ''}]" for w in windows]
+        return names, history.window_counts(windows, is_datetime=t_is_dt)
 
     def fit_transform(self, tables: Mapping[str, pd.DataFrame]) -> RelationalData:
         return self.fit(tables).transform(tables)
