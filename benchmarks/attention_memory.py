@@ -31,18 +31,28 @@ from nexus_jax.layers.kernels import chunked_attention  # noqa: E402
 
 def machine_info() -> dict:
   import flax
+
   dev = jax.devices()[0]
-  return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-          "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
-          "device": f"{dev.platform}:{dev.device_kind}", "python": platform.python_version(),
-          "jax": jax.__version__, "jaxlib": jax.lib.__version__, "flax": flax.__version__}
+  return {
+      "platform": platform.platform(),
+      "processor": platform.processor() or platform.machine(),
+      "cpu_count": os.cpu_count(),
+      "load_avg_1m": os.getloadavg()[0],
+      "device": f"{dev.platform}:{dev.device_kind}",
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "jaxlib": jax.lib.__version__,
+      "flax": flax.__version__,
+  }
 
 
 def fwd_bwd(backend: str, causal: bool, sizes):
   def loss(q, k, v):
-    out = attention_ops.dot_product_attention(q, k, v, causal=causal, backend=backend,
-                                              block_sizes=sizes)
+    out = attention_ops.dot_product_attention(
+        q, k, v, causal=causal, backend=backend, block_sizes=sizes
+    )
     return jnp.sum(out.astype(jnp.float32))
+
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
@@ -106,8 +116,17 @@ def main():
     if len(mem) > 1 and mem[0] > 0:
       growth[backend] = [round(b / a, 2) for a, b in zip(mem, mem[1:])]
   config = {k: v for k, v in vars(args).items()}
-  print(json.dumps({"benchmark": "attention_memory", "machine": machine_info(), "config": config,
-                    "results": rows, "temp_memory_growth_per_length_step": growth}))
+  print(
+      json.dumps(
+          {
+              "benchmark": "attention_memory",
+              "machine": machine_info(),
+              "config": config,
+              "results": rows,
+              "temp_memory_growth_per_length_step": growth,
+          }
+      )
+  )
 
 
 if __name__ == "__main__":

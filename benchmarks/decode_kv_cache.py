@@ -66,28 +66,48 @@ def main():
   ap.add_argument("--repeats", type=int, default=2)
   args = ap.parse_args()
 
-  model = LanguageModel(vocab_size=256, num_layers=args.layers, embed_dim=args.embed_dim,
-                        num_heads=args.heads, num_kv_heads=max(args.heads // 2, 1),
-                        mlp_dim=4 * args.embed_dim, num_experts=0)
+  model = LanguageModel(
+      vocab_size=256,
+      num_layers=args.layers,
+      embed_dim=args.embed_dim,
+      num_heads=args.heads,
+      num_kv_heads=max(args.heads // 2, 1),
+      mlp_dim=4 * args.embed_dim,
+      num_experts=0,
+  )
   prompt = jax.random.randint(jax.random.PRNGKey(0), (args.batch, args.prompt_len), 0, 256)
   params = jax.jit(model.init)(jax.random.PRNGKey(1), prompt)["params"]
   results = []
   for n in args.new_tokens:
-    cached = lambda: jnp.asarray(generate(model, params, np.asarray(prompt), max_new_tokens=n).tokens)
+    cached = lambda: jnp.asarray(
+        generate(model, params, np.asarray(prompt), max_new_tokens=n).tokens
+    )
     recompute = lambda: recompute_greedy(model, params, prompt, n)
     same = bool(np.array_equal(np.asarray(cached()), np.asarray(recompute())))
     t_cache, t_full = timed(cached, args.repeats), timed(recompute, args.repeats)
     tokens = n * args.batch
-    results.append({"new_tokens": n, "same_tokens": same,
-                    "kv_cache_tokens_per_s": round(tokens / t_cache, 1),
-                    "recompute_tokens_per_s": round(tokens / t_full, 1),
-                    "speedup": round(t_full / t_cache, 2),
-                    "kv_cache_seconds": round(t_cache, 3), "recompute_seconds": round(t_full, 3)})
-  print(json.dumps({
-      "benchmark": "decode_kv_cache", "machine": machine_info(),
-      "note": "CPU shared with other jobs; wall times are inflated and noisy",
-      "config": {**vars(args), "params": count_params(params), "dtype": "float32"},
-      "results": results}))
+    results.append(
+        {
+            "new_tokens": n,
+            "same_tokens": same,
+            "kv_cache_tokens_per_s": round(tokens / t_cache, 1),
+            "recompute_tokens_per_s": round(tokens / t_full, 1),
+            "speedup": round(t_full / t_cache, 2),
+            "kv_cache_seconds": round(t_cache, 3),
+            "recompute_seconds": round(t_full, 3),
+        }
+    )
+  print(
+      json.dumps(
+          {
+              "benchmark": "decode_kv_cache",
+              "machine": machine_info(),
+              "note": "CPU shared with other jobs; wall times are inflated and noisy",
+              "config": {**vars(args), "params": count_params(params), "dtype": "float32"},
+              "results": results,
+          }
+      )
+  )
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def regime_sequences(rng, n, length, features, means, rhos, seg_range):
     t = 0
     while t < length:
       seg = int(rng.integers(seg_range[0], seg_range[1] + 1))
-      labels[i, t:t + seg] = rng.integers(0, len(rhos))
+      labels[i, t : t + seg] = rng.integers(0, len(rhos))
       t += seg
     z = rng.normal(size=features)
     for t in range(length):
@@ -101,16 +101,27 @@ def main() -> None:
   parser.add_argument("--max_segment", type=int, default=24)
   parser.add_argument("--embed_dim", type=int, default=32)
   parser.add_argument("--num_layers", type=int, default=2)
-  parser.add_argument("--predictor_layers", type=int, default=0,
-                      help="0: per-position predictor, so the encoder must use the context")
+  parser.add_argument(
+      "--predictor_layers",
+      type=int,
+      default=0,
+      help="0: per-position predictor, so the encoder must use the context",
+  )
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--steps", type=int, default=1000)
   parser.add_argument("--learning_rate", type=float, default=1e-3)
   parser.add_argument("--ema_decay", type=float, default=0.99)
-  parser.add_argument("--expander_dims", default="128,32",
-                      help="VICReg expander widths ('' = variance/covariance on the representations)")
-  parser.add_argument("--vicreg_on", default="masked", choices=("all", "masked"),
-                      help="positions whose embeddings feed the variance / covariance terms")
+  parser.add_argument(
+      "--expander_dims",
+      default="128,32",
+      help="VICReg expander widths ('' = variance/covariance on the representations)",
+  )
+  parser.add_argument(
+      "--vicreg_on",
+      default="masked",
+      choices=("all", "masked"),
+      help="positions whose embeddings feed the variance / covariance terms",
+  )
   parser.add_argument("--inv_coef", type=float, default=25.0, help="VICReg invariance weight")
   parser.add_argument("--var_coef", type=float, default=25.0, help="VICReg variance weight")
   parser.add_argument("--cov_coef", type=float, default=0.1, help="VICReg covariance weight")
@@ -125,12 +136,20 @@ def main() -> None:
   rng = np.random.default_rng(args.seed)
   means = args.mean_scale * rng.normal(size=(args.regimes, args.features))
   rhos = np.linspace(-args.rho_max, args.rho_max, args.regimes)
-  data = lambda n: regime_sequences(rng, n, args.length, args.features, means, rhos,
-                                    (args.min_segment, args.max_segment))
-  model = wm.JEPAWorldModel(embed_dim=args.embed_dim, num_layers=args.num_layers, num_heads=4,
-                            mlp_dim=2 * args.embed_dim, predictor_dim=args.embed_dim,
-                            predictor_layers=args.predictor_layers, predictor_heads=4,
-                            predictor_mlp_dim=2 * args.embed_dim, expander_dims=expander_dims)
+  data = lambda n: regime_sequences(
+      rng, n, args.length, args.features, means, rhos, (args.min_segment, args.max_segment)
+  )
+  model = wm.JEPAWorldModel(
+      embed_dim=args.embed_dim,
+      num_layers=args.num_layers,
+      num_heads=4,
+      mlp_dim=2 * args.embed_dim,
+      predictor_dim=args.embed_dim,
+      predictor_layers=args.predictor_layers,
+      predictor_heads=4,
+      predictor_mlp_dim=2 * args.embed_dim,
+      expander_dims=expander_dims,
+  )
   key = jax.random.key(args.seed)
   x0, _ = data(args.batch)
   mask0 = wm.span_mask(key, args.batch, args.length, args.mask_ratio, args.span_length)
@@ -145,10 +164,19 @@ def main() -> None:
   def train_step(params, target, opt_state, x, key):
     mask = wm.span_mask(key, x.shape[0], x.shape[1], args.mask_ratio, args.span_length)
     (loss, aux), grads = jax.value_and_grad(
-        lambda p: wm.jepa_loss(model, p, target, x, mask, inv_coef=args.inv_coef,
-                               var_coef=args.var_coef, cov_coef=args.cov_coef,
-                               vicreg_on=args.vicreg_on),
-        has_aux=True)(params)
+        lambda p: wm.jepa_loss(
+            model,
+            p,
+            target,
+            x,
+            mask,
+            inv_coef=args.inv_coef,
+            var_coef=args.var_coef,
+            cov_coef=args.cov_coef,
+            vicreg_on=args.vicreg_on,
+        ),
+        has_aux=True,
+    )(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     target = wm.ema_update(target, params["encoder"], args.ema_decay)
@@ -159,24 +187,40 @@ def main() -> None:
   history = []
   for step in range(args.steps):
     x, _ = data(args.batch)
-    params, target, opt_state, loss, aux = train_step(params, target, opt_state, jnp.asarray(x),
-                                                      jax.random.fold_in(key, 100 + step))
+    params, target, opt_state, loss, aux = train_step(
+        params, target, opt_state, jnp.asarray(x), jax.random.fold_in(key, 100 + step)
+    )
     history.append({"loss": float(loss), **{k: float(v) for k, v in aux.items()}})
   train_s = time.perf_counter() - start
 
   encode = jax.jit(lambda p, x, m: model.apply({"params": p}, x, m, method="encode")[0])
   x_train, y_train = data(args.probe_train)
   x_test, y_test = data(args.probe_test)
-  masks = [np.asarray(wm.span_mask(jax.random.fold_in(key, i), len(x), args.length,
-                                   args.mask_ratio, args.span_length))
-           for i, x in ((10, x_train), (11, x_test))]
-  models = (("trained", params), ("trained_ema_target", {**params, "encoder": target}),
-            ("random_init", random_params))
-  emb = {name: (np.asarray(encode(p, x_train, None)), np.asarray(encode(p, x_test, None)))
-         for name, p in models}
+  masks = [
+      np.asarray(
+          wm.span_mask(
+              jax.random.fold_in(key, i), len(x), args.length, args.mask_ratio, args.span_length
+          )
+      )
+      for i, x in ((10, x_train), (11, x_test))
+  ]
+  models = (
+      ("trained", params),
+      ("trained_ema_target", {**params, "encoder": target}),
+      ("random_init", random_params),
+  )
+  emb = {
+      name: (np.asarray(encode(p, x_train, None)), np.asarray(encode(p, x_test, None)))
+      for name, p in models
+  }
   emb["raw_observation"] = (x_train, x_test)
-  masked = {name: (np.asarray(encode(p, x_train, masks[0]))[masks[0]],
-                   np.asarray(encode(p, x_test, masks[1]))[masks[1]]) for name, p in models}
+  masked = {
+      name: (
+          np.asarray(encode(p, x_train, masks[0]))[masks[0]],
+          np.asarray(encode(p, x_test, masks[1]))[masks[1]],
+      )
+      for name, p in models
+  }
   expand = jax.jit(lambda p, z: model.apply({"params": p}, z, method="expand"))
   # VICReg's "embeddings": the expander output (= the representations when there is no expander)
   # on held-out sequences, at the positions whose embeddings the variance term acts on in training
@@ -187,30 +231,55 @@ def main() -> None:
   std_all = std_of(expand(params, emb["trained"][1]))
   rep_std = std_of(regularised)
   gamma = 1.0
-  std_report = lambda v: {"min": round(float(v.min()), 4), "mean": round(float(v.mean()), 4),
-                          "fraction_dims_at_least_gamma": round(float(np.mean(v >= gamma)), 4)}
+  std_report = lambda v: {
+      "min": round(float(v.min()), 4),
+      "mean": round(float(v.mean()), 4),
+      "fraction_dims_at_least_gamma": round(float(np.mean(v >= gamma)), 4),
+  }
   last = {k: round(float(np.mean([h[k] for h in history[-20:]])), 4) for k in history[0]}
-  print(json.dumps({
-      "benchmark": "jepa_probe",
-      "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                  "device": str(jax.devices()[0]), "note": "shared CPU, about one effective core"},
-      "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-                   "sklearn": sklearn.__version__},
-      "config": vars(args),
-      "train": {"seconds": round(train_s, 1), "first": {k: round(v, 4) for k, v in history[0].items()},
-                "last_20_mean": last},
-      "embedding_std": {"gamma": gamma, **std_report(std),
-                        "fraction_dims_at_least_half_gamma": round(float(np.mean(std >= gamma / 2)), 4),
-                        "of": ("expander output" if expander_dims else "representations")
-                        + f" at {args.vicreg_on} positions (where the variance term acts)"},
-      "embedding_std_full_sequence": std_report(std_all),
-      "representation_std": std_report(rep_std),
-      "probe_visible": {name: round(probe_accuracy(tr, y_train, te, y_test), 4)
-                        for name, (tr, te) in emb.items()},
-      "probe_masked": {name: round(probe_accuracy(tr, y_train[masks[0]], te, y_test[masks[1]]), 4)
-                       for name, (tr, te) in masked.items()},
-      "chance": round(float(np.max(np.bincount(y_test.reshape(-1))) / y_test.size), 4),
-  }))
+  print(
+      json.dumps(
+          {
+              "benchmark": "jepa_probe",
+              "machine": {
+                  "platform": platform.platform(),
+                  "cpu_count": os.cpu_count(),
+                  "device": str(jax.devices()[0]),
+                  "note": "shared CPU, about one effective core",
+              },
+              "versions": {
+                  "jax": jax.__version__,
+                  "flax": flax.__version__,
+                  "optax": optax.__version__,
+                  "sklearn": sklearn.__version__,
+              },
+              "config": vars(args),
+              "train": {
+                  "seconds": round(train_s, 1),
+                  "first": {k: round(v, 4) for k, v in history[0].items()},
+                  "last_20_mean": last,
+              },
+              "embedding_std": {
+                  "gamma": gamma,
+                  **std_report(std),
+                  "fraction_dims_at_least_half_gamma": round(float(np.mean(std >= gamma / 2)), 4),
+                  "of": ("expander output" if expander_dims else "representations")
+                  + f" at {args.vicreg_on} positions (where the variance term acts)",
+              },
+              "embedding_std_full_sequence": std_report(std_all),
+              "representation_std": std_report(rep_std),
+              "probe_visible": {
+                  name: round(probe_accuracy(tr, y_train, te, y_test), 4)
+                  for name, (tr, te) in emb.items()
+              },
+              "probe_masked": {
+                  name: round(probe_accuracy(tr, y_train[masks[0]], te, y_test[masks[1]]), 4)
+                  for name, (tr, te) in masked.items()
+              },
+              "chance": round(float(np.max(np.bincount(y_test.reshape(-1))) / y_test.size), 4),
+          }
+      )
+  )
 
 
 if __name__ == "__main__":

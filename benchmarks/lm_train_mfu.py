@@ -60,10 +60,13 @@ def matmul_peak(fns, repeats=5) -> dict:
       f(a).block_until_ready()
       times.append(time.perf_counter() - t)
       cpu.append(time.process_time() - c)
-    best[n] = 2 * n ** 3 / min(times)
-    best_cpu[n] = 2 * n ** 3 / max(min(cpu), 1e-9)
-  return {"flops_per_s": max(best.values()), "flops_per_cpu_s": max(best_cpu.values()),
-          "by_size_gflops": {str(k): round(v / 1e9, 2) for k, v in best.items()}}
+    best[n] = 2 * n**3 / min(times)
+    best_cpu[n] = 2 * n**3 / max(min(cpu), 1e-9)
+  return {
+      "flops_per_s": max(best.values()),
+      "flops_per_cpu_s": max(best_cpu.values()),
+      "by_size_gflops": {str(k): round(v / 1e9, 2) for k, v in best.items()},
+  }
 
 
 def make_step(model, batch, seq):
@@ -78,9 +81,11 @@ def make_step(model, batch, seq):
       def loss_fn(p):
         logits, _ = model.apply({"params": p}, tokens[:, :-1])
         return token_cross_entropy(logits, tokens[:, 1:], jnp.ones((batch, seq)))[0]
+
       grads = jax.grad(loss_fn)(params)
       updates, opt = tx.update(grads, opt, params)
       return optax.apply_updates(params, updates), opt
+
     return step
 
   # XLA's cost analysis counts a scanned layer once, so count FLOPs on the unrolled model.
@@ -119,16 +124,26 @@ def main():
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--rounds", type=int, default=5, help="peak + steps rounds (interleaved)")
   ap.add_argument("--steps", type=int, default=3, help="timed training steps per round")
-  ap.add_argument("--compute_dtype", default="float32", choices=["float32", "bfloat16"],
-                  help="activation/matmul dtype of the model and of the peak (params float32)")
+  ap.add_argument(
+      "--compute_dtype",
+      default="float32",
+      choices=["float32", "bfloat16"],
+      help="activation/matmul dtype of the model and of the peak (params float32)",
+  )
   ap.add_argument("--moe_experts", type=int, default=0)
   ap.add_argument("--peak_sizes", type=int, nargs="+", default=[512, 1024, 2048])
   args = ap.parse_args()
 
   dtype = jnp.dtype(args.compute_dtype)
   d = args.embed_dim
-  kw = dict(vocab_size=256, num_layers=args.layers, embed_dim=d, num_heads=args.heads,
-            num_kv_heads=args.heads, dtype=dtype)
+  kw = dict(
+      vocab_size=256,
+      num_layers=args.layers,
+      embed_dim=d,
+      num_heads=args.heads,
+      num_kv_heads=args.heads,
+      dtype=dtype,
+  )
   models = {"dense": LanguageModel(**kw, num_experts=0, mlp_dim=4 * d)}
   if args.moe_experts:  # top-2 of experts of width 2d: the dense model's active params
     models["moe"] = LanguageModel(**kw, num_experts=args.moe_experts, moe_top_k=2, mlp_dim=2 * d)
@@ -139,8 +154,11 @@ def main():
     step, params, opt, active, compiled_gflop = make_step(model, args.batch, args.seq)
     states[name] = {"step": step, "params": params, "opt": opt}
     flops_per_token = 6 * (active - 256 * d) + 12 * args.layers * args.seq * d
-    info[name] = {"active_params": active, "model_gflop_per_step": flops_per_token * args.batch
-                  * args.seq / 1e9, "compiled_gflop_per_step": round(compiled_gflop, 2)}
+    info[name] = {
+        "active_params": active,
+        "model_gflop_per_step": flops_per_token * args.batch * args.seq / 1e9,
+        "compiled_gflop_per_step": round(compiled_gflop, 2),
+    }
 
   rounds = []
   for _ in range(args.rounds):
@@ -161,7 +179,8 @@ def main():
     # The same ratio per CPU-second this process got: insensitive to its share of a shared CPU.
     mfu_cpu = [gflop / c / p for c, p in zip(cpu_seconds, peak_cpu)]
     results[name] = {
-        **info[name], "model_gflop_per_step": round(gflop, 2),
+        **info[name],
+        "model_gflop_per_step": round(gflop, 2),
         "step_seconds_median": round(statistics.median(seconds), 4),
         "tokens_per_s_median": round(tokens / statistics.median(seconds), 1),
         "model_gflops_median": round(gflop / statistics.median(seconds), 2),
@@ -170,16 +189,24 @@ def main():
         "step_seconds_per_round": [round(s, 4) for s in seconds],
         "step_cpu_seconds_per_round": [round(c, 3) for c in cpu_seconds],
         "mfu_per_cpu_second_median": round(statistics.median(mfu_cpu), 4),
-        "mfu_per_cpu_second_per_round": [round(m, 4) for m in mfu_cpu]}
-  print(json.dumps({
-      "benchmark": "lm_train_mfu", "machine": machine_info(),
-      "load_avg_start_end": [list(load_start), list(os.getloadavg())],
-      "note": "peak and training steps measured in alternating rounds under the same load",
-      "config": vars(args), "matmul_peak_gflops_median": round(statistics.median(peak_gflops), 2),
-      "matmul_peak_gflops_per_round": [round(p, 2) for p in peak_gflops],
-      "matmul_peak_by_size_gflops_per_round": [r["peak"]["by_size_gflops"] for r in rounds],
-      "matmul_peak_gflop_per_cpu_second_per_round": [round(p, 2) for p in peak_cpu],
-      "results": results}))
+        "mfu_per_cpu_second_per_round": [round(m, 4) for m in mfu_cpu],
+    }
+  print(
+      json.dumps(
+          {
+              "benchmark": "lm_train_mfu",
+              "machine": machine_info(),
+              "load_avg_start_end": [list(load_start), list(os.getloadavg())],
+              "note": "peak and training steps measured in alternating rounds under the same load",
+              "config": vars(args),
+              "matmul_peak_gflops_median": round(statistics.median(peak_gflops), 2),
+              "matmul_peak_gflops_per_round": [round(p, 2) for p in peak_gflops],
+              "matmul_peak_by_size_gflops_per_round": [r["peak"]["by_size_gflops"] for r in rounds],
+              "matmul_peak_gflop_per_cpu_second_per_round": [round(p, 2) for p in peak_cpu],
+              "results": results,
+          }
+      )
+  )
 
 
 if __name__ == "__main__":

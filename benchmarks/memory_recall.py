@@ -50,10 +50,12 @@ class RecallModel(nn.Module):
 
   @nn.compact
   def __call__(self, keys, values, update_memory: bool = True):
-    x = (nn.Embed(self.num_keys, self.embed_dim, name="key_embed")(keys)
-         + nn.Embed(self.num_values + 1, self.embed_dim, name="value_embed")(values))
-    y, aux = NeuralMemory(num_heads=self.num_heads, depth=self.depth,
-                          chunk_size=self.chunk_size, name="memory")(x, update_memory=update_memory)
+    x = nn.Embed(self.num_keys, self.embed_dim, name="key_embed")(keys) + nn.Embed(
+        self.num_values + 1, self.embed_dim, name="value_embed"
+    )(values)
+    y, aux = NeuralMemory(
+        num_heads=self.num_heads, depth=self.depth, chunk_size=self.chunk_size, name="memory"
+    )(x, update_memory=update_memory)
     return nn.Dense(self.num_values, name="head")(nn.LayerNorm()(x + y)), aux
 
 
@@ -70,12 +72,14 @@ def episodes(rng: np.random.Generator, batch: int, facts: int, num_keys: int, nu
 def two_calls(model, params, batch, num_values, update=True, carry=True):
   """Call 1 on the facts, call 2 on the queries; returns (logits [B, F, V], aux 1, aux 2)."""
   keys, values, query_keys, _ = batch
-  (_, aux_facts), state = model.apply({"params": params}, keys, values, update_memory=update,
-                                      mutable=["memory"])
+  (_, aux_facts), state = model.apply(
+      {"params": params}, keys, values, update_memory=update, mutable=["memory"]
+  )
   variables = {"params": params, **(state if carry else {})}
   unknown = jnp.full(query_keys.shape, num_values, jnp.int32)
-  (logits, aux_queries), _ = model.apply(variables, query_keys, unknown, update_memory=update,
-                                         mutable=["memory"])
+  (logits, aux_queries), _ = model.apply(
+      variables, query_keys, unknown, update_memory=update, mutable=["memory"]
+  )
   return logits, aux_facts, aux_queries
 
 
@@ -95,8 +99,9 @@ def main() -> None:
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
 
-  model = RecallModel(args.num_keys, args.num_values, args.embed_dim, args.num_heads,
-                      args.depth, args.chunk_size)
+  model = RecallModel(
+      args.num_keys, args.num_values, args.embed_dim, args.num_heads, args.depth, args.chunk_size
+  )
   rng = np.random.default_rng(args.seed)
   sample = episodes(rng, args.batch, args.facts, args.num_keys, args.num_values)
   params = nn.unbox(jax.jit(model.init)(jax.random.key(args.seed), sample[0], sample[1])["params"])
@@ -124,10 +129,14 @@ def main() -> None:
   @jax.jit
   def evaluate(params, batch):
     out = {}
-    for name, update, carry in (("updates_on", True, True), ("updates_off", False, True),
-                                ("not_carried", True, False)):
-      logits, aux_facts, aux_queries = two_calls(model, params, batch, args.num_values, update,
-                                                 carry)
+    for name, update, carry in (
+        ("updates_on", True, True),
+        ("updates_off", False, True),
+        ("not_carried", True, False),
+    ):
+      logits, aux_facts, aux_queries = two_calls(
+          model, params, batch, args.num_values, update, carry
+      )
       out[name] = jnp.mean(jnp.argmax(logits, -1) == batch[3])
       if name == "updates_on":  # what the data-dependent gates learned
         out["lr_facts"] = jnp.mean(aux_facts["lr"])
@@ -144,22 +153,44 @@ def main() -> None:
     for k, v in evaluate(params, batch).items():
       totals[k] = totals.get(k, 0.0) + float(v) / n_batches
 
-  print(json.dumps({
-      "benchmark": "memory_recall",
-      "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                  "device": str(jax.devices()[0]), "note": "shared CPU, about one effective core"},
-      "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__},
-      "config": vars(args),
-      "train": {"seconds": round(train_s, 1), "first_loss": round(losses[0], 4),
-                "final_loss_mean_last_20": round(float(np.mean(losses[-20:])), 4)},
-      "recall_accuracy": {k: round(totals[k], 4)
-                          for k in ("updates_on", "updates_off", "not_carried")},
-      "gates_and_inner_loss": {k: round(totals[k], 4) for k in
-                               ("lr_facts", "lr_queries", "inner_loss_before_facts",
-                                "inner_loss_after_facts")},
-      "chance": round(1 / args.num_values, 4),
-      "eval_episodes": n_batches * args.batch,
-  }))
+  print(
+      json.dumps(
+          {
+              "benchmark": "memory_recall",
+              "machine": {
+                  "platform": platform.platform(),
+                  "cpu_count": os.cpu_count(),
+                  "device": str(jax.devices()[0]),
+                  "note": "shared CPU, about one effective core",
+              },
+              "versions": {
+                  "jax": jax.__version__,
+                  "flax": flax.__version__,
+                  "optax": optax.__version__,
+              },
+              "config": vars(args),
+              "train": {
+                  "seconds": round(train_s, 1),
+                  "first_loss": round(losses[0], 4),
+                  "final_loss_mean_last_20": round(float(np.mean(losses[-20:])), 4),
+              },
+              "recall_accuracy": {
+                  k: round(totals[k], 4) for k in ("updates_on", "updates_off", "not_carried")
+              },
+              "gates_and_inner_loss": {
+                  k: round(totals[k], 4)
+                  for k in (
+                      "lr_facts",
+                      "lr_queries",
+                      "inner_loss_before_facts",
+                      "inner_loss_after_facts",
+                  )
+              },
+              "chance": round(1 / args.num_values, 4),
+              "eval_episodes": n_batches * args.batch,
+          }
+      )
+  )
 
 
 if __name__ == "__main__":

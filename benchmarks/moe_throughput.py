@@ -36,6 +36,7 @@ from nexus_jax.layers.moe import MoE  # noqa: E402
 
 class Dense(nn.Module):
   """The dense baseline, with the MoE's `(y, aux)` interface."""
+
   hidden: int
 
   @nn.compact
@@ -70,8 +71,13 @@ def clustered_tokens(key, n, d, centers):
 
 def load_balance_run(args) -> dict:
   d = args.embed
-  layer = MoE(num_experts=args.experts, mlp_dim=args.expert_mlp, top_k=args.top_k,
-              load_balance_coef=args.load_balance_coef, z_loss_coef=1e-3)
+  layer = MoE(
+      num_experts=args.experts,
+      mlp_dim=args.expert_mlp,
+      top_k=args.top_k,
+      load_balance_coef=args.load_balance_coef,
+      z_loss_coef=1e-3,
+  )
   keys = jax.random.split(jax.random.PRNGKey(1), 5)
   centers = jax.random.normal(keys[0], (16, d))
   w1 = jax.random.normal(keys[1], (d, 4 * d)) / jnp.sqrt(d)
@@ -104,11 +110,14 @@ def load_balance_run(args) -> dict:
     if i == 0:
       first_task = float(task)
   after = evaluate(params)
-  return {"train_steps": args.train_steps, "task_loss_first": round(first_task, 4),
-          "task_loss_last": round(float(task), 4),
-          "max_load_ratio_before": round(float(before["max_load_ratio"]), 3),
-          "max_load_ratio_after": round(float(after["max_load_ratio"]), 3),
-          "expert_load_after": [round(float(v), 4) for v in after["expert_load"]]}
+  return {
+      "train_steps": args.train_steps,
+      "task_loss_first": round(first_task, 4),
+      "task_loss_last": round(float(task), 4),
+      "max_load_ratio_before": round(float(before["max_load_ratio"]), 3),
+      "max_load_ratio_after": round(float(after["max_load_ratio"]), 3),
+      "expert_load_after": [round(float(v), 4) for v in after["expert_load"]],
+  }
 
 
 def main():
@@ -130,11 +139,12 @@ def main():
 
   x = jax.random.normal(jax.random.PRNGKey(0), (args.batch, args.length, args.embed))
   tokens = args.batch * args.length
-  moe = lambda **kw: MoE(num_experts=args.experts, mlp_dim=args.expert_mlp, top_k=args.top_k,
-                         **kw)
-  layers = {"dense_same_active_params": Dense(args.top_k * args.expert_mlp),
-            "dropless": moe(),
-            "capacity": moe(capacity_factor=args.capacity_factor)}
+  moe = lambda **kw: MoE(num_experts=args.experts, mlp_dim=args.expert_mlp, top_k=args.top_k, **kw)
+  layers = {
+      "dense_same_active_params": Dense(args.top_k * args.expert_mlp),
+      "dropless": moe(),
+      "capacity": moe(capacity_factor=args.capacity_factor),
+  }
   if not args.skip_ragged_dot:
     layers["dropless_ragged_dot"] = moe(gmm_impl="ragged_dot")
   throughput = {}
@@ -145,12 +155,24 @@ def main():
   ratios = {}
   if throughput:
     dense = throughput["dense_same_active_params"]["tokens_per_s"]
-    ratios = {f"{k}_vs_dense": round(v["tokens_per_s"] / dense, 3)
-              for k, v in throughput.items() if k != "dense_same_active_params"}
+    ratios = {
+        f"{k}_vs_dense": round(v["tokens_per_s"] / dense, 3)
+        for k, v in throughput.items()
+        if k != "dense_same_active_params"
+    }
   balance = load_balance_run(args)
-  print(json.dumps({"benchmark": "moe_throughput", "machine": machine_info(),
-                    "config": vars(args), "throughput_fwd_bwd": throughput, "ratios": ratios,
-                    "load_balance": balance}))
+  print(
+      json.dumps(
+          {
+              "benchmark": "moe_throughput",
+              "machine": machine_info(),
+              "config": vars(args),
+              "throughput_fwd_bwd": throughput,
+              "ratios": ratios,
+              "load_balance": balance,
+          }
+      )
+  )
 
 
 if __name__ == "__main__":

@@ -45,11 +45,22 @@ from nexus_jax.train.loop import fit, restore_best  # noqa: E402
 def train_or_load(config, workdir: str):
   """(model, params, extra collections, test dataset, train seconds) as experiments/lm.py builds them."""
   dc, tc = config.data, config.train
-  splits, _ = text.load_text_splits(dc.root or None, pattern=dc.pattern, valid_fraction=dc.valid_fraction,
-                                    test_fraction=dc.test_fraction)
+  splits, _ = text.load_text_splits(
+      dc.root or None,
+      pattern=dc.pattern,
+      valid_fraction=dc.valid_fraction,
+      test_fraction=dc.test_fraction,
+  )
   seq, bs = int(dc.seq_len), int(tc.batch_size)
-  train = ArrayDataset({"tokens": text.random_windows(splits["train"], seq + 1, int(tc.num_steps) * bs,
-                                                      int(config.seed))}, bs, seed=int(config.seed))
+  train = ArrayDataset(
+      {
+          "tokens": text.random_windows(
+              splits["train"], seq + 1, int(tc.num_steps) * bs, int(config.seed)
+          )
+      },
+      bs,
+      seed=int(config.seed),
+  )
   valid = _eval_data(splits["valid"], int(dc.valid_bytes), seq, bs)
   test = _eval_data(splits["test"], int(dc.test_bytes), seq, bs)
   model = build_model(config.model)
@@ -63,8 +74,12 @@ def make_scorer(model, extra):
 
   @jax.jit
   def score(qparams, tokens_BT, weight_B):
-    logits, _ = model.apply({"params": dequantize(qparams), **extra}, tokens_BT[:, :-1], deterministic=True)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens_BT[:, 1:])
+    logits, _ = model.apply(
+        {"params": dequantize(qparams), **extra}, tokens_BT[:, :-1], deterministic=True
+    )
+    nll = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), tokens_BT[:, 1:]
+    )
     return jnp.sum(nll * weight_B[:, None]), jnp.sum(weight_B) * nll.shape[1]
 
   return score
@@ -74,7 +89,7 @@ def bits_per_byte(score, stored, test: ArrayDataset) -> tuple[float, float]:
   """(test bits/byte, seconds of the scoring pass after compilation)."""
   stored = jax.device_put(stored)
   batches = list(test.eval_batches())
-  jax.block_until_ready(score(stored, batches[0]["tokens"], batches[0]["weight"]))   # compile
+  jax.block_until_ready(score(stored, batches[0]["tokens"], batches[0]["weight"]))  # compile
   t0 = time.perf_counter()
   total, count = 0.0, 0.0
   for b in batches:
@@ -85,8 +100,12 @@ def bits_per_byte(score, stored, test: ArrayDataset) -> tuple[float, float]:
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--steps", type=int, default=150, help="training steps (configs/lm.py default: 150)")
-  ap.add_argument("--test_bytes", type=int, default=32_768, help="test bytes scored (0 = whole split)")
+  ap.add_argument(
+      "--steps", type=int, default=150, help="training steps (configs/lm.py default: 150)"
+  )
+  ap.add_argument(
+      "--test_bytes", type=int, default=32_768, help="test bytes scored (0 = whole split)"
+  )
   ap.add_argument("--int4_groups", type=int, nargs="+", default=[32, 64])
   ap.add_argument("--min_size", type=int, default=256, help="smallest leaf (elements) quantised")
   ap.add_argument("--workdir", default="", help="training folder (default: a temporary one)")
@@ -107,23 +126,40 @@ def main():
   variants = [("float32", params, {"bytes_after": tree_bytes(params), "fallback": []})]
   variants.append(("int8",) + quantize(params, bits=8, min_size=args.min_size))
   for g in args.int4_groups:
-    variants.append((f"int4_g{g}",) + quantize(params, bits=4, group_size=g, min_size=args.min_size))
+    variants.append(
+        (f"int4_g{g}",) + quantize(params, bits=4, group_size=g, min_size=args.min_size)
+    )
   results, base = {}, None
   for name, stored, report in variants:
     bpb, seconds = bits_per_byte(score, stored, test)
     base = bpb if base is None else base
-    results[name] = {"param_bytes": int(report["bytes_after"]),
-                     "size_reduction": round(1 - report["bytes_after"] / variants[0][2]["bytes_after"], 4),
-                     "test_bits_per_byte": round(bpb, 4), "bits_per_byte_change": round(bpb - base, 4),
-                     "max_abs_weight_error": round(float(report.get("max_abs_error", 0.0)), 5),
-                     "int8_fallback_leaves": report["fallback"], "score_seconds": round(seconds, 2)}
-  print(json.dumps({
-      "benchmark": "quantize_lm", "machine": machine_info(),
-      "note": "CPU shared with other jobs; wall times are inflated and noisy",
-      "config": {**vars(args), "model": config.model.to_dict(), "seq_len": int(config.data.seq_len),
-                 "params": count_params(params), "train_seconds": round(train_s, 1),
-                 "test_bytes_scored": int(test.size * config.data.seq_len)},
-      "results": results}))
+    results[name] = {
+        "param_bytes": int(report["bytes_after"]),
+        "size_reduction": round(1 - report["bytes_after"] / variants[0][2]["bytes_after"], 4),
+        "test_bits_per_byte": round(bpb, 4),
+        "bits_per_byte_change": round(bpb - base, 4),
+        "max_abs_weight_error": round(float(report.get("max_abs_error", 0.0)), 5),
+        "int8_fallback_leaves": report["fallback"],
+        "score_seconds": round(seconds, 2),
+    }
+  print(
+      json.dumps(
+          {
+              "benchmark": "quantize_lm",
+              "machine": machine_info(),
+              "note": "CPU shared with other jobs; wall times are inflated and noisy",
+              "config": {
+                  **vars(args),
+                  "model": config.model.to_dict(),
+                  "seq_len": int(config.data.seq_len),
+                  "params": count_params(params),
+                  "train_seconds": round(train_s, 1),
+                  "test_bytes_scored": int(test.size * config.data.seq_len),
+              },
+              "results": results,
+          }
+      )
+  )
   if tmp is not None:
     tmp.cleanup()
 

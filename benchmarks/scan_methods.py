@@ -32,15 +32,23 @@ from nexus_jax.layers import ssm
 def _inputs(b: int, length: int, d: int, n: int, seed: int = 0):
   rng = np.random.default_rng(seed)
   f32 = lambda *shape, scale=1.0: jnp.asarray(scale * rng.normal(size=shape), jnp.float32)
-  return dict(x_BLD=f32(b, length, d), delta_BLD=jax.nn.softplus(f32(b, length, d) - 3.0),
-              A_DN=-jnp.exp(f32(d, n, scale=0.5)), B_BLN=f32(b, length, n),
-              C_BLN=f32(b, length, n))
+  return dict(
+      x_BLD=f32(b, length, d),
+      delta_BLD=jax.nn.softplus(f32(b, length, d) - 3.0),
+      A_DN=-jnp.exp(f32(d, n, scale=0.5)),
+      B_BLN=f32(b, length, n),
+      C_BLN=f32(b, length, n),
+  )
 
 
 def _memory(compiled) -> dict[str, int]:
   m = compiled.memory_analysis()
-  peak = (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
-          - m.alias_size_in_bytes)
+  peak = (
+      m.temp_size_in_bytes
+      + m.argument_size_in_bytes
+      + m.output_size_in_bytes
+      - m.alias_size_in_bytes
+  )
   return {"temp_bytes": int(m.temp_size_in_bytes), "peak_bytes": int(peak)}
 
 
@@ -83,26 +91,44 @@ def main() -> None:
     inputs = _inputs(args.batch, length, args.channels, args.state)
     reference = None
     for method in args.methods.split(","):
-      row = {"length": length, "method": method, **run_one(method, inputs, args.chunk_size,
-                                                           args.repeats)}
+      row = {
+          "length": length,
+          "method": method,
+          **run_one(method, inputs, args.chunk_size, args.repeats),
+      }
       y = ssm.selective_scan(**inputs, method=method, chunk_size=args.chunk_size)[0]
       if reference is None:
         reference = y
       row["max_abs_diff_vs_first"] = float(jnp.max(jnp.abs(y - reference)))
       results.append(row)
   state_bytes = 4 * args.batch * args.channels * args.state
-  print(json.dumps({
-      "benchmark": "scan_methods",
-      "machine": {"platform": platform.platform(), "processor": platform.processor() or None,
-                  "cpu_count": os.cpu_count(), "device": str(jax.devices()[0]),
-                  "note": "shared CPU, about one effective core"},
-      "versions": {"jax": jax.__version__, "jaxlib": jax.lib.__version__,
-                   "flax": flax.__version__, "numpy": np.__version__},
-      "config": {**vars(args), "dtype": "float32",
-                 "state_bytes_per_position": state_bytes,
-                 "default_method": ssm.SelectiveSSM.scan_method},
-      "results": results,
-  }))
+  print(
+      json.dumps(
+          {
+              "benchmark": "scan_methods",
+              "machine": {
+                  "platform": platform.platform(),
+                  "processor": platform.processor() or None,
+                  "cpu_count": os.cpu_count(),
+                  "device": str(jax.devices()[0]),
+                  "note": "shared CPU, about one effective core",
+              },
+              "versions": {
+                  "jax": jax.__version__,
+                  "jaxlib": jax.lib.__version__,
+                  "flax": flax.__version__,
+                  "numpy": np.__version__,
+              },
+              "config": {
+                  **vars(args),
+                  "dtype": "float32",
+                  "state_bytes_per_position": state_bytes,
+                  "default_method": ssm.SelectiveSSM.scan_method,
+              },
+              "results": results,
+          }
+      )
+  )
 
 
 if __name__ == "__main__":

@@ -37,21 +37,24 @@ def train(model, data, steps, batch, seq, seed):
   """Plain jitted AdamW on random windows; returns (params, final mean loss in bits/byte)."""
   windows = jnp.asarray(text.random_windows(data, seq + 1, steps * batch, seed).astype(np.int32))
   params = jax.jit(model.init)(jax.random.PRNGKey(seed), windows[:1, :-1])["params"]
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   optax.adamw(optax.warmup_cosine_decay_schedule(0, 3e-3, 20, steps), b2=0.98))
+  tx = optax.chain(
+      optax.clip_by_global_norm(1.0),
+      optax.adamw(optax.warmup_cosine_decay_schedule(0, 3e-3, 20, steps), b2=0.98),
+  )
 
   @jax.jit
   def step(params, opt, tokens):
     def loss_fn(p):
       logits, _ = model.apply({"params": p}, tokens[:, :-1])
       return token_cross_entropy(logits, tokens[:, 1:], jnp.ones(tokens[:, 1:].shape))[0]
+
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt = tx.update(grads, opt, params)
     return optax.apply_updates(params, updates), opt, loss
 
   opt, losses = tx.init(params), []
   for i in range(steps):
-    params, opt, loss = step(params, opt, windows[i * batch:(i + 1) * batch])
+    params, opt, loss = step(params, opt, windows[i * batch : (i + 1) * batch])
     losses.append(float(loss))
   return params, float(np.mean(losses[-20:]) / np.log(2))
 
@@ -82,9 +85,15 @@ def main():
   args = ap.parse_args()
 
   splits, _ = text.load_text_splits()
-  lm = lambda d, layers: LanguageModel(vocab_size=256, num_layers=layers, embed_dim=d,
-                                       num_heads=max(d // 32, 2), num_kv_heads=1,
-                                       mlp_dim=4 * d, num_experts=0)
+  lm = lambda d, layers: LanguageModel(
+      vocab_size=256,
+      num_layers=layers,
+      embed_dim=d,
+      num_heads=max(d // 32, 2),
+      num_kv_heads=1,
+      mlp_dim=4 * d,
+      num_experts=0,
+  )
   target, draft = lm(args.target_dim, args.target_layers), lm(args.draft_dim, args.draft_layers)
   t0 = time.perf_counter()
   tparams, t_bpb = train(target, splits["train"], args.steps, args.batch, args.seq, 0)
@@ -93,7 +102,7 @@ def main():
 
   test = splits["test"]
   starts = np.random.default_rng(0).integers(0, len(test) - 64, args.prompts)
-  prompts = [test[s:s + 32].astype(np.int32).tolist() for s in starts]
+  prompts = [test[s : s + 32].astype(np.int32).tolist() for s in starts]
   cache_len = 32 + args.new_tokens + args.num_draft
   results = []
   for temperature in (0.0, 1.0):
@@ -102,29 +111,70 @@ def main():
     t_spec = t_plain = 0.0
     for i, prompt in enumerate(prompts):
       key = jax.random.PRNGKey(i)
-      ts, out = timed(lambda: speculative_generate(
-          target, tparams, draft, dparams, prompt, max_new_tokens=args.new_tokens,
-          num_draft=args.num_draft, rng=key, sampling=sampling, cache_len=cache_len),
-          args.repeats)
-      tp, _ = timed(lambda: generate(target, tparams, [prompt], max_new_tokens=args.new_tokens,
-                                     rng=key, sampling=sampling, cache_len=cache_len),
-                    args.repeats)
-      acc, prop, t_spec, t_plain = acc + out.accepted, prop + out.proposed, t_spec + ts, t_plain + tp
+      ts, out = timed(
+          lambda: speculative_generate(
+              target,
+              tparams,
+              draft,
+              dparams,
+              prompt,
+              max_new_tokens=args.new_tokens,
+              num_draft=args.num_draft,
+              rng=key,
+              sampling=sampling,
+              cache_len=cache_len,
+          ),
+          args.repeats,
+      )
+      tp, _ = timed(
+          lambda: generate(
+              target,
+              tparams,
+              [prompt],
+              max_new_tokens=args.new_tokens,
+              rng=key,
+              sampling=sampling,
+              cache_len=cache_len,
+          ),
+          args.repeats,
+      )
+      acc, prop, t_spec, t_plain = (
+          acc + out.accepted,
+          prop + out.proposed,
+          t_spec + ts,
+          t_plain + tp,
+      )
     n = args.new_tokens * len(prompts)
-    results.append({"temperature": temperature, "acceptance_rate": round(acc / prop, 3),
-                    "tokens_per_target_pass": round(n / (prop / args.num_draft), 2),
-                    "speculative_tokens_per_s": round(n / t_spec, 1),
-                    "plain_tokens_per_s": round(n / t_plain, 1),
-                    "speedup": round(t_plain / t_spec, 2)})
-  print(json.dumps({
-      "benchmark": "speculative_decoding", "machine": machine_info(),
-      "note": "CPU shared with other jobs; wall times are inflated and noisy",
-      "config": {**vars(args), "target_params": count_params(tparams),
-                 "draft_params": count_params(dparams)},
-      "training": {"target_train_bits_per_byte": round(t_bpb, 3),
-                   "draft_train_bits_per_byte": round(d_bpb, 3),
-                   "seconds": round(train_seconds, 1)},
-      "results": results}))
+    results.append(
+        {
+            "temperature": temperature,
+            "acceptance_rate": round(acc / prop, 3),
+            "tokens_per_target_pass": round(n / (prop / args.num_draft), 2),
+            "speculative_tokens_per_s": round(n / t_spec, 1),
+            "plain_tokens_per_s": round(n / t_plain, 1),
+            "speedup": round(t_plain / t_spec, 2),
+        }
+    )
+  print(
+      json.dumps(
+          {
+              "benchmark": "speculative_decoding",
+              "machine": machine_info(),
+              "note": "CPU shared with other jobs; wall times are inflated and noisy",
+              "config": {
+                  **vars(args),
+                  "target_params": count_params(tparams),
+                  "draft_params": count_params(dparams),
+              },
+              "training": {
+                  "target_train_bits_per_byte": round(t_bpb, 3),
+                  "draft_train_bits_per_byte": round(d_bpb, 3),
+                  "seconds": round(train_seconds, 1),
+              },
+              "results": results,
+          }
+      )
+  )
 
 
 if __name__ == "__main__":

@@ -70,14 +70,20 @@ class AncestorModel(nn.Module):
 
   @nn.compact
   def __call__(self, names, parents):
-    x = (nn.Embed(self.vocab, self.embed_dim, name="name_embed")(names)
-         + nn.Embed(self.vocab + 1, self.embed_dim, name="parent_embed")(parents))
+    x = nn.Embed(self.vocab, self.embed_dim, name="name_embed")(names) + nn.Embed(
+        self.vocab + 1, self.embed_dim, name="parent_embed"
+    )(parents)
     for i in range(self.layers):
       x, _ = TransformerBlock(4, 2 * self.embed_dim, rotary_fraction=0.0, name=f"block_{i}")(x)
     derived = None
     if self.symbolic:
-      x, aux = SymbolicReasoner(num_relations=2, num_predicates=4, num_derived=2,
-                                steps=self.closure_steps, name="reasoner")(x)
+      x, aux = SymbolicReasoner(
+          num_relations=2,
+          num_predicates=4,
+          num_derived=2,
+          steps=self.closure_steps,
+          name="reasoner",
+      )(x)
       derived = aux["derived_relations"]  # [B, Q, N, N], the module's pairwise conclusions
     a = nn.Dense(self.embed_dim, name="pair_a")(x)
     c = nn.Dense(self.embed_dim, name="pair_c")(x)
@@ -136,16 +142,18 @@ def train_and_eval(args, symbolic: bool) -> dict:
     np.add.at(hop_hits, hops[truth & pred], 1)
   recall_by_hops = {}
   for label, lo, hi in (("1", 1, 1), ("2", 2, 2), ("3", 3, 3), ("4-5", 4, 5), ("6+", 6, 63)):
-    count = hop_counts[lo:hi + 1].sum()
+    count = hop_counts[lo : hi + 1].sum()
     if count:
-      recall_by_hops[label] = round(float(hop_hits[lo:hi + 1].sum() / count), 4)
-  return {"accuracy": round(correct / total, 4),
-          "f1": round(2 * tp / max(1, 2 * tp + fp + fn), 4),
-          "recall_by_hops": recall_by_hops,
-          "positives_by_hops": {str(h): int(c) for h, c in enumerate(hop_counts) if c and h},
-          "train_seconds": round(train_s, 1),
-          "final_loss_mean_last_20": round(float(np.mean(losses[-20:])), 4),
-          "params": int(sum(np.size(p) for p in jax.tree.leaves(params)))}
+      recall_by_hops[label] = round(float(hop_hits[lo : hi + 1].sum() / count), 4)
+  return {
+      "accuracy": round(correct / total, 4),
+      "f1": round(2 * tp / max(1, 2 * tp + fp + fn), 4),
+      "recall_by_hops": recall_by_hops,
+      "positives_by_hops": {str(h): int(c) for h, c in enumerate(hop_counts) if c and h},
+      "train_seconds": round(train_s, 1),
+      "final_loss_mean_last_20": round(float(np.mean(losses[-20:])), 4),
+      "params": int(sum(np.size(p) for p in jax.tree.leaves(params))),
+  }
 
 
 def main() -> None:
@@ -162,16 +170,30 @@ def main() -> None:
   parser.add_argument("--eval_graphs", type=int, default=512)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
-  results = {name: train_and_eval(args, symbolic)
-             for name, symbolic in (("with_symbolic", True), ("without_symbolic", False))}
-  print(json.dumps({
-      "benchmark": "symbolic_ancestor",
-      "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                  "device": str(jax.devices()[0]), "note": "shared CPU, about one effective core"},
-      "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__},
-      "config": vars(args),
-      "results": results,
-  }))
+  results = {
+      name: train_and_eval(args, symbolic)
+      for name, symbolic in (("with_symbolic", True), ("without_symbolic", False))
+  }
+  print(
+      json.dumps(
+          {
+              "benchmark": "symbolic_ancestor",
+              "machine": {
+                  "platform": platform.platform(),
+                  "cpu_count": os.cpu_count(),
+                  "device": str(jax.devices()[0]),
+                  "note": "shared CPU, about one effective core",
+              },
+              "versions": {
+                  "jax": jax.__version__,
+                  "flax": flax.__version__,
+                  "optax": optax.__version__,
+              },
+              "config": vars(args),
+              "results": results,
+          }
+      )
+  )
 
 
 if __name__ == "__main__":

@@ -29,63 +29,92 @@ from nexus_jax.tabular.config import tabular_config
 
 ENCODERS = ("mlp", "resnet", "tabm", "ft_transformer", "tabnet")
 RUNS = ("nexus_quick", "nexus_full") + ENCODERS
+
+
 def config_for(name: str, args: argparse.Namespace):
-    c = tabular_config()
-    c.train.progress = False
-    if name.startswith("nexus_"):
-        c.preset = name.split("_", 1)[1]
-    else:
-        c.model.name = "row"
-        c.model.row.encoder = name  # the encoder's own defaults (FT-Transformer: the paper's default, "large")
-        c.train.num_epochs = 4
-    if args.max_rows:
-        c.data.max_rows = args.max_rows
-    if args.epochs:
-        c.train.num_epochs = args.epochs
-    return c
+  c = tabular_config()
+  c.train.progress = False
+  if name.startswith("nexus_"):
+    c.preset = name.split("_", 1)[1]
+  else:
+    c.model.name = "row"
+    c.model.row.encoder = (
+        name  # the encoder's own defaults (FT-Transformer: the paper's default, "large")
+    )
+    c.train.num_epochs = 4
+  if args.max_rows:
+    c.data.max_rows = args.max_rows
+  if args.epochs:
+    c.train.num_epochs = args.epochs
+  return c
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {RUNS}")
-    parser.add_argument("--workdir", default="runs/benchmark_quality")
-    parser.add_argument("--max_rows", type=int, default=0, help="subsample flights (0 = all)")
-    parser.add_argument("--epochs", type=int, default=0, help="override every run's epochs (0 = config's)")
-    parser.add_argument("--from_results", action="append", default=[], help="NAME=path/to/results.json")
-    args = parser.parse_args()
-    runs = [r for r in args.runs.split(",") if r]
-    unknown = sorted(set(runs) - set(RUNS))
-    if unknown:
-        raise SystemExit(f"--runs: unknown {unknown}; choose from {RUNS}")
-    given = dict(item.split("=", 1) for item in args.from_results)
-    out = {}
-    for name in runs:
-        if name in given:
-            r = json.loads(pathlib.Path(given[name]).read_text())
-            source = given[name]
-        else:
-            t0 = time.perf_counter()
-            r = run_experiment(config_for(name, args), pathlib.Path(args.workdir) / name)
-            r["benchmark_wall_seconds"] = round(time.perf_counter() - t0, 1)
-            source = str(pathlib.Path(args.workdir) / name / "results.json")
-        out[name] = {"test": r["test"], "train_rows_per_second": r.get("train_rows_per_second"),
-                     "wall_seconds": r.get("wall_seconds"), "parameters": r["model"]["parameters"],
-                     "best_step": r.get("best_step"), "results": source}
-    quick, full = out.get("nexus_quick"), out.get("nexus_full")
-    targets = {}
-    if quick:
-        targets["nexus_quick_vs_lightgbm_set_a"] = quick["test"]["auc"] - nycflights13.BASELINES["lightgbm_set_a"]["test_auc"]
-    if full:
-        targets["nexus_full_vs_catboost_set_b"] = full["test"]["auc"] - nycflights13.BASELINES["catboost_set_b"]["test_auc"]
-    print(json.dumps({
-        "benchmark": "tabular_quality", "task": "nycflights13 delayed > 15 min, test = December",
-        "runs": out, "auc_margin_to_targets": targets,
-        "baselines_test_auc": {k: v["test_auc"] for k, v in nycflights13.BASELINES.items()},
-        "settings": {"max_rows": args.max_rows, "epochs_override": args.epochs},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": str(jax.devices()[0])},
-        "versions": {"jax": jax.__version__, "python": platform.python_version()},
-    }, indent=2, default=str))
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {RUNS}")
+  parser.add_argument("--workdir", default="runs/benchmark_quality")
+  parser.add_argument("--max_rows", type=int, default=0, help="subsample flights (0 = all)")
+  parser.add_argument(
+      "--epochs", type=int, default=0, help="override every run's epochs (0 = config's)"
+  )
+  parser.add_argument(
+      "--from_results", action="append", default=[], help="NAME=path/to/results.json"
+  )
+  args = parser.parse_args()
+  runs = [r for r in args.runs.split(",") if r]
+  unknown = sorted(set(runs) - set(RUNS))
+  if unknown:
+    raise SystemExit(f"--runs: unknown {unknown}; choose from {RUNS}")
+  given = dict(item.split("=", 1) for item in args.from_results)
+  out = {}
+  for name in runs:
+    if name in given:
+      r = json.loads(pathlib.Path(given[name]).read_text())
+      source = given[name]
+    else:
+      t0 = time.perf_counter()
+      r = run_experiment(config_for(name, args), pathlib.Path(args.workdir) / name)
+      r["benchmark_wall_seconds"] = round(time.perf_counter() - t0, 1)
+      source = str(pathlib.Path(args.workdir) / name / "results.json")
+    out[name] = {
+        "test": r["test"],
+        "train_rows_per_second": r.get("train_rows_per_second"),
+        "wall_seconds": r.get("wall_seconds"),
+        "parameters": r["model"]["parameters"],
+        "best_step": r.get("best_step"),
+        "results": source,
+    }
+  quick, full = out.get("nexus_quick"), out.get("nexus_full")
+  targets = {}
+  if quick:
+    targets["nexus_quick_vs_lightgbm_set_a"] = (
+        quick["test"]["auc"] - nycflights13.BASELINES["lightgbm_set_a"]["test_auc"]
+    )
+  if full:
+    targets["nexus_full_vs_catboost_set_b"] = (
+        full["test"]["auc"] - nycflights13.BASELINES["catboost_set_b"]["test_auc"]
+    )
+  print(
+      json.dumps(
+          {
+              "benchmark": "tabular_quality",
+              "task": "nycflights13 delayed > 15 min, test = December",
+              "runs": out,
+              "auc_margin_to_targets": targets,
+              "baselines_test_auc": {k: v["test_auc"] for k, v in nycflights13.BASELINES.items()},
+              "settings": {"max_rows": args.max_rows, "epochs_override": args.epochs},
+              "machine": {
+                  "platform": platform.platform(),
+                  "cpus": os.cpu_count(),
+                  "device": str(jax.devices()[0]),
+              },
+              "versions": {"jax": jax.__version__, "python": platform.python_version()},
+          },
+          indent=2,
+          default=str,
+      )
+  )
 
 
 if __name__ == "__main__":
-    main()
+  main()

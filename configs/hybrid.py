@@ -77,9 +77,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # preset="full": these `section.field` values replace the ones above (hours on a 2-core CPU).
   c.full = ml_collections.ConfigDict()
-  c.full.data = ml_collections.ConfigDict({"seq_len": 256, "valid_bytes": 32_768,
-                                           "test_bytes": 0})
-  c.full.train = ml_collections.ConfigDict({"num_steps": 4000, "eval_every_steps": 250,
-                                            "batch_size": 32})
+  c.full.data = ml_collections.ConfigDict({"seq_len": 256, "valid_bytes": 32_768, "test_bytes": 0})
+  c.full.train = ml_collections.ConfigDict(
+      {"num_steps": 4000, "eval_every_steps": 250, "batch_size": 32}
+  )
   c.full.model = ml_collections.ConfigDict({"ssm_scan_method": "chunked"})
   return c

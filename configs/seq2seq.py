@@ -25,7 +25,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.source_bytes = 256  # function code bytes read by the encoder
   c.data.min_target_bytes = 10  # shortest docstring summary kept
   c.data.max_target_bytes = 64  # longest docstring summary kept
-  c.data.exclude = ("site-packages", "test", "tests")  # stdlib folders skipped (test suites: big, slow to parse)
+  c.data.exclude = (
+      "site-packages",
+      "test",
+      "tests",
+  )  # stdlib folders skipped (test suites: big, slow to parse)
   c.data.max_files = 0  # parse only the first N files (sorted paths), for quick runs; 0 = all
   c.data.max_eval = 400  # valid/test pairs kept (random, seeded); 0 = all
 

@@ -27,4 +27,4 @@ from nexus_jax.tabular.config import tabular_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return tabular_config()
+  return tabular_config()

@@ -54,19 +54,34 @@ def build_model(mc, jc, seq_len: int):
     raise ValueError(f"config.jepa.weight must be >= 0 (0 = off); got {jc.weight}.")
   sizes = {k: int(mc[k]) for k in ("d_model", "num_heads", "num_blocks") if mc[k] > 0}
   lm = HybridLM.from_preset(
-      mc.preset, vocab_size=256, **sizes, layers_per_block=int(mc.layers_per_block),
+      mc.preset,
+      vocab_size=256,
+      **sizes,
+      layers_per_block=int(mc.layers_per_block),
       attention_index=None if mc.attention_index < 0 else int(mc.attention_index),
-      moe_every=int(mc.moe_every), num_experts=int(mc.num_experts),
-      use_memory=bool(mc.use_memory), ssm_state_dim=int(mc.ssm_state_dim),
+      moe_every=int(mc.moe_every),
+      num_experts=int(mc.num_experts),
+      use_memory=bool(mc.use_memory),
+      ssm_state_dim=int(mc.ssm_state_dim),
       ssm_scan_method=str(mc.ssm_scan_method),
-      ssm_chunk_size=int(mc.ssm_chunk_size), dropout_rate=float(mc.dropout_rate))
+      ssm_chunk_size=int(mc.ssm_chunk_size),
+      dropout_rate=float(mc.dropout_rate),
+  )
   if jc.weight == 0:
     return lm, lm
   if not 1 <= jc.horizon < seq_len:
-    raise ValueError(f"config.jepa.horizon must be in [1, data.seq_len={seq_len}); got {jc.horizon}.")
-  wrapped = HybridJEPA(lm=lm, weight=float(jc.weight), horizon=int(jc.horizon),
-                       ema_decay=float(jc.ema_decay), inv_coef=float(jc.inv_coef),
-                       var_coef=float(jc.var_coef), cov_coef=float(jc.cov_coef))
+    raise ValueError(
+        f"config.jepa.horizon must be in [1, data.seq_len={seq_len}); got {jc.horizon}."
+    )
+  wrapped = HybridJEPA(
+      lm=lm,
+      weight=float(jc.weight),
+      horizon=int(jc.horizon),
+      ema_decay=float(jc.ema_decay),
+      inv_coef=float(jc.inv_coef),
+      var_coef=float(jc.var_coef),
+      cov_coef=float(jc.cov_coef),
+  )
   return lm, wrapped
 
 
@@ -82,23 +97,42 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   metrics, _ = fit_result.trainer.evaluate(state, test)
   lm_params = state.params["lm"] if model is not lm else state.params
   results: dict[str, Any] = {
-      "test_bits_per_byte": {"hybrid": metrics["loss"] / math.log(2.0),
-                             "xz_9e": xz_bits_per_byte(test_bytes)},
+      "test_bits_per_byte": {
+          "hybrid": metrics["loss"] / math.log(2.0),
+          "xz_9e": xz_bits_per_byte(test_bytes),
+      },
       "params": hybrid.count_params(lm_params),
-      "model": {"preset": config.model.preset, "d_model": lm.d_model, "num_heads": lm.num_heads,
-                "num_blocks": lm.num_blocks, "layers": lm.num_blocks * lm.layers_per_block,
-                "moe_every": lm.moe_every, "use_memory": lm.use_memory,
-                "jepa_weight": float(config.jepa.weight)},
-      "train": {"best_step": fit_result.best_step, "steps_run": fit_result.steps_run,
-                "train_seconds": round(fit_result.train_seconds, 1),
-                "bytes_per_second": round(fit_result.rows_per_second * seq, 1)},
+      "model": {
+          "preset": config.model.preset,
+          "d_model": lm.d_model,
+          "num_heads": lm.num_heads,
+          "num_blocks": lm.num_blocks,
+          "layers": lm.num_blocks * lm.layers_per_block,
+          "moe_every": lm.moe_every,
+          "use_memory": lm.use_memory,
+          "jepa_weight": float(config.jepa.weight),
+      },
+      "train": {
+          "best_step": fit_result.best_step,
+          "steps_run": fit_result.steps_run,
+          "train_seconds": round(fit_result.train_seconds, 1),
+          "bytes_per_second": round(fit_result.rows_per_second * seq, 1),
+      },
   }
   train_log = read_metrics(workdir, "train")
   if config.jepa.weight > 0 and train_log:
     results["train"]["final_aux_jepa"] = train_log[-1].get("aux/jepa")
 
-  results.update(sample_and_corpus_report(
-      config, lambda *args, **kw: hybrid.generate(lm, lm_params, *args, **kw), files, splits, test_bytes, data_seconds))
+  results.update(
+      sample_and_corpus_report(
+          config,
+          lambda *args, **kw: hybrid.generate(lm, lm_params, *args, **kw),
+          files,
+          splits,
+          test_bytes,
+          data_seconds,
+      )
+  )
   results["plot"] = str(plot_learning_curves(workdir, "bits_per_token", "hybrid_curves.png"))
   (workdir / "results.json").write_text(json.dumps(results, indent=2))
   return results

@@ -29,10 +29,16 @@ from nexus_jax.train.data import ArrayDataset
 from nexus_jax.train.loop import fit, restore_best
 from nexus_jax.train.metrics import read_metrics
 
-FULL_FIELDS = {"embed_dim": "model.embed_dim", "num_layers": "model.num_layers",
-               "mlp_dim": "model.mlp_dim", "num_experts": "model.num_experts",
-               "seq_len": "data.seq_len", "num_steps": "train.num_steps",
-               "eval_every_steps": "train.eval_every_steps", "test_bytes": "data.test_bytes"}
+FULL_FIELDS = {
+    "embed_dim": "model.embed_dim",
+    "num_layers": "model.num_layers",
+    "mlp_dim": "model.mlp_dim",
+    "num_experts": "model.num_experts",
+    "seq_len": "data.seq_len",
+    "num_steps": "train.num_steps",
+    "eval_every_steps": "train.eval_every_steps",
+    "test_bytes": "data.test_bytes",
+}
 
 
 def apply_preset(config) -> Any:
@@ -54,11 +60,19 @@ def xz_bits_per_byte(data: bytes) -> float:
 
 
 def build_model(mc) -> LanguageModel:
-  return LanguageModel(vocab_size=256, num_layers=mc.num_layers, embed_dim=mc.embed_dim,
-                       num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, mlp_dim=mc.mlp_dim,
-                       num_experts=mc.num_experts, moe_top_k=mc.moe_top_k,
-                       moe_load_balance_coef=mc.moe_load_balance_coef,
-                       dropout_rate=mc.dropout_rate, attention_backend=mc.attention_backend)
+  return LanguageModel(
+      vocab_size=256,
+      num_layers=mc.num_layers,
+      embed_dim=mc.embed_dim,
+      num_heads=mc.num_heads,
+      num_kv_heads=mc.num_kv_heads,
+      mlp_dim=mc.mlp_dim,
+      num_experts=mc.num_experts,
+      moe_top_k=mc.moe_top_k,
+      moe_load_balance_coef=mc.moe_load_balance_coef,
+      dropout_rate=mc.dropout_rate,
+      attention_backend=mc.attention_backend,
+  )
 
 
 def _eval_data(data: np.ndarray, num_bytes: int, seq_len: int, batch: int) -> ArrayDataset:
@@ -68,15 +82,27 @@ def _eval_data(data: np.ndarray, num_bytes: int, seq_len: int, batch: int) -> Ar
 
 def _plot(workdir: pathlib.Path, runs: dict[str, pathlib.Path], xz: float) -> pathlib.Path:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(6, 4))
   for i, (name, path) in enumerate(runs.items()):
     train, valid = read_metrics(path, "train"), read_metrics(path, "valid")
-    ax.plot([r["step"] for r in train], [r["bits_per_token"] for r in train], color=f"C{i}",
-            alpha=0.5, label=f"{name} train")
-    ax.plot([r["step"] for r in valid], [r["bits_per_token"] for r in valid], "o-",
-            color=f"C{i}", label=f"{name} valid")
+    ax.plot(
+        [r["step"] for r in train],
+        [r["bits_per_token"] for r in train],
+        color=f"C{i}",
+        alpha=0.5,
+        label=f"{name} train",
+    )
+    ax.plot(
+        [r["step"] for r in valid],
+        [r["bits_per_token"] for r in valid],
+        "o-",
+        color=f"C{i}",
+        label=f"{name} valid",
+    )
   ax.axhline(xz, color="k", ls="--", label="xz -9e (test bytes)")
   ax.set_xlabel("step"), ax.set_ylabel("bits / byte"), ax.grid(alpha=0.3), ax.legend()
   fig.tight_layout()
@@ -86,7 +112,9 @@ def _plot(workdir: pathlib.Path, runs: dict[str, pathlib.Path], xz: float) -> pa
   return out
 
 
-def load_byte_lm_data(config: Any) -> tuple[dict, dict, ArrayDataset, ArrayDataset, ArrayDataset, bytes, float]:
+def load_byte_lm_data(
+    config: Any,
+) -> tuple[dict, dict, ArrayDataset, ArrayDataset, ArrayDataset, bytes, float]:
   """The byte-level LM data of `config.data` (shared by the lm and hybrid experiments).
 
   Returns (splits {name: uint8 bytes}, files {name: paths}, train (random windows of seq_len + 1,
@@ -94,13 +122,22 @@ def load_byte_lm_data(config: Any) -> tuple[dict, dict, ArrayDataset, ArrayDatas
   """
   dc, tc = config.data, config.train
   t0 = time.perf_counter()
-  splits, files = text.load_text_splits(dc.root or None, pattern=dc.pattern,
-                                        valid_fraction=dc.valid_fraction,
-                                        test_fraction=dc.test_fraction)
+  splits, files = text.load_text_splits(
+      dc.root or None,
+      pattern=dc.pattern,
+      valid_fraction=dc.valid_fraction,
+      test_fraction=dc.test_fraction,
+  )
   seq, bs = int(dc.seq_len), int(tc.batch_size)
-  train = ArrayDataset({"tokens": text.random_windows(splits["train"], seq + 1,
-                                                      int(tc.num_steps) * bs, int(config.seed))},
-                       bs, seed=int(config.seed))
+  train = ArrayDataset(
+      {
+          "tokens": text.random_windows(
+              splits["train"], seq + 1, int(tc.num_steps) * bs, int(config.seed)
+          )
+      },
+      bs,
+      seed=int(config.seed),
+  )
   valid = _eval_data(splits["valid"], int(dc.valid_bytes), seq, bs)
   test = _eval_data(splits["test"], int(dc.test_bytes), seq, bs)
   scored = test.arrays["tokens"]
@@ -108,23 +145,34 @@ def load_byte_lm_data(config: Any) -> tuple[dict, dict, ArrayDataset, ArrayDatas
   return splits, files, train, valid, test, test_bytes, time.perf_counter() - t0
 
 
-def sample_and_corpus_report(config: Any, generate_fn: Any, files: dict, splits: dict, test_bytes: Any,
-                             data_seconds: float) -> dict[str, Any]:
+def sample_and_corpus_report(
+    config: Any, generate_fn: Any, files: dict, splits: dict, test_bytes: Any, data_seconds: float
+) -> dict[str, Any]:
   """A text sample from `generate_fn(prompts, max_new_tokens=, rng=, sampling=)` plus corpus facts.
 
   Shared by the byte-level LM experiments (lm, hybrid); keys: sample, sample_seconds, corpus, preset.
   """
   t1 = time.perf_counter()
   prompt = list(config.sample.prompt.encode())
-  out = generate_fn([prompt], max_new_tokens=int(config.sample.num_bytes), rng=jax.random.PRNGKey(int(config.seed)),
-                    sampling=Sampling(temperature=float(config.sample.temperature), top_p=float(config.sample.top_p)))
-  sample = bytes(prompt + out.tokens[0, :out.lengths[0]].tolist()).decode("utf-8", "replace")
+  out = generate_fn(
+      [prompt],
+      max_new_tokens=int(config.sample.num_bytes),
+      rng=jax.random.PRNGKey(int(config.seed)),
+      sampling=Sampling(
+          temperature=float(config.sample.temperature), top_p=float(config.sample.top_p)
+      ),
+  )
+  sample = bytes(prompt + out.tokens[0, : out.lengths[0]].tolist()).decode("utf-8", "replace")
   return {
-      "sample": sample, "sample_seconds": round(time.perf_counter() - t1, 2),
-      "corpus": {"root": config.data.root or str(text.stdlib_dir()),
-                 "files": {s: len(f) for s, f in files.items()},
-                 "bytes": {s: int(len(d)) for s, d in splits.items()},
-                 "test_bytes_scored": len(test_bytes) - 1, "data_seconds": round(data_seconds, 2)},
+      "sample": sample,
+      "sample_seconds": round(time.perf_counter() - t1, 2),
+      "corpus": {
+          "root": config.data.root or str(text.stdlib_dir()),
+          "files": {s: len(f) for s, f in files.items()},
+          "bytes": {s: int(len(d)) for s, d in splits.items()},
+          "test_bytes_scored": len(test_bytes) - 1,
+          "data_seconds": round(data_seconds, 2),
+      },
       "preset": config.preset,
   }
 
@@ -147,17 +195,28 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
     states[name] = state
     metrics, _ = fit_result.trainer.evaluate(state, test)
     results["test_bits_per_byte"][name] = metrics["loss"] / math.log(2.0)
-    results["params"][name] = {"total": count_params(state.params),
-                               "active_per_byte": active_params(model, state.params)}
-    results["train"][name] = {"best_step": fit_result.best_step,
-                               "train_seconds": round(fit_result.train_seconds, 1),
-                               "bytes_per_second": round(fit_result.rows_per_second * seq, 1)}
+    results["params"][name] = {
+        "total": count_params(state.params),
+        "active_per_byte": active_params(model, state.params),
+    }
+    results["train"][name] = {
+        "best_step": fit_result.best_step,
+        "train_seconds": round(fit_result.train_seconds, 1),
+        "bytes_per_second": round(fit_result.rows_per_second * seq, 1),
+    }
   xz = xz_bits_per_byte(test_bytes)
   results["test_bits_per_byte"]["xz_9e"] = xz
 
-  results.update(sample_and_corpus_report(
-      config, lambda *args, **kw: generate(moe, states["moe"].params, *args, **kw),
-      files, splits, test_bytes, data_seconds))
+  results.update(
+      sample_and_corpus_report(
+          config,
+          lambda *args, **kw: generate(moe, states["moe"].params, *args, **kw),
+          files,
+          splits,
+          test_bytes,
+          data_seconds,
+      )
+  )
   results["plot"] = str(_plot(workdir, {n: workdir / n for n in models}, xz))
   (workdir / "results.json").write_text(json.dumps(results, indent=2))
   return results

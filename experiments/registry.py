@@ -19,8 +19,10 @@ EXPERIMENTS: dict[str, str] = {
 
 
 def get_experiment(name: str) -> ModuleType:
-    """The module of experiment `name`; a clear error lists the known names."""
-    if name not in EXPERIMENTS:
-        raise ValueError(f"config.experiment={name!r} is not a known experiment; choose one of "
-                         f"{sorted(EXPERIMENTS)}.")
-    return importlib.import_module(EXPERIMENTS[name])
+  """The module of experiment `name`; a clear error lists the known names."""
+  if name not in EXPERIMENTS:
+    raise ValueError(
+        f"config.experiment={name!r} is not a known experiment; choose one of "
+        f"{sorted(EXPERIMENTS)}."
+    )
+  return importlib.import_module(EXPERIMENTS[name])

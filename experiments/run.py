@@ -20,97 +20,111 @@ from ml_collections import config_flags
 from experiments.registry import get_experiment
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, e.g. configs/tabular.py. Override fields with --config.a.b=v.",
-    lock_config=True)
+    "config",
+    None,
+    "Experiment config file, e.g. configs/tabular.py. Override fields with --config.a.b=v.",
+    lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Output folder (checkpoints, metrics, results). Default: a fresh folder under runs/. "
-    "Rerunning with the same folder resumes training.")
+    "workdir",
+    None,
+    "Output folder (checkpoints, metrics, results). Default: a fresh folder under runs/. "
+    "Rerunning with the same folder resumes training.",
+)
 flags.mark_flag_as_required("config")
 
 
 def default_workdir(config_path: str) -> pathlib.Path:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return pathlib.Path("runs") / f"{pathlib.Path(config_path).stem}-{stamp}"
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  return pathlib.Path("runs") / f"{pathlib.Path(config_path).stem}-{stamp}"
 
 
 def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
-    """Creates `workdir` and checks it is writable; a clear error otherwise."""
-    path = pathlib.Path(workdir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise SystemExit(f"--workdir {path} cannot be written ({err.strerror or err}); choose another folder.")
-    return path
+  """Creates `workdir` and checks it is writable; a clear error otherwise."""
+  path = pathlib.Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / ".write_test"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as err:
+    raise SystemExit(
+        f"--workdir {path} cannot be written ({err.strerror or err}); choose another folder."
+    )
+  return path
 
 
 def run_experiment(config, workdir: str | os.PathLike) -> dict:
-    """Runs `config.experiment` in `workdir` (created if needed); returns its results dict."""
-    experiment = get_experiment(config.experiment)
-    workdir = prepare_workdir(workdir)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    return experiment.run(config, workdir)
+  """Runs `config.experiment` in `workdir` (created if needed); returns its results dict."""
+  experiment = get_experiment(config.experiment)
+  workdir = prepare_workdir(workdir)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  return experiment.run(config, workdir)
 
 
 def _config_path(argv: list[str]) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-        if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
 
 
 def check_config_overrides(argv: list[str]) -> None:
-    """Fails at once, naming the field, when a `--config.a.b=v` override names no existing field.
+  """Fails at once, naming the field, when a `--config.a.b=v` override names no existing field.
 
-    (ml_collections would raise a bare AttributeError from deep inside flag parsing.)
-    """
-    path = _config_path(argv)
-    if path is None:
-        return
-    file, _, arg = path.partition(":")
-    if not os.path.isfile(file):
-        raise SystemExit(f"--config {file}: no such config file (see configs/ for the available ones).")
-    spec = importlib.util.spec_from_file_location("_nexus_config", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg) if arg else module.get_config()
-    for raw in argv:
-        for prefix in ("--config.", "--noconfig."):
-            if raw.startswith(prefix):
-                field = raw[len(prefix):].split("=", 1)[0]
-                break
-        else:
-            continue
-        node, walked = config, []
-        for key in field.split("."):
-            keys = list(node.keys()) if hasattr(node, "keys") else []
-            if key not in keys:
-                where = "config." + ".".join(walked) if walked else "config"
-                close = difflib.get_close_matches(key, keys, n=1)
-                hint = f" Did you mean {'.'.join(walked + close)}?" if close else ""
-                raise SystemExit(f"--config.{field}: {where} has no field {key!r}.{hint} "
-                                 f"Fields of {where}: {', '.join(sorted(keys)) or '(none)'}.")
-            node, walked = node[key], walked + [key]
+  (ml_collections would raise a bare AttributeError from deep inside flag parsing.)
+  """
+  path = _config_path(argv)
+  if path is None:
+    return
+  file, _, arg = path.partition(":")
+  if not os.path.isfile(file):
+    raise SystemExit(f"--config {file}: no such config file (see configs/ for the available ones).")
+  spec = importlib.util.spec_from_file_location("_nexus_config", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  for raw in argv:
+    for prefix in ("--config.", "--noconfig."):
+      if raw.startswith(prefix):
+        field = raw[len(prefix) :].split("=", 1)[0]
+        break
+    else:
+      continue
+    node, walked = config, []
+    for key in field.split("."):
+      keys = list(node.keys()) if hasattr(node, "keys") else []
+      if key not in keys:
+        where = "config." + ".".join(walked) if walked else "config"
+        close = difflib.get_close_matches(key, keys, n=1)
+        hint = f" Did you mean {'.'.join(walked + close)}?" if close else ""
+        raise SystemExit(
+            f"--config.{field}: {where} has no field {key!r}.{hint} "
+            f"Fields of {where}: {', '.join(sorted(keys)) or '(none)'}."
+        )
+      node, walked = node[key], walked + [key]
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; config fields are set as --config.a.b=v")
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO
-    config = _CONFIG.value
-    try:
-        get_experiment(config.experiment)
-    except ValueError as err:
-        raise SystemExit(str(err))
-    workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
-    results = run_experiment(config, workdir)
-    print(json.dumps({"workdir": str(workdir), **results}, indent=2, default=str))
+  if len(argv) > 1:
+    raise app.UsageError(
+        f"unexpected arguments {argv[1:]}; config fields are set as --config.a.b=v"
+    )
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO
+  config = _CONFIG.value
+  try:
+    get_experiment(config.experiment)
+  except ValueError as err:
+    raise SystemExit(str(err))
+  workdir = _WORKDIR.value or default_workdir(
+      config_flags.get_config_filename(flags.FLAGS["config"])
+  )
+  results = run_experiment(config, workdir)
+  print(json.dumps({"workdir": str(workdir), **results}, indent=2, default=str))
 
 
 if __name__ == "__main__":
-    check_config_overrides(sys.argv[1:])
-    sys.exit(app.run(main))
+  check_config_overrides(sys.argv[1:])
+  sys.exit(app.run(main))

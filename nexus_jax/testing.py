@@ -16,52 +16,61 @@ from nexus_jax.train.steps import Objective
 
 
 class ToyMLP(nn.Module):
-    """x [batch, features] -> y [batch]; sows `aux_loss/toy_l2` = aux_weight * mean(h^2)."""
+  """x [batch, features] -> y [batch]; sows `aux_loss/toy_l2` = aux_weight * mean(h^2)."""
 
-    hidden: int = 16
-    dropout: float = 0.1
-    batch_norm: bool = False
-    aux_weight: float = 1e-3
-    nan_after: float = 0.0  # if > 0, the output becomes NaN when |x| exceeds it (for NaN tests)
-    dtype: Any = jnp.float32  # compute dtype (params stay float32)
+  hidden: int = 16
+  dropout: float = 0.1
+  batch_norm: bool = False
+  aux_weight: float = 1e-3
+  nan_after: float = 0.0  # if > 0, the output becomes NaN when |x| exceeds it (for NaN tests)
+  dtype: Any = jnp.float32  # compute dtype (params stay float32)
 
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False):
-        init = nn.initializers.lecun_normal()
-        h = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=nn.with_logical_partitioning(init, ("embed", "mlp")),
-                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x)
-        if self.batch_norm:
-            h = nn.BatchNorm(use_running_average=not train)(h)
-        h = nn.gelu(h)
-        h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        self.sow("aux_loss", "toy_l2", self.aux_weight * jnp.mean(h ** 2))
-        y = nn.Dense(1, dtype=self.dtype, kernel_init=nn.with_logical_partitioning(init, ("mlp", "embed")))(h)
-        y = y[..., 0].astype(jnp.float32)
-        if self.nan_after > 0:
-            y = jnp.where(jnp.max(jnp.abs(x)) > self.nan_after, jnp.nan, y)
-        return y, {"hidden": h}
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False):
+    init = nn.initializers.lecun_normal()
+    h = nn.Dense(
+        self.hidden,
+        dtype=self.dtype,
+        kernel_init=nn.with_logical_partitioning(init, ("embed", "mlp")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+    )(x)
+    if self.batch_norm:
+      h = nn.BatchNorm(use_running_average=not train)(h)
+    h = nn.gelu(h)
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    self.sow("aux_loss", "toy_l2", self.aux_weight * jnp.mean(h**2))
+    y = nn.Dense(
+        1, dtype=self.dtype, kernel_init=nn.with_logical_partitioning(init, ("mlp", "embed"))
+    )(h)
+    y = y[..., 0].astype(jnp.float32)
+    if self.nan_after > 0:
+      y = jnp.where(jnp.max(jnp.abs(x)) > self.nan_after, jnp.nan, y)
+    return y, {"hidden": h}
 
 
 def toy_regression_data(n: int, features: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
-    """y = sin(x @ w) + 0.5 x @ w + noise with one fixed w; `seed` draws the rows.
+  """y = sin(x @ w) + 0.5 x @ w + noise with one fixed w; `seed` draws the rows.
 
-    Returns {"x": [n, features], "y": [n]} float32.
-    """
-    w = np.random.default_rng(1234).normal(size=(features,)).astype(np.float32) / np.sqrt(features)
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, features)).astype(np.float32)
-    z = x @ w
-    y = (np.sin(z) + 0.5 * z + 0.05 * rng.normal(size=n)).astype(np.float32)
-    return {"x": x, "y": y}
+  Returns {"x": [n, features], "y": [n]} float32.
+  """
+  w = np.random.default_rng(1234).normal(size=(features,)).astype(np.float32) / np.sqrt(features)
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, features)).astype(np.float32)
+  z = x @ w
+  y = (np.sin(z) + 0.5 * z + 0.05 * rng.normal(size=n)).astype(np.float32)
+  return {"x": x, "y": y}
 
 
 def mse_loss(outputs: Any, batch: Any):
-    w = batch["weight"]
-    err = (outputs - batch["y"]) ** 2
-    loss = jnp.sum(err * w) / jnp.maximum(jnp.sum(w), 1.0)
-    return loss, {"mae": jnp.sum(jnp.abs(outputs - batch["y"]) * w) / jnp.maximum(jnp.sum(w), 1.0)}
+  w = batch["weight"]
+  err = (outputs - batch["y"]) ** 2
+  loss = jnp.sum(err * w) / jnp.maximum(jnp.sum(w), 1.0)
+  return loss, {"mae": jnp.sum(jnp.abs(outputs - batch["y"]) * w) / jnp.maximum(jnp.sum(w), 1.0)}
 
 
 def toy_objective(**model_kwargs: Any) -> Objective:
-    return Objective(model=ToyMLP(**model_kwargs), loss=mse_loss,
-                     inputs=lambda batch, train: {"x": batch["x"], "train": train})
+  return Objective(
+      model=ToyMLP(**model_kwargs),
+      loss=mse_loss,
+      inputs=lambda batch, train: {"x": batch["x"], "train": train},
+  )

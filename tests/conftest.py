@@ -8,6 +8,7 @@ that compiles what another test (or another ensemble member) already compiled lo
 The cache is a fresh temporary folder, removed when the run ends; set
 ``NEXUS_TEST_COMPILATION_CACHE=/some/dir`` to keep one across runs.
 """
+
 import atexit
 import os
 import shutil
@@ -16,11 +17,15 @@ import tempfile
 import jax
 from hypothesis import settings
 
-if "NEXUS_TEST_COMPILATION_CACHE" in os.environ:  # set by the user, or by the xdist controller for its workers
-    _CACHE = os.environ["NEXUS_TEST_COMPILATION_CACHE"]
+if (
+    "NEXUS_TEST_COMPILATION_CACHE" in os.environ
+):  # set by the user, or by the xdist controller for its workers
+  _CACHE = os.environ["NEXUS_TEST_COMPILATION_CACHE"]
 else:
-    _CACHE = os.environ["NEXUS_TEST_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="nexus-jax-test-cache-")
-    atexit.register(shutil.rmtree, _CACHE, True)
+  _CACHE = os.environ["NEXUS_TEST_COMPILATION_CACHE"] = tempfile.mkdtemp(
+      prefix="nexus-jax-test-cache-"
+  )
+  atexit.register(shutil.rmtree, _CACHE, True)
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 

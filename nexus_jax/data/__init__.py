@@ -13,7 +13,16 @@ from nexus_jax.data.relational import ContextSetBuilder, build_context_sets, dis
 from nexus_jax.data.schema import Schema, SchemaError, SchemaWarning, ValidationReport
 
 __all__ = [
-    "ContextArrays", "ContextSetBuilder", "ContextSpec", "FeatureInfo", "RelationalData", "Schema",
-    "SchemaError", "SchemaWarning", "TabularPreprocessor", "ValidationReport", "build_context_sets",
+    "ContextArrays",
+    "ContextSetBuilder",
+    "ContextSpec",
+    "FeatureInfo",
+    "RelationalData",
+    "Schema",
+    "SchemaError",
+    "SchemaWarning",
+    "TabularPreprocessor",
+    "ValidationReport",
+    "build_context_sets",
     "discover_contexts",
 ]

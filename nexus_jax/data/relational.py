@@ -58,293 +58,416 @@ from nexus_jax.data.splits import assign_split
 BUILDER_FILE = "context_set_builder.json"
 
 
-def discover_contexts(schema: Schema, max_history: int | Mapping[str, int] = 16) -> list[ContextSpec]:
-    """All parent and history contexts of the target table, in a stable order.
+def discover_contexts(
+    schema: Schema, max_history: int | Mapping[str, int] = 16
+) -> list[ContextSpec]:
+  """All parent and history contexts of the target table, in a stable order.
 
-    Args:
-      schema: the task schema.
-      max_history: M for every history context, or name -> M (names not given use 16).
-    Returns:
-      list of `ContextSpec`: parents first (in foreign-key order), then shared-parent histories,
-      then tables referencing the target table.
-    """
-    target = schema.target_table
-    specs: list[ContextSpec] = []
+  Args:
+    schema: the task schema.
+    max_history: M for every history context, or name -> M (names not given use 16).
+  Returns:
+    list of `ContextSpec`: parents first (in foreign-key order), then shared-parent histories,
+    then tables referencing the target table.
+  """
+  target = schema.target_table
+  specs: list[ContextSpec] = []
 
-    def m_of(name: str) -> int:
-        m = max_history.get(name, 16) if isinstance(max_history, Mapping) else max_history
-        if int(m) < 1:
-            raise ValueError(f"max_history[{name!r}] = {m}; must be >= 1")
-        return int(m)
+  def m_of(name: str) -> int:
+    m = max_history.get(name, 16) if isinstance(max_history, Mapping) else max_history
+    if int(m) < 1:
+      raise ValueError(f"max_history[{name!r}] = {m}; must be >= 1")
+    return int(m)
 
-    for column, parent in target.foreign_keys.items():
-        specs.append(ContextSpec(f"{column}->{parent}", "parent", parent, column,
-                                 schema.tables[parent].primary_key, parent == target.name, 1))
-    for column, parent in target.foreign_keys.items():
-        for child, child_column in schema.children_of(parent):
-            name = f"{child}.{child_column}={column}"
-            specs.append(ContextSpec(name, "history", child, column, child_column, child == target.name, m_of(name)))
-    if target.primary_key is not None:
-        for child, child_column in schema.children_of(target.name):
-            name = f"{child}.{child_column}={target.primary_key}"
-            specs.append(ContextSpec(name, "history", child, target.primary_key, child_column,
-                                     child == target.name, m_of(name)))
-    unique = {s.name: s for s in specs}
-    return list(unique.values())
+  for column, parent in target.foreign_keys.items():
+    specs.append(
+        ContextSpec(
+            f"{column}->{parent}",
+            "parent",
+            parent,
+            column,
+            schema.tables[parent].primary_key,
+            parent == target.name,
+            1,
+        )
+    )
+  for column, parent in target.foreign_keys.items():
+    for child, child_column in schema.children_of(parent):
+      name = f"{child}.{child_column}={column}"
+      specs.append(
+          ContextSpec(
+              name, "history", child, column, child_column, child == target.name, m_of(name)
+          )
+      )
+  if target.primary_key is not None:
+    for child, child_column in schema.children_of(target.name):
+      name = f"{child}.{child_column}={target.primary_key}"
+      specs.append(
+          ContextSpec(
+              name,
+              "history",
+              child,
+              target.primary_key,
+              child_column,
+              child == target.name,
+              m_of(name),
+          )
+      )
+  unique = {s.name: s for s in specs}
+  return list(unique.values())
 
 
 def _classes(y: pd.Series, task: str) -> tuple | None:
-    """Label vocabulary: None (regression), (0, 1) for 0/1 or bool binaries, else sorted values."""
-    if task == "regression":
-        return None
-    values = pd.unique(y.dropna()).tolist()
-    if task == "binary" and (pd.api.types.is_bool_dtype(y.dtype) or pd.api.types.is_numeric_dtype(y.dtype)) \
-            and set(float(v) for v in values) <= {0.0, 1.0}:
-        return (0, 1)
-    return tuple(sorted(values, key=lambda v: (str(type(v)), v)))
+  """Label vocabulary: None (regression), (0, 1) for 0/1 or bool binaries, else sorted values."""
+  if task == "regression":
+    return None
+  values = pd.unique(y.dropna()).tolist()
+  if (
+      task == "binary"
+      and (pd.api.types.is_bool_dtype(y.dtype) or pd.api.types.is_numeric_dtype(y.dtype))
+      and set(float(v) for v in values) <= {0.0, 1.0}
+  ):
+    return (0, 1)
+  return tuple(sorted(values, key=lambda v: (str(type(v)), v)))
 
 
 def _signed_log1p(x: np.ndarray) -> np.ndarray:
-    return (np.sign(x) * np.log1p(np.abs(x))).astype(np.float32)
+  return (np.sign(x) * np.log1p(np.abs(x))).astype(np.float32)
 
 
 class ContextSetBuilder:
-    """Fits per-table preprocessors on training-time rows; builds `RelationalData` for any tables.
+  """Fits per-table preprocessors on training-time rows; builds `RelationalData` for any tables.
 
-    Args:
-      schema: the task schema.
-      max_history: M for every history context, or context name -> M.
-      contexts: names of the contexts to build (default: all of `discover_contexts`).
-      preprocessor: keyword arguments of `TabularPreprocessor` for every table.
-      table_preprocessors: table name -> keyword arguments overriding `preprocessor` for that table.
-      count_windows: trailing windows (hours for datetimes, raw units for numeric times) of the
-        window-count features of every history context (see the module docstring); () = none.
+  Args:
+    schema: the task schema.
+    max_history: M for every history context, or context name -> M.
+    contexts: names of the contexts to build (default: all of `discover_contexts`).
+    preprocessor: keyword arguments of `TabularPreprocessor` for every table.
+    table_preprocessors: table name -> keyword arguments overriding `preprocessor` for that table.
+    count_windows: trailing windows (hours for datetimes, raw units for numeric times) of the
+      window-count features of every history context (see the module docstring); () = none.
+  """
+
+  def __init__(
+      self,
+      schema: Schema,
+      max_history: int | Mapping[str, int] = 16,
+      contexts: Sequence[str] | None = None,
+      preprocessor: Mapping | None = None,
+      table_preprocessors: Mapping[str, Mapping] | None = None,
+      count_windows: Sequence[float] = (),
+  ):
+    self.schema = schema
+    available = discover_contexts(schema, max_history)
+    names = [s.name for s in available]
+    if isinstance(max_history, Mapping):
+      unknown = sorted(set(max_history) - set(names))
+      if unknown:
+        raise ValueError(f"max_history names unknown context(s) {unknown}; available: {names}")
+    if contexts is None:
+      self.contexts = available
+    else:
+      unknown = [c for c in contexts if c not in names]
+      if unknown:
+        raise ValueError(f"contexts: unknown context(s) {unknown}; available: {names}")
+      self.contexts = [s for s in available if s.name in set(contexts)]
+    for table in table_preprocessors or {}:
+      if table not in schema.tables:
+        raise ValueError(
+            f"table_preprocessors: unknown table {table!r}; tables: {sorted(schema.tables)}"
+        )
+    windows = [float(w) for w in count_windows]
+    if any(not (np.isfinite(w) and w > 0) for w in windows):
+      raise ValueError(f"count_windows must be positive finite numbers, got {list(count_windows)}")
+    self.config = {
+        "max_history": dict(max_history) if isinstance(max_history, Mapping) else int(max_history),
+        "contexts": [s.name for s in self.contexts],
+        "preprocessor": dict(preprocessor or {}),
+        "table_preprocessors": {k: dict(v) for k, v in (table_preprocessors or {}).items()},
+        "count_windows": windows,
+    }
+    self.preprocessors: dict[str, TabularPreprocessor] = {}
+    self.classes: tuple | None = None
+    self.report: ValidationReport | None = None
+
+  @property
+  def tables_used(self) -> list[str]:
+    """The target table first, then every table some context reads."""
+    out = [self.schema.target.table]
+    return out + sorted({s.table for s in self.contexts} - set(out))
+
+  def _features(self, table: str, df: pd.DataFrame) -> pd.DataFrame:
+    return df[self.schema.feature_columns(table, df)]
+
+  # ------------------------------------------------------------------ fit
+  def fit(self, tables: Mapping[str, pd.DataFrame]) -> "ContextSetBuilder":
+    """Validates `tables`, fits one preprocessor per used table on training-time rows, and the classes."""
+    schema = self.schema
+    self.report = schema.validate(tables, require_target=True)
+    target = schema.target.table
+    target_df = tables[target]
+    times = self._target_times(target_df)
+    split = assign_split(schema, target_df, times)
+    if not (split == "train").any():
+      raise SchemaError(f"split: no training rows in table {target!r}; check the split settings")
+    for table in self.tables_used:
+      df = tables[table]
+      if table == target:
+        rows = df[split == "train"]
+      elif schema.split.method == "time" and schema.tables[table].time_column is not None:
+        column = schema.tables[table].time_column
+        where = f"table {table!r} column {column!r}"
+        t = parse_time(df[column], where)
+        rows = df[(t < parse_cutoff(schema.split.valid_start, t, where)).to_numpy()]
+      else:
+        rows = df
+      if len(rows) == 0:
+        warnings.warn(
+            f"table {table!r}: no rows known during training; its rows get no features",
+            SchemaWarning,
+            stacklevel=2,
+        )
+      kwargs = {**self.config["preprocessor"], **self.config["table_preprocessors"].get(table, {})}
+      # Foreign keys are identities, never quantities: categorical unless the user says otherwise.
+      fk_types = {c: "categorical" for c in schema.tables[table].foreign_keys if c in rows.columns}
+      kwargs["column_types"] = {**fk_types, **kwargs.get("column_types", {})}
+      self.preprocessors[table] = TabularPreprocessor(**kwargs).fit(self._features(table, rows))
+    self.classes = _classes(target_df[schema.target.column], schema.target.task)
+    return self
+
+  def _target_times(self, target_df: pd.DataFrame) -> pd.Series | None:
+    spec = self.schema.target_table
+    if spec.time_column is None:
+      return None
+    return parse_time(
+        target_df[spec.time_column], f"table {spec.name!r} column {spec.time_column!r}"
+    )
+
+  def _labels(self, y: pd.Series) -> np.ndarray:
+    task = self.schema.target.task
+    if task == "regression":
+      return y.to_numpy(np.float32)
+    if self.classes == (0, 1):
+      return y.astype(np.float32).to_numpy()
+    index = pd.Index(list(self.classes)).get_indexer(y)
+    if (index < 0).any():
+      bad = y[index < 0].astype(str).unique()[:3].tolist()
+      raise SchemaError(
+          f"target: column {self.schema.target.column!r} has label(s) {bad} not seen at fit time "
+          f"(classes: {list(self.classes)})"
+      )
+    return index.astype(np.float32 if task == "binary" else np.int32)
+
+  # ------------------------------------------------------------------ transform
+  def transform(self, tables: Mapping[str, pd.DataFrame]) -> RelationalData:
+    """Builds every context for every row of the target table.
+
+    For prediction, pass the rows to predict together with the past rows they should see (the
+    histories come from these tables), then select the predicted rows with `RelationalData.take`.
+
+    Returns:
+      `RelationalData` with N = rows of the target table (in table order); labels are None when
+      the target column is absent or has nulls (prediction).
     """
+    if not self.preprocessors:
+      raise RuntimeError("ContextSetBuilder is not fitted: call .fit(tables) or .load(directory)")
+    schema = self.schema
+    target = schema.target.table
+    self.report = schema.validate(tables, require_target=False)
+    target_df = tables[target]
+    times = self._target_times(target_df)
+    t_ticks, _, t_is_dt = ci.time_ticks(times)
+    feats = {}
+    for (
+        table
+    ) in self.tables_used:  # transform each table once; a zero row at the end is the padding
+      arrays = self.preprocessors[table].transform(self._features(table, tables[table]))
+      feats[table] = {
+          k: np.concatenate([v, np.zeros((1,) + v.shape[1:], v.dtype)]) for k, v in arrays.items()
+      }
+    contexts, count_names, counts = {}, [], []
+    for spec in self.contexts:
+      contexts[spec.name], history = self._context(
+          spec, tables, target_df, t_ticks, t_is_dt, feats[spec.table]
+      )
+      if self.config.get("count_windows") and history is not None:
+        names, values = self._window_counts(spec, history, t_is_dt)
+        count_names += names
+        counts.append(values)
+    has_labels = schema.target.column in target_df.columns
+    own = {k: v[:-1] for k, v in feats[target].items()}
+    info = self.preprocessors[target].get_feature_info()
+    if counts:
+      counts = np.concatenate(counts, axis=1)
+      own["numeric"] = np.concatenate([own["numeric"], _signed_log1p(counts)], axis=1)
+      own["numeric_missing"] = np.concatenate(
+          [own["numeric_missing"], np.zeros(counts.shape, bool)], axis=1
+      )
+      info = FeatureInfo(
+          info.numeric_names + tuple(count_names),
+          info.numeric_sources + tuple(count_names),
+          info.categorical_names,
+          info.categorical_cardinalities,
+          info.column_types,
+      )
+    return RelationalData(
+        target_table=target,
+        task=schema.target.task,
+        feature_info=info,
+        numeric=own["numeric"],
+        numeric_missing=own["numeric_missing"],
+        categorical=own["categorical"],
+        labels=self._labels(target_df[schema.target.column])
+        if has_labels and target_df[schema.target.column].notna().all()
+        else None,
+        classes=self.classes,
+        split=assign_split(schema, target_df, times),
+        row_index=np.arange(len(target_df), dtype=np.int64),
+        contexts=contexts,
+    )
 
-    def __init__(self, schema: Schema, max_history: int | Mapping[str, int] = 16,
-                 contexts: Sequence[str] | None = None, preprocessor: Mapping | None = None,
-                 table_preprocessors: Mapping[str, Mapping] | None = None, count_windows: Sequence[float] = ()):
-        self.schema = schema
-        available = discover_contexts(schema, max_history)
-        names = [s.name for s in available]
-        if isinstance(max_history, Mapping):
-            unknown = sorted(set(max_history) - set(names))
-            if unknown:
-                raise ValueError(f"max_history names unknown context(s) {unknown}; available: {names}")
-        if contexts is None:
-            self.contexts = available
-        else:
-            unknown = [c for c in contexts if c not in names]
-            if unknown:
-                raise ValueError(f"contexts: unknown context(s) {unknown}; available: {names}")
-            self.contexts = [s for s in available if s.name in set(contexts)]
-        for table in (table_preprocessors or {}):
-            if table not in schema.tables:
-                raise ValueError(f"table_preprocessors: unknown table {table!r}; tables: {sorted(schema.tables)}")
-        windows = [float(w) for w in count_windows]
-        if any(not (np.isfinite(w) and w > 0) for w in windows):
-            raise ValueError(f"count_windows must be positive finite numbers, got {list(count_windows)}")
-        self.config = {"max_history": dict(max_history) if isinstance(max_history, Mapping) else int(max_history),
-                       "contexts": [s.name for s in self.contexts], "preprocessor": dict(preprocessor or {}),
-                       "table_preprocessors": {k: dict(v) for k, v in (table_preprocessors or {}).items()},
-                       "count_windows": windows}
-        self.preprocessors: dict[str, TabularPreprocessor] = {}
-        self.classes: tuple | None = None
-        self.report: ValidationReport | None = None
+  def _context(
+      self, spec: ContextSpec, tables, target_df, t_ticks, t_is_dt, feats
+  ) -> tuple[ContextArrays, ci.SortedHistory | None]:
+    """The context's padded rows and, for a history, its sorted visible rows (reused by the counts)."""
+    related = tables[spec.table]
+    time_column = self.schema.tables[spec.table].time_column
+    r_times = (
+        None
+        if time_column is None
+        else parse_time(related[time_column], f"table {spec.table!r} column {time_column!r}")
+    )
+    r_ticks, r_valid, r_is_dt = ci.time_ticks(r_times)
+    history = None
+    if spec.kind == "parent":
+      index = ci.parent_index(target_df[spec.target_column], related[spec.context_column])[:, None]
+      if t_ticks is not None and r_ticks is not None:
+        visible = r_valid[index] & (
+            (r_ticks[index] < t_ticks[:, None])
+            if spec.strict
+            else (r_ticks[index] <= t_ticks[:, None])
+        )
+        index = np.where(visible & (index >= 0), index, -1)
+    else:
+      history = ci.SortedHistory(
+          target_df[spec.target_column],
+          related[spec.context_column],
+          t_ticks,
+          r_ticks,
+          r_valid,
+          spec.strict,
+      )
+      index = history.index(spec.max_rows, exclude_self=self._sees_itself(spec, history))
+    mask = index >= 0
+    timed = t_ticks is not None and r_ticks is not None
+    if timed and t_is_dt != r_is_dt:
+      raise SchemaError(
+          f"table {spec.table!r} column {time_column!r}: times are "
+          f"{'datetimes' if r_is_dt else 'numbers'} but the target's are not"
+      )
+    ages = (
+        np.where(mask, ci.ages_between(t_ticks[:, None], r_ticks[index], t_is_dt), 0.0).astype(
+            np.float32
+        )
+        if timed
+        else np.zeros(index.shape, np.float32)
+    )
+    numeric, missing = np.take(feats["numeric"], index, axis=0), np.take(
+        feats["numeric_missing"], index, axis=0
+    )
+    info = self.preprocessors[spec.table].get_feature_info()
+    if timed:  # the age of each row as one more numeric feature
+      numeric = np.concatenate([numeric, _signed_log1p(ages)[..., None]], axis=-1)
+      missing = np.concatenate([missing, np.zeros(ages.shape + (1,), bool)], axis=-1)
+      info = FeatureInfo(
+          info.numeric_names + (AGE_FEATURE,),
+          info.numeric_sources + (AGE_FEATURE,),
+          info.categorical_names,
+          info.categorical_cardinalities,
+          info.column_types,
+      )
+    return (
+        ContextArrays(
+            spec=spec,
+            feature_info=info,
+            numeric=numeric,
+            numeric_missing=missing,
+            categorical=np.take(feats["categorical"], index, axis=0),
+            mask=mask,
+            ages=ages,
+            row_index=index,
+        ),
+        history,
+    )
 
-    @property
-    def tables_used(self) -> list[str]:
-        """The target table first, then every table some context reads."""
-        out = [self.schema.target.table]
-        return out + sorted({s.table for s in self.contexts} - set(out))
+  def _sees_itself(self, spec: ContextSpec, history: ci.SortedHistory) -> bool:
+    """A history of the target table without a time cut would list each row itself."""
+    return spec.table == self.schema.target.table and not history.use_time
 
-    def _features(self, table: str, df: pd.DataFrame) -> pd.DataFrame:
-        return df[self.schema.feature_columns(table, df)]
+  def _window_counts(
+      self, spec: ContextSpec, history: ci.SortedHistory, t_is_dt: bool
+  ) -> tuple[list[str], np.ndarray]:
+    """Names and counts `[N, W]` of the visible rows of history `spec` per trailing window; one
+    ``all`` column without a time cut (then every row of the key is visible)."""
+    if not history.use_time:
+      return [f"count[{spec.name},all]"], history.key_counts(self._sees_itself(spec, history))[
+          :, None
+      ]
+    windows = self.config["count_windows"]
+    names = [f"count[{spec.name},{w:g}{'h' if t_is_dt else ''}]" for w in windows]
+    return names, history.window_counts(windows, is_datetime=t_is_dt)
 
-    # ------------------------------------------------------------------ fit
-    def fit(self, tables: Mapping[str, pd.DataFrame]) -> "ContextSetBuilder":
-        """Validates `tables`, fits one preprocessor per used table on training-time rows, and the classes."""
-        schema = self.schema
-        self.report = schema.validate(tables, require_target=True)
-        target = schema.target.table
-        target_df = tables[target]
-        times = self._target_times(target_df)
-        split = assign_split(schema, target_df, times)
-        if not (split == "train").any():
-            raise SchemaError(f"split: no training rows in table {target!r}; check the split settings")
-        for table in self.tables_used:
-            df = tables[table]
-            if table == target:
-                rows = df[split == "train"]
-            elif schema.split.method == "time" and schema.tables[table].time_column is not None:
-                column = schema.tables[table].time_column
-                where = f"table {table!r} column {column!r}"
-                t = parse_time(df[column], where)
-                rows = df[(t < parse_cutoff(schema.split.valid_start, t, where)).to_numpy()]
-            else:
-                rows = df
-            if len(rows) == 0:
-                warnings.warn(f"table {table!r}: no rows known during training; its rows get no features",
-                              SchemaWarning, stacklevel=2)
-            kwargs = {**self.config["preprocessor"], **self.config["table_preprocessors"].get(table, {})}
-            # Foreign keys are identities, never quantities: categorical unless the user says otherwise.
-            fk_types = {c: "categorical" for c in schema.tables[table].foreign_keys if c in rows.columns}
-            kwargs["column_types"] = {**fk_types, **kwargs.get("column_types", {})}
-            self.preprocessors[table] = TabularPreprocessor(**kwargs).fit(self._features(table, rows))
-        self.classes = _classes(target_df[schema.target.column], schema.target.task)
-        return self
+  def fit_transform(self, tables: Mapping[str, pd.DataFrame]) -> RelationalData:
+    return self.fit(tables).transform(tables)
 
-    def _target_times(self, target_df: pd.DataFrame) -> pd.Series | None:
-        spec = self.schema.target_table
-        if spec.time_column is None:
-            return None
-        return parse_time(target_df[spec.time_column], f"table {spec.name!r} column {spec.time_column!r}")
+  # ------------------------------------------------------------------ persistence
+  def save(self, directory: str | pathlib.Path) -> None:
+    """Writes ``context_set_builder.json`` (schema, config, classes) and one preprocessor folder per table."""
+    if not self.preprocessors:
+      raise RuntimeError("ContextSetBuilder.save: not fitted")
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "schema": self.schema.to_dict(),
+        "config": self.config,
+        "classes": None if self.classes is None else list(self.classes),
+        "tables": list(self.preprocessors),
+    }
+    (directory / BUILDER_FILE).write_text(json.dumps(payload, indent=1))
+    for i, (table, pre) in enumerate(self.preprocessors.items()):
+      pre.save(directory / f"preprocessor_{i}")
 
-    def _labels(self, y: pd.Series) -> np.ndarray:
-        task = self.schema.target.task
-        if task == "regression":
-            return y.to_numpy(np.float32)
-        if self.classes == (0, 1):
-            return y.astype(np.float32).to_numpy()
-        index = pd.Index(list(self.classes)).get_indexer(y)
-        if (index < 0).any():
-            bad = y[index < 0].astype(str).unique()[:3].tolist()
-            raise SchemaError(f"target: column {self.schema.target.column!r} has label(s) {bad} not seen at fit time "
-                              f"(classes: {list(self.classes)})")
-        return index.astype(np.float32 if task == "binary" else np.int32)
-
-    # ------------------------------------------------------------------ transform
-    def transform(self, tables: Mapping[str, pd.DataFrame]) -> RelationalData:
-        """Builds every context for every row of the target table.
-
-        For prediction, pass the rows to predict together with the past rows they should see (the
-        histories come from these tables), then select the predicted rows with `RelationalData.take`.
-
-        Returns:
-          `RelationalData` with N = rows of the target table (in table order); labels are None when
-          the target column is absent or has nulls (prediction).
-        """
-        if not self.preprocessors:
-            raise RuntimeError("ContextSetBuilder is not fitted: call .fit(tables) or .load(directory)")
-        schema = self.schema
-        target = schema.target.table
-        self.report = schema.validate(tables, require_target=False)
-        target_df = tables[target]
-        times = self._target_times(target_df)
-        t_ticks, _, t_is_dt = ci.time_ticks(times)
-        feats = {}
-        for table in self.tables_used:  # transform each table once; a zero row at the end is the padding
-            arrays = self.preprocessors[table].transform(self._features(table, tables[table]))
-            feats[table] = {k: np.concatenate([v, np.zeros((1,) + v.shape[1:], v.dtype)]) for k, v in arrays.items()}
-        contexts, count_names, counts = {}, [], []
-        for spec in self.contexts:
-            contexts[spec.name], history = self._context(spec, tables, target_df, t_ticks, t_is_dt, feats[spec.table])
-            if self.config.get("count_windows") and history is not None:
-                names, values = self._window_counts(spec, history, t_is_dt)
-                count_names += names
-                counts.append(values)
-        has_labels = schema.target.column in target_df.columns
-        own = {k: v[:-1] for k, v in feats[target].items()}
-        info = self.preprocessors[target].get_feature_info()
-        if counts:
-            counts = np.concatenate(counts, axis=1)
-            own["numeric"] = np.concatenate([own["numeric"], _signed_log1p(counts)], axis=1)
-            own["numeric_missing"] = np.concatenate([own["numeric_missing"], np.zeros(counts.shape, bool)], axis=1)
-            info = FeatureInfo(info.numeric_names + tuple(count_names), info.numeric_sources + tuple(count_names),
-                               info.categorical_names, info.categorical_cardinalities, info.column_types)
-        return RelationalData(
-            target_table=target, task=schema.target.task, feature_info=info,
-            numeric=own["numeric"], numeric_missing=own["numeric_missing"], categorical=own["categorical"],
-            labels=self._labels(target_df[schema.target.column]) if has_labels and target_df[schema.target.column].notna().all() else None,
-            classes=self.classes, split=assign_split(schema, target_df, times),
-            row_index=np.arange(len(target_df), dtype=np.int64), contexts=contexts)
-
-    def _context(self, spec: ContextSpec, tables, target_df, t_ticks, t_is_dt, feats
-                 ) -> tuple[ContextArrays, ci.SortedHistory | None]:
-        """The context's padded rows and, for a history, its sorted visible rows (reused by the counts)."""
-        related = tables[spec.table]
-        time_column = self.schema.tables[spec.table].time_column
-        r_times = None if time_column is None else parse_time(
-            related[time_column], f"table {spec.table!r} column {time_column!r}")
-        r_ticks, r_valid, r_is_dt = ci.time_ticks(r_times)
-        history = None
-        if spec.kind == "parent":
-            index = ci.parent_index(target_df[spec.target_column], related[spec.context_column])[:, None]
-            if t_ticks is not None and r_ticks is not None:
-                visible = r_valid[index] & ((r_ticks[index] < t_ticks[:, None]) if spec.strict
-                                            else (r_ticks[index] <= t_ticks[:, None]))
-                index = np.where(visible & (index >= 0), index, -1)
-        else:
-            history = ci.SortedHistory(target_df[spec.target_column], related[spec.context_column], t_ticks, r_ticks,
-                                       r_valid, spec.strict)
-            index = history.index(spec.max_rows, exclude_self=self._sees_itself(spec, history))
-        mask = index >= 0
-        timed = t_ticks is not None and r_ticks is not None
-        if timed and t_is_dt != r_is_dt:
-            raise SchemaError(f"table {spec.table!r} column {time_column!r}: times are "
-                              f"{'datetimes' if r_is_dt else 'numbers'} but the target's are not")
-        ages = (np.where(mask, ci.ages_between(t_ticks[:, None], r_ticks[index], t_is_dt), 0.0).astype(np.float32)
-                if timed else np.zeros(index.shape, np.float32))
-        numeric, missing = np.take(feats["numeric"], index, axis=0), np.take(feats["numeric_missing"], index, axis=0)
-        info = self.preprocessors[spec.table].get_feature_info()
-        if timed:  # the age of each row as one more numeric feature
-            numeric = np.concatenate([numeric, _signed_log1p(ages)[..., None]], axis=-1)
-            missing = np.concatenate([missing, np.zeros(ages.shape + (1,), bool)], axis=-1)
-            info = FeatureInfo(info.numeric_names + (AGE_FEATURE,), info.numeric_sources + (AGE_FEATURE,),
-                               info.categorical_names, info.categorical_cardinalities, info.column_types)
-        return ContextArrays(spec=spec, feature_info=info, numeric=numeric, numeric_missing=missing,
-                             categorical=np.take(feats["categorical"], index, axis=0), mask=mask, ages=ages,
-                             row_index=index), history
-
-    def _sees_itself(self, spec: ContextSpec, history: ci.SortedHistory) -> bool:
-        """A history of the target table without a time cut would list each row itself."""
-        return spec.table == self.schema.target.table and not history.use_time
-
-    def _window_counts(self, spec: ContextSpec, history: ci.SortedHistory, t_is_dt: bool
-                       ) -> tuple[list[str], np.ndarray]:
-        """Names and counts `[N, W]` of the visible rows of history `spec` per trailing window; one
-        ``all`` column without a time cut (then every row of the key is visible)."""
-        if not history.use_time:
-            return [f"count[{spec.name},all]"], history.key_counts(self._sees_itself(spec, history))[:, None]
-        windows = self.config["count_windows"]
-        names = [f"count[{spec.name},{w:g}{'h' if t_is_dt else ''}]" for w in windows]
-        return names, history.window_counts(windows, is_datetime=t_is_dt)
-
-    def fit_transform(self, tables: Mapping[str, pd.DataFrame]) -> RelationalData:
-        return self.fit(tables).transform(tables)
-
-    # ------------------------------------------------------------------ persistence
-    def save(self, directory: str | pathlib.Path) -> None:
-        """Writes ``context_set_builder.json`` (schema, config, classes) and one preprocessor folder per table."""
-        if not self.preprocessors:
-            raise RuntimeError("ContextSetBuilder.save: not fitted")
-        directory = pathlib.Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        payload = {"schema": self.schema.to_dict(), "config": self.config,
-                   "classes": None if self.classes is None else list(self.classes),
-                   "tables": list(self.preprocessors)}
-        (directory / BUILDER_FILE).write_text(json.dumps(payload, indent=1))
-        for i, (table, pre) in enumerate(self.preprocessors.items()):
-            pre.save(directory / f"preprocessor_{i}")
-
-    @classmethod
-    def load(cls, directory: str | pathlib.Path) -> "ContextSetBuilder":
-        directory = pathlib.Path(directory)
-        payload = json.loads((directory / BUILDER_FILE).read_text())
-        cfg = payload["config"]
-        builder = cls(Schema.from_dict(payload["schema"]), max_history=cfg["max_history"],
-                      contexts=cfg["contexts"], preprocessor=cfg["preprocessor"],
-                      table_preprocessors=cfg["table_preprocessors"], count_windows=cfg.get("count_windows", ()))
-        builder.classes = None if payload["classes"] is None else tuple(payload["classes"])
-        builder.preprocessors = {t: TabularPreprocessor.load(directory / f"preprocessor_{i}")
-                                 for i, t in enumerate(payload["tables"])}
-        return builder
+  @classmethod
+  def load(cls, directory: str | pathlib.Path) -> "ContextSetBuilder":
+    directory = pathlib.Path(directory)
+    payload = json.loads((directory / BUILDER_FILE).read_text())
+    cfg = payload["config"]
+    builder = cls(
+        Schema.from_dict(payload["schema"]),
+        max_history=cfg["max_history"],
+        contexts=cfg["contexts"],
+        preprocessor=cfg["preprocessor"],
+        table_preprocessors=cfg["table_preprocessors"],
+        count_windows=cfg.get("count_windows", ()),
+    )
+    builder.classes = None if payload["classes"] is None else tuple(payload["classes"])
+    builder.preprocessors = {
+        t: TabularPreprocessor.load(directory / f"preprocessor_{i}")
+        for i, t in enumerate(payload["tables"])
+    }
+    return builder
 
 
-def build_context_sets(tables: Mapping[str, pd.DataFrame], schema: Schema | Mapping,
-                       max_history: int | Mapping[str, int] = 16, contexts: Sequence[str] | None = None,
-                       **kwargs) -> RelationalData:
-    """Fit + transform in one call; `schema` may be a `Schema` or its dict. Returns `RelationalData`."""
-    if not isinstance(schema, Schema):
-        schema = Schema.from_dict(schema)
-    return ContextSetBuilder(schema, max_history=max_history, contexts=contexts, **kwargs).fit_transform(tables)
+def build_context_sets(
+    tables: Mapping[str, pd.DataFrame],
+    schema: Schema | Mapping,
+    max_history: int | Mapping[str, int] = 16,
+    contexts: Sequence[str] | None = None,
+    **kwargs,
+) -> RelationalData:
+  """Fit + transform in one call; `schema` may be a `Schema` or its dict. Returns `RelationalData`."""
+  if not isinstance(schema, Schema):
+    schema = Schema.from_dict(schema)
+  return ContextSetBuilder(
+      schema, max_history=max_history, contexts=contexts, **kwargs
+  ).fit_transform(tables)

@@ -44,305 +44,374 @@ TASKS = ("binary", "multiclass", "regression")
 SPLIT_METHODS = ("time", "random", "group")
 _TABLE_KEYS = {"file", "primary_key", "time_column", "foreign_keys", "drop_columns"}
 _TARGET_KEYS = {"table", "column", "task"}
-_SPLIT_KEYS = {"method", "valid_start", "test_start", "valid_fraction", "test_fraction", "seed", "key"}
+_SPLIT_KEYS = {
+    "method",
+    "valid_start",
+    "test_start",
+    "valid_fraction",
+    "test_fraction",
+    "seed",
+    "key",
+}
 
 
 class SchemaError(ValueError):
-    """A schema or its tables are inconsistent; the message names the table and column."""
+  """A schema or its tables are inconsistent; the message names the table and column."""
 
 
 class SchemaWarning(UserWarning):
-    """Something legal but probably unintended (e.g. a target table linked to no other table)."""
+  """Something legal but probably unintended (e.g. a target table linked to no other table)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class TableSpec:
-    """One table: its file, keys, time column and the columns that must never be features."""
+  """One table: its file, keys, time column and the columns that must never be features."""
 
-    name: str
-    file: str | None = None
-    primary_key: str | None = None
-    time_column: str | None = None
-    foreign_keys: Mapping[str, str] = dataclasses.field(default_factory=dict)  # column -> parent table
-    drop_columns: tuple[str, ...] = ()
+  name: str
+  file: str | None = None
+  primary_key: str | None = None
+  time_column: str | None = None
+  foreign_keys: Mapping[str, str] = dataclasses.field(
+      default_factory=dict
+  )  # column -> parent table
+  drop_columns: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class TargetSpec:
-    table: str
-    column: str
-    task: str
+  table: str
+  column: str
+  task: str
 
 
 @dataclasses.dataclass(frozen=True)
 class SplitSpec:
-    method: str = "random"
-    valid_start: Any = None
-    test_start: Any = None
-    valid_fraction: float = 0.1
-    test_fraction: float = 0.1
-    seed: int = 0
-    key: str | None = None
+  method: str = "random"
+  valid_start: Any = None
+  test_start: Any = None
+  valid_fraction: float = 0.1
+  test_fraction: float = 0.1
+  seed: int = 0
+  key: str | None = None
 
 
 @dataclasses.dataclass
 class ValidationReport:
-    """What `Schema.validate` found that is legal: orphan foreign keys and warnings."""
+  """What `Schema.validate` found that is legal: orphan foreign keys and warnings."""
 
-    row_counts: dict[str, int]
-    orphan_foreign_keys: dict[str, int]  # "table.column" -> rows whose value has no parent row
-    warnings: list[str]
+  row_counts: dict[str, int]
+  orphan_foreign_keys: dict[str, int]  # "table.column" -> rows whose value has no parent row
+  warnings: list[str]
 
 
 def _check_keys(where: str, given: Mapping, allowed: set) -> None:
-    if not isinstance(given, Mapping):
-        raise SchemaError(f"{where} must be a JSON object / dict, got {type(given).__name__}")
-    unknown = set(given) - allowed
-    if unknown:
-        raise SchemaError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+  if not isinstance(given, Mapping):
+    raise SchemaError(f"{where} must be a JSON object / dict, got {type(given).__name__}")
+  unknown = set(given) - allowed
+  if unknown:
+    raise SchemaError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
 
 
 def parse_time(series: pd.Series, where: str) -> pd.Series:
-    """A time column as UTC datetimes, or as float64 if numeric. Raises SchemaError if unparsable.
+  """A time column as UTC datetimes, or as float64 if numeric. Raises SchemaError if unparsable.
 
-    Returns:
-      `[N]` datetime64[UTC] or float64 series (NaT/NaN where the value was null).
-    """
-    if pd.api.types.is_bool_dtype(series.dtype):
-        raise SchemaError(f"{where}: time column is boolean; expected datetimes, date strings or numbers")
-    if pd.api.types.is_numeric_dtype(series.dtype):
-        return series.astype(np.float64)
-    if pd.api.types.is_datetime64_any_dtype(series.dtype):
-        return series.dt.tz_localize("UTC") if series.dt.tz is None else series.dt.tz_convert("UTC")
-    parsed = pd.to_datetime(series, utc=True, format="ISO8601", errors="coerce")
+  Returns:
+    `[N]` datetime64[UTC] or float64 series (NaT/NaN where the value was null).
+  """
+  if pd.api.types.is_bool_dtype(series.dtype):
+    raise SchemaError(
+        f"{where}: time column is boolean; expected datetimes, date strings or numbers"
+    )
+  if pd.api.types.is_numeric_dtype(series.dtype):
+    return series.astype(np.float64)
+  if pd.api.types.is_datetime64_any_dtype(series.dtype):
+    return series.dt.tz_localize("UTC") if series.dt.tz is None else series.dt.tz_convert("UTC")
+  parsed = pd.to_datetime(series, utc=True, format="ISO8601", errors="coerce")
+  bad = parsed.isna() & series.notna()
+  if bad.any():
+    parsed = pd.to_datetime(series, utc=True, format="mixed", errors="coerce")
     bad = parsed.isna() & series.notna()
-    if bad.any():
-        parsed = pd.to_datetime(series, utc=True, format="mixed", errors="coerce")
-        bad = parsed.isna() & series.notna()
-    if bad.any():
-        examples = series[bad].astype(str).unique()[:3].tolist()
-        raise SchemaError(f"{where}: {int(bad.sum())} value(s) do not parse as times, e.g. {examples}; "
-                          "use ISO-8601 strings, datetimes or numbers")
-    return parsed
+  if bad.any():
+    examples = series[bad].astype(str).unique()[:3].tolist()
+    raise SchemaError(
+        f"{where}: {int(bad.sum())} value(s) do not parse as times, e.g. {examples}; "
+        "use ISO-8601 strings, datetimes or numbers"
+    )
+  return parsed
 
 
 def parse_cutoff(value: Any, like: pd.Series, where: str) -> Any:
-    """A split boundary in the same representation as `parse_time(...)` returned (`like`)."""
-    if pd.api.types.is_datetime64_any_dtype(like.dtype):
-        try:
-            ts = pd.Timestamp(value)
-        except (ValueError, TypeError) as e:
-            raise SchemaError(f"{where}: {value!r} does not parse as a time ({e})") from None
-        return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+  """A split boundary in the same representation as `parse_time(...)` returned (`like`)."""
+  if pd.api.types.is_datetime64_any_dtype(like.dtype):
     try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise SchemaError(f"{where}: {value!r} is not a number, but the time column is numeric") from None
+      ts = pd.Timestamp(value)
+    except (ValueError, TypeError) as e:
+      raise SchemaError(f"{where}: {value!r} does not parse as a time ({e})") from None
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    raise SchemaError(
+        f"{where}: {value!r} is not a number, but the time column is numeric"
+    ) from None
 
 
 @dataclasses.dataclass(frozen=True)
 class Schema:
-    """Tables, target and split of a multi-table prediction task (see the module docstring)."""
+  """Tables, target and split of a multi-table prediction task (see the module docstring)."""
 
-    tables: Mapping[str, TableSpec]
-    target: TargetSpec
-    split: SplitSpec
+  tables: Mapping[str, TableSpec]
+  target: TargetSpec
+  split: SplitSpec
 
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "Schema":
-        _check_keys("schema", d, {"tables", "target", "split"})
-        if "tables" not in d or "target" not in d:
-            raise SchemaError("schema: needs 'tables' and 'target'")
-        _check_keys("schema.tables", d["tables"], set(d["tables"]))
-        tables = {}
-        for name, t in d["tables"].items():
-            _check_keys(f"schema.tables.{name}", t, _TABLE_KEYS)
-            fks = t.get("foreign_keys") or {}
-            _check_keys(f"schema.tables.{name}.foreign_keys", fks, set(fks))
-            tables[name] = TableSpec(name=name, file=t.get("file"), primary_key=t.get("primary_key"),
-                                     time_column=t.get("time_column"), foreign_keys=dict(fks),
-                                     drop_columns=tuple(t.get("drop_columns") or ()))
-        _check_keys("schema.target", d["target"], _TARGET_KEYS)
-        missing = _TARGET_KEYS - set(d["target"])
-        if missing:
-            raise SchemaError(f"schema.target: missing field(s) {sorted(missing)}")
-        target = TargetSpec(**d["target"])
-        split_d = dict(d.get("split") or {"method": "random"})
-        _check_keys("schema.split", split_d, _SPLIT_KEYS)
-        split = SplitSpec(**split_d)
-        schema = cls(tables=tables, target=target, split=split)
-        schema._check_structure()
-        return schema
+  # ------------------------------------------------------------------ construction
+  @classmethod
+  def from_dict(cls, d: Mapping) -> "Schema":
+    _check_keys("schema", d, {"tables", "target", "split"})
+    if "tables" not in d or "target" not in d:
+      raise SchemaError("schema: needs 'tables' and 'target'")
+    _check_keys("schema.tables", d["tables"], set(d["tables"]))
+    tables = {}
+    for name, t in d["tables"].items():
+      _check_keys(f"schema.tables.{name}", t, _TABLE_KEYS)
+      fks = t.get("foreign_keys") or {}
+      _check_keys(f"schema.tables.{name}.foreign_keys", fks, set(fks))
+      tables[name] = TableSpec(
+          name=name,
+          file=t.get("file"),
+          primary_key=t.get("primary_key"),
+          time_column=t.get("time_column"),
+          foreign_keys=dict(fks),
+          drop_columns=tuple(t.get("drop_columns") or ()),
+      )
+    _check_keys("schema.target", d["target"], _TARGET_KEYS)
+    missing = _TARGET_KEYS - set(d["target"])
+    if missing:
+      raise SchemaError(f"schema.target: missing field(s) {sorted(missing)}")
+    target = TargetSpec(**d["target"])
+    split_d = dict(d.get("split") or {"method": "random"})
+    _check_keys("schema.split", split_d, _SPLIT_KEYS)
+    split = SplitSpec(**split_d)
+    schema = cls(tables=tables, target=target, split=split)
+    schema._check_structure()
+    return schema
 
-    @classmethod
-    def from_json(cls, path: str | pathlib.Path) -> "Schema":
-        path = pathlib.Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise SchemaError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d)
+  @classmethod
+  def from_json(cls, path: str | pathlib.Path) -> "Schema":
+    path = pathlib.Path(path)
+    try:
+      d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+      raise SchemaError(f"{path}: not valid JSON ({e})") from None
+    return cls.from_dict(d)
 
-    def to_dict(self) -> dict:
-        tables = {}
-        for name, t in self.tables.items():
-            entry = {k: v for k, v in (("file", t.file), ("primary_key", t.primary_key),
-                                       ("time_column", t.time_column)) if v is not None}
-            if t.foreign_keys:
-                entry["foreign_keys"] = dict(t.foreign_keys)
-            if t.drop_columns:
-                entry["drop_columns"] = list(t.drop_columns)
-            tables[name] = entry
-        split = {k: v for k, v in dataclasses.asdict(self.split).items() if v is not None}
-        return {"tables": tables, "target": dataclasses.asdict(self.target), "split": split}
+  def to_dict(self) -> dict:
+    tables = {}
+    for name, t in self.tables.items():
+      entry = {
+          k: v
+          for k, v in (
+              ("file", t.file),
+              ("primary_key", t.primary_key),
+              ("time_column", t.time_column),
+          )
+          if v is not None
+      }
+      if t.foreign_keys:
+        entry["foreign_keys"] = dict(t.foreign_keys)
+      if t.drop_columns:
+        entry["drop_columns"] = list(t.drop_columns)
+      tables[name] = entry
+    split = {k: v for k, v in dataclasses.asdict(self.split).items() if v is not None}
+    return {"tables": tables, "target": dataclasses.asdict(self.target), "split": split}
 
-    def to_json(self, path: str | pathlib.Path) -> None:
-        pathlib.Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+  def to_json(self, path: str | pathlib.Path) -> None:
+    pathlib.Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
-    def _check_structure(self) -> None:
-        for name, t in self.tables.items():
-            for column, parent in t.foreign_keys.items():
-                if parent not in self.tables:
-                    raise SchemaError(f"table {name!r}: foreign key {column!r} references unknown table "
-                                      f"{parent!r}; known tables: {sorted(self.tables)}")
-                if self.tables[parent].primary_key is None:
-                    raise SchemaError(f"table {name!r}: foreign key {column!r} references table {parent!r}, "
-                                      f"which has no primary_key; give {parent!r} a primary_key")
-            if t.primary_key is not None and t.primary_key in t.drop_columns:
-                raise SchemaError(f"table {name!r}: primary key {t.primary_key!r} is also in drop_columns")
-        tgt = self.target
-        if tgt.table not in self.tables:
-            raise SchemaError(f"target: unknown table {tgt.table!r}; known tables: {sorted(self.tables)}")
-        if tgt.task not in TASKS:
-            raise SchemaError(f"target: task {tgt.task!r} unknown; choose from {TASKS}")
-        if tgt.column in self.tables[tgt.table].drop_columns:
-            raise SchemaError(f"target: column {tgt.column!r} of table {tgt.table!r} is in drop_columns")
-        s = self.split
-        if s.method not in SPLIT_METHODS:
-            raise SchemaError(f"split: method {s.method!r} unknown; choose from {SPLIT_METHODS}")
-        if s.method == "time":
-            if self.tables[tgt.table].time_column is None:
-                raise SchemaError(f"split: method 'time' needs a time_column on target table {tgt.table!r}")
-            if s.valid_start is None or s.test_start is None:
-                raise SchemaError("split: method 'time' needs 'valid_start' and 'test_start'")
-        else:
-            if not (0 <= s.valid_fraction < 1 and 0 <= s.test_fraction < 1
-                    and s.valid_fraction + s.test_fraction < 1):
-                raise SchemaError(f"split: valid_fraction={s.valid_fraction}, test_fraction={s.test_fraction}; "
-                                  "each must be in [0, 1) and their sum below 1")
-        if s.method == "group" and not s.key:
-            raise SchemaError(f"split: method 'group' needs 'key', a column of target table {tgt.table!r}")
+  def _check_structure(self) -> None:
+    for name, t in self.tables.items():
+      for column, parent in t.foreign_keys.items():
+        if parent not in self.tables:
+          raise SchemaError(
+              f"table {name!r}: foreign key {column!r} references unknown table "
+              f"{parent!r}; known tables: {sorted(self.tables)}"
+          )
+        if self.tables[parent].primary_key is None:
+          raise SchemaError(
+              f"table {name!r}: foreign key {column!r} references table {parent!r}, "
+              f"which has no primary_key; give {parent!r} a primary_key"
+          )
+      if t.primary_key is not None and t.primary_key in t.drop_columns:
+        raise SchemaError(f"table {name!r}: primary key {t.primary_key!r} is also in drop_columns")
+    tgt = self.target
+    if tgt.table not in self.tables:
+      raise SchemaError(f"target: unknown table {tgt.table!r}; known tables: {sorted(self.tables)}")
+    if tgt.task not in TASKS:
+      raise SchemaError(f"target: task {tgt.task!r} unknown; choose from {TASKS}")
+    if tgt.column in self.tables[tgt.table].drop_columns:
+      raise SchemaError(f"target: column {tgt.column!r} of table {tgt.table!r} is in drop_columns")
+    s = self.split
+    if s.method not in SPLIT_METHODS:
+      raise SchemaError(f"split: method {s.method!r} unknown; choose from {SPLIT_METHODS}")
+    if s.method == "time":
+      if self.tables[tgt.table].time_column is None:
+        raise SchemaError(f"split: method 'time' needs a time_column on target table {tgt.table!r}")
+      if s.valid_start is None or s.test_start is None:
+        raise SchemaError("split: method 'time' needs 'valid_start' and 'test_start'")
+    else:
+      if not (
+          0 <= s.valid_fraction < 1
+          and 0 <= s.test_fraction < 1
+          and s.valid_fraction + s.test_fraction < 1
+      ):
+        raise SchemaError(
+            f"split: valid_fraction={s.valid_fraction}, test_fraction={s.test_fraction}; "
+            "each must be in [0, 1) and their sum below 1"
+        )
+    if s.method == "group" and not s.key:
+      raise SchemaError(
+          f"split: method 'group' needs 'key', a column of target table {tgt.table!r}"
+      )
 
-    # ------------------------------------------------------------------ graph
-    @property
-    def target_table(self) -> TableSpec:
-        return self.tables[self.target.table]
+  # ------------------------------------------------------------------ graph
+  @property
+  def target_table(self) -> TableSpec:
+    return self.tables[self.target.table]
 
-    def children_of(self, table: str) -> list[tuple[str, str]]:
-        """``(child table, foreign-key column)`` for every foreign key that references `table`."""
-        return [(name, col) for name, t in self.tables.items() for col, parent in t.foreign_keys.items()
-                if parent == table]
+  def children_of(self, table: str) -> list[tuple[str, str]]:
+    """``(child table, foreign-key column)`` for every foreign key that references `table`."""
+    return [
+        (name, col)
+        for name, t in self.tables.items()
+        for col, parent in t.foreign_keys.items()
+        if parent == table
+    ]
 
-    def reachable_tables(self, start: str) -> set[str]:
-        """Tables linked to `start` by foreign keys in either direction (excluding `start`)."""
-        seen, frontier = {start}, [start]
-        while frontier:
-            name = frontier.pop()
-            linked = set(self.tables[name].foreign_keys.values()) | {c for c, _ in self.children_of(name)}
-            frontier += sorted(linked - seen)
-            seen |= linked
-        return seen - {start}
+  def reachable_tables(self, start: str) -> set[str]:
+    """Tables linked to `start` by foreign keys in either direction (excluding `start`)."""
+    seen, frontier = {start}, [start]
+    while frontier:
+      name = frontier.pop()
+      linked = set(self.tables[name].foreign_keys.values()) | {c for c, _ in self.children_of(name)}
+      frontier += sorted(linked - seen)
+      seen |= linked
+    return seen - {start}
 
-    def feature_columns(self, table: str, df: pd.DataFrame) -> list[str]:
-        """Columns of `df` that may become features: not dropped, not the target, not the primary key."""
-        spec = self.tables[table]
-        banned = set(spec.drop_columns) | {spec.primary_key}
-        if table == self.target.table:
-            banned.add(self.target.column)
-        return [c for c in df.columns if c not in banned]
+  def feature_columns(self, table: str, df: pd.DataFrame) -> list[str]:
+    """Columns of `df` that may become features: not dropped, not the target, not the primary key."""
+    spec = self.tables[table]
+    banned = set(spec.drop_columns) | {spec.primary_key}
+    if table == self.target.table:
+      banned.add(self.target.column)
+    return [c for c in df.columns if c not in banned]
 
-    # ------------------------------------------------------------------ data checks
-    def validate(self, tables: Mapping[str, pd.DataFrame], require_target: bool = True) -> ValidationReport:
-        """Checks `tables` against the schema (see the module docstring); raises `SchemaError`.
+  # ------------------------------------------------------------------ data checks
+  def validate(
+      self, tables: Mapping[str, pd.DataFrame], require_target: bool = True
+  ) -> ValidationReport:
+    """Checks `tables` against the schema (see the module docstring); raises `SchemaError`.
 
-        Args:
-          tables: table name -> DataFrame, one per table of the schema (extra tables are ignored).
-          require_target: whether the target column must be present and fully labelled.
-        Returns:
-          `ValidationReport` with row counts, orphan foreign-key counts and warnings (also emitted
-          as `SchemaWarning`).
-        """
-        absent = [n for n in self.tables if n not in tables]
-        if absent:
-            raise SchemaError(f"table(s) {absent} are in the schema but not in the tables given "
-                              f"({sorted(tables)})")
-        for name, spec in self.tables.items():
-            df = tables[name]
-            if not isinstance(df, pd.DataFrame):
-                raise SchemaError(f"table {name!r}: expected a pandas DataFrame, got {type(df).__name__}")
-            roles = [("primary_key", spec.primary_key), ("time_column", spec.time_column)]
-            roles += [("foreign key", c) for c in spec.foreign_keys] + [("drop_columns", c) for c in spec.drop_columns]
-            if self.split.method == "group" and name == self.target.table:
-                roles.append(("split key", self.split.key))
-            for role, column in roles:
-                if column is not None and column not in df.columns:
-                    raise SchemaError(f"table {name!r}: {role} column {column!r} is missing; "
-                                      f"columns: {list(df.columns)}")
-            if spec.primary_key is not None:
-                pk = df[spec.primary_key]
-                if pk.isna().any():
-                    raise SchemaError(f"table {name!r}: primary key {spec.primary_key!r} has "
-                                      f"{int(pk.isna().sum())} null value(s)")
-                dup = pk[pk.duplicated()]
-                if len(dup):
-                    raise SchemaError(f"table {name!r}: primary key {spec.primary_key!r} has {len(dup)} "
-                                      f"duplicate value(s), e.g. {dup.astype(str).unique()[:3].tolist()}")
-            if spec.time_column is not None:
-                times = parse_time(df[spec.time_column], f"table {name!r} column {spec.time_column!r}")
-                if name == self.target.table and times.isna().any():
-                    raise SchemaError(f"table {name!r}: time column {spec.time_column!r} has "
-                                      f"{int(times.isna().sum())} null value(s); every target row needs a time")
-        self._validate_target(tables[self.target.table], require_target)
-        orphans = {}
-        for name, spec in self.tables.items():
-            for column, parent in spec.foreign_keys.items():
-                values = tables[name][column]
-                parent_keys = tables[parent][self.tables[parent].primary_key]
-                orphans[f"{name}.{column}"] = int((values.notna() & ~values.isin(parent_keys)).sum())
-        report_warnings = []
-        if not self.reachable_tables(self.target.table):
-            report_warnings.append(f"target table {self.target.table!r} reaches no other table through foreign "
-                                   "keys: learning from that table alone")
-        for message in report_warnings:
-            warnings.warn(message, SchemaWarning, stacklevel=2)
-        return ValidationReport(row_counts={n: len(tables[n]) for n in self.tables},
-                                orphan_foreign_keys=orphans, warnings=report_warnings)
+    Args:
+      tables: table name -> DataFrame, one per table of the schema (extra tables are ignored).
+      require_target: whether the target column must be present and fully labelled.
+    Returns:
+      `ValidationReport` with row counts, orphan foreign-key counts and warnings (also emitted
+      as `SchemaWarning`).
+    """
+    absent = [n for n in self.tables if n not in tables]
+    if absent:
+      raise SchemaError(
+          f"table(s) {absent} are in the schema but not in the tables given " f"({sorted(tables)})"
+      )
+    for name, spec in self.tables.items():
+      df = tables[name]
+      if not isinstance(df, pd.DataFrame):
+        raise SchemaError(f"table {name!r}: expected a pandas DataFrame, got {type(df).__name__}")
+      roles = [("primary_key", spec.primary_key), ("time_column", spec.time_column)]
+      roles += [("foreign key", c) for c in spec.foreign_keys] + [
+          ("drop_columns", c) for c in spec.drop_columns
+      ]
+      if self.split.method == "group" and name == self.target.table:
+        roles.append(("split key", self.split.key))
+      for role, column in roles:
+        if column is not None and column not in df.columns:
+          raise SchemaError(
+              f"table {name!r}: {role} column {column!r} is missing; "
+              f"columns: {list(df.columns)}"
+          )
+      if spec.primary_key is not None:
+        pk = df[spec.primary_key]
+        if pk.isna().any():
+          raise SchemaError(
+              f"table {name!r}: primary key {spec.primary_key!r} has "
+              f"{int(pk.isna().sum())} null value(s)"
+          )
+        dup = pk[pk.duplicated()]
+        if len(dup):
+          raise SchemaError(
+              f"table {name!r}: primary key {spec.primary_key!r} has {len(dup)} "
+              f"duplicate value(s), e.g. {dup.astype(str).unique()[:3].tolist()}"
+          )
+      if spec.time_column is not None:
+        times = parse_time(df[spec.time_column], f"table {name!r} column {spec.time_column!r}")
+        if name == self.target.table and times.isna().any():
+          raise SchemaError(
+              f"table {name!r}: time column {spec.time_column!r} has "
+              f"{int(times.isna().sum())} null value(s); every target row needs a time"
+          )
+    self._validate_target(tables[self.target.table], require_target)
+    orphans = {}
+    for name, spec in self.tables.items():
+      for column, parent in spec.foreign_keys.items():
+        values = tables[name][column]
+        parent_keys = tables[parent][self.tables[parent].primary_key]
+        orphans[f"{name}.{column}"] = int((values.notna() & ~values.isin(parent_keys)).sum())
+    report_warnings = []
+    if not self.reachable_tables(self.target.table):
+      report_warnings.append(
+          f"target table {self.target.table!r} reaches no other table through foreign "
+          "keys: learning from that table alone"
+      )
+    for message in report_warnings:
+      warnings.warn(message, SchemaWarning, stacklevel=2)
+    return ValidationReport(
+        row_counts={n: len(tables[n]) for n in self.tables},
+        orphan_foreign_keys=orphans,
+        warnings=report_warnings,
+    )
 
-    def _validate_target(self, df: pd.DataFrame, require_target: bool) -> None:
-        tgt = self.target
-        where = f"target: table {tgt.table!r} column {tgt.column!r}"
-        if tgt.column not in df.columns:
-            if require_target:
-                raise SchemaError(f"{where} is missing; columns: {list(df.columns)}")
-            return
-        y = df[tgt.column]
-        if require_target and y.isna().any():
-            raise SchemaError(f"{where} has {int(y.isna().sum())} null label(s); drop unlabelled rows first")
-        y = y.dropna()
-        n_unique = y.nunique()
-        if tgt.task == "regression":
-            if pd.api.types.is_bool_dtype(y.dtype) or not pd.api.types.is_numeric_dtype(y.dtype):
-                raise SchemaError(f"{where}: task 'regression' needs a numeric column, got dtype {y.dtype}")
-            if not np.isfinite(y.to_numpy(dtype=np.float64)).all():
-                raise SchemaError(f"{where}: task 'regression' labels contain inf")
-        elif tgt.task == "binary" and require_target and n_unique != 2:
-            raise SchemaError(f"{where}: task 'binary' needs exactly 2 distinct labels, found {n_unique}: "
-                              f"{y.unique()[:5].tolist()}")
-        elif tgt.task == "binary" and n_unique > 2:
-            raise SchemaError(f"{where}: task 'binary' but {n_unique} distinct labels")
-        elif tgt.task == "multiclass":
-            if pd.api.types.is_float_dtype(y.dtype) and not np.all(y.to_numpy() == np.round(y.to_numpy())):
-                raise SchemaError(f"{where}: task 'multiclass' needs integer or string labels, got non-integral floats")
-            if require_target and n_unique < 2:
-                raise SchemaError(f"{where}: task 'multiclass' needs at least 2 classes, found {n_unique}")
+  def _validate_target(self, df: pd.DataFrame, require_target: bool) -> None:
+    tgt = self.target
+    where = f"target: table {tgt.table!r} column {tgt.column!r}"
+    if tgt.column not in df.columns:
+      if require_target:
+        raise SchemaError(f"{where} is missing; columns: {list(df.columns)}")
+      return
+    y = df[tgt.column]
+    if require_target and y.isna().any():
+      raise SchemaError(
+          f"{where} has {int(y.isna().sum())} null label(s); drop unlabelled rows first"
+      )
+    y = y.dropna()
+    n_unique = y.nunique()
+    if tgt.task == "regression":
+      if pd.api.types.is_bool_dtype(y.dtype) or not pd.api.types.is_numeric_dtype(y.dtype):
+        raise SchemaError(f"{where}: task 'regression' needs a numeric column, got dtype {y.dtype}")
+      if not np.isfinite(y.to_numpy(dtype=np.float64)).all():
+        raise SchemaError(f"{where}: task 'regression' labels contain inf")
+    elif tgt.task == "binary" and require_target and n_unique != 2:
+      raise SchemaError(
+          f"{where}: task 'binary' needs exactly 2 distinct labels, found {n_unique}: "
+          f"{y.unique()[:5].tolist()}"
+      )
+    elif tgt.task == "binary" and n_unique > 2:
+      raise SchemaError(f"{where}: task 'binary' but {n_unique} distinct labels")
+    elif tgt.task == "multiclass":
+      if pd.api.types.is_float_dtype(y.dtype) and not np.all(
+          y.to_numpy() == np.round(y.to_numpy())
+      ):
+        raise SchemaError(
+            f"{where}: task 'multiclass' needs integer or string labels, got non-integral floats"
+        )
+      if require_target and n_unique < 2:
+        raise SchemaError(f"{where}: task 'multiclass' needs at least 2 classes, found {n_unique}")

@@ -8,5 +8,12 @@ and global magnitude pruning (`prune.py`).
 from nexus_jax.inference.prune import magnitude_prune, sparsity
 from nexus_jax.inference.quantize import dequantize, is_quantized, quantize, quantize_int8, tree_bytes
 
-__all__ = ["dequantize", "is_quantized", "magnitude_prune", "quantize", "quantize_int8", "sparsity",
-           "tree_bytes"]
+__all__ = [
+    "dequantize",
+    "is_quantized",
+    "magnitude_prune",
+    "quantize",
+    "quantize_int8",
+    "sparsity",
+    "tree_bytes",
+]

@@ -124,23 +124,33 @@ def step_model(model, cache_len: int) -> StepModel:
     encoded = decoding.encode(model, params, src, mask)  # once per generate call
     repeat = batch // src.shape[0]
     rep = lambda x: None if x is None else jnp.repeat(x, repeat, axis=0)
-    cache = decoding.init_cache(model, batch, cache_len, source_len=src.shape[1],
-                                source_features=src.shape[-1] if src.ndim == 3 else 0)
+    cache = decoding.init_cache(
+        model,
+        batch,
+        cache_len,
+        source_len=src.shape[1],
+        source_features=src.shape[-1] if src.ndim == 3 else 0,
+    )
     return {"cache": cache, "encoded": rep(encoded), "source_mask": rep(mask)}
 
   def apply(params, state, tokens, positions, cache_mask, first):
     kw = {}
     if encdec:
       kw = {"encoded": state["encoded"] if first else None, "source_mask": state["source_mask"]}
-    logits, cache = decoding.decode_step(model, params, state["cache"], tokens,
-                                         positions=positions, cache_mask=cache_mask, **kw)
+    logits, cache = decoding.decode_step(
+        model, params, state["cache"], tokens, positions=positions, cache_mask=cache_mask, **kw
+    )
     return logits, {**state, "cache": cache}
 
   return StepModel(
-      vocab_size=model.vocab_size, cache_len=cache_len, init=init, apply=apply,
+      vocab_size=model.vocab_size,
+      cache_len=cache_len,
+      init=init,
+      apply=apply,
       reorder=lambda s, idx: {**s, "cache": decoding.reorder_cache(model, s["cache"], idx)},
       rewind=lambda s, i: {**s, "cache": decoding.set_cache_index(s["cache"], i)},
-      needs_source=encdec)
+      needs_source=encdec,
+  )
 
 
 def prepare_prompts(prompts, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -154,15 +164,17 @@ def prepare_prompts(prompts, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError("no prompts given.")
   lengths = np.array([len(r) for r in rows], np.int32)
   if lengths.min() == 0:
-    raise ValueError(f"empty prompt at row {int(np.argmin(lengths))}: every prompt needs at least "
-                     "one token (e.g. a BOS id).")
+    raise ValueError(
+        f"empty prompt at row {int(np.argmin(lengths))}: every prompt needs at least "
+        "one token (e.g. a BOS id)."
+    )
   for i, r in enumerate(rows):
     if not np.issubdtype(r.dtype, np.integer):
       raise ValueError(f"prompt {i} must hold integer token ids; got dtype {r.dtype}.")
     check_token_range(r, vocab_size, f"prompt {i}")
   out = np.zeros((len(rows), lengths.max()), np.int32)
   for i, r in enumerate(rows):
-    out[i, out.shape[1] - len(r):] = r
+    out[i, out.shape[1] - len(r) :] = r
   return out, lengths
 
 
@@ -171,8 +183,10 @@ def _source_arg(sm: StepModel, source, source_mask):
     raise ValueError("pass `source=` exactly when generating with an EncoderDecoder.")
   if source is None:
     return None
-  return {"source": jnp.asarray(source),
-          "source_mask": None if source_mask is None else jnp.asarray(source_mask)}
+  return {
+      "source": jnp.asarray(source),
+      "source_mask": None if source_mask is None else jnp.asarray(source_mask),
+  }
 
 
 def _as_step_model(model, cache_len, prompt_len, new_tokens):
@@ -196,10 +210,20 @@ class GenerateOutput(NamedTuple):
   lengths: np.ndarray  # [B] generated tokens per row, the stop token included
 
 
-def generate(model, params, prompts, *, max_new_tokens: int, rng=None,
-             sampling: Sampling = Sampling(temperature=0.0), stop_tokens: Sequence[int] = (),
-             pad_id: int = 0, cache_len: int | None = None, source=None,
-             source_mask=None) -> GenerateOutput:
+def generate(
+    model,
+    params,
+    prompts,
+    *,
+    max_new_tokens: int,
+    rng=None,
+    sampling: Sampling = Sampling(temperature=0.0),
+    stop_tokens: Sequence[int] = (),
+    pad_id: int = 0,
+    cache_len: int | None = None,
+    source=None,
+    source_mask=None,
+) -> GenerateOutput:
   """Samples `max_new_tokens` per prompt (see the module docstring). model: module or StepModel."""
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}.")
@@ -212,15 +236,25 @@ def generate(model, params, prompts, *, max_new_tokens: int, rng=None,
     if sampling.temperature != 0:
       raise ValueError("sampling with temperature > 0 needs `rng`.")
     rng = jax.random.PRNGKey(0)
-  out, gen_len = _generate_jit(sm, sampling, int(max_new_tokens), params, tokens, lengths, rng,
-                               _source_arg(sm, source, source_mask), _stops(stop_tokens),
-                               jnp.int32(pad_id))
+  out, gen_len = _generate_jit(
+      sm,
+      sampling,
+      int(max_new_tokens),
+      params,
+      tokens,
+      lengths,
+      rng,
+      _source_arg(sm, source, source_mask),
+      _stops(stop_tokens),
+      jnp.int32(pad_id),
+  )
   return GenerateOutput(np.asarray(out), np.asarray(gen_len))
 
 
 def _check_special(stop_tokens, pad_id, vocab_size):
-  check_token_range(np.asarray(list(stop_tokens) + [pad_id], np.int64), vocab_size,
-                    "stop_tokens / pad_id")
+  check_token_range(
+      np.asarray(list(stop_tokens) + [pad_id], np.int64), vocab_size, "stop_tokens / pad_id"
+  )
 
 
 def _stops(stop_tokens) -> jax.Array:
@@ -244,16 +278,30 @@ def _generate_jit(sm, sampling, max_new, params, tokens, lengths, rng, source, s
     tok = sample(key, c["last"], sampling, c["seen"])
     tok = jnp.where(c["done"], pad_id, tok)
     done = c["done"] | jnp.isin(tok, stops)
-    logits, state = sm.apply(params, c["state"], tok[:, None], (lengths + c["t"])[:, None],
-                             cache_mask, False)
-    return {"t": c["t"] + 1, "rng": rng, "state": state, "last": logits[:, 0], "done": done,
-            "seen": c["seen"] | (jax.nn.one_hot(tok, sm.vocab_size, dtype=bool)
-                                 & ~c["done"][:, None]),
-            "out": c["out"].at[:, c["t"]].set(tok), "len": c["len"] + (~c["done"])}
+    logits, state = sm.apply(
+        params, c["state"], tok[:, None], (lengths + c["t"])[:, None], cache_mask, False
+    )
+    return {
+        "t": c["t"] + 1,
+        "rng": rng,
+        "state": state,
+        "last": logits[:, 0],
+        "done": done,
+        "seen": c["seen"] | (jax.nn.one_hot(tok, sm.vocab_size, dtype=bool) & ~c["done"][:, None]),
+        "out": c["out"].at[:, c["t"]].set(tok),
+        "len": c["len"] + (~c["done"]),
+    }
 
-  init = {"t": jnp.int32(0), "rng": rng, "state": state, "last": last, "seen": seen,
-          "done": jnp.zeros((b,), bool), "out": jnp.full((b, max_new), pad_id, jnp.int32),
-          "len": jnp.zeros((b,), jnp.int32)}
+  init = {
+      "t": jnp.int32(0),
+      "rng": rng,
+      "state": state,
+      "last": last,
+      "seen": seen,
+      "done": jnp.zeros((b,), bool),
+      "out": jnp.full((b, max_new), pad_id, jnp.int32),
+      "len": jnp.zeros((b,), jnp.int32),
+  }
   final = jax.lax.while_loop(cond, body, init)
   return final["out"], final["len"]
 
@@ -265,9 +313,20 @@ class BeamOutput(NamedTuple):
   normalized_scores: np.ndarray  # [B, W] scores / lengths ** length_penalty (the ranking)
 
 
-def beam_search(model, params, prompts, *, beam_width: int, max_new_tokens: int,
-                length_penalty: float = 0.0, stop_tokens: Sequence[int] = (), pad_id: int = 0,
-                cache_len: int | None = None, source=None, source_mask=None) -> BeamOutput:
+def beam_search(
+    model,
+    params,
+    prompts,
+    *,
+    beam_width: int,
+    max_new_tokens: int,
+    length_penalty: float = 0.0,
+    stop_tokens: Sequence[int] = (),
+    pad_id: int = 0,
+    cache_len: int | None = None,
+    source=None,
+    source_mask=None,
+) -> BeamOutput:
   """Beam search over `max_new_tokens` steps; model: module or StepModel."""
   if beam_width < 1:
     raise ValueError(f"beam_width must be >= 1; got {beam_width}.")
@@ -278,8 +337,18 @@ def beam_search(model, params, prompts, *, beam_width: int, max_new_tokens: int,
   decoding.check_fits(sm.cache_len, tokens.shape[1], max_new_tokens)
   _check_special(stop_tokens, pad_id, sm.vocab_size)
   src = _source_arg(sm, source, source_mask)
-  out = _beam_jit(sm, int(beam_width), int(max_new_tokens), params, tokens, lengths, src,
-                  jnp.float32(length_penalty), _stops(stop_tokens), jnp.int32(pad_id))
+  out = _beam_jit(
+      sm,
+      int(beam_width),
+      int(max_new_tokens),
+      params,
+      tokens,
+      lengths,
+      src,
+      jnp.float32(length_penalty),
+      _stops(stop_tokens),
+      jnp.int32(pad_id),
+  )
   return BeamOutput(*(np.asarray(x) for x in out))
 
 
@@ -306,17 +375,33 @@ def _beam_jit(sm, w, max_new, params, tokens, lengths, source, alpha, stops, pad
     seqs = jnp.take_along_axis(c["seqs"], parent[..., None], 1).at[:, :, t].set(tok)
     flat = (jnp.arange(b)[:, None] * w + parent).reshape(-1)
     state = sm.reorder(c["state"], flat)
-    logits, state = sm.apply(params, state, tok.reshape(-1, 1), (lengths + t)[:, None],
-                             jnp.take(cache_mask, flat, 0), False)
-    return {"t": t + 1, "state": state, "last": logits[:, 0], "seqs": seqs,
-            "scores": jnp.take_along_axis(cand.reshape(b, w * v), idx, 1),
-            "finished": was_fin | jnp.isin(tok, stops),
-            "len": jnp.where(was_fin, gather(c["len"]), t + 1)}
+    logits, state = sm.apply(
+        params,
+        state,
+        tok.reshape(-1, 1),
+        (lengths + t)[:, None],
+        jnp.take(cache_mask, flat, 0),
+        False,
+    )
+    return {
+        "t": t + 1,
+        "state": state,
+        "last": logits[:, 0],
+        "seqs": seqs,
+        "scores": jnp.take_along_axis(cand.reshape(b, w * v), idx, 1),
+        "finished": was_fin | jnp.isin(tok, stops),
+        "len": jnp.where(was_fin, gather(c["len"]), t + 1),
+    }
 
-  init = {"t": jnp.int32(0), "state": state, "last": last,
-          "seqs": jnp.full((b, w, max_new), pad_id, jnp.int32),
-          "scores": jnp.tile(jnp.where(jnp.arange(w) == 0, 0.0, -jnp.inf), (b, 1)),
-          "finished": jnp.zeros((b, w), bool), "len": jnp.zeros((b, w), jnp.int32)}
+  init = {
+      "t": jnp.int32(0),
+      "state": state,
+      "last": last,
+      "seqs": jnp.full((b, w, max_new), pad_id, jnp.int32),
+      "scores": jnp.tile(jnp.where(jnp.arange(w) == 0, 0.0, -jnp.inf), (b, 1)),
+      "finished": jnp.zeros((b, w), bool),
+      "len": jnp.zeros((b, w), jnp.int32),
+  }
   final = jax.lax.while_loop(lambda c: (c["t"] < max_new) & ~jnp.all(c["finished"]), body, init)
   ranked = norm(final["scores"], final["len"])
   order = jnp.argsort(-ranked, axis=1)

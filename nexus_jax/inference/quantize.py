@@ -46,8 +46,13 @@ def is_quantized(node: Any) -> bool:
 
 
 def _eligible(path: str, leaf: Any, min_size: int) -> bool:
-  dtype = getattr(leaf, "dtype", None)   # jnp.issubdtype also knows bfloat16 is floating point
-  return dtype is not None and jnp.issubdtype(dtype, jnp.floating) and np.ndim(leaf) >= 2 and np.size(leaf) >= min_size
+  dtype = getattr(leaf, "dtype", None)  # jnp.issubdtype also knows bfloat16 is floating point
+  return (
+      dtype is not None
+      and jnp.issubdtype(dtype, jnp.floating)
+      and np.ndim(leaf) >= 2
+      and np.size(leaf) >= min_size
+  )
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:
@@ -57,7 +62,7 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
     raise ValueError(f"pack_int4: values must lie in [-8, 7], got [{q.min()}, {q.max()}]")
   nib = (q.astype(np.int16) + 8).astype(np.uint8)
   if nib.shape[-1] % 2:
-    nib = np.concatenate([nib, np.full(nib.shape[:-1] + (1,), 8, np.uint8)], -1)   # pad with a zero
+    nib = np.concatenate([nib, np.full(nib.shape[:-1] + (1,), 8, np.uint8)], -1)  # pad with a zero
   return (nib[..., 0::2] | (nib[..., 1::2] << 4)).astype(np.uint8)
 
 
@@ -86,14 +91,16 @@ def quantize_leaf(w: Any, bits: int = 8, group_size: int | None = None) -> dict[
   rows = w.size // max(c, 1)
   group = rows if group_size is None else group_size
   if rows % group:
-    raise ValueError(f"quantize_leaf: group_size={group} does not divide the {rows} rows of a weight of "
-                     f"shape {w.shape} (rows = product of all but the last dim); pick a divisor")
+    raise ValueError(
+        f"quantize_leaf: group_size={group} does not divide the {rows} rows of a weight of "
+        f"shape {w.shape} (rows = product of all but the last dim); pick a divisor"
+    )
   qmax = QMAX[bits]
   scale = _group_scales(w.reshape(rows, c), group, qmax)
   q = np.clip(np.rint(w.reshape(-1, group, c) / scale[:, None, :]), -qmax, qmax).reshape(w.shape)
   if bits == 4:
     return {Q4KEY: pack_int4(q), SKEY: scale}
-  if group_size is None:   # keep the int8 per-channel scale broadcastable against w
+  if group_size is None:  # keep the int8 per-channel scale broadcastable against w
     scale = scale.reshape((1,) * (w.ndim - 1) + (c,))
   return {QKEY: q.astype(np.int8), SKEY: scale}
 
@@ -107,7 +114,9 @@ def _dequantize_leaf(node: Mapping[str, Any], dtype: Any, xp: Any) -> Any:
     q = node[QKEY]
   shape = q.shape
   groups = math.prod(scale.shape[:-1])
-  w = q.astype(xp.float32).reshape(groups, -1, c) * xp.asarray(scale, xp.float32).reshape(groups, 1, c)
+  w = q.astype(xp.float32).reshape(groups, -1, c) * xp.asarray(scale, xp.float32).reshape(
+      groups, 1, c
+  )
   return w.reshape(shape).astype(dtype)
 
 
@@ -132,14 +141,24 @@ def dequantize(qparams: Any, dtype: Any = np.float32) -> Any:
 def _check_args(bits: Any, group_size: Any) -> None:
   if isinstance(bits, bool) or bits not in QMAX:
     raise ValueError(f"quantize: bits={bits!r} is not supported; choose 8 or 4")
-  if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer))
-                                 or group_size < 1):
-    raise ValueError(f"quantize: group_size={group_size!r} must be a positive integer (rows per scale, e.g. "
-                     "64 or 128) or None (one scale per output channel)")
+  if group_size is not None and (
+      isinstance(group_size, bool)
+      or not isinstance(group_size, (int, np.integer))
+      or group_size < 1
+  ):
+    raise ValueError(
+        f"quantize: group_size={group_size!r} must be a positive integer (rows per scale, e.g. "
+        "64 or 128) or None (one scale per output channel)"
+    )
 
 
-def quantize(params: Any, bits: int = 8, group_size: int | None = None, min_size: int = 256,
-             predicate: Callable[[str, Any], bool] | None = None) -> tuple[Any, dict[str, Any]]:
+def quantize(
+    params: Any,
+    bits: int = 8,
+    group_size: int | None = None,
+    min_size: int = 256,
+    predicate: Callable[[str, Any], bool] | None = None,
+) -> tuple[Any, dict[str, Any]]:
   """Quantises the eligible leaves of `params` (nested Mappings of arrays) to int8 or packed int4.
 
   Args:
@@ -163,7 +182,9 @@ def quantize(params: Any, bits: int = 8, group_size: int | None = None, min_size
 
   def walk(node: Any, path: str) -> Any:
     if is_quantized(node):
-      raise ValueError(f"quantize: {path or 'params'} is already quantised; quantise the float params")
+      raise ValueError(
+          f"quantize: {path or 'params'} is already quantised; quantise the float params"
+      )
     if isinstance(node, Mapping):
       return {k: walk(v, f"{path}/{k}") for k, v in node.items()}
     if not eligible(path, node):
@@ -186,14 +207,23 @@ def quantize(params: Any, bits: int = 8, group_size: int | None = None, min_size
 
   qparams = walk(params, "")
   before, after = tree_bytes(params), tree_bytes(qparams)
-  return qparams, {"bits": bits, "group_size": group_size, "bytes_before": before, "bytes_after": after,
-                   "size_reduction": 1.0 - after / max(before, 1), "quantized_leaves": counts["quantized"],
-                   "kept_leaves": counts["kept"], "fallback": counts["fallback"],
-                   "max_abs_error": counts["max_err"], "max_error_over_scale": counts["max_rel"]}
+  return qparams, {
+      "bits": bits,
+      "group_size": group_size,
+      "bytes_before": before,
+      "bytes_after": after,
+      "size_reduction": 1.0 - after / max(before, 1),
+      "quantized_leaves": counts["quantized"],
+      "kept_leaves": counts["kept"],
+      "fallback": counts["fallback"],
+      "max_abs_error": counts["max_err"],
+      "max_error_over_scale": counts["max_rel"],
+  }
 
 
-def quantize_int8(params: Any, min_size: int = 256,
-                  predicate: Callable[[str, Any], bool] | None = None) -> tuple[Any, dict[str, Any]]:
+def quantize_int8(
+    params: Any, min_size: int = 256, predicate: Callable[[str, Any], bool] | None = None
+) -> tuple[Any, dict[str, Any]]:
   """Per-channel int8: `quantize(params, bits=8, group_size=None, ...)`."""
   return quantize(params, bits=8, group_size=None, min_size=min_size, predicate=predicate)
 

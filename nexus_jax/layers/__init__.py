@@ -15,7 +15,19 @@ from nexus_jax.layers.norms import AdaptiveNorm, LayerNorm, RMSNorm, make_norm
 from nexus_jax.layers.rotary import apply_rope
 
 __all__ = [
-    "AdaptiveNorm", "Attention", "BlockSizes", "ChunkSizes", "LayerNorm", "MLP", "MoE",
-    "RMSNorm", "TransformerBlock", "TransformerStack", "apply_rope", "dot_product_attention",
-    "flash_attention", "make_norm", "reference_attention",
+    "AdaptiveNorm",
+    "Attention",
+    "BlockSizes",
+    "ChunkSizes",
+    "LayerNorm",
+    "MLP",
+    "MoE",
+    "RMSNorm",
+    "TransformerBlock",
+    "TransformerStack",
+    "apply_rope",
+    "dot_product_attention",
+    "flash_attention",
+    "make_norm",
+    "reference_attention",
 ]

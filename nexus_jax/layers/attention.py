@@ -70,31 +70,48 @@ class Attention(nn.Module):
     if self.num_heads % num_kv:
       raise ValueError(f"num_kv_heads ({num_kv}) must divide num_heads ({self.num_heads}).")
     if self.head_dim is None and embed_dim % self.num_heads:
-      raise ValueError(f"embed dim {embed_dim} is not divisible by num_heads "
-                       f"({self.num_heads}); set head_dim explicitly.")
+      raise ValueError(
+          f"embed dim {embed_dim} is not divisible by num_heads "
+          f"({self.num_heads}); set head_dim explicitly."
+      )
     rotary.rotary_dim(2, self.rotary_fraction)  # validates the fraction
     if self.backend == "fourier" and self.decode:
-      raise ValueError("The fourier backend has no KV cache: it mixes the whole sequence at "
-                       "once. Use decode=False, or another backend for decoding.")
+      raise ValueError(
+          "The fourier backend has no KV cache: it mixes the whole sequence at "
+          "once. Use decode=False, or another backend for decoding."
+      )
     if self.decode and not (self.causal or self.cross_attention):
-      raise ValueError("decode=True needs causal self-attention (causal=True) or "
-                       "cross_attention=True.")
+      raise ValueError(
+          "decode=True needs causal self-attention (causal=True) or " "cross_attention=True."
+      )
     return num_kv, self.head_dim or embed_dim // self.num_heads
 
   def _proj(self, x, heads: int, head_dim: int, axis_name, name: str):
     """`x [B, T, E] -> [B, T, heads, head_dim]`, as a matmul over the flattened `[B*T, E]`
     tokens (2-D operands keep the weight gradient a plain matmul; see `feedforward`)."""
     y = nn.DenseGeneral(
-        (heads, head_dim), use_bias=self.use_bias, dtype=self.dtype or x.dtype,
-        param_dtype=self.param_dtype, name=name,
+        (heads, head_dim),
+        use_bias=self.use_bias,
+        dtype=self.dtype or x.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
         kernel_init=nn.with_logical_partitioning(self.kernel_init, ("embed", axis_name, "kv")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name, "kv")))(
-            x.reshape(-1, x.shape[-1]))
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name, "kv")),
+    )(x.reshape(-1, x.shape[-1]))
     return y.reshape(*x.shape[:-1], heads, head_dim)
 
   @nn.compact
-  def __call__(self, x, context=None, *, mask=None, segment_ids=None, positions=None,
-               bias=None, deterministic: bool = True):
+  def __call__(
+      self,
+      x,
+      context=None,
+      *,
+      mask=None,
+      segment_ids=None,
+      positions=None,
+      bias=None,
+      deterministic: bool = True,
+  ):
     """`x [B, T, E]`, `context [B, S, E_ctx]` -> `[B, T, out_dim or E]`.
 
     mask / segment_ids / bias follow `attention_ops.dot_product_attention` (keys are the context
@@ -116,8 +133,10 @@ class Attention(nn.Module):
       k, v = self._cross_kv(context, num_kv, d)
     else:
       if context is not None:
-        raise ValueError("context was given to a self-attention module; set "
-                         "cross_attention=True for cross-attention.")
+        raise ValueError(
+            "context was given to a self-attention module; set "
+            "cross_attention=True for cross-attention."
+        )
       k = self._proj(x, num_kv, d, self.kv_heads_axis, "key")
       v = self._proj(x, num_kv, d, self.kv_heads_axis, "value")
       if self.qk_norm:
@@ -135,41 +154,58 @@ class Attention(nn.Module):
         if positions is None:
           positions = index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
       if self.rotary_fraction > 0:
-        q = rotary.apply_rope(q, positions, rotary_fraction=self.rotary_fraction,
-                              theta=self.rope_theta)
-        k = rotary.apply_rope(k, positions, rotary_fraction=self.rotary_fraction,
-                              theta=self.rope_theta)
+        q = rotary.apply_rope(
+            q, positions, rotary_fraction=self.rotary_fraction, theta=self.rope_theta
+        )
+        k = rotary.apply_rope(
+            k, positions, rotary_fraction=self.rotary_fraction, theta=self.rope_theta
+        )
       if self.decode:
         k, v, mask = self._update_cache(k, v, mask)
         if decoding:
           causal = False  # the cache mask below already encodes causality
           backend = "chunked" if backend == "chunked" else "xla"
     elif self.causal:
-      raise ValueError("causal=True with cross_attention=True: causal masking is for "
-                       "self-attention.")
+      raise ValueError(
+          "causal=True with cross_attention=True: causal masking is for " "self-attention."
+      )
 
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     k = nn.with_logical_constraint(k, ("batch", "length", self.kv_heads_axis, "kv"))
     v = nn.with_logical_constraint(v, ("batch", "length", self.kv_heads_axis, "kv"))
     out = attention_ops.dot_product_attention(
-        q, k, v, causal=causal, mask=mask, segment_ids=segment_ids, bias=bias,
-        backend=backend, block_sizes=self.block_sizes, fourier_modes=self.fourier_modes)
+        q,
+        k,
+        v,
+        causal=causal,
+        mask=mask,
+        segment_ids=segment_ids,
+        bias=bias,
+        backend=backend,
+        block_sizes=self.block_sizes,
+        fourier_modes=self.fourier_modes,
+    )
     out = nn.DenseGeneral(
-        self.out_dim or e, axis=(-2, -1), use_bias=self.use_bias, dtype=dtype,
-        param_dtype=self.param_dtype, name="out",
+        self.out_dim or e,
+        axis=(-2, -1),
+        use_bias=self.use_bias,
+        dtype=dtype,
+        param_dtype=self.param_dtype,
+        name="out",
         kernel_init=nn.with_logical_partitioning(self.kernel_init, ("heads", "kv", "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(
-            out.reshape(b * t, *out.shape[2:]))
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+    )(out.reshape(b * t, *out.shape[2:]))
     return nn.with_logical_constraint(out.reshape(b, t, -1), ("batch", "length", "embed"))
 
   def _cross_kv(self, context, num_kv: int, d: int):
     """Projected context keys/values `[B, S, K, D]`, through the cross cache when decoding."""
     if context is None:
       if not (self.decode and self.has_variable("cache", "cached_key")):
-        raise ValueError("cross_attention=True needs `context` (it may be omitted only when "
-                         "decoding after the context has been cached).")
-      return (self.get_variable("cache", "cached_key"),
-              self.get_variable("cache", "cached_value"))
+        raise ValueError(
+            "cross_attention=True needs `context` (it may be omitted only when "
+            "decoding after the context has been cached)."
+        )
+      return (self.get_variable("cache", "cached_key"), self.get_variable("cache", "cached_value"))
     if context.ndim != 3 or context.shape[0] == 0:
       raise ValueError(f"context must be [batch, length, embed]; got {context.shape}.")
     context = context.astype(self.dtype or context.dtype)
@@ -197,8 +233,10 @@ class Attention(nn.Module):
     b, t = k.shape[:2]
     max_len = ck.value.shape[1]
     if ck.value.shape[0] != b or ck.value.shape[2:] != k.shape[2:]:
-      raise ValueError(f"decode input batch/heads {k.shape} do not match the cache "
-                       f"{ck.value.shape}; re-initialise the cache.")
+      raise ValueError(
+          f"decode input batch/heads {k.shape} do not match the cache "
+          f"{ck.value.shape}; re-initialise the cache."
+      )
     index = ci.value
     ck.value = lax.dynamic_update_slice_in_dim(ck.value, k.astype(ck.value.dtype), index, 1)
     cv.value = lax.dynamic_update_slice_in_dim(cv.value, v.astype(cv.value.dtype), index, 1)
@@ -208,7 +246,9 @@ class Attention(nn.Module):
     visible = (jnp.arange(max_len)[None, :] <= q_pos[:, None])[None, None]  # [1, 1, T, L]
     if mask is not None:
       if mask.shape != (b, max_len):
-        raise ValueError(f"While decoding, mask must be [batch, cache_len] = {(b, max_len)}; "
-                         f"got {mask.shape}.")
+        raise ValueError(
+            f"While decoding, mask must be [batch, cache_len] = {(b, max_len)}; "
+            f"got {mask.shape}."
+        )
       visible = visible & mask[:, None, None, :]
     return ck.value, cv.value, visible

@@ -45,8 +45,10 @@ _PAD_SEGMENT = -1  # kv segment id given to padded keys; user segment ids are >=
 
 def _check_broadcastable(name: str, x, target: tuple[int, ...]):
   if x.ndim != 4 or any(d not in (1, t) for d, t in zip(x.shape, target)):
-    raise ValueError(f"{name} has shape {x.shape}; expected 4 dims, each 1 or equal to "
-                     f"[batch, heads, q_len, kv_len] = {list(target)}.")
+    raise ValueError(
+        f"{name} has shape {x.shape}; expected 4 dims, each 1 or equal to "
+        f"[batch, heads, q_len, kv_len] = {list(target)}."
+    )
 
 
 def _validate(q, k, v, causal, mask, segment_ids, bias, backend, block_sizes):
@@ -58,11 +60,14 @@ def _validate(q, k, v, causal, mask, segment_ids, bias, backend, block_sizes):
   if k.shape != v.shape:
     raise ValueError(f"k and v must have the same shape; got k {k.shape} and v {v.shape}.")
   if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-    raise ValueError(f"q {q.shape} and k {k.shape} must agree on batch (dim 0) and head_dim "
-                     f"(dim 3).")
+    raise ValueError(
+        f"q {q.shape} and k {k.shape} must agree on batch (dim 0) and head_dim " f"(dim 3)."
+    )
   if q.shape[2] % k.shape[2]:
-    raise ValueError(f"kv heads ({k.shape[2]}) must divide query heads ({q.shape[2]}) for "
-                     f"grouped-query attention.")
+    raise ValueError(
+        f"kv heads ({k.shape[2]}) must divide query heads ({q.shape[2]}) for "
+        f"grouped-query attention."
+    )
   if not (q.dtype == k.dtype == v.dtype):
     raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}; cast them first.")
   b, t, h, _ = q.shape
@@ -70,30 +75,48 @@ def _validate(q, k, v, causal, mask, segment_ids, bias, backend, block_sizes):
   if mask is not None and mask.ndim != 2:
     _check_broadcastable("mask", mask, (b, h, t, s))
   if mask is not None and mask.ndim == 2 and mask.shape != (b, s):
-    raise ValueError(f"A 2-D mask is a key-padding mask [batch, kv_len] = {(b, s)}; "
-                     f"got {mask.shape}.")
+    raise ValueError(
+        f"A 2-D mask is a key-padding mask [batch, kv_len] = {(b, s)}; " f"got {mask.shape}."
+    )
   if bias is not None:
     _check_broadcastable("bias", bias, (b, h, t, s))
   if segment_ids is not None:
-    q_seg, kv_seg = (segment_ids if isinstance(segment_ids, (tuple, list))
-                     else (segment_ids, segment_ids))
+    q_seg, kv_seg = (
+        segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
+    )
     if q_seg.shape != (b, t) or kv_seg.shape != (b, s):
-      raise ValueError(f"segment_ids must be [batch, q_len]={(b, t)} and [batch, kv_len]="
-                       f"{(b, s)} (pass a (q_seg, kv_seg) pair when q_len != kv_len); got "
-                       f"{q_seg.shape} and {kv_seg.shape}.")
+      raise ValueError(
+          f"segment_ids must be [batch, q_len]={(b, t)} and [batch, kv_len]="
+          f"{(b, s)} (pass a (q_seg, kv_seg) pair when q_len != kv_len); got "
+          f"{q_seg.shape} and {kv_seg.shape}."
+      )
   if backend == "fourier":
-    asked = [n for n, x in (("causal", causal or None), ("mask", mask),
-                            ("segment_ids", segment_ids), ("bias", bias)) if x is not None]
+    asked = [
+        n
+        for n, x in (
+            ("causal", causal or None),
+            ("mask", mask),
+            ("segment_ids", segment_ids),
+            ("bias", bias),
+        )
+        if x is not None
+    ]
     if asked:
-      raise ValueError(f"The fourier backend mixes all positions globally and cannot apply "
-                       f"{', '.join(asked)}; use backend='xla', 'chunked' or 'pallas'.")
+      raise ValueError(
+          f"The fourier backend mixes all positions globally and cannot apply "
+          f"{', '.join(asked)}; use backend='xla', 'chunked' or 'pallas'."
+      )
   expected = {"chunked": chunked_lib.ChunkSizes, "pallas": flash_lib.BlockSizes}.get(backend)
   if expected is not None and block_sizes is not None and not isinstance(block_sizes, expected):
-    raise ValueError(f"backend={backend!r} takes block_sizes={expected.__module__}."
-                     f"{expected.__name__}; got {type(block_sizes).__name__}.")
+    raise ValueError(
+        f"backend={backend!r} takes block_sizes={expected.__module__}."
+        f"{expected.__name__}; got {type(block_sizes).__name__}."
+    )
   if backend == "pallas" and ((mask is not None and mask.ndim == 4) or bias is not None):
-    raise ValueError("The pallas backend supports causal masking, segment_ids and a [batch, "
-                     "kv_len] key-padding mask, not a 4-D mask or bias; use backend='chunked'.")
+    raise ValueError(
+        "The pallas backend supports causal masking, segment_ids and a [batch, "
+        "kv_len] key-padding mask, not a 4-D mask or bias; use backend='chunked'."
+    )
 
 
 def _segments(segment_ids, mask, b, t, s):
@@ -109,8 +132,9 @@ def _segments(segment_ids, mask, b, t, s):
   return q_seg, kv_seg
 
 
-def dense_mask(t: int, s: int, *, causal: bool = False, segment_ids=None, mask=None,
-               batch: int = 1):
+def dense_mask(
+    t: int, s: int, *, causal: bool = False, segment_ids=None, mask=None, batch: int = 1
+):
   """The boolean `[B|1, H|1, T, S]` mask equivalent to the masking arguments (None if none)."""
   out = None
   if causal:
@@ -124,8 +148,9 @@ def dense_mask(t: int, s: int, *, causal: bool = False, segment_ids=None, mask=N
   return out
 
 
-def reference_attention(q, k, v, *, causal=False, mask=None, segment_ids=None, bias=None,
-                        scale=None):
+def reference_attention(
+    q, k, v, *, causal=False, mask=None, segment_ids=None, bias=None, scale=None
+):
   """Plain float32 attention that materialises everything; the ground truth for tests."""
   b, t, h, d = q.shape
   s, kv_heads = k.shape[1], k.shape[2]
@@ -151,25 +176,45 @@ def _xla_attention(q, k, v, causal, mask, segment_ids, bias, scale):
   plain = mask is None and segment_ids is None and bias is None
   if plain and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
     try:  # cuDNN flash attention; it rejects unsupported configurations at trace time.
-      return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
-                                          implementation="cudnn")
+      return jax.nn.dot_product_attention(
+          q, k, v, scale=scale, is_causal=causal, implementation="cudnn"
+      )
     except (ValueError, NotImplementedError, RuntimeError):
       pass
   full = None
   if mask is not None or segment_ids is not None:
     full = dense_mask(t, s, causal=causal, segment_ids=segment_ids, mask=mask, batch=b)
     full = jnp.broadcast_to(full, (full.shape[0], full.shape[1], t, s))
-  out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=full, scale=scale,
-                                     is_causal=causal and full is None, implementation="xla")
+  out = jax.nn.dot_product_attention(
+      q,
+      k,
+      v,
+      bias=bias,
+      mask=full,
+      scale=scale,
+      is_causal=causal and full is None,
+      implementation="xla",
+  )
   if full is not None:  # rows with no visible key: zeros, like every other backend.
     any_key = jnp.swapaxes(jnp.any(full, axis=-1), 1, 2)  # [B|1, T, H|1]
     out = out * any_key[..., None].astype(out.dtype)
   return out
 
 
-def dot_product_attention(q, k, v, *, causal: bool = False, mask=None, segment_ids=None,
-                          bias=None, scale: float | None = None, backend: str = "xla",
-                          block_sizes: Any = None, fourier_modes: int | None = None):
+def dot_product_attention(
+    q,
+    k,
+    v,
+    *,
+    causal: bool = False,
+    mask=None,
+    segment_ids=None,
+    bias=None,
+    scale: float | None = None,
+    backend: str = "xla",
+    block_sizes: Any = None,
+    fourier_modes: int | None = None,
+):
   """Attention `q [B, T, H, D], k/v [B, S, K, D] -> [B, T, H, D]` (H % K == 0).
 
   Args:
@@ -199,13 +244,24 @@ def dot_product_attention(q, k, v, *, causal: bool = False, mask=None, segment_i
     if backend == "chunked":
       sizes = chunked_lib.ChunkSizes() if block_sizes is None else block_sizes
       dense = mask if (mask is not None and mask.ndim == 4) else None
-      out = chunked_lib.chunked_attention(q, k, v, q_seg, kv_seg, causal=causal, scale=scale,
-                                          mask=dense, bias=bias, chunk_sizes=sizes)
+      out = chunked_lib.chunked_attention(
+          q,
+          k,
+          v,
+          q_seg,
+          kv_seg,
+          causal=causal,
+          scale=scale,
+          mask=dense,
+          bias=bias,
+          chunk_sizes=sizes,
+      )
     else:
       sizes = block_sizes  # None: flash_lib.default_block_sizes (tuned tiles on GPU)
       if segment_ids is None and mask is None:
         q_seg = kv_seg = None  # lets the kernels skip segment loads entirely
-      out = flash_lib.flash_attention(q, k, v, q_seg, kv_seg, causal=causal, scale=scale,
-                                      block_sizes=sizes)
+      out = flash_lib.flash_attention(
+          q, k, v, q_seg, kv_seg, causal=causal, scale=scale, block_sizes=sizes
+      )
   chex.assert_shape(out, q.shape)
   return out

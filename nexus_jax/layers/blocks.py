@@ -70,8 +70,7 @@ class TransformerBlock(nn.Module):
 
   def _residual(self, name, x, fn, deterministic):
     """One sublayer in the configured norm placement; fn returns (y, aux)."""
-    norm = make_norm(self.norm, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name=f"{name}_norm")
+    norm = make_norm(self.norm, dtype=self.dtype, param_dtype=self.param_dtype, name=f"{name}_norm")
     drop = nn.Dropout(self.dropout_rate, name=f"{name}_dropout")
     if self.norm_placement == "pre":
       y, aux = fn(norm(x))
@@ -80,8 +79,16 @@ class TransformerBlock(nn.Module):
     return norm(x + drop(y, deterministic=deterministic).astype(x.dtype)), aux
 
   @nn.compact
-  def __call__(self, x, context=None, segment_ids=None, positions=None, mask=None,
-               context_mask=None, deterministic: bool = True):
+  def __call__(
+      self,
+      x,
+      context=None,
+      segment_ids=None,
+      positions=None,
+      mask=None,
+      context_mask=None,
+      deterministic: bool = True,
+  ):
     """x `[B, T, E]`; context `[B, S, E_ctx]` for cross-attention; mask/segment_ids/positions
     as in `Attention` (mask on self-attention keys; a `[B, T]` mask is also the MoE token mask,
     except while decoding); context_mask `[B, S]` on cross-attention keys."""
@@ -89,40 +96,76 @@ class TransformerBlock(nn.Module):
       raise ValueError(f"norm_placement must be 'pre' or 'post'; got {self.norm_placement!r}.")
     if self.cross_attention and context is None and not self.decode:
       raise ValueError("TransformerBlock(cross_attention=True) needs `context`.")
-    attn_kw = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                   head_dim=self.head_dim, qk_norm=self.qk_norm, backend=self.attention_backend,
-                   block_sizes=self.block_sizes, fourier_modes=self.fourier_modes,
-                   decode=self.decode, dtype=self.dtype, param_dtype=self.param_dtype)
-    self_attn = Attention(causal=self.causal, rotary_fraction=self.rotary_fraction,
-                          rope_theta=self.rope_theta, name="self_attention", **attn_kw)
-    x, _ = self._residual("self_attention", x, lambda h: (self_attn(
-        h, mask=mask, segment_ids=segment_ids, positions=positions), None), deterministic)
+    attn_kw = dict(
+        num_heads=self.num_heads,
+        num_kv_heads=self.num_kv_heads,
+        head_dim=self.head_dim,
+        qk_norm=self.qk_norm,
+        backend=self.attention_backend,
+        block_sizes=self.block_sizes,
+        fourier_modes=self.fourier_modes,
+        decode=self.decode,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+    )
+    self_attn = Attention(
+        causal=self.causal,
+        rotary_fraction=self.rotary_fraction,
+        rope_theta=self.rope_theta,
+        name="self_attention",
+        **attn_kw,
+    )
+    x, _ = self._residual(
+        "self_attention",
+        x,
+        lambda h: (self_attn(h, mask=mask, segment_ids=segment_ids, positions=positions), None),
+        deterministic,
+    )
     if self.cross_attention:
       cross = Attention(cross_attention=True, name="cross_attention", **attn_kw)
-      x, _ = self._residual("cross_attention", x,
-                            lambda h: (cross(h, context, mask=context_mask), None), deterministic)
+      x, _ = self._residual(
+          "cross_attention",
+          x,
+          lambda h: (cross(h, context, mask=context_mask), None),
+          deterministic,
+      )
     if self.num_experts > 0:
-      moe = MoE(num_experts=self.num_experts, mlp_dim=self.mlp_dim, top_k=self.moe_top_k,
-                activation=self.activation, capacity_factor=self.moe_capacity_factor,
-                load_balance_coef=self.moe_load_balance_coef, z_loss_coef=self.moe_z_loss_coef,
-                router_jitter=self.moe_router_jitter, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="moe")
+      moe = MoE(
+          num_experts=self.num_experts,
+          mlp_dim=self.mlp_dim,
+          top_k=self.moe_top_k,
+          activation=self.activation,
+          capacity_factor=self.moe_capacity_factor,
+          load_balance_coef=self.moe_load_balance_coef,
+          z_loss_coef=self.moe_z_loss_coef,
+          router_jitter=self.moe_router_jitter,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name="moe",
+      )
       # A [B, T] key-padding mask doubles as the token mask. While decoding, masks index cache
       # slots ([B, cache_len]), not the step's tokens, so every step token is routed.
       token_mask = mask if (mask is not None and mask.ndim == 2 and not self.decode) else None
-      x, aux = self._residual("mlp", x, lambda h: moe(h, token_mask, deterministic),
-                              deterministic)
+      x, aux = self._residual("mlp", x, lambda h: moe(h, token_mask, deterministic), deterministic)
     else:
-      mlp = MLP(self.mlp_dim, activation=self.activation, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="mlp")
+      mlp = MLP(
+          self.mlp_dim,
+          activation=self.activation,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name="mlp",
+      )
       x, _ = self._residual("mlp", x, lambda h: (mlp(h, deterministic), None), deterministic)
       aux = {}
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), aux
 
 
 def _template_kwargs(module: nn.Module) -> dict[str, Any]:
-  return {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
-          if f.init and f.name not in ("parent", "name")}
+  return {
+      f.name: getattr(module, f.name)
+      for f in dataclasses.fields(module)
+      if f.init and f.name not in ("parent", "name")
+  }
 
 
 class TransformerStack(nn.Module):
@@ -136,31 +179,50 @@ class TransformerStack(nn.Module):
   final_norm: bool = True  # a norm after the last block (what pre-norm stacks need)
 
   @nn.compact
-  def __call__(self, x, context=None, segment_ids=None, positions=None, mask=None,
-               context_mask=None, deterministic: bool = True):
+  def __call__(
+      self,
+      x,
+      context=None,
+      segment_ids=None,
+      positions=None,
+      mask=None,
+      context_mask=None,
+      deterministic: bool = True,
+  ):
     if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"Unknown remat_policy {self.remat_policy!r}; choose one of "
-                       f"{sorted(REMAT_POLICIES)}.")
+      raise ValueError(
+          f"Unknown remat_policy {self.remat_policy!r}; choose one of " f"{sorted(REMAT_POLICIES)}."
+      )
     if self.num_layers < 1:
       raise ValueError(f"num_layers must be >= 1; got {self.num_layers}.")
     kwargs = _template_kwargs(self.block)
     cls = type(self.block)
     scanned = self.scan_layers or self.share_layers
     if self.remat_policy != "none":
-      cls = nn.remat(cls, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not scanned,
-                     static_argnums=(7,))  # self=0, ..., deterministic=7
+      cls = nn.remat(
+          cls,
+          policy=REMAT_POLICIES[self.remat_policy],
+          prevent_cse=not scanned,
+          static_argnums=(7,),
+      )  # self=0, ..., deterministic=7
     args = (context, segment_ids, positions, mask, context_mask, deterministic)
     if scanned:
       per_layer = {"cache": 0, "aux_loss": 0, "intermediates": 0}
       if self.share_layers:
-        scan_kw = dict(variable_axes=per_layer, variable_broadcast="params",
-                       split_rngs={"params": False, "dropout": True})
+        scan_kw = dict(
+            variable_axes=per_layer,
+            variable_broadcast="params",
+            split_rngs={"params": False, "dropout": True},
+        )
       else:
-        scan_kw = dict(variable_axes={"params": 0, **per_layer},
-                       split_rngs={"params": True, "dropout": True},
-                       metadata_params={nn.PARTITION_NAME: None})
-      stack = nn.scan(cls, in_axes=(nn.broadcast,) * len(args), length=self.num_layers,
-                      **scan_kw)(**kwargs, name="layers")
+        scan_kw = dict(
+            variable_axes={"params": 0, **per_layer},
+            split_rngs={"params": True, "dropout": True},
+            metadata_params={nn.PARTITION_NAME: None},
+        )
+      stack = nn.scan(cls, in_axes=(nn.broadcast,) * len(args), length=self.num_layers, **scan_kw)(
+          **kwargs, name="layers"
+      )
       x, aux = stack(x, *args)
     else:
       auxes = []
@@ -169,6 +231,10 @@ class TransformerStack(nn.Module):
         auxes.append(aux)
       aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
     if self.final_norm:
-      x = make_norm(self.block.norm, dtype=self.block.dtype, param_dtype=self.block.param_dtype,
-                    name="final_norm")(x)
+      x = make_norm(
+          self.block.norm,
+          dtype=self.block.dtype,
+          param_dtype=self.block.param_dtype,
+          name="final_norm",
+      )(x)
     return x, aux

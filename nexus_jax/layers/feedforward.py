@@ -60,10 +60,15 @@ class MLP(nn.Module):
     dtype = self.dtype or x.dtype
 
     def dense(features, names, name):
-      return nn.Dense(features, use_bias=self.use_bias, dtype=dtype,
-                      param_dtype=self.param_dtype, name=name,
-                      kernel_init=nn.with_logical_partitioning(self.kernel_init, names),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]))
+      return nn.Dense(
+          features,
+          use_bias=self.use_bias,
+          dtype=dtype,
+          param_dtype=self.param_dtype,
+          name=name,
+          kernel_init=nn.with_logical_partitioning(self.kernel_init, names),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]),
+      )
 
     lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])  # [tokens, E] (see the module docstring)
     if gated:

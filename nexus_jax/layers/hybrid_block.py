@@ -47,20 +47,27 @@ from nexus_jax.layers.ssm import SelectiveSSM
 Dtype = Any
 
 
-def layer_kinds(num_layers: int = 8, attention_index: int | None = None,
-                moe_every: int = 0) -> list[tuple[str, str]]:
+def layer_kinds(
+    num_layers: int = 8, attention_index: int | None = None, moe_every: int = 0
+) -> list[tuple[str, str]]:
   """`[(mixer, ffn)]` per layer of one block: mixer "attention" | "ssm", ffn "mlp" | "moe"."""
   if num_layers < 1:
     raise ValueError(f"HybridBlock.num_layers must be >= 1; got {num_layers}.")
   a = num_layers // 2 if attention_index is None else attention_index
   if not 0 <= a < num_layers:
-    raise ValueError(f"HybridBlock.attention_index must be in [0, num_layers={num_layers}); "
-                     f"got {attention_index}.")
+    raise ValueError(
+        f"HybridBlock.attention_index must be in [0, num_layers={num_layers}); "
+        f"got {attention_index}."
+    )
   if moe_every < 0:
     raise ValueError(f"HybridBlock.moe_every must be >= 0 (0: no MoE); got {moe_every}.")
-  return [("attention" if j == a else "ssm",
-           "moe" if moe_every and j % moe_every == moe_every - 1 else "mlp")
-          for j in range(num_layers)]
+  return [
+      (
+          "attention" if j == a else "ssm",
+          "moe" if moe_every and j % moe_every == moe_every - 1 else "mlp",
+      )
+      for j in range(num_layers)
+  ]
 
 
 class HybridBlock(nn.Module):
@@ -107,43 +114,82 @@ class HybridBlock(nn.Module):
     pre = f"layer_{j}"
     aux = {}
     if mixer == "attention":
-      attn = Attention(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                       head_dim=self.head_dim, causal=True, rotary_fraction=self.rotary_fraction,
-                       rope_theta=self.rope_theta, backend=self.attention_backend,
-                       decode=self.decode, dtype=self.dtype, param_dtype=self.param_dtype,
-                       name=f"{pre}_attention")
-      x, _ = self._sublayer(f"{pre}_attention", x, lambda h: (
-          attn(h, mask=mask, positions=positions), None), deterministic)
+      attn = Attention(
+          num_heads=self.num_heads,
+          num_kv_heads=self.num_kv_heads,
+          head_dim=self.head_dim,
+          causal=True,
+          rotary_fraction=self.rotary_fraction,
+          rope_theta=self.rope_theta,
+          backend=self.attention_backend,
+          decode=self.decode,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name=f"{pre}_attention",
+      )
+      x, _ = self._sublayer(
+          f"{pre}_attention",
+          x,
+          lambda h: (attn(h, mask=mask, positions=positions), None),
+          deterministic,
+      )
       if self.use_memory:
-        memory = NeuralMemory(num_heads=self.memory_heads, chunk_size=self.memory_chunk_size,
-                              depth=self.memory_depth, dtype=self.dtype,
-                              param_dtype=self.param_dtype, name=f"{pre}_memory")
+        memory = NeuralMemory(
+            num_heads=self.memory_heads,
+            chunk_size=self.memory_chunk_size,
+            depth=self.memory_depth,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=f"{pre}_memory",
+        )
         x, m = self._sublayer(f"{pre}_memory", x, memory, deterministic)
-        aux.update(memory_loss_before=jnp.mean(m["loss_before"]),
-                   memory_loss_after=jnp.mean(m["loss_after"]),
-                   memory_grad_norm=jnp.mean(m["grad_norm"]))
+        aux.update(
+            memory_loss_before=jnp.mean(m["loss_before"]),
+            memory_loss_after=jnp.mean(m["loss_after"]),
+            memory_grad_norm=jnp.mean(m["grad_norm"]),
+        )
     else:
-      ssm = SelectiveSSM(state_dim=self.ssm_state_dim, expand=self.ssm_expand,
-                         conv_width=self.ssm_conv_width, scan_method=self.ssm_scan_method,
-                         chunk_size=self.ssm_chunk_size, decode=self.decode, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name=f"{pre}_ssm")
+      ssm = SelectiveSSM(
+          state_dim=self.ssm_state_dim,
+          expand=self.ssm_expand,
+          conv_width=self.ssm_conv_width,
+          scan_method=self.ssm_scan_method,
+          chunk_size=self.ssm_chunk_size,
+          decode=self.decode,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name=f"{pre}_ssm",
+      )
       x, s = self._sublayer(f"{pre}_ssm", x, ssm, deterministic)
       aux["ssm_delta_mean"] = jnp.mean(s["delta"])
     if ffn == "moe":
-      moe = MoE(num_experts=self.num_experts, mlp_dim=self.mlp_dim, top_k=self.moe_top_k,
-                activation=self.activation, capacity_factor=self.moe_capacity_factor,
-                load_balance_coef=self.moe_load_balance_coef, z_loss_coef=self.moe_z_loss_coef,
-                dtype=self.dtype, param_dtype=self.param_dtype, name=f"{pre}_moe")
+      moe = MoE(
+          num_experts=self.num_experts,
+          mlp_dim=self.mlp_dim,
+          top_k=self.moe_top_k,
+          activation=self.activation,
+          capacity_factor=self.moe_capacity_factor,
+          load_balance_coef=self.moe_load_balance_coef,
+          z_loss_coef=self.moe_z_loss_coef,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name=f"{pre}_moe",
+      )
       # A [B, T] padding mask is the token mask; while decoding masks index cache slots.
       token_mask = mask if (mask is not None and mask.ndim == 2 and not self.decode) else None
-      x, m = self._sublayer(f"{pre}_moe", x, lambda h: moe(h, token_mask, deterministic),
-                            deterministic)
+      x, m = self._sublayer(
+          f"{pre}_moe", x, lambda h: moe(h, token_mask, deterministic), deterministic
+      )
       aux.update(moe_max_load_ratio=m["max_load_ratio"], moe_dropped_fraction=m["dropped_fraction"])
     else:
-      mlp = MLP(self.mlp_dim, activation=self.activation, dtype=self.dtype,
-                param_dtype=self.param_dtype, name=f"{pre}_mlp")
-      x, _ = self._sublayer(f"{pre}_mlp", x, lambda h: (mlp(h, deterministic), None),
-                            deterministic)
+      mlp = MLP(
+          self.mlp_dim,
+          activation=self.activation,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name=f"{pre}_mlp",
+      )
+      x, _ = self._sublayer(f"{pre}_mlp", x, lambda h: (mlp(h, deterministic), None), deterministic)
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), aux
 
   @nn.compact

@@ -107,8 +107,9 @@ def memory_chunk(carry, chunk):
   w_last = {n: m[-1] for n, m in m_all.items()}
   y = jax.vmap(memory_forward)(m_prev, chunk["q"])
   loss_after = jax.vmap(inner_loss, in_axes=(None, 0, 0))(w_last, chunk["k"], chunk["v"])
-  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), -1)
-                           for g in grads.values()))
+  grad_norm = jnp.sqrt(
+      sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), -1) for g in grads.values())
+  )
   return (w_last, s_last), (y, grad_norm, loss_before, loss_after)
 
 
@@ -162,22 +163,30 @@ class NeuralMemory(nn.Module):
     if x.ndim != 3:
       raise ValueError(f"NeuralMemory input must be [batch, length, embed]; got {x.shape}.")
     if self.num_heads < 1 or self.chunk_size < 1 or self.hidden_mult < 1:
-      raise ValueError("NeuralMemory num_heads, chunk_size and hidden_mult must be >= 1; got "
-                       f"{self.num_heads}, {self.chunk_size}, {self.hidden_mult}.")
+      raise ValueError(
+          "NeuralMemory num_heads, chunk_size and hidden_mult must be >= 1; got "
+          f"{self.num_heads}, {self.chunk_size}, {self.hidden_mult}."
+      )
     if self.depth not in (1, 2):
       raise ValueError(f"NeuralMemory.depth must be 1 (linear) or 2 (MLP), got {self.depth}.")
     if self.max_lr <= 0:
       raise ValueError(f"NeuralMemory.max_lr must be > 0, got {self.max_lr}.")
     if self.head_dim is None and x.shape[-1] % self.num_heads:
-      raise ValueError(f"embed dim {x.shape[-1]} is not divisible by num_heads "
-                       f"({self.num_heads}); set head_dim explicitly.")
+      raise ValueError(
+          f"embed dim {x.shape[-1]} is not divisible by num_heads "
+          f"({self.num_heads}); set head_dim explicitly."
+      )
 
   def _proj(self, x, features, names, name, bias_init=None, kernel_init=None):
     return nn.DenseGeneral(
-        features, use_bias=bias_init is not None, dtype=self.dtype or x.dtype,
-        param_dtype=self.param_dtype, name=name,
+        features,
+        use_bias=bias_init is not None,
+        dtype=self.dtype or x.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
         kernel_init=nn.with_logical_partitioning(kernel_init or self.kernel_init, names),
-        bias_init=nn.with_logical_partitioning(bias_init or nn.initializers.zeros, names[1:]))(x)
+        bias_init=nn.with_logical_partitioning(bias_init or nn.initializers.zeros, names[1:]),
+    )(x)
 
   def _initial_weights(self, d: int):
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", batch_axis=(0,))
@@ -185,8 +194,10 @@ class NeuralMemory(nn.Module):
     shapes = {"w1": ((h, d, d if self.depth == 1 else m), ("heads", "kv", "mlp"))}
     if self.depth == 2:
       shapes["w2"] = ((h, m, d), ("heads", "mlp", "kv"))
-    return {n: self.param(n, nn.with_logical_partitioning(init, names), shape, self.param_dtype)
-            for n, (shape, names) in shapes.items()}
+    return {
+        n: self.param(n, nn.with_logical_partitioning(init, names), shape, self.param_dtype)
+        for n, (shape, names) in shapes.items()
+    }
 
   @nn.compact
   def __call__(self, x, *, update_memory: bool = True):
@@ -207,8 +218,8 @@ class NeuralMemory(nn.Module):
     v = self._proj(x, (h, d), ("embed", "heads", "kv"), "value").astype(fdt)
     # Gate kernels start at zero, so every gate starts at its configured bias for all tokens.
     gate_logit = lambda name, bias: self._proj(
-        x, h, ("embed", "heads"), name, nn.initializers.constant(bias),
-        nn.initializers.zeros).astype(fdt)
+        x, h, ("embed", "heads"), name, nn.initializers.constant(bias), nn.initializers.zeros
+    ).astype(fdt)
     lr = self.max_lr * nn.sigmoid(gate_logit("lr", self.lr_bias_init))
     eta_logit = gate_logit("momentum", self.momentum_bias_init)
     alpha_logit = gate_logit("forget", self.forget_bias_init)
@@ -219,9 +230,11 @@ class NeuralMemory(nn.Module):
       momentum = self.get_variable("memory", "momentum")
       stored = jax.tree.leaves(weights)[0].shape
       if stored[:2] != (b, h) or set(weights) != set(initial):
-        raise ValueError(f"stored memory has batch/heads {stored[:2]} and weights "
-                         f"{sorted(weights)}, but the input needs {(b, h)} and {sorted(initial)}; "
-                         "start without the `memory` collection to reset it.")
+        raise ValueError(
+            f"stored memory has batch/heads {stored[:2]} and weights "
+            f"{sorted(weights)}, but the input needs {(b, h)} and {sorted(initial)}; "
+            "start without the `memory` collection to reset it."
+        )
     else:
       weights = {n: jnp.broadcast_to(w.astype(fdt), (b,) + w.shape) for n, w in initial.items()}
       momentum = jax.tree.map(jnp.zeros_like, weights)
@@ -229,14 +242,26 @@ class NeuralMemory(nn.Module):
 
     heads_first = lambda a: jnp.moveaxis(a, 2, 1)  # [B, L, H, ...] -> [B, H, L, ...]
     if update_memory:
-      inputs = {"k": k, "v": v, "q": q, "lr": lr, "log_eta": nn.log_sigmoid(eta_logit),
-                "log_keep": nn.log_sigmoid(-alpha_logit)}
+      inputs = {
+          "k": k,
+          "v": v,
+          "q": q,
+          "lr": lr,
+          "log_eta": nn.log_sigmoid(eta_logit),
+          "log_keep": nn.log_sigmoid(-alpha_logit),
+      }
       (weights, momentum), (y, grad_norm, before, after) = run_memory(
-          weights, momentum, jax.tree.map(heads_first, inputs), self.chunk_size, self.remat)
+          weights, momentum, jax.tree.map(heads_first, inputs), self.chunk_size, self.remat
+      )
       tokens_first = lambda a: jnp.moveaxis(a, 1, 2)
-      aux = {"grad_norm": tokens_first(grad_norm), "loss_before": tokens_first(before),
-             "loss_after": tokens_first(after), "lr": lr, "forget": nn.sigmoid(alpha_logit),
-             "momentum_gate": nn.sigmoid(eta_logit)}
+      aux = {
+          "grad_norm": tokens_first(grad_norm),
+          "loss_before": tokens_first(before),
+          "loss_after": tokens_first(after),
+          "lr": lr,
+          "forget": nn.sigmoid(alpha_logit),
+          "momentum_gate": nn.sigmoid(eta_logit),
+      }
       y = tokens_first(y)
     else:
       read = jax.vmap(jax.vmap(jax.vmap(memory_forward, (None, 0)), (0, 0)), (0, 0))
@@ -249,11 +274,21 @@ class NeuralMemory(nn.Module):
       self.put_variable("memory", "momentum", momentum)
 
     # RMS norm per head in the inner precision (norms.RMSNorm would round float64 to float32).
-    scale = self.param("read_norm_scale", nn.with_logical_partitioning(nn.initializers.ones, ("kv",)),
-                       (d,), self.param_dtype)
+    scale = self.param(
+        "read_norm_scale",
+        nn.with_logical_partitioning(nn.initializers.ones, ("kv",)),
+        (d,),
+        self.param_dtype,
+    )
     y = (y * lax.rsqrt(jnp.mean(jnp.square(y), -1, keepdims=True) + 1e-6) * scale).astype(dtype)
     y = y * nn.silu(self._proj(x, (h, d), ("embed", "heads", "kv"), "gate"))
     out = nn.DenseGeneral(
-        e, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=self.param_dtype, name="out",
-        kernel_init=nn.with_logical_partitioning(self.kernel_init, ("heads", "kv", "embed")))(y)
+        e,
+        axis=(-2, -1),
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=self.param_dtype,
+        name="out",
+        kernel_init=nn.with_logical_partitioning(self.kernel_init, ("heads", "kv", "embed")),
+    )(y)
     return nn.with_logical_constraint(out, ("batch", "length", "embed")), aux

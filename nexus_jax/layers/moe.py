@@ -50,8 +50,9 @@ def router_statistics(logits_NE, expert_idx_NK, valid_N=None):
 
 
 def expert_init():
-  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2,
-                                          out_axis=-1, batch_axis=(0,))
+  return nn.initializers.variance_scaling(
+      1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,)
+  )
 
 
 class MoE(nn.Module):
@@ -76,18 +77,22 @@ class MoE(nn.Module):
     if x.ndim != 3:
       raise ValueError(f"MoE input must be [batch, length, embed]; got {x.shape}.")
     if self.num_experts < 1 or not 1 <= self.top_k <= self.num_experts:
-      raise ValueError(f"MoE needs num_experts >= 1 and 1 <= top_k <= num_experts; got "
-                       f"num_experts={self.num_experts}, top_k={self.top_k}.")
+      raise ValueError(
+          f"MoE needs num_experts >= 1 and 1 <= top_k <= num_experts; got "
+          f"num_experts={self.num_experts}, top_k={self.top_k}."
+      )
     if self.capacity_factor is not None and self.capacity_factor <= 0:
       raise ValueError(f"capacity_factor must be > 0 or None; got {self.capacity_factor}.")
     if self.gmm_impl not in moe_dispatch.GMM_IMPLS:
-      raise ValueError(f"Unknown gmm_impl {self.gmm_impl!r}; choose one of "
-                       f"{moe_dispatch.GMM_IMPLS}.")
+      raise ValueError(
+          f"Unknown gmm_impl {self.gmm_impl!r}; choose one of " f"{moe_dispatch.GMM_IMPLS}."
+      )
 
   def _expert_params(self, d: int):
     _, gated = get_activation(self.activation)
     p = lambda name, shape, names: self.param(
-        name, nn.with_logical_partitioning(self.kernel_init, names), shape, self.param_dtype)
+        name, nn.with_logical_partitioning(self.kernel_init, names), shape, self.param_dtype
+    )
     e, f = self.num_experts, self.mlp_dim
     names = ["wi_gate", "wi_up"] if gated else ["wi"]
     wi = [p(n, (e, d, f), ("expert", "embed", "mlp")) for n in names]
@@ -104,13 +109,21 @@ class MoE(nn.Module):
     # Router (float32 throughout).
     router_in = x.astype(jnp.float32)
     if self.router_jitter > 0 and not deterministic:
-      noise = jax.random.uniform(self.make_rng("dropout"), router_in.shape, jnp.float32,
-                                 1.0 - self.router_jitter, 1.0 + self.router_jitter)
+      noise = jax.random.uniform(
+          self.make_rng("dropout"),
+          router_in.shape,
+          jnp.float32,
+          1.0 - self.router_jitter,
+          1.0 + self.router_jitter,
+      )
       router_in = router_in * noise
     w_router = self.param(
-        "router", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", None)),
-        (d, self.num_experts), self.param_dtype)
-    logits = (router_in.reshape(b * t, d) @ w_router.astype(jnp.float32))  # [N, E]
+        "router",
+        nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", None)),
+        (d, self.num_experts),
+        self.param_dtype,
+    )
+    logits = router_in.reshape(b * t, d) @ w_router.astype(jnp.float32)  # [N, E]
     probs = jax.nn.softmax(logits, axis=-1)
     top_w, top_idx = jax.lax.top_k(probs, self.top_k)  # [N, K]
     if self.renormalize:
@@ -128,11 +141,21 @@ class MoE(nn.Module):
     if self.capacity_factor is None:
       y, dropped = self._dropless(x.reshape(b * t, d), top_idx, top_w, valid, wi, wo), 0.0
     else:
-      y, dropped = self._capacity(x, top_idx.reshape(b, t, -1), top_w.reshape(b, t, -1),
-                                  None if valid is None else valid.reshape(b, t), wi, wo)
-    aux = {"expert_load": load, "max_load_ratio": self.num_experts * jnp.max(load),
-           "load_balance_loss": load_balance, "router_z_loss": z_loss,
-           "dropped_fraction": jnp.asarray(dropped, jnp.float32)}
+      y, dropped = self._capacity(
+          x,
+          top_idx.reshape(b, t, -1),
+          top_w.reshape(b, t, -1),
+          None if valid is None else valid.reshape(b, t),
+          wi,
+          wo,
+      )
+    aux = {
+        "expert_load": load,
+        "max_load_ratio": self.num_experts * jnp.max(load),
+        "load_balance_loss": load_balance,
+        "router_z_loss": z_loss,
+        "dropped_fraction": jnp.asarray(dropped, jnp.float32),
+    }
     y = nn.with_logical_constraint(y.reshape(b, t, d), ("batch", "length", "embed"))
     return y, aux
 
@@ -145,8 +168,9 @@ class MoE(nn.Module):
     n, k = idx_NK.shape
     order, group_sizes = moe_dispatch.sort_assignments(idx_NK, self.num_experts, valid_N)
     xs = jnp.take(x_ND, order // k, axis=0)  # [N*K, D], expert-major
-    gmm = lambda a, w: moe_dispatch.grouped_matmul(a, w.astype(a.dtype), group_sizes,
-                                                   impl=self.gmm_impl, tile=self.gmm_tile)
+    gmm = lambda a, w: moe_dispatch.grouped_matmul(
+        a, w.astype(a.dtype), group_sizes, impl=self.gmm_impl, tile=self.gmm_tile
+    )
     h = self._hidden([gmm(xs, w) for w in wi])
     ys = gmm(h, wo)  # [N*K, D]
     y_NKD = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
@@ -156,8 +180,9 @@ class MoE(nn.Module):
     """Capacity-limited one-hot dispatch/combine einsums; returns (y, dropped fraction)."""
     g, n, _ = x_GND.shape
     cap = moe_dispatch.expert_capacity(n, self.num_experts, self.top_k, self.capacity_factor)
-    dispatch, combine, kept = moe_dispatch.capacity_masks(idx_GNK, w_GNK, self.num_experts, cap,
-                                                          valid_GN)
+    dispatch, combine, kept = moe_dispatch.capacity_masks(
+        idx_GNK, w_GNK, self.num_experts, cap, valid_GN
+    )
     dtype = x_GND.dtype
     xin = jnp.einsum("gnec,gnd->egcd", dispatch.astype(dtype), x_GND)
     xin = nn.with_logical_constraint(xin, ("expert", "batch", None, "embed"))

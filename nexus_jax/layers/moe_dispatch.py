@@ -31,13 +31,13 @@ GMM_IMPLS = ("auto", "ragged_dot", "tiled")
 def expert_capacity(tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
   """Slots per expert per group: `ceil(capacity_factor * tokens * top_k / num_experts)`."""
   if capacity_factor <= 0:
-    raise ValueError(f"capacity_factor must be > 0 (or None for dropless); got "
-                     f"{capacity_factor}.")
+    raise ValueError(
+        f"capacity_factor must be > 0 (or None for dropless); got " f"{capacity_factor}."
+    )
   return max(1, min(tokens * top_k, math.ceil(capacity_factor * tokens * top_k / num_experts)))
 
 
-def capacity_masks(expert_idx_GNK, weights_GNK, num_experts: int, capacity: int,
-                   valid_GN=None):
+def capacity_masks(expert_idx_GNK, weights_GNK, num_experts: int, capacity: int, valid_GN=None):
   """One-hot dispatch/combine tensors for capacity-limited routing.
 
   Returns:
@@ -59,8 +59,9 @@ def capacity_masks(expert_idx_GNK, weights_GNK, num_experts: int, capacity: int,
   slot_onehot = jax.nn.one_hot(jnp.where(kept, slot, capacity), capacity, dtype=jnp.float32)
   expert_onehot = keep.astype(jnp.float32)  # [G, N, K, E]
   dispatch = jnp.einsum("gnke,gnkc->gnec", expert_onehot, slot_onehot) > 0
-  combine = jnp.einsum("gnke,gnkc,gnk->gnec", expert_onehot, slot_onehot,
-                       weights_GNK.astype(jnp.float32))
+  combine = jnp.einsum(
+      "gnke,gnkc,gnk->gnec", expert_onehot, slot_onehot, weights_GNK.astype(jnp.float32)
+  )
   return dispatch, combine, kept
 
 
@@ -93,10 +94,14 @@ def _tile_layout(group_sizes_E, rows: int, tile: int):
   r = jnp.arange(rows)
   grp = jnp.searchsorted(ends, r, side="right", method="compare_all")
   g = jnp.minimum(grp, num_groups - 1)
-  dest = jnp.where(grp < num_groups, padded_ends[g] - padded[g] + r - (ends[g] - group_sizes_E[g]),
-                   num_tiles * tile)
-  tile_group = jnp.searchsorted(padded_ends, jnp.arange(num_tiles) * tile, side="right",
-                                method="compare_all")
+  dest = jnp.where(
+      grp < num_groups,
+      padded_ends[g] - padded[g] + r - (ends[g] - group_sizes_E[g]),
+      num_tiles * tile,
+  )
+  tile_group = jnp.searchsorted(
+      padded_ends, jnp.arange(num_tiles) * tile, side="right", method="compare_all"
+  )
   return dest, jnp.minimum(tile_group, num_groups - 1), num_tiles
 
 
@@ -115,6 +120,7 @@ def _tile_matmul(xp_TmD, w_EDF, tile_group, transpose_w=False):
     x_mD, e = args
     w = lax.dynamic_index_in_dim(w_EDF, e, keepdims=False)
     return jnp.dot(x_mD, w.T if transpose_w else w, preferred_element_type=jnp.float32)
+
   return lax.map(one, (xp_TmD, tile_group))
 
 
@@ -158,6 +164,7 @@ def grouped_matmul(x_MD, w_EDF, group_sizes_E, *, impl: str = "auto", tile: int 
   if impl == "auto":
     impl = "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
   if impl == "ragged_dot":
-    return lax.ragged_dot(x_MD, w_EDF.astype(x_MD.dtype), group_sizes_E,
-                          preferred_element_type=jnp.float32).astype(x_MD.dtype)
+    return lax.ragged_dot(
+        x_MD, w_EDF.astype(x_MD.dtype), group_sizes_E, preferred_element_type=jnp.float32
+    ).astype(x_MD.dtype)
   return _tiled_gmm(x_MD, w_EDF.astype(x_MD.dtype), group_sizes_E, int(tile))

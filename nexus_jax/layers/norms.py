@@ -91,17 +91,23 @@ class AdaptiveNorm(nn.Module):
   @nn.compact
   def __call__(self, x, cond):
     if cond.ndim != 2 or cond.shape[0] != x.shape[0]:
-      raise ValueError(f"AdaptiveNorm cond must be [batch, cond_dim] with batch {x.shape[0]}; "
-                       f"got {cond.shape}.")
+      raise ValueError(
+          f"AdaptiveNorm cond must be [batch, cond_dim] with batch {x.shape[0]}; "
+          f"got {cond.shape}."
+      )
     dtype = self.dtype or x.dtype
     kw = dict(epsilon=self.epsilon, use_scale=False, dtype=jnp.float32)
     if self.norm == "layer":
       kw["use_bias"] = False
     y = make_norm(self.norm, **kw)(x)
     dense = lambda name: nn.Dense(
-        x.shape[-1], name=name, dtype=jnp.float32, param_dtype=self.param_dtype,
+        x.shape[-1],
+        name=name,
+        dtype=jnp.float32,
+        param_dtype=self.param_dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+    )
     c = cond.astype(jnp.float32)
     expand = (slice(None),) + (None,) * (x.ndim - 2) + (slice(None),)
     scale, shift = dense("scale")(c)[expand], dense("shift")(c)[expand]

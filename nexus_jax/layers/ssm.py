@@ -100,8 +100,17 @@ def _scan_chunked(x_BLD, delta_BLD, A_DN, B_BLN, C_BLN, h_BDN, chunk_size):
   return y_BLD, h_BDN
 
 
-def selective_scan(x_BLD, delta_BLD, A_DN, B_BLN, C_BLN, h0_BDN=None, *,
-                   method: str = "chunked", chunk_size: int = 64):
+def selective_scan(
+    x_BLD,
+    delta_BLD,
+    A_DN,
+    B_BLN,
+    C_BLN,
+    h0_BDN=None,
+    *,
+    method: str = "chunked",
+    chunk_size: int = 64,
+):
   """Runs `h_t = exp(delta_t A) h_{t-1} + delta_t B_t x_t`, `y_t = C_t . h_t` over L.
 
   Args: x, delta `[B, L, D]`; A `[D, N]`; B, C `[B, L, N]`; h0 `[B, D, N]` (default zeros);
@@ -113,15 +122,19 @@ def selective_scan(x_BLD, delta_BLD, A_DN, B_BLN, C_BLN, h0_BDN=None, *,
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
   if x_BLD.ndim != 3 or delta_BLD.shape != x_BLD.shape:
-    raise ValueError(f"x and delta must both be [batch, length, channels]; got {x_BLD.shape} "
-                     f"and {delta_BLD.shape}.")
+    raise ValueError(
+        f"x and delta must both be [batch, length, channels]; got {x_BLD.shape} "
+        f"and {delta_BLD.shape}."
+    )
   b, length, d = x_BLD.shape
   if A_DN.ndim != 2 or A_DN.shape[0] != d:
     raise ValueError(f"A must be [channels={d}, state], got {A_DN.shape}.")
   n = A_DN.shape[1]
   if B_BLN.shape != (b, length, n) or C_BLN.shape != (b, length, n):
-    raise ValueError(f"B and C must be [batch, length, state] = {(b, length, n)}; got "
-                     f"{B_BLN.shape} and {C_BLN.shape}.")
+    raise ValueError(
+        f"B and C must be [batch, length, state] = {(b, length, n)}; got "
+        f"{B_BLN.shape} and {C_BLN.shape}."
+    )
   if h0_BDN is None:
     h0_BDN = jnp.zeros((b, d, n), jnp.float32)
   elif h0_BDN.shape != (b, d, n):
@@ -144,23 +157,27 @@ def causal_depthwise_conv(x_BLD, kernel_WD, prefix_BPD=None):
   if prefix_BPD is None:
     prefix_BPD = jnp.zeros((b, w - 1, d), x_BLD.dtype)
   full = jnp.concatenate([prefix_BPD.astype(x_BLD.dtype), x_BLD], axis=1)  # [B, W-1+L, D]
-  y_BLD = sum(full[:, k:k + length] * kernel_WD[k] for k in range(w))
-  return y_BLD, full[:, full.shape[1] - (w - 1):]
+  y_BLD = sum(full[:, k : k + length] * kernel_WD[k] for k in range(w))
+  return y_BLD, full[:, full.shape[1] - (w - 1) :]
 
 
 def _dt_bias_init(dt_min: float, dt_max: float, floor: float):
   """Bias with softplus(bias) = dt, dt log-uniform in [dt_min, dt_max] (Mamba's init)."""
+
   def init(key, shape, dtype=jnp.float32):
     u = jax.random.uniform(key, shape, jnp.float32)
     dt = jnp.maximum(jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)), floor)
     return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)  # inverse softplus
+
   return init
 
 
 def _a_log_init(key, shape, dtype=jnp.float32):
   """S4D-real: A[d, n] = -(n + 1), stored as log(n + 1)."""
   del key
-  return jnp.broadcast_to(jnp.log(jnp.arange(1, shape[1] + 1, dtype=jnp.float32)), shape).astype(dtype)
+  return jnp.broadcast_to(jnp.log(jnp.arange(1, shape[1] + 1, dtype=jnp.float32)), shape).astype(
+      dtype
+  )
 
 
 class SelectiveSSM(nn.Module):
@@ -196,13 +213,20 @@ class SelectiveSSM(nn.Module):
     if not 0 < self.dt_min <= self.dt_max:
       raise ValueError(f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}.")
     if self.scan_method not in SCAN_METHODS:
-      raise ValueError(f"SelectiveSSM.scan_method {self.scan_method!r} is not one of {SCAN_METHODS}.")
+      raise ValueError(
+          f"SelectiveSSM.scan_method {self.scan_method!r} is not one of {SCAN_METHODS}."
+      )
 
   def _dense(self, features, names, name, use_bias, kernel_init=None, bias_init=None, dtype=None):
     return nn.DenseGeneral(
-        features, use_bias=use_bias, dtype=dtype or self.dtype, param_dtype=self.param_dtype, name=name,
+        features,
+        use_bias=use_bias,
+        dtype=dtype or self.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
         kernel_init=nn.with_logical_partitioning(kernel_init or self.kernel_init, names),
-        bias_init=nn.with_logical_partitioning(bias_init or nn.initializers.zeros, names[-1:]))
+        bias_init=nn.with_logical_partitioning(bias_init or nn.initializers.zeros, names[-1:]),
+    )
 
   @nn.compact
   def __call__(self, x):
@@ -218,37 +242,60 @@ class SelectiveSSM(nn.Module):
     u, z = xz[..., 0, :], xz[..., 1, :]
     u = nn.with_logical_constraint(u, ("batch", "length", "mlp"))
 
-    conv_kernel = self.param("conv_kernel", nn.with_logical_partitioning(
-        nn.initializers.variance_scaling(1.0, "fan_in", "uniform"), (None, "mlp")),
-        (self.conv_width, di), self.param_dtype)
-    conv_bias = self.param("conv_bias", nn.with_logical_partitioning(
-        nn.initializers.zeros, ("mlp",)), (di,), self.param_dtype)
+    conv_kernel = self.param(
+        "conv_kernel",
+        nn.with_logical_partitioning(
+            nn.initializers.variance_scaling(1.0, "fan_in", "uniform"), (None, "mlp")
+        ),
+        (self.conv_width, di),
+        self.param_dtype,
+    )
+    conv_bias = self.param(
+        "conv_bias",
+        nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+        (di,),
+        self.param_dtype,
+    )
 
     decoding = self.decode and self.has_variable("cache", "ssm_state")
     if self.decode:
-      conv_state = self.variable("cache", "conv_state", jnp.zeros,
-                                 (b, self.conv_width - 1, di), jnp.float32)
+      conv_state = self.variable(
+          "cache", "conv_state", jnp.zeros, (b, self.conv_width - 1, di), jnp.float32
+      )
       ssm_state = self.variable("cache", "ssm_state", jnp.zeros, (b, di, n), jnp.float32)
       if decoding and ssm_state.value.shape[0] != b:
-        raise ValueError(f"decode batch {b} does not match the cache batch "
-                         f"{ssm_state.value.shape[0]}; re-initialise the cache.")
+        raise ValueError(
+            f"decode batch {b} does not match the cache batch "
+            f"{ssm_state.value.shape[0]}; re-initialise the cache."
+        )
     prefix = conv_state.value.astype(dtype) if decoding else None
     u, new_prefix = causal_depthwise_conv(u, conv_kernel.astype(dtype), prefix)
     u = nn.silu(u + conv_bias.astype(dtype))
 
     proj = self._dense(r + 2 * n, ("mlp", None), "x_proj", False)(u).astype(jnp.float32)
-    dt_low, B, C = proj[..., :r], proj[..., r:r + n], proj[..., r + n:]
-    dt_std = r ** -0.5  # Mamba: dt_proj kernel ~ U(-r^-0.5, r^-0.5)
+    dt_low, B, C = proj[..., :r], proj[..., r : r + n], proj[..., r + n :]
+    dt_std = r**-0.5  # Mamba: dt_proj kernel ~ U(-r^-0.5, r^-0.5)
     delta = self._dense(
-        di, (None, "mlp"), "dt_proj", True,
+        di,
+        (None, "mlp"),
+        "dt_proj",
+        True,
         kernel_init=lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -dt_std, dt_std),
         bias_init=_dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor),
-        dtype=jnp.float32)(dt_low)
+        dtype=jnp.float32,
+    )(dt_low)
     delta = nn.softplus(delta.astype(jnp.float32))
-    A = -jnp.exp(self.param("A_log", nn.with_logical_partitioning(_a_log_init, ("mlp", None)),
-                            (di, n), self.param_dtype).astype(jnp.float32))
-    D = self.param("D", nn.with_logical_partitioning(nn.initializers.ones, ("mlp",)), (di,),
-                   self.param_dtype).astype(jnp.float32)
+    A = -jnp.exp(
+        self.param(
+            "A_log",
+            nn.with_logical_partitioning(_a_log_init, ("mlp", None)),
+            (di, n),
+            self.param_dtype,
+        ).astype(jnp.float32)
+    )
+    D = self.param(
+        "D", nn.with_logical_partitioning(nn.initializers.ones, ("mlp",)), (di,), self.param_dtype
+    ).astype(jnp.float32)
 
     u32 = u.astype(jnp.float32)
     h0 = ssm_state.value if decoding else None
@@ -256,8 +303,9 @@ class SelectiveSSM(nn.Module):
       h_last, y = ssm_step(h0, u32[:, 0], delta[:, 0], A, B[:, 0], C[:, 0])
       y = y[:, None]
     else:
-      y, h_last = selective_scan(u32, delta, A, B, C, h0, method=self.scan_method,
-                                 chunk_size=self.chunk_size)
+      y, h_last = selective_scan(
+          u32, delta, A, B, C, h0, method=self.scan_method, chunk_size=self.chunk_size
+      )
     if decoding:
       conv_state.value = new_prefix.astype(jnp.float32)
       ssm_state.value = h_last

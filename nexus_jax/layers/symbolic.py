@@ -104,9 +104,14 @@ class SymbolicReasoner(nn.Module):
 
   def _dense(self, features, names, name, use_bias=False, bias_init=nn.initializers.zeros):
     return nn.DenseGeneral(
-        features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+        features,
+        use_bias=use_bias,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
         kernel_init=nn.with_logical_partitioning(self.kernel_init, names),
-        bias_init=nn.with_logical_partitioning(bias_init, names[1:]))
+        bias_init=nn.with_logical_partitioning(bias_init, names[1:]),
+    )
 
   @nn.compact
   def __call__(self, h, mask=None):
@@ -116,34 +121,52 @@ class SymbolicReasoner(nn.Module):
     r, d = self.num_relations, self.relation_dim
     q_BNRD = self._dense((r, d), ("embed", "heads", "kv"), "rel_query")(h).astype(jnp.float32)
     k_BNRD = self._dense((r, d), ("embed", "heads", "kv"), "rel_key")(h).astype(jnp.float32)
-    rel_bias = self.param("rel_bias", nn.with_logical_partitioning(
-        nn.initializers.constant(self.relation_bias_init), ("heads",)), (r,), self.param_dtype)
+    rel_bias = self.param(
+        "rel_bias",
+        nn.with_logical_partitioning(nn.initializers.constant(self.relation_bias_init), ("heads",)),
+        (r,),
+        self.param_dtype,
+    )
     logits = jnp.einsum("bird,bjrd->brij", q_BNRD, k_BNRD) / jnp.sqrt(d)
     relations = nn.sigmoid(logits + rel_bias.astype(jnp.float32)[:, None, None])
-    predicates = nn.sigmoid(self._dense(self.num_predicates, ("embed", "feature"), "predicates",
-                                        use_bias=True)(h).astype(jnp.float32))
+    predicates = nn.sigmoid(
+        self._dense(self.num_predicates, ("embed", "feature"), "predicates", use_bias=True)(
+            h
+        ).astype(jnp.float32)
+    )
     if mask is not None:
       m = mask.astype(jnp.float32)
       relations = relations * m[:, None, :, None] * m[:, None, None, :]
       predicates = predicates * m[:, :, None]
 
-    choice_logits = self.param("relation_choice", nn.with_logical_partitioning(
-        nn.initializers.normal(0.1), (None, "heads")), (self.num_derived, r), self.param_dtype)
+    choice_logits = self.param(
+        "relation_choice",
+        nn.with_logical_partitioning(nn.initializers.normal(0.1), (None, "heads")),
+        (self.num_derived, r),
+        self.param_dtype,
+    )
     choice = nn.softmax(choice_logits.astype(jnp.float32), axis=-1)  # [Q, R]
-    derived = transitive_closure(jnp.einsum("qr,brij->bqij", choice, relations), self.steps,
-                                 self.tnorm)  # [B, Q, N, N]
+    derived = transitive_closure(
+        jnp.einsum("qr,brij->bqij", choice, relations), self.steps, self.tnorm
+    )  # [B, Q, N, N]
     derived_predicates = modus_ponens(derived, predicates[:, None], self.tnorm)  # [B, Q, N, P]
     derived_predicates = jnp.moveaxis(derived_predicates, 1, 2)  # [B, N, Q, P]
 
     v = self._dense(self.value_dim, ("embed", "kv"), "value")(h).astype(jnp.float32)
     messages = jnp.einsum("bqij,bjd->biqd", derived, v) / (1.0 + jnp.sum(derived, -1))[
-        ..., None].transpose(0, 2, 1, 3)
-    features = jnp.concatenate([messages.reshape(b, n, -1),
-                                derived_predicates.reshape(b, n, -1)], -1).astype(dtype)
+        ..., None
+    ].transpose(0, 2, 1, 3)
+    features = jnp.concatenate(
+        [messages.reshape(b, n, -1), derived_predicates.reshape(b, n, -1)], -1
+    ).astype(dtype)
     out = self._dense(e, (None, "embed"), "out")(features)
     if mask is not None:
       out = out * mask[..., None].astype(out.dtype)
     y = (h.astype(dtype) + out).astype(dtype)
     return nn.with_logical_constraint(y, ("batch", "length", "embed")), {
-        "relations": relations, "predicates": predicates, "derived_relations": derived,
-        "derived_predicates": derived_predicates, "relation_choice": choice}
+        "relations": relations,
+        "predicates": predicates,
+        "derived_relations": derived,
+        "derived_predicates": derived_predicates,
+        "relation_choice": choice,
+    }

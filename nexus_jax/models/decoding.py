@@ -30,24 +30,36 @@ CACHE_INDEX = "cache_index"
 
 def _check_model(model):
   if not isinstance(model, (Decoder, EncoderDecoder)):
-    raise TypeError(f"incremental decoding needs a Decoder or EncoderDecoder (e.g. the LM's "
-                    f"`.decoder()`); got {type(model).__name__}.")
+    raise TypeError(
+        f"incremental decoding needs a Decoder or EncoderDecoder (e.g. the LM's "
+        f"`.decoder()`); got {type(model).__name__}."
+    )
   if model.attention_backend == "fourier":
-    raise ValueError("attention_backend='fourier' has no KV cache; decode with 'xla' or "
-                     "'chunked' (the params are the same).")
+    raise ValueError(
+        "attention_backend='fourier' has no KV cache; decode with 'xla' or "
+        "'chunked' (the params are the same)."
+    )
 
 
 def _dummy(vocab_size: int, batch: int, length: int, features: int):
   if vocab_size > 0:
     return jnp.zeros((batch, length), jnp.int32)
   if features < 1:
-    raise ValueError("feature-input models need num_features / source_features >= 1 to size "
-                     "the cache.")
+    raise ValueError(
+        "feature-input models need num_features / source_features >= 1 to size " "the cache."
+    )
   return jnp.zeros((batch, length, features), jnp.float32)
 
 
-def init_cache(model, batch_size: int, cache_len: int, *, num_features: int = 0,
-               source_len: int = 0, source_features: int = 0) -> Any:
+def init_cache(
+    model,
+    batch_size: int,
+    cache_len: int,
+    *,
+    num_features: int = 0,
+    source_len: int = 0,
+    source_features: int = 0,
+) -> Any:
   """Zero decoding state for `batch_size` sequences of up to `cache_len` positions.
 
   `num_features`: input width of a feature-input decoder; `source_len` / `source_features`:
@@ -86,8 +98,9 @@ def encode(model: EncoderDecoder, params, source, source_mask=None):
   return encoded
 
 
-def decode_step(model, params, cache, inputs, *, positions=None, cache_mask=None,
-                encoded=None, source_mask=None):
+def decode_step(
+    model, params, cache, inputs, *, positions=None, cache_mask=None, encoded=None, source_mask=None
+):
   """Feeds `inputs [B, T] | [B, T, F]` at the cache index; returns `(outputs [B, T, ...], cache)`.
 
   outputs are the model head's (LM logits `[B, T, V]` float32). jit it with `model` static.
@@ -96,11 +109,20 @@ def decode_step(model, params, cache, inputs, *, positions=None, cache_mask=None
   dec = model.clone(decode=True)
   variables = {"params": params, "cache": cache}
   if isinstance(model, EncoderDecoder):
-    (outputs, _), state = dec.apply(variables, inputs, encoded, source_mask, cache_mask,
-                                    positions, method="decode_targets", mutable=["cache"])
+    (outputs, _), state = dec.apply(
+        variables,
+        inputs,
+        encoded,
+        source_mask,
+        cache_mask,
+        positions,
+        method="decode_targets",
+        mutable=["cache"],
+    )
   else:
-    (outputs, _), state = dec.apply(variables, inputs, mask=cache_mask, positions=positions,
-                                    mutable=["cache"])
+    (outputs, _), state = dec.apply(
+        variables, inputs, mask=cache_mask, positions=positions, mutable=["cache"]
+    )
   return outputs, state["cache"]
 
 
@@ -114,14 +136,16 @@ def set_cache_index(cache: Any, index) -> Any:
   Slots at and after `index` become invisible to later queries and are overwritten next.
   """
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: jnp.full_like(x, index) if _is_index(p) else x, cache)
+      lambda p, x: jnp.full_like(x, index) if _is_index(p) else x, cache
+  )
 
 
 def reorder_cache(model, cache: Any, index_B) -> Any:
   """Gathers the batch rows `index_B [B']` of every cache array (beam search reordering)."""
   axis = 1 if (model.scan_layers or model.share_layers) else 0
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: x if _is_index(p) else jnp.take(x, index_B, axis=axis), cache)
+      lambda p, x: x if _is_index(p) else jnp.take(x, index_B, axis=axis), cache
+  )
 
 
 def check_fits(cache_len: int, prompt_len: int, new_tokens: int, extra: int = 0):
@@ -130,6 +154,8 @@ def check_fits(cache_len: int, prompt_len: int, new_tokens: int, extra: int = 0)
     raise ValueError("empty prompt: every sequence needs at least one token (e.g. a BOS id).")
   need = prompt_len + new_tokens + extra
   if need > cache_len:
-    raise ValueError(f"prompt length {prompt_len} + {new_tokens} new tokens"
-                     f"{f' + {extra} lookahead' if extra else ''} = {need} exceeds the cache "
-                     f"length {cache_len}; raise cache_len or shorten the prompt.")
+    raise ValueError(
+        f"prompt length {prompt_len} + {new_tokens} new tokens"
+        f"{f' + {extra} lookahead' if extra else ''} = {need} exceeds the cache "
+        f"length {cache_len}; raise cache_len or shorten the prompt."
+    )

@@ -44,11 +44,27 @@ PRESETS: dict[str, dict[str, int]] = {
     "large": dict(d_model=1024, num_heads=16, num_blocks=12),
     "xl": dict(d_model=2048, num_heads=32, num_blocks=24),
 }
-BLOCK_FIELDS = ("layers_per_block", "attention_index", "num_kv_heads", "rotary_fraction",
-                "attention_backend", "ssm_state_dim", "ssm_expand", "ssm_conv_width",
-                "ssm_scan_method", "ssm_chunk_size", "moe_every", "num_experts", "moe_top_k",
-                "moe_capacity_factor", "moe_load_balance_coef", "use_memory", "memory_heads",
-                "memory_chunk_size", "dropout_rate")
+BLOCK_FIELDS = (
+    "layers_per_block",
+    "attention_index",
+    "num_kv_heads",
+    "rotary_fraction",
+    "attention_backend",
+    "ssm_state_dim",
+    "ssm_expand",
+    "ssm_conv_width",
+    "ssm_scan_method",
+    "ssm_chunk_size",
+    "moe_every",
+    "num_experts",
+    "moe_top_k",
+    "moe_capacity_factor",
+    "moe_load_balance_coef",
+    "use_memory",
+    "memory_heads",
+    "memory_chunk_size",
+    "dropout_rate",
+)
 
 
 class HybridLM(nn.Module):
@@ -95,11 +111,18 @@ class HybridLM(nn.Module):
     checks = [
         (self.vocab_size >= 1, f"vocab_size must be >= 1; got {self.vocab_size}."),
         (self.num_blocks >= 1, f"num_blocks must be >= 1; got {self.num_blocks}."),
-        (self.d_model >= 1 and self.d_model % self.num_heads == 0,
-         f"d_model ({self.d_model}) must be a positive multiple of num_heads ({self.num_heads})."),
-        (self.remat_policy in REMAT_POLICIES,
-         f"remat_policy={self.remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}."),
-        (0.0 <= self.dropout_rate < 1.0, f"dropout_rate must be in [0, 1); got {self.dropout_rate}."),
+        (
+            self.d_model >= 1 and self.d_model % self.num_heads == 0,
+            f"d_model ({self.d_model}) must be a positive multiple of num_heads ({self.num_heads}).",
+        ),
+        (
+            self.remat_policy in REMAT_POLICIES,
+            f"remat_policy={self.remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}.",
+        ),
+        (
+            0.0 <= self.dropout_rate < 1.0,
+            f"dropout_rate must be in [0, 1); got {self.dropout_rate}.",
+        ),
     ]
     for ok, message in checks:
       if not ok:
@@ -109,8 +132,14 @@ class HybridLM(nn.Module):
   def block(self) -> HybridBlock:
     kw = {f: getattr(self, f) for f in BLOCK_FIELDS}
     kw["num_layers"] = kw.pop("layers_per_block")
-    return HybridBlock(num_heads=self.num_heads, mlp_dim=self.mlp_dim or 4 * self.d_model,
-                       decode=self.decode, dtype=self.dtype, param_dtype=self.param_dtype, **kw)
+    return HybridBlock(
+        num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim or 4 * self.d_model,
+        decode=self.decode,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        **kw,
+    )
 
   @nn.compact
   def __call__(self, inputs, mask=None, positions=None, deterministic: bool = True):
@@ -118,20 +147,34 @@ class HybridLM(nn.Module):
     positions `[B, T]` RoPE positions of the attention layers."""
     self.validate()
     if inputs.ndim != 2 or not jnp.issubdtype(inputs.dtype, jnp.integer):
-      raise ValueError(f"HybridLM input must be int [batch, length]; got "
-                       f"{inputs.dtype}{list(inputs.shape)}.")
+      raise ValueError(
+          f"HybridLM input must be int [batch, length]; got " f"{inputs.dtype}{list(inputs.shape)}."
+      )
     dtype = self.dtype or jnp.float32
-    x = nn.Embed(self.vocab_size, self.d_model, dtype=dtype, param_dtype=self.param_dtype,
-                 embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
-                                                             ("vocab", "embed")),
-                 name="embed")(inputs)
+    x = nn.Embed(
+        self.vocab_size,
+        self.d_model,
+        dtype=dtype,
+        param_dtype=self.param_dtype,
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(1.0), ("vocab", "embed")
+        ),
+        name="embed",
+    )(inputs)
     template = self.block()
     cls = HybridBlock
     if self.remat_policy != "none":
-      cls = nn.remat(cls, policy=REMAT_POLICIES[self.remat_policy],
-                     prevent_cse=not self.scan_blocks, static_argnums=(4,))  # self, x, pos, mask, det
-    kwargs = {f: getattr(template, f) for f in template.__dataclass_fields__
-              if f not in ("parent", "name")}
+      cls = nn.remat(
+          cls,
+          policy=REMAT_POLICIES[self.remat_policy],
+          prevent_cse=not self.scan_blocks,
+          static_argnums=(4,),
+      )  # self, x, pos, mask, det
+    kwargs = {
+        f: getattr(template, f)
+        for f in template.__dataclass_fields__
+        if f not in ("parent", "name")
+    }
     with contextlib.ExitStack() as ctx:
       if not jax.sharding.get_abstract_mesh().empty:
         # Same workaround as transformer._Transformer.run_stack: DenseGeneral's 3-d kernels fail
@@ -139,11 +182,14 @@ class HybridLM(nn.Module):
         ctx.enter_context(jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())))
       if self.scan_blocks:
         per_block = {"params": 0, "cache": 0, "memory": 0, "aux_loss": 0, "intermediates": 0}
-        stack = nn.scan(cls, variable_axes=per_block,
-                        split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                        length=self.num_blocks, metadata_params={nn.PARTITION_NAME: None})(
-                            **kwargs, name="blocks")
+        stack = nn.scan(
+            cls,
+            variable_axes=per_block,
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            length=self.num_blocks,
+            metadata_params={nn.PARTITION_NAME: None},
+        )(**kwargs, name="blocks")
         x, layers = stack(x, positions, mask, deterministic)
       else:
         auxes = []
@@ -152,10 +198,16 @@ class HybridLM(nn.Module):
           auxes.append(a)
         layers = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
     x = RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x)
-    logits = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name="head",
-                      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                               ("embed", "vocab")))(x)
+    logits = nn.Dense(
+        self.vocab_size,
+        use_bias=False,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name="head",
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(), ("embed", "vocab")
+        ),
+    )(x)
     return logits.astype(jnp.float32), {"hidden": x, "layers": layers}
 
 
@@ -173,6 +225,7 @@ def param_count(model: HybridLM) -> int:
 
 # ----- incremental decoding -----
 
+
 def init_cache(model: HybridLM, batch_size: int, cache_len: int) -> Any:
   """Zero decoding state (`cache` collection) for `batch_size` sequences of <= `cache_len`."""
   if batch_size < 1 or cache_len < 1:
@@ -189,22 +242,27 @@ def decode_step(model: HybridLM, params, state, tokens, *, positions=None, cache
   """
   mutable = ["cache", "memory"] if model.use_memory else ["cache"]
   (logits, _), new = model.clone(decode=True).apply(
-      {"params": params, **state}, tokens, mask=cache_mask, positions=positions, mutable=mutable)
+      {"params": params, **state}, tokens, mask=cache_mask, positions=positions, mutable=mutable
+  )
   return logits, dict(new)
 
 
 def _reorder(state, index_B):
   """Gathers batch rows (axis 1: axis 0 is the block) of every state array but cache_index."""
+
   def take(path, x):
     if getattr(path[-1], "key", None) == "cache_index":
       return x
     return jnp.take(x, index_B, axis=1)
+
   return jax.tree_util.tree_map_with_path(take, state)
 
 
 def _no_rewind(state, index):
-  raise ValueError("a HybridLM cannot rewind its decoding state: the SSM state is recurrent. "
-                   "Speculative decoding needs an attention-only model.")
+  raise ValueError(
+      "a HybridLM cannot rewind its decoding state: the SSM state is recurrent. "
+      "Speculative decoding needs an attention-only model."
+  )
 
 
 @functools.lru_cache(maxsize=16)
@@ -221,17 +279,26 @@ def step_model(model: HybridLM, cache_len: int):
     del first
     return decode_step(model, params, state, tokens, positions=positions, cache_mask=cache_mask)
 
-  return StepModel(vocab_size=model.vocab_size, cache_len=cache_len, init=init, apply=apply,
-                   reorder=_reorder, rewind=_no_rewind)
+  return StepModel(
+      vocab_size=model.vocab_size,
+      cache_len=cache_len,
+      init=init,
+      apply=apply,
+      reorder=_reorder,
+      rewind=_no_rewind,
+  )
 
 
 def generate(model: HybridLM, params, prompts, *, max_new_tokens: int, **kwargs):
   """`inference.generate.generate` for a HybridLM; prompts must share one length."""
   from nexus_jax.inference import generate as gen
+
   lengths = {len(p) for p in (prompts.tolist() if hasattr(prompts, "tolist") else prompts)}
   if len(lengths) != 1:
-    raise ValueError(f"HybridLM.generate needs prompts of one length (got lengths "
-                     f"{sorted(lengths)}): left padding would run through the SSM state.")
+    raise ValueError(
+        f"HybridLM.generate needs prompts of one length (got lengths "
+        f"{sorted(lengths)}): left padding would run through the SSM state."
+    )
   sm = step_model(model, int(kwargs.pop("cache_len", None) or lengths.pop() + max_new_tokens))
   return gen.generate(sm, params, prompts, max_new_tokens=max_new_tokens, **kwargs)
 
@@ -239,13 +306,17 @@ def generate(model: HybridLM, params, prompts, *, max_new_tokens: int, **kwargs)
 def main() -> None:
   """Prints one JSON object: parameter count and layout of every preset (byte vocabulary)."""
   import json
+
   out = {}
   for name, preset in PRESETS.items():
     model = HybridLM.from_preset(name)
     kinds = layer_kinds(model.layers_per_block, model.attention_index, model.moe_every)
-    out[name] = {**preset, "layers": model.num_blocks * len(kinds),
-                 "attention_layers": model.num_blocks * sum(m == "attention" for m, _ in kinds),
-                 "params": param_count(model)}
+    out[name] = {
+        **preset,
+        "layers": model.num_blocks * len(kinds),
+        "attention_layers": model.num_blocks * sum(m == "attention" for m, _ in kinds),
+        "params": param_count(model),
+    }
   print(json.dumps({"vocab_size": 256, "presets": out}, indent=2))
 
 

@@ -44,11 +44,13 @@ class HybridJEPA(nn.Module):
 
   def _check(self, length: int):
     if self.weight <= 0:
-      raise ValueError(f"HybridJEPA.weight must be > 0 (use the plain HybridLM for 0); got "
-                       f"{self.weight}.")
+      raise ValueError(
+          f"HybridJEPA.weight must be > 0 (use the plain HybridLM for 0); got " f"{self.weight}."
+      )
     if not 1 <= self.horizon < length:
-      raise ValueError(f"HybridJEPA.horizon must be in [1, sequence length {length}); got "
-                       f"{self.horizon}.")
+      raise ValueError(
+          f"HybridJEPA.horizon must be in [1, sequence length {length}); got " f"{self.horizon}."
+      )
     if not 0.0 <= self.ema_decay < 1.0:
       raise ValueError(f"HybridJEPA.ema_decay must be in [0, 1); got {self.ema_decay}.")
 
@@ -60,25 +62,27 @@ class HybridJEPA(nn.Module):
     target = self.variable("jepa_target", "params", lambda: jax.tree.map(jnp.copy, online))
     predictor = MLP(self.predictor_mult * self.lm.d_model, activation="swiglu", name="predictor")
     h = aux["hidden"].astype(jnp.float32)
-    predictions = predictor(h[:, :-self.horizon])
+    predictions = predictor(h[:, : -self.horizon])
     if deterministic or self.is_initializing():
       return logits, aux
 
     target_lm = self.lm.clone(parent=None, decode=False)
     _, target_aux = target_lm.apply({"params": target.value}, inputs, mask=mask)
-    t = jax.lax.stop_gradient(target_aux["hidden"].astype(jnp.float32))[:, self.horizon:]
+    t = jax.lax.stop_gradient(target_aux["hidden"].astype(jnp.float32))[:, self.horizon :]
     t = (t - t.mean(-1, keepdims=True)) * jax.lax.rsqrt(t.var(-1, keepdims=True) + 1e-6)
     e = h.shape[-1]
     weights = None
     if mask is not None:  # both the source and the predicted position must be real tokens
       m = mask.astype(bool)
-      weights = (m[:, :-self.horizon] & m[:, self.horizon:]).reshape(-1)
+      weights = (m[:, : -self.horizon] & m[:, self.horizon :]).reshape(-1)
     inv = world_model.invariance(predictions.reshape(-1, e), t.reshape(-1, e), weights)
     var, cov = world_model.variance_covariance(
-        h.reshape(-1, e), None if mask is None else mask.reshape(-1), self.gamma)
+        h.reshape(-1, e), None if mask is None else mask.reshape(-1), self.gamma
+    )
     loss = self.inv_coef * inv + self.var_coef * var + self.cov_coef * cov
     self.sow("aux_loss", "jepa", self.weight * loss)
     if self.is_mutable_collection("jepa_target"):
-      target.value = world_model.ema_update(target.value, jax.lax.stop_gradient(online),
-                                            self.ema_decay)
+      target.value = world_model.ema_update(
+          target.value, jax.lax.stop_gradient(online), self.ema_decay
+      )
     return logits, {**aux, "jepa_invariance": inv, "jepa_variance": var, "jepa_covariance": cov}

@@ -27,14 +27,18 @@ import numpy as np
 from nexus_jax.models.transformer import Decoder
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128,
-                 num_experts=4),
-    "small": dict(num_layers=4, embed_dim=128, num_heads=4, num_kv_heads=2, mlp_dim=256,
-                  num_experts=8),
-    "base": dict(num_layers=8, embed_dim=512, num_heads=8, num_kv_heads=2, mlp_dim=1024,
-                 num_experts=8),
-    "large": dict(num_layers=16, embed_dim=1024, num_heads=16, num_kv_heads=4, mlp_dim=2048,
-                  num_experts=16),
+    "tiny": dict(
+        num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128, num_experts=4
+    ),
+    "small": dict(
+        num_layers=4, embed_dim=128, num_heads=4, num_kv_heads=2, mlp_dim=256, num_experts=8
+    ),
+    "base": dict(
+        num_layers=8, embed_dim=512, num_heads=8, num_kv_heads=2, mlp_dim=1024, num_experts=8
+    ),
+    "large": dict(
+        num_layers=16, embed_dim=1024, num_heads=16, num_kv_heads=4, mlp_dim=2048, num_experts=16
+    ),
 }
 
 
@@ -53,8 +57,10 @@ class LanguageModel(Decoder):
   def validate(self):
     super().validate()
     if self.head != "lm" or self.vocab_size < 1 or self.cross_attention:
-      raise ValueError("LanguageModel: needs head='lm', vocab_size >= 1 and no cross-attention; "
-                       "use transformer.Decoder for other set-ups.")
+      raise ValueError(
+          "LanguageModel: needs head='lm', vocab_size >= 1 and no cross-attention; "
+          "use transformer.Decoder for other set-ups."
+      )
 
   @classmethod
   def from_preset(cls, preset: str, **overrides) -> "LanguageModel":

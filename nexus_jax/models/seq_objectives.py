@@ -59,8 +59,9 @@ def lm_objective(model) -> Objective:
       kw["mask"] = batch["mask"][:, :-1]
     return kw
 
-  return Objective(model=model, loss=_lm_loss, inputs=inputs,
-                   predict=lambda logits: jnp.argmax(logits, -1))
+  return Objective(
+      model=model, loss=_lm_loss, inputs=inputs, predict=lambda logits: jnp.argmax(logits, -1)
+  )
 
 
 def _pooled_inputs(batch, train):
@@ -78,20 +79,27 @@ def classification_objective(model) -> Objective:
     acc = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
     return _wmean(nll, batch["weight"]), {"accuracy": _wmean(acc, batch["weight"])}
 
-  return Objective(model=model, loss=loss, inputs=_pooled_inputs,
-                   predict=lambda logits: jax.nn.softmax(logits, -1))
+  return Objective(
+      model=model,
+      loss=loss,
+      inputs=_pooled_inputs,
+      predict=lambda logits: jax.nn.softmax(logits, -1),
+  )
 
 
 def _mse_mae(pred, target, weights):
   err = pred - target.astype(jnp.float32)
-  per = lambda x: jnp.mean(x.reshape(x.shape[:weights.ndim] + (-1,)), axis=-1)
-  return _wmean(per(err ** 2), weights), {"mae": _wmean(per(jnp.abs(err)), weights)}
+  per = lambda x: jnp.mean(x.reshape(x.shape[: weights.ndim] + (-1,)), axis=-1)
+  return _wmean(per(err**2), weights), {"mae": _wmean(per(jnp.abs(err)), weights)}
 
 
 def regression_objective(model) -> Objective:
   """Pooled sequence regression: MSE loss; metric MAE."""
-  return Objective(model=model, inputs=_pooled_inputs,
-                   loss=lambda pred, batch: _mse_mae(pred, batch["target"], batch["weight"]))
+  return Objective(
+      model=model,
+      inputs=_pooled_inputs,
+      loss=lambda pred, batch: _mse_mae(pred, batch["target"], batch["weight"]),
+  )
 
 
 def token_regression_objective(model) -> Objective:
@@ -121,11 +129,16 @@ def seq2seq_objective(model) -> Objective:
 
   def loss(outputs, batch):
     if not lm:
-      return _mse_mae(outputs, batch["targets"], _row_weights(batch, "target_mask",
-                                                              outputs.shape[1]))
+      return _mse_mae(
+          outputs, batch["targets"], _row_weights(batch, "target_mask", outputs.shape[1])
+      )
     weights = _row_weights(batch, "target_mask", batch["targets"].shape[1])[:, 1:]
     nll, acc = token_cross_entropy(outputs, batch["targets"][:, 1:], weights)
     return nll, {"accuracy": acc}
 
-  return Objective(model=model, loss=loss, inputs=inputs,
-                   predict=(lambda out: jnp.argmax(out, -1)) if lm else (lambda out: out))
+  return Objective(
+      model=model,
+      loss=loss,
+      inputs=inputs,
+      predict=(lambda out: jnp.argmax(out, -1)) if lm else (lambda out: out),
+  )

@@ -49,14 +49,26 @@ class MoEGroup(TransformerBlock):
   moe_every: int = 1
 
   @nn.compact
-  def __call__(self, x, context=None, segment_ids=None, positions=None, mask=None,
-               context_mask=None, deterministic: bool = True):
-    kw = {f: getattr(self, f) for f in self.__dataclass_fields__
-          if f not in ("parent", "name", "moe_every")}
+  def __call__(
+      self,
+      x,
+      context=None,
+      segment_ids=None,
+      positions=None,
+      mask=None,
+      context_mask=None,
+      deterministic: bool = True,
+  ):
+    kw = {
+        f: getattr(self, f)
+        for f in self.__dataclass_fields__
+        if f not in ("parent", "name", "moe_every")
+    }
     for i in range(self.moe_every):
       experts = self.num_experts if i == self.moe_every - 1 else 0
       x, aux = TransformerBlock(**{**kw, "num_experts": experts}, name=f"block_{i}")(
-          x, context, segment_ids, positions, mask, context_mask, deterministic)
+          x, context, segment_ids, positions, mask, context_mask, deterministic
+      )
     return x, aux
 
 
@@ -122,22 +134,42 @@ class _Transformer(nn.Module):
         (self.head in HEADS, f"head={self.head!r}; choose one of {HEADS}."),
         (self.pooling in POOLINGS, f"pooling={self.pooling!r}; choose one of {POOLINGS}."),
         (num_layers >= 1, f"num_layers must be >= 1; got {num_layers}."),
-        (self.embed_dim >= 1 and self.mlp_dim >= 1,
-         f"embed_dim ({self.embed_dim}) and mlp_dim ({self.mlp_dim}) must be >= 1."),
-        (self.vocab_size >= 0, f"vocab_size must be >= 0 (0: feature input); got {self.vocab_size}."),
-        (self.head != "lm" or self.token_input,
-         "head='lm' needs token input (vocab_size > 0); use head='token_regression' for features."),
-        (self.head in ("lm", "none") or self.num_outputs >= 1,
-         f"head={self.head!r} needs num_outputs >= 1; got {self.num_outputs}."),
-        (not self.tie_embeddings or (self.head == "lm" and self.token_input),
-         "tie_embeddings=True needs token input and head='lm'."),
-        (self.num_experts >= 0 and self.moe_every >= 1,
-         f"num_experts ({self.num_experts}) must be >= 0 and moe_every ({self.moe_every}) >= 1."),
-        (self.num_experts == 0 or num_layers % self.moe_every == 0,
-         f"num_layers ({num_layers}) must be a multiple of moe_every ({self.moe_every})."),
-        (self.remat_policy in REMAT_POLICIES,
-         f"remat_policy={self.remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}."),
-        (0.0 <= self.dropout_rate < 1.0, f"dropout_rate must be in [0, 1); got {self.dropout_rate}."),
+        (
+            self.embed_dim >= 1 and self.mlp_dim >= 1,
+            f"embed_dim ({self.embed_dim}) and mlp_dim ({self.mlp_dim}) must be >= 1.",
+        ),
+        (
+            self.vocab_size >= 0,
+            f"vocab_size must be >= 0 (0: feature input); got {self.vocab_size}.",
+        ),
+        (
+            self.head != "lm" or self.token_input,
+            "head='lm' needs token input (vocab_size > 0); use head='token_regression' for features.",
+        ),
+        (
+            self.head in ("lm", "none") or self.num_outputs >= 1,
+            f"head={self.head!r} needs num_outputs >= 1; got {self.num_outputs}.",
+        ),
+        (
+            not self.tie_embeddings or (self.head == "lm" and self.token_input),
+            "tie_embeddings=True needs token input and head='lm'.",
+        ),
+        (
+            self.num_experts >= 0 and self.moe_every >= 1,
+            f"num_experts ({self.num_experts}) must be >= 0 and moe_every ({self.moe_every}) >= 1.",
+        ),
+        (
+            self.num_experts == 0 or num_layers % self.moe_every == 0,
+            f"num_layers ({num_layers}) must be a multiple of moe_every ({self.moe_every}).",
+        ),
+        (
+            self.remat_policy in REMAT_POLICIES,
+            f"remat_policy={self.remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}.",
+        ),
+        (
+            0.0 <= self.dropout_rate < 1.0,
+            f"dropout_rate must be in [0, 1); got {self.dropout_rate}.",
+        ),
     ]
     for ok, message in checks:
       if not ok:
@@ -148,43 +180,86 @@ class _Transformer(nn.Module):
     dtype = self.dtype or jnp.float32
     if vocab_size > 0:
       if inputs.ndim != 2 or not jnp.issubdtype(inputs.dtype, jnp.integer):
-        raise ValueError(f"{name}: token input must be int [batch, length]; got "
-                         f"{inputs.dtype}{list(inputs.shape)}.")
+        raise ValueError(
+            f"{name}: token input must be int [batch, length]; got "
+            f"{inputs.dtype}{list(inputs.shape)}."
+        )
       check_token_range(inputs, vocab_size, name)
-      embed = nn.Embed(vocab_size, self.embed_dim, dtype=dtype, param_dtype=self.param_dtype,
-                       embedding_init=nn.with_logical_partitioning(
-                           nn.initializers.normal(1.0), ("vocab", "embed")), name=f"{name}_embed")
+      embed = nn.Embed(
+          vocab_size,
+          self.embed_dim,
+          dtype=dtype,
+          param_dtype=self.param_dtype,
+          embedding_init=nn.with_logical_partitioning(
+              nn.initializers.normal(1.0), ("vocab", "embed")
+          ),
+          name=f"{name}_embed",
+      )
       return embed(inputs), embed
     if inputs.ndim != 3 or not jnp.issubdtype(inputs.dtype, jnp.floating):
-      raise ValueError(f"{name}: feature input (vocab_size=0) must be float [batch, length, "
-                       f"features]; got {inputs.dtype}{list(inputs.shape)}.")
-    proj = nn.Dense(self.embed_dim, dtype=dtype, param_dtype=self.param_dtype,
-                    kernel_init=nn.with_logical_partitioning(
-                        nn.initializers.lecun_normal(), (None, "embed")),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-                    name=f"{name}_proj")
+      raise ValueError(
+          f"{name}: feature input (vocab_size=0) must be float [batch, length, "
+          f"features]; got {inputs.dtype}{list(inputs.shape)}."
+      )
+    proj = nn.Dense(
+        self.embed_dim,
+        dtype=dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, "embed")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        name=f"{name}_proj",
+    )
     return proj(inputs.astype(dtype)), None
 
   def stack(self, num_layers: int, causal: bool, cross: bool, name: str) -> TransformerStack:
-    kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, num_kv_heads=self.num_kv_heads,
-              head_dim=self.head_dim, causal=causal, cross_attention=cross, norm=self.norm,
-              norm_placement=self.norm_placement, activation=self.activation,
-              dropout_rate=self.dropout_rate, rotary_fraction=self.rotary_fraction,
-              rope_theta=self.rope_theta, qk_norm=self.qk_norm,
-              attention_backend=self.attention_backend, num_experts=self.num_experts,
-              moe_top_k=self.moe_top_k, moe_capacity_factor=self.moe_capacity_factor,
-              moe_load_balance_coef=self.moe_load_balance_coef,
-              moe_z_loss_coef=self.moe_z_loss_coef, moe_router_jitter=self.moe_router_jitter,
-              decode=self.decode and causal, dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(
+        num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim,
+        num_kv_heads=self.num_kv_heads,
+        head_dim=self.head_dim,
+        causal=causal,
+        cross_attention=cross,
+        norm=self.norm,
+        norm_placement=self.norm_placement,
+        activation=self.activation,
+        dropout_rate=self.dropout_rate,
+        rotary_fraction=self.rotary_fraction,
+        rope_theta=self.rope_theta,
+        qk_norm=self.qk_norm,
+        attention_backend=self.attention_backend,
+        num_experts=self.num_experts,
+        moe_top_k=self.moe_top_k,
+        moe_capacity_factor=self.moe_capacity_factor,
+        moe_load_balance_coef=self.moe_load_balance_coef,
+        moe_z_loss_coef=self.moe_z_loss_coef,
+        moe_router_jitter=self.moe_router_jitter,
+        decode=self.decode and causal,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+    )
     grouped = self.num_experts > 0 and self.moe_every > 1
     block = MoEGroup(**kw, moe_every=self.moe_every) if grouped else TransformerBlock(**kw)
-    return TransformerStack(block=block, num_layers=num_layers // (self.moe_every if grouped else 1),
-                            scan_layers=self.scan_layers, share_layers=self.share_layers,
-                            remat_policy=self.remat_policy,
-                            final_norm=self.norm_placement == "pre", name=name)
+    return TransformerStack(
+        block=block,
+        num_layers=num_layers // (self.moe_every if grouped else 1),
+        scan_layers=self.scan_layers,
+        share_layers=self.share_layers,
+        remat_policy=self.remat_policy,
+        final_norm=self.norm_placement == "pre",
+        name=name,
+    )
 
-  def run_stack(self, stack, x, *, context=None, positions=None, mask=None, context_mask=None,
-                deterministic=True):
+  def run_stack(
+      self,
+      stack,
+      x,
+      *,
+      context=None,
+      positions=None,
+      mask=None,
+      context_mask=None,
+      deterministic=True,
+  ):
     args = (x, context, None, positions, mask, context_mask, deterministic)
     with contextlib.ExitStack() as ctx:
       if self.decode and mask is not None and self.num_experts > 0:
@@ -210,12 +285,17 @@ class _Transformer(nn.Module):
       out = embed.attend(x).astype(jnp.float32) / math.sqrt(self.embed_dim)
     else:
       axis = "vocab" if self.head == "lm" else None
-      out = nn.Dense(self.output_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=nn.with_logical_partitioning(
-                         nn.initializers.zeros if self.zero_init_head else
-                         nn.initializers.lecun_normal(), ("embed", axis)),
-                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis,)),
-                     name="head")(x)
+      out = nn.Dense(
+          self.output_dim,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          kernel_init=nn.with_logical_partitioning(
+              nn.initializers.zeros if self.zero_init_head else nn.initializers.lecun_normal(),
+              ("embed", axis),
+          ),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis,)),
+          name="head",
+      )(x)
     return out.reshape(*lead, out.shape[-1]).astype(jnp.float32)
 
 
@@ -225,8 +305,10 @@ def check_token_range(tokens, vocab_size: int, name: str = "tokens"):
     return
   values = np.asarray(tokens)
   if values.size and (values.min() < 0 or values.max() >= vocab_size):
-    raise ValueError(f"{name}: token ids must lie in [0, {vocab_size}); got values in "
-                     f"[{values.min()}, {values.max()}].")
+    raise ValueError(
+        f"{name}: token ids must lie in [0, {vocab_size}); got values in "
+        f"[{values.min()}, {values.max()}]."
+    )
 
 
 def pool(x_BTE, mask_BT, pooling: str):
@@ -266,15 +348,29 @@ class Decoder(_Transformer):
   cross_attention: bool = False
 
   @nn.compact
-  def __call__(self, inputs, context=None, mask=None, context_mask=None, positions=None,
-               deterministic: bool = True):
+  def __call__(
+      self,
+      inputs,
+      context=None,
+      mask=None,
+      context_mask=None,
+      positions=None,
+      deterministic: bool = True,
+  ):
     self.validate()
     if self.cross_attention and context is None and not self.decode:
       raise ValueError("Decoder(cross_attention=True) needs `context` (the encoder output).")
     x, embed = self.embed_inputs(inputs, "input", self.vocab_size)
     stack = self.stack(self.num_layers, causal=True, cross=self.cross_attention, name="decoder")
-    x, aux = self.run_stack(stack, x, context=context, positions=positions, mask=mask,
-                            context_mask=context_mask, deterministic=deterministic)
+    x, aux = self.run_stack(
+        stack,
+        x,
+        context=context,
+        positions=positions,
+        mask=mask,
+        context_mask=context_mask,
+        deterministic=deterministic,
+    )
     return self.apply_head(x, embed, None if self.decode else mask), aux
 
 
@@ -293,32 +389,55 @@ class EncoderDecoder(_Transformer):
 
   def setup(self):
     if self.head not in ("lm", "token_regression"):
-      raise ValueError(f"EncoderDecoder: head must be 'lm' or 'token_regression'; got {self.head!r}.")
-    shared = {f: getattr(self, f) for f in _Transformer.__dataclass_fields__
-              if f not in ("parent", "name")}
+      raise ValueError(
+          f"EncoderDecoder: head must be 'lm' or 'token_regression'; got {self.head!r}."
+      )
+    shared = {
+        f: getattr(self, f)
+        for f in _Transformer.__dataclass_fields__
+        if f not in ("parent", "name")
+    }
     source_vocab = self.vocab_size if self.source_vocab_size is None else self.source_vocab_size
-    self.encoder = Encoder(**{**shared, "num_layers": self.num_encoder_layers or self.num_layers,
-                              "vocab_size": source_vocab, "head": "none",
-                              "tie_embeddings": False, "decode": False})
+    self.encoder = Encoder(
+        **{
+            **shared,
+            "num_layers": self.num_encoder_layers or self.num_layers,
+            "vocab_size": source_vocab,
+            "head": "none",
+            "tie_embeddings": False,
+            "decode": False,
+        }
+    )
     self.decoder = Decoder(**shared, cross_attention=True)
 
   def encode(self, source, source_mask=None, deterministic: bool = True):
     """`source [B, S] | [B, S, F]` -> `(encoded [B, S, E], aux)`."""
     return self.encoder(source, source_mask, deterministic)
 
-  def decode_targets(self, targets, encoded=None, source_mask=None, target_mask=None,
-                     positions=None, deterministic: bool = True):
+  def decode_targets(
+      self,
+      targets,
+      encoded=None,
+      source_mask=None,
+      target_mask=None,
+      positions=None,
+      deterministic: bool = True,
+  ):
     """`targets [B, T] | [B, T, F]`, `encoded [B, S, E]` -> `(outputs, aux)`."""
     if encoded is None and not self.decode:
-      raise ValueError("decode_targets needs `encoded` (from `encode`) unless decoding with a "
-                       "cache whose cross-attention keys are already filled.")
+      raise ValueError(
+          "decode_targets needs `encoded` (from `encode`) unless decoding with a "
+          "cache whose cross-attention keys are already filled."
+      )
     return self.decoder(targets, encoded, target_mask, source_mask, positions, deterministic)
 
-  def __call__(self, source, targets, source_mask=None, target_mask=None,
-               deterministic: bool = True):
+  def __call__(
+      self, source, targets, source_mask=None, target_mask=None, deterministic: bool = True
+  ):
     encoded, enc_aux = self.encode(source, source_mask, deterministic)
-    outputs, aux = self.decode_targets(targets, encoded, source_mask, target_mask,
-                                       deterministic=deterministic)
+    outputs, aux = self.decode_targets(
+        targets, encoded, source_mask, target_mask, deterministic=deterministic
+    )
     if enc_aux:
       aux = {**aux, "encoder_moe": enc_aux["moe"]}
     return outputs, aux

@@ -56,8 +56,10 @@ def span_mask(key, batch: int, length: int, mask_ratio: float = 0.15, span_lengt
   if not 0.0 < mask_ratio < 1.0:
     raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}.")
   if span_length < 1 or length < 2 * span_length:
-    raise ValueError(f"need span_length >= 1 and length >= 2 * span_length; got span_length "
-                     f"{span_length}, length {length}.")
+    raise ValueError(
+        f"need span_length >= 1 and length >= 2 * span_length; got span_length "
+        f"{span_length}, length {length}."
+    )
   slots = length // span_length
   k = min(max(1, round(mask_ratio * length / span_length)), slots - 1)
   k_slots, k_shift = jax.random.split(key)
@@ -102,8 +104,11 @@ def vicreg_terms(z_a, z_b, weights=None, gamma: float = 1.0, eps: float = 1e-4):
     raise ValueError(f"VICReg branches must both be [rows, dims]; got {z_a.shape}, {z_b.shape}.")
   var_a, cov_a = variance_covariance(z_a, weights, gamma, eps)
   var_b, cov_b = variance_covariance(z_b, weights, gamma, eps)
-  return {"invariance": invariance(z_a, z_b, weights), "variance": (var_a + var_b) / 2,
-          "covariance": cov_a + cov_b}
+  return {
+      "invariance": invariance(z_a, z_b, weights),
+      "variance": (var_a + var_b) / 2,
+      "covariance": cov_a + cov_b,
+  }
 
 
 def init_target(params):
@@ -138,28 +143,49 @@ class SequenceEncoder(nn.Module):
     if self.vocab_size is not None:
       if inputs.ndim != 2:
         raise ValueError(f"token inputs must be [batch, length]; got {inputs.shape}.")
-      x = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="embed",
-                   embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")))(inputs)
+      x = nn.Embed(
+          self.vocab_size,
+          self.embed_dim,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name="embed",
+          embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")),
+      )(inputs)
     else:
       if inputs.ndim != 3:
-        raise ValueError(f"feature inputs must be [batch, length, features]; got {inputs.shape} "
-                         "(set vocab_size for token ids).")
-      x = nn.Dense(self.embed_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="embed",
-                   kernel_init=nn.with_logical_partitioning(
-                       nn.initializers.lecun_normal(), ("feature", "embed")),
-                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(
-                       inputs)
+        raise ValueError(
+            f"feature inputs must be [batch, length, features]; got {inputs.shape} "
+            "(set vocab_size for token ids)."
+        )
+      x = nn.Dense(
+          self.embed_dim,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name="embed",
+          kernel_init=nn.with_logical_partitioning(
+              nn.initializers.lecun_normal(), ("feature", "embed")
+          ),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+      )(inputs)
     if mask is not None:
       if mask.shape != x.shape[:2]:
         raise ValueError(f"mask must be [batch, length] = {x.shape[:2]}; got {mask.shape}.")
-      token = self.param("mask_token", nn.with_logical_partitioning(init, ("embed",)),
-                         (self.embed_dim,), self.param_dtype)
+      token = self.param(
+          "mask_token",
+          nn.with_logical_partitioning(init, ("embed",)),
+          (self.embed_dim,),
+          self.param_dtype,
+      )
       x = jnp.where(mask[..., None], token.astype(x.dtype), x)
     for i in range(self.num_layers):
-      x, _ = TransformerBlock(self.num_heads, self.mlp_dim, causal=self.causal, dtype=self.dtype,
-                              param_dtype=self.param_dtype, name=f"block_{i}")(
-                                  x, deterministic=deterministic)
+      x, _ = TransformerBlock(
+          self.num_heads,
+          self.mlp_dim,
+          causal=self.causal,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name=f"block_{i}",
+      )(x, deterministic=deterministic)
     return RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x), {}
 
 
@@ -180,21 +206,33 @@ class Predictor(nn.Module):
   @nn.compact
   def __call__(self, latents, mask, actions=None, deterministic: bool = True):
     dense = lambda features, names, name: nn.Dense(
-        features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+        features,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]))
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]),
+    )
     h = dense(self.dim, (None, "embed"), "in")(latents)
     # The context encoder has already read the sequence with mask tokens at the masked
     # positions, so its latents there are kept; a learned embedding flags them as queries.
-    token = self.param("mask_token", nn.with_logical_partitioning(
-        nn.initializers.normal(0.02), ("embed",)), (self.dim,), self.param_dtype)
+    token = self.param(
+        "mask_token",
+        nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+        (self.dim,),
+        self.param_dtype,
+    )
     h = h + mask[..., None].astype(h.dtype) * token.astype(h.dtype)
     if actions is not None:
       h = h + dense(self.dim, ("feature", "embed"), "actions")(actions)
     for i in range(self.num_layers):
-      h, _ = TransformerBlock(self.num_heads, self.mlp_dim, dtype=self.dtype,
-                              param_dtype=self.param_dtype, name=f"block_{i}")(
-                                  h, deterministic=deterministic)
+      h, _ = TransformerBlock(
+          self.num_heads,
+          self.mlp_dim,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name=f"block_{i}",
+      )(h, deterministic=deterministic)
     h = RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(h)
     return dense(latents.shape[-1], ("embed", None), "out")(h)
 
@@ -210,12 +248,20 @@ class Expander(nn.Module):
   @nn.compact
   def __call__(self, x):
     for i, d in enumerate(self.dims):
-      x = nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name=f"dense_{i}",
-                   kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                            ("embed", "mlp")),
-                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x)
+      x = nn.Dense(
+          d,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name=f"dense_{i}",
+          kernel_init=nn.with_logical_partitioning(
+              nn.initializers.lecun_normal(), ("embed", "mlp")
+          ),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+      )(x)
       if i < len(self.dims) - 1:
-        x = nn.relu(nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=f"norm_{i}")(x))
+        x = nn.relu(
+            nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=f"norm_{i}")(x)
+        )
     return x
 
 
@@ -242,10 +288,24 @@ class JEPAWorldModel(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
-    self.encoder = SequenceEncoder(self.embed_dim, self.num_layers, self.num_heads, self.mlp_dim,
-                                   self.vocab_size, self.causal, self.dtype, self.param_dtype)
-    self.predictor = Predictor(self.predictor_dim, self.predictor_layers, self.predictor_heads,
-                               self.predictor_mlp_dim, self.dtype, self.param_dtype)
+    self.encoder = SequenceEncoder(
+        self.embed_dim,
+        self.num_layers,
+        self.num_heads,
+        self.mlp_dim,
+        self.vocab_size,
+        self.causal,
+        self.dtype,
+        self.param_dtype,
+    )
+    self.predictor = Predictor(
+        self.predictor_dim,
+        self.predictor_layers,
+        self.predictor_heads,
+        self.predictor_mlp_dim,
+        self.dtype,
+        self.param_dtype,
+    )
     if self.expander_dims:
       self.expander = Expander(tuple(self.expander_dims), self.dtype, self.param_dtype)
 
@@ -257,13 +317,27 @@ class JEPAWorldModel(nn.Module):
 
   def __call__(self, inputs, mask, actions=None, deterministic: bool = True):
     latents, _ = self.encoder(inputs, mask, deterministic)
-    return (self.predictor(latents, mask, actions, deterministic),
-            {"context": latents, "embeddings": self.expand(latents)})
+    return (
+        self.predictor(latents, mask, actions, deterministic),
+        {"context": latents, "embeddings": self.expand(latents)},
+    )
 
 
-def jepa_loss(model: JEPAWorldModel, params, target_params, inputs, mask, actions=None, *,
-              inv_coef: float = 25.0, var_coef: float = 25.0, cov_coef: float = 1.0,
-              gamma: float = 1.0, normalize_targets: bool = True, vicreg_on: str = "masked"):
+def jepa_loss(
+    model: JEPAWorldModel,
+    params,
+    target_params,
+    inputs,
+    mask,
+    actions=None,
+    *,
+    inv_coef: float = 25.0,
+    var_coef: float = 25.0,
+    cov_coef: float = 1.0,
+    gamma: float = 1.0,
+    normalize_targets: bool = True,
+    vicreg_on: str = "masked",
+):
   """JEPA + VICReg loss (module docstring). Returns `(loss, aux)`: the terms, logged statistics,
   the `context` latents `[B, L, E]` and the VICReg `embeddings` `[B, L, D]`. Gradients flow to `params` only (targets are under
   `stop_gradient`). `vicreg_on`: which positions' embeddings feed the variance / covariance terms.
@@ -290,12 +364,25 @@ def jepa_loss(model: JEPAWorldModel, params, target_params, inputs, mask, action
   target_var, target_cov = variance_covariance(flat_targets, w, gamma)
   loss = inv_coef * inv + var_coef * var + cov_coef * cov
   std = jnp.sqrt(jnp.diagonal(_weighted_moments(context, jnp.ones(context.shape[0]))))
-  embedding_std = jnp.sqrt(jnp.diagonal(_weighted_moments(embeddings, vicreg_rows)))  # rows the hinge sees
-  prediction_std = jnp.sqrt(jnp.diagonal(_weighted_moments(
-      jax.lax.stop_gradient(flat_predictions.astype(jnp.float32)), w)))
-  return loss, {"invariance": inv, "variance": var, "covariance": cov,
-                "target_variance": target_var, "target_covariance": target_cov,
-                "context_std_mean": jnp.mean(std), "context_std_min": jnp.min(std),
-                "embedding_std_mean": jnp.mean(embedding_std), "embedding_std_min": jnp.min(embedding_std),
-                "prediction_std_mean": jnp.mean(prediction_std), "context": aux["context"],
-                "embeddings": aux["embeddings"]}
+  embedding_std = jnp.sqrt(
+      jnp.diagonal(_weighted_moments(embeddings, vicreg_rows))
+  )  # rows the hinge sees
+  prediction_std = jnp.sqrt(
+      jnp.diagonal(
+          _weighted_moments(jax.lax.stop_gradient(flat_predictions.astype(jnp.float32)), w)
+      )
+  )
+  return loss, {
+      "invariance": inv,
+      "variance": var,
+      "covariance": cov,
+      "target_variance": target_var,
+      "target_covariance": target_cov,
+      "context_std_mean": jnp.mean(std),
+      "context_std_min": jnp.min(std),
+      "embedding_std_mean": jnp.mean(embedding_std),
+      "embedding_std_min": jnp.min(embedding_std),
+      "prediction_std_mean": jnp.mean(prediction_std),
+      "context": aux["context"],
+      "embeddings": aux["embeddings"],
+  }

@@ -39,132 +39,166 @@ ARTIFACT_FILE, MANIFEST_FILE = "artifact.json", "manifest.json"
 
 
 class ArtifactError(ValueError):
-    """The artifact folder cannot be loaded (tampered, incomplete, other format version, wrong params)."""
+  """The artifact folder cannot be loaded (tampered, incomplete, other format version, wrong params)."""
 
 
 def sha256_file(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
 
 
 def _files(root: pathlib.Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+  return sorted(
+      str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_FILE
+  )
 
 
 def _json_default(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, tuple):
-        return list(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, tuple):
+    return list(x)
+  raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
 def save_artifact(predictor: TabularPredictor, path: str | pathlib.Path) -> pathlib.Path:
-    """Writes `predictor` to folder `path` (replaced if it exists; written to a temporary folder first)."""
-    path = pathlib.Path(path).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".artifact-", dir=path.parent))
-    try:
-        predictor.builder.save(tmp / "builder")
-        extra = {k: v for k, v in predictor.variables.items() if k != "params"}
-        tree = jax.device_get({"params": predictor.params_stored, **extra})
-        with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save(tmp / "params", tree)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "kind": "nexus_former",
-            "task": predictor.task,
-            "classes": None if predictor.classes is None else list(predictor.classes),
-            "target_scale": list(predictor.target_scale),
-            "compute_dtype": predictor.compute_dtype,
-            "spec": predictor.spec,
-            "fit_columns": predictor.fit_columns,
-            "optimization": predictor.optimization,
-            "params_fingerprint": fingerprint(predictor.variables["params"]),
-        }
-        (tmp / ARTIFACT_FILE).write_text(json.dumps(meta, indent=1, default=_json_default))
-        manifest = {"format_version": FORMAT_VERSION, "sha256": {f: sha256_file(tmp / f) for f in _files(tmp)}}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+  """Writes `predictor` to folder `path` (replaced if it exists; written to a temporary folder first)."""
+  path = pathlib.Path(path).absolute()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=".artifact-", dir=path.parent))
+  try:
+    predictor.builder.save(tmp / "builder")
+    extra = {k: v for k, v in predictor.variables.items() if k != "params"}
+    tree = jax.device_get({"params": predictor.params_stored, **extra})
+    with ocp.StandardCheckpointer() as ckpt:
+      ckpt.save(tmp / "params", tree)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "kind": "nexus_former",
+        "task": predictor.task,
+        "classes": None if predictor.classes is None else list(predictor.classes),
+        "target_scale": list(predictor.target_scale),
+        "compute_dtype": predictor.compute_dtype,
+        "spec": predictor.spec,
+        "fit_columns": predictor.fit_columns,
+        "optimization": predictor.optimization,
+        "params_fingerprint": fingerprint(predictor.variables["params"]),
+    }
+    (tmp / ARTIFACT_FILE).write_text(json.dumps(meta, indent=1, default=_json_default))
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "sha256": {f: sha256_file(tmp / f) for f in _files(tmp)},
+    }
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+    if path.exists():
+      shutil.rmtree(path)
+    tmp.rename(path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return path
 
 
 def verify_artifact(path: str | pathlib.Path) -> dict[str, Any]:
-    """Checks the manifest against the files; returns artifact.json. Raises ArtifactError naming the file."""
-    path = pathlib.Path(path)
-    if not (path / MANIFEST_FILE).is_file():
-        raise ArtifactError(f"{path}: no {MANIFEST_FILE}; not a nexus_jax artifact (or an incomplete one)")
-    try:
-        manifest = json.loads((path / MANIFEST_FILE).read_text())
-        expected = dict(manifest["sha256"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ArtifactError(f"{path / MANIFEST_FILE}: unreadable manifest ({err})") from None
-    present = set(_files(path))
-    missing = sorted(set(expected) - present)
-    if missing:
-        raise ArtifactError(f"{path}: file(s) {missing[:3]} listed in {MANIFEST_FILE} are missing")
-    added = sorted(present - set(expected))
-    if added:
-        raise ArtifactError(f"{path}: file(s) {added[:3]} were added after saving (not in {MANIFEST_FILE})")
-    for name, digest in expected.items():
-        if sha256_file(path / name) != digest:
-            raise ArtifactError(f"{path / name}: contents changed after saving (sha256 mismatch); "
-                                "the artifact was tampered with or corrupted")
-    meta = json.loads((path / ARTIFACT_FILE).read_text())
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        newer = isinstance(version, int) and version > FORMAT_VERSION
-        raise ArtifactError(f"{path / ARTIFACT_FILE}: artifact format version {version!r}, this nexus_jax reads "
-                            f"version {FORMAT_VERSION}; " + ("upgrade nexus_jax to load it" if newer else
-                                                             "re-train or re-save it with this version"))
-    return meta
+  """Checks the manifest against the files; returns artifact.json. Raises ArtifactError naming the file."""
+  path = pathlib.Path(path)
+  if not (path / MANIFEST_FILE).is_file():
+    raise ArtifactError(
+        f"{path}: no {MANIFEST_FILE}; not a nexus_jax artifact (or an incomplete one)"
+    )
+  try:
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    expected = dict(manifest["sha256"])
+  except (json.JSONDecodeError, KeyError, TypeError) as err:
+    raise ArtifactError(f"{path / MANIFEST_FILE}: unreadable manifest ({err})") from None
+  present = set(_files(path))
+  missing = sorted(set(expected) - present)
+  if missing:
+    raise ArtifactError(f"{path}: file(s) {missing[:3]} listed in {MANIFEST_FILE} are missing")
+  added = sorted(present - set(expected))
+  if added:
+    raise ArtifactError(
+        f"{path}: file(s) {added[:3]} were added after saving (not in {MANIFEST_FILE})"
+    )
+  for name, digest in expected.items():
+    if sha256_file(path / name) != digest:
+      raise ArtifactError(
+          f"{path / name}: contents changed after saving (sha256 mismatch); "
+          "the artifact was tampered with or corrupted"
+      )
+  meta = json.loads((path / ARTIFACT_FILE).read_text())
+  version = meta.get("format_version")
+  if version != FORMAT_VERSION:
+    newer = isinstance(version, int) and version > FORMAT_VERSION
+    raise ArtifactError(
+        f"{path / ARTIFACT_FILE}: artifact format version {version!r}, this nexus_jax reads "
+        f"version {FORMAT_VERSION}; "
+        + ("upgrade nexus_jax to load it" if newer else "re-train or re-save it with this version")
+    )
+  return meta
 
 
 def load_artifact(path: str | pathlib.Path) -> TabularPredictor:
-    """Verifies and loads an artifact written by `save_artifact` (no unpickling anywhere)."""
-    path = pathlib.Path(path).absolute()
-    meta = verify_artifact(path)
-    if meta.get("kind") != "nexus_former":
-        raise ArtifactError(f"{path / ARTIFACT_FILE}: kind {meta.get('kind')!r} is not 'nexus_former'")
-    builder = ContextSetBuilder.load(path / "builder")
-    with ocp.StandardCheckpointer() as ckpt:
-        tree = ckpt.restore(path / "params")
-    tree = jax.tree.map(np.asarray, tree)
-    stored = tree.pop("params")
-    params = dequantize(stored) if any(o["method"] == "int8" for o in meta["optimization"]) else stored
-    if fingerprint(params) != meta["params_fingerprint"]:
-        raise ArtifactError(f"{path / 'params'}: parameter shapes differ from {ARTIFACT_FILE}'s fingerprint")
-    predictor = TabularPredictor(builder, meta["spec"], {"params": params, **tree}, tuple(meta["target_scale"]),
-                                 meta["fit_columns"], meta["compute_dtype"], params_stored=stored,
-                                 optimization=meta["optimization"])
-    expected = jax.eval_shape(lambda: nn.unbox(predictor.model.init(jax.random.key(0), *_example(predictor)))["params"])
-    if fingerprint(expected) != meta["params_fingerprint"]:
-        raise ArtifactError(f"{path / ARTIFACT_FILE}: the stored params do not fit the model its spec describes")
-    return predictor
+  """Verifies and loads an artifact written by `save_artifact` (no unpickling anywhere)."""
+  path = pathlib.Path(path).absolute()
+  meta = verify_artifact(path)
+  if meta.get("kind") != "nexus_former":
+    raise ArtifactError(f"{path / ARTIFACT_FILE}: kind {meta.get('kind')!r} is not 'nexus_former'")
+  builder = ContextSetBuilder.load(path / "builder")
+  with ocp.StandardCheckpointer() as ckpt:
+    tree = ckpt.restore(path / "params")
+  tree = jax.tree.map(np.asarray, tree)
+  stored = tree.pop("params")
+  params = (
+      dequantize(stored) if any(o["method"] == "int8" for o in meta["optimization"]) else stored
+  )
+  if fingerprint(params) != meta["params_fingerprint"]:
+    raise ArtifactError(
+        f"{path / 'params'}: parameter shapes differ from {ARTIFACT_FILE}'s fingerprint"
+    )
+  predictor = TabularPredictor(
+      builder,
+      meta["spec"],
+      {"params": params, **tree},
+      tuple(meta["target_scale"]),
+      meta["fit_columns"],
+      meta["compute_dtype"],
+      params_stored=stored,
+      optimization=meta["optimization"],
+  )
+  expected = jax.eval_shape(
+      lambda: nn.unbox(predictor.model.init(jax.random.key(0), *_example(predictor)))["params"]
+  )
+  if fingerprint(expected) != meta["params_fingerprint"]:
+    raise ArtifactError(
+        f"{path / ARTIFACT_FILE}: the stored params do not fit the model its spec describes"
+    )
+  return predictor
 
 
 def _example(predictor: TabularPredictor) -> tuple[dict, dict]:
-    """Zero inputs of batch size 1 with the spec's feature layout (for shape checks)."""
-    spec = predictor.spec
+  """Zero inputs of batch size 1 with the spec's feature layout (for shape checks)."""
+  spec = predictor.spec
 
-    def rows(lead, fn, cards):
-        return {"numeric": np.zeros(lead + (fn,), np.float32), "numeric_missing": np.zeros(lead + (fn,), bool),
-                "categorical": np.zeros(lead + (len(cards),), np.int32)}
+  def rows(lead, fn, cards):
+    return {
+        "numeric": np.zeros(lead + (fn,), np.float32),
+        "numeric_missing": np.zeros(lead + (fn,), bool),
+        "categorical": np.zeros(lead + (len(cards),), np.int32),
+    }
 
-    tf = spec["target_features"]
-    target = rows((1,), tf["num_numeric"], tf["cat_cardinalities"])
-    m = {s.name: s.max_rows for s in predictor.builder.contexts}
-    contexts = {}
-    for c in spec["contexts"]:
-        lead = (1, m[c["name"]])
-        contexts[c["name"]] = {**rows(lead, c["num_numeric"], c["cat_cardinalities"]),
-                               "mask": np.zeros(lead, bool), "ages": np.zeros(lead, np.float32)}
-    return target, contexts
+  tf = spec["target_features"]
+  target = rows((1,), tf["num_numeric"], tf["cat_cardinalities"])
+  m = {s.name: s.max_rows for s in predictor.builder.contexts}
+  contexts = {}
+  for c in spec["contexts"]:
+    lead = (1, m[c["name"]])
+    contexts[c["name"]] = {
+        **rows(lead, c["num_numeric"], c["cat_cardinalities"]),
+        "mask": np.zeros(lead, bool),
+        "ages": np.zeros(lead, np.float32),
+    }
+  return target, contexts

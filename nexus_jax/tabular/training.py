@@ -31,100 +31,151 @@ from nexus_jax.tabular.runtime import predict_arrays
 from nexus_jax.train.data import ArrayDataset
 from nexus_jax.train.loop import FitResult, fit, restore_best
 
-TASK_METRICS = {"binary": ("loss", "accuracy", "auc", "log_loss"), "multiclass": ("loss", "accuracy", "log_loss"),
-                "regression": ("loss", "mae", "rmse", "r2")}
-DEFAULT_METRIC = {"binary": ("auc", "max"), "multiclass": ("log_loss", "min"), "regression": ("rmse", "min")}
+TASK_METRICS = {
+    "binary": ("loss", "accuracy", "auc", "log_loss"),
+    "multiclass": ("loss", "accuracy", "log_loss"),
+    "regression": ("loss", "mae", "rmse", "r2"),
+}
+DEFAULT_METRIC = {
+    "binary": ("auc", "max"),
+    "multiclass": ("log_loss", "min"),
+    "regression": ("rmse", "min"),
+}
 
 
 @dataclasses.dataclass
 class TrainResult:
-    model: Any  # NexusFormer
-    spec: dict[str, Any]  # build_nexus_former(spec) rebuilds `model`
-    variables: dict[str, Any]  # {"params": ..., **extra} of the best checkpoint
-    fit: FitResult
-    target_scale: tuple[float, float]  # (shift, scale) of regression targets; (0, 1) otherwise
-    early_stopping: tuple[str, str]  # (metric, mode) actually used
-    members: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # ensembles: per-member summary
+  model: Any  # NexusFormer
+  spec: dict[str, Any]  # build_nexus_former(spec) rebuilds `model`
+  variables: dict[str, Any]  # {"params": ..., **extra} of the best checkpoint
+  fit: FitResult
+  target_scale: tuple[float, float]  # (shift, scale) of regression targets; (0, 1) otherwise
+  early_stopping: tuple[str, str]  # (metric, mode) actually used
+  members: list[dict[str, Any]] = dataclasses.field(
+      default_factory=list
+  )  # ensembles: per-member summary
 
 
 def target_scale_of(data: Any) -> tuple[float, float]:
-    """(mean, std) of the training labels for regression; (0, 1) for classification."""
-    if data.task != "regression":
-        return 0.0, 1.0
-    y = np.asarray(data.labels, np.float64)
-    return float(y.mean()), float(y.std()) if y.std() > 1e-12 else 1.0
+  """(mean, std) of the training labels for regression; (0, 1) for classification."""
+  if data.task != "regression":
+    return 0.0, 1.0
+  y = np.asarray(data.labels, np.float64)
+  return float(y.mean()), float(y.std()) if y.std() > 1e-12 else 1.0
 
 
 def output_count(data: Any) -> int:
-    return n_outputs(data.task, len(data.classes) if data.classes is not None else 2)
+  return n_outputs(data.task, len(data.classes) if data.classes is not None else 2)
 
 
 def resolve_early_stopping(config: Any, task: str) -> tuple[str, str]:
-    """The (metric, mode) to early-stop on; falls back to the task's default when unavailable."""
-    metric, mode = config.train.early_stopping.metric, config.train.early_stopping.mode
-    if metric in TASK_METRICS[task]:
-        return metric, mode
-    return DEFAULT_METRIC[task]
+  """The (metric, mode) to early-stop on; falls back to the task's default when unavailable."""
+  metric, mode = config.train.early_stopping.metric, config.train.early_stopping.mode
+  if metric in TASK_METRICS[task]:
+    return metric, mode
+  return DEFAULT_METRIC[task]
 
 
-def train_nexus_former(train: Any, valid: Any | None, config: Any, workdir: str | pathlib.Path,
-                       context_priors: dict[str, float] | None = None) -> TrainResult:
-    """Trains on `train` (RelationalData), early-stops on `valid`, returns the best checkpoint.
+def train_nexus_former(
+    train: Any,
+    valid: Any | None,
+    config: Any,
+    workdir: str | pathlib.Path,
+    context_priors: dict[str, float] | None = None,
+) -> TrainResult:
+  """Trains on `train` (RelationalData), early-stops on `valid`, returns the best checkpoint.
 
-    An ensemble (``config.model.ensemble_size > 1``) trains its members as the module docstring says.
-    Rerunning with the same `workdir` resumes (see `train/loop.py`).
-    """
-    size = int(config.model.get("ensemble_size", 1))
-    if size < 1:
-        raise ValueError(f"config.model.ensemble_size={size}; must be >= 1")
-    if size == 1:
-        return _train_one(train, valid, config, workdir, context_priors)
-    members = []
-    for i in range(size):
-        member_config = config.copy_and_resolve_references()
-        with member_config.unlocked():
-            member_config.seed = int(config.seed) + i
-            member_config.model.ensemble_size = 1
-        members.append(_train_one(train, valid, member_config, pathlib.Path(workdir) / f"member_{i}", context_priors))
-    first = members[0]
-    spec = {**first.spec, "ensemble_size": size, "task": train.task}
-    variables = {col: {f"member_{i}": m.variables[col] for i, m in enumerate(members)} for col in first.variables}
-    model = build_nexus_former(spec, config.train.compute_dtype)
-    best_metrics = None
-    if valid is not None and valid.num_rows:
-        arrays = relational_arrays(valid, first.target_scale)
-        preds, _ = predict_arrays(model, variables, arrays, train.task)
-        best_metrics = evaluation_metrics(train.task, preds, arrays["y"], first.target_scale)
-    seconds = sum(m.fit.train_seconds for m in members)
-    rows = sum(m.fit.rows_per_second * m.fit.train_seconds for m in members)
-    fit_summary = dataclasses.replace(
-        first.fit, best_metrics=best_metrics, steps_run=sum(m.fit.steps_run for m in members), train_seconds=seconds,
-        rows_per_second=rows / seconds if seconds > 0 else 0.0, stopped_early=any(m.fit.stopped_early for m in members))
-    summary = [{"seed": int(config.seed) + i, "workdir": str(pathlib.Path(workdir) / f"member_{i}"),
-                "best_step": m.fit.best_step, "valid": m.fit.best_metrics} for i, m in enumerate(members)]
-    return TrainResult(model=model, spec=spec, variables=variables, fit=fit_summary, target_scale=first.target_scale,
-                       early_stopping=first.early_stopping, members=summary)
+  An ensemble (``config.model.ensemble_size > 1``) trains its members as the module docstring says.
+  Rerunning with the same `workdir` resumes (see `train/loop.py`).
+  """
+  size = int(config.model.get("ensemble_size", 1))
+  if size < 1:
+    raise ValueError(f"config.model.ensemble_size={size}; must be >= 1")
+  if size == 1:
+    return _train_one(train, valid, config, workdir, context_priors)
+  members = []
+  for i in range(size):
+    member_config = config.copy_and_resolve_references()
+    with member_config.unlocked():
+      member_config.seed = int(config.seed) + i
+      member_config.model.ensemble_size = 1
+    members.append(
+        _train_one(
+            train, valid, member_config, pathlib.Path(workdir) / f"member_{i}", context_priors
+        )
+    )
+  first = members[0]
+  spec = {**first.spec, "ensemble_size": size, "task": train.task}
+  variables = {
+      col: {f"member_{i}": m.variables[col] for i, m in enumerate(members)}
+      for col in first.variables
+  }
+  model = build_nexus_former(spec, config.train.compute_dtype)
+  best_metrics = None
+  if valid is not None and valid.num_rows:
+    arrays = relational_arrays(valid, first.target_scale)
+    preds, _ = predict_arrays(model, variables, arrays, train.task)
+    best_metrics = evaluation_metrics(train.task, preds, arrays["y"], first.target_scale)
+  seconds = sum(m.fit.train_seconds for m in members)
+  rows = sum(m.fit.rows_per_second * m.fit.train_seconds for m in members)
+  fit_summary = dataclasses.replace(
+      first.fit,
+      best_metrics=best_metrics,
+      steps_run=sum(m.fit.steps_run for m in members),
+      train_seconds=seconds,
+      rows_per_second=rows / seconds if seconds > 0 else 0.0,
+      stopped_early=any(m.fit.stopped_early for m in members),
+  )
+  summary = [
+      {
+          "seed": int(config.seed) + i,
+          "workdir": str(pathlib.Path(workdir) / f"member_{i}"),
+          "best_step": m.fit.best_step,
+          "valid": m.fit.best_metrics,
+      }
+      for i, m in enumerate(members)
+  ]
+  return TrainResult(
+      model=model,
+      spec=spec,
+      variables=variables,
+      fit=fit_summary,
+      target_scale=first.target_scale,
+      early_stopping=first.early_stopping,
+      members=summary,
+  )
 
 
-def _train_one(train: Any, valid: Any | None, config: Any, workdir: str | pathlib.Path,
-               context_priors: dict[str, float] | None) -> TrainResult:
-    if train.labels is None:
-        raise ValueError("train_nexus_former: the training rows have no labels")
-    scale = target_scale_of(train)
-    spec = nexus_former_spec(config.model, train, output_count(train), context_priors)
-    model = build_nexus_former(spec, config.train.compute_dtype)
-    objective = relational_objective(model, train.task, scale)
-    metric, mode = resolve_early_stopping(config, train.task)
-    if (metric, mode) != (config.train.early_stopping.metric, config.train.early_stopping.mode):
-        config = config.copy_and_resolve_references()
-        with config.unlocked():
-            config.train.early_stopping.metric, config.train.early_stopping.mode = metric, mode
-    bs = int(config.train.batch_size)
-    train_ds = ArrayDataset(relational_arrays(train, scale), bs, seed=int(config.seed))
-    valid_ds = None
-    if valid is not None and valid.num_rows:
-        valid_ds = ArrayDataset(relational_arrays(valid, scale), bs)
-    result = fit(objective, train_ds, valid_ds, config, workdir)
-    best = restore_best(result)
-    return TrainResult(model=model, spec=spec, variables=best.variables(), fit=result, target_scale=scale,
-                       early_stopping=(metric, mode))
+def _train_one(
+    train: Any,
+    valid: Any | None,
+    config: Any,
+    workdir: str | pathlib.Path,
+    context_priors: dict[str, float] | None,
+) -> TrainResult:
+  if train.labels is None:
+    raise ValueError("train_nexus_former: the training rows have no labels")
+  scale = target_scale_of(train)
+  spec = nexus_former_spec(config.model, train, output_count(train), context_priors)
+  model = build_nexus_former(spec, config.train.compute_dtype)
+  objective = relational_objective(model, train.task, scale)
+  metric, mode = resolve_early_stopping(config, train.task)
+  if (metric, mode) != (config.train.early_stopping.metric, config.train.early_stopping.mode):
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.train.early_stopping.metric, config.train.early_stopping.mode = metric, mode
+  bs = int(config.train.batch_size)
+  train_ds = ArrayDataset(relational_arrays(train, scale), bs, seed=int(config.seed))
+  valid_ds = None
+  if valid is not None and valid.num_rows:
+    valid_ds = ArrayDataset(relational_arrays(valid, scale), bs)
+  result = fit(objective, train_ds, valid_ds, config, workdir)
+  best = restore_best(result)
+  return TrainResult(
+      model=model,
+      spec=spec,
+      variables=best.variables(),
+      fit=result,
+      target_scale=scale,
+      early_stopping=(metric, mode),
+  )

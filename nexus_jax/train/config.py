@@ -8,47 +8,49 @@ from nexus_jax.train.sharding import DEFAULT_LOGICAL_AXIS_RULES
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Defaults for `train/loop.py`; experiment configs start from this and override fields."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0  # seeds init, dropout and data order: same config + seed = same result
+  """Defaults for `train/loop.py`; experiment configs start from this and override fields."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # seeds init, dropout and data order: same config + seed = same result
 
-    c.train = ml_collections.ConfigDict()
-    c.train.batch_size = 256  # rows per step (global, split over data x fsdp devices)
-    c.train.num_epochs = 1  # epochs over the training split (ignored when num_steps > 0)
-    c.train.num_steps = 0  # total optimizer steps; 0 = num_epochs * steps_per_epoch
-    c.train.eval_every_steps = 0  # validation interval in steps; 0 = once per epoch
-    c.train.log_every_steps = 50  # train-metric logging interval
-    c.train.checkpoint_keep = 2  # latest checkpoints kept (the best one is kept in addition)
-    c.train.stop_after_steps = 0  # stop (and checkpoint) after this many steps of this call; 0 = off
-    c.train.progress = True  # tqdm progress bar
-    c.train.tensorboard = True  # also write TensorBoard event files to workdir/tb
-    c.train.compute_dtype = "float32"  # "float32" | "bfloat16" activations/matmuls (params stay float32)
-    c.train.early_stopping = ml_collections.ConfigDict()
-    c.train.early_stopping.metric = "loss"  # validation metric to select and stop on
-    c.train.early_stopping.mode = "min"  # "min" | "max"
-    c.train.early_stopping.patience = 0  # evaluations without improvement before stopping; 0 = never
-    c.train.early_stopping.min_delta = 0.0  # smallest change that counts as an improvement
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 256  # rows per step (global, split over data x fsdp devices)
+  c.train.num_epochs = 1  # epochs over the training split (ignored when num_steps > 0)
+  c.train.num_steps = 0  # total optimizer steps; 0 = num_epochs * steps_per_epoch
+  c.train.eval_every_steps = 0  # validation interval in steps; 0 = once per epoch
+  c.train.log_every_steps = 50  # train-metric logging interval
+  c.train.checkpoint_keep = 2  # latest checkpoints kept (the best one is kept in addition)
+  c.train.stop_after_steps = 0  # stop (and checkpoint) after this many steps of this call; 0 = off
+  c.train.progress = True  # tqdm progress bar
+  c.train.tensorboard = True  # also write TensorBoard event files to workdir/tb
+  c.train.compute_dtype = (
+      "float32"  # "float32" | "bfloat16" activations/matmuls (params stay float32)
+  )
+  c.train.early_stopping = ml_collections.ConfigDict()
+  c.train.early_stopping.metric = "loss"  # validation metric to select and stop on
+  c.train.early_stopping.mode = "min"  # "min" | "max"
+  c.train.early_stopping.patience = 0  # evaluations without improvement before stopping; 0 = never
+  c.train.early_stopping.min_delta = 0.0  # smallest change that counts as an improvement
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.name = "adamw"  # "adamw" | "lion" | "sgd"
-    c.optim.learning_rate = 1e-3  # peak learning rate
-    c.optim.warmup_steps = 100  # linear warmup steps
-    c.optim.schedule = "cosine"  # "constant" | "linear" | "cosine" decay after warmup
-    c.optim.end_factor = 0.0  # final lr = end_factor * peak
-    c.optim.weight_decay = 1e-4  # decoupled weight decay (not on norms, biases, embeddings)
-    c.optim.clip_norm = 1.0  # global-norm clipping; 0 = off
-    c.optim.grad_accum_steps = 1  # micro-batches per optimizer update
-    c.optim.b1 = 0.9  # first-moment decay (adamw, lion)
-    c.optim.b2 = 0.999  # second-moment decay (adamw, lion)
-    c.optim.momentum = 0.9  # sgd momentum
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adamw"  # "adamw" | "lion" | "sgd"
+  c.optim.learning_rate = 1e-3  # peak learning rate
+  c.optim.warmup_steps = 100  # linear warmup steps
+  c.optim.schedule = "cosine"  # "constant" | "linear" | "cosine" decay after warmup
+  c.optim.end_factor = 0.0  # final lr = end_factor * peak
+  c.optim.weight_decay = 1e-4  # decoupled weight decay (not on norms, biases, embeddings)
+  c.optim.clip_norm = 1.0  # global-norm clipping; 0 = off
+  c.optim.grad_accum_steps = 1  # micro-batches per optimizer update
+  c.optim.b1 = 0.9  # first-moment decay (adamw, lion)
+  c.optim.b2 = 0.999  # second-moment decay (adamw, lion)
+  c.optim.momentum = 0.9  # sgd momentum
 
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # data-parallel devices; -1 = all remaining
-    c.mesh.fsdp = 1  # parameter-sharded data parallelism
-    c.mesh.tensor = 1  # tensor (model) parallelism
-    c.mesh.expert = 1  # expert parallelism for MoE layers
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # data-parallel devices; -1 = all remaining
+  c.mesh.fsdp = 1  # parameter-sharded data parallelism
+  c.mesh.tensor = 1  # tensor (model) parallelism
+  c.mesh.expert = 1  # expert parallelism for MoE layers
 
-    c.sharding = ml_collections.ConfigDict()
-    # logical axis name -> mesh axes; see nexus_jax/train/sharding.py
-    c.sharding.logical_axis_rules = [list(rule) for rule in DEFAULT_LOGICAL_AXIS_RULES]
-    return c
+  c.sharding = ml_collections.ConfigDict()
+  # logical axis name -> mesh axes; see nexus_jax/train/sharding.py
+  c.sharding.logical_axis_rules = [list(rule) for rule in DEFAULT_LOGICAL_AXIS_RULES]
+  return c

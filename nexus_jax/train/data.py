@@ -16,60 +16,62 @@ import numpy as np
 
 
 def num_examples(arrays: Any) -> int:
-    sizes = {len(a) for a in jax.tree.leaves(arrays)}
-    if len(sizes) != 1:
-        raise ValueError(f"all arrays of a dataset must share their first dimension, got sizes {sorted(sizes)}.")
-    return sizes.pop()
+  sizes = {len(a) for a in jax.tree.leaves(arrays)}
+  if len(sizes) != 1:
+    raise ValueError(
+        f"all arrays of a dataset must share their first dimension, got sizes {sorted(sizes)}."
+    )
+  return sizes.pop()
 
 
 class ArrayDataset:
-    """Shuffled fixed-size training batches and padded evaluation batches.
+  """Shuffled fixed-size training batches and padded evaluation batches.
 
-    Args:
-      arrays: pytree (usually a dict) of arrays `[N, ...]`.
-      batch_size: rows per batch.
-      seed: shuffling seed.
-    """
+  Args:
+    arrays: pytree (usually a dict) of arrays `[N, ...]`.
+    batch_size: rows per batch.
+    seed: shuffling seed.
+  """
 
-    def __init__(self, arrays: Any, batch_size: int, seed: int = 0):
-        self.arrays = arrays
-        self.size = num_examples(arrays)
-        if self.size == 0:
-            raise ValueError("the dataset is empty: no rows to train or evaluate on.")
-        self.batch_size = int(batch_size)
-        if self.batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}.")
-        self.seed = int(seed)
-        self._perm_epoch, self._perm = -1, None
+  def __init__(self, arrays: Any, batch_size: int, seed: int = 0):
+    self.arrays = arrays
+    self.size = num_examples(arrays)
+    if self.size == 0:
+      raise ValueError("the dataset is empty: no rows to train or evaluate on.")
+    self.batch_size = int(batch_size)
+    if self.batch_size <= 0:
+      raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    self.seed = int(seed)
+    self._perm_epoch, self._perm = -1, None
 
-    @property
-    def steps_per_epoch(self) -> int:
-        """Full batches per epoch (at least 1: a tiny dataset repeats rows within its batch)."""
-        return max(self.size // self.batch_size, 1)
+  @property
+  def steps_per_epoch(self) -> int:
+    """Full batches per epoch (at least 1: a tiny dataset repeats rows within its batch)."""
+    return max(self.size // self.batch_size, 1)
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            perm = rng.permutation(self.size)
-            if self.size < self.batch_size:
-                perm = np.resize(perm, self.batch_size)
-            self._perm_epoch, self._perm = epoch, perm
-        return self._perm
+  def _permutation(self, epoch: int) -> np.ndarray:
+    if epoch != self._perm_epoch:
+      rng = np.random.default_rng([self.seed, epoch])
+      perm = rng.permutation(self.size)
+      if self.size < self.batch_size:
+        perm = np.resize(perm, self.batch_size)
+      self._perm_epoch, self._perm = epoch, perm
+    return self._perm
 
-    def train_batch(self, step: int) -> Any:
-        """The batch for global step `step` (with `weight` = 1 for every row)."""
-        epoch, offset = divmod(int(step), self.steps_per_epoch)
-        idx = self._permutation(epoch)[offset * self.batch_size:(offset + 1) * self.batch_size]
-        batch = jax.tree.map(lambda a: a[idx], self.arrays)
-        batch["weight"] = np.ones(len(idx), np.float32)
-        return batch
+  def train_batch(self, step: int) -> Any:
+    """The batch for global step `step` (with `weight` = 1 for every row)."""
+    epoch, offset = divmod(int(step), self.steps_per_epoch)
+    idx = self._permutation(epoch)[offset * self.batch_size : (offset + 1) * self.batch_size]
+    batch = jax.tree.map(lambda a: a[idx], self.arrays)
+    batch["weight"] = np.ones(len(idx), np.float32)
+    return batch
 
-    def eval_batches(self) -> Iterator[Any]:
-        """All rows in order, in batches padded to `batch_size` (padding rows have weight 0)."""
-        for start in range(0, self.size, self.batch_size):
-            idx = np.arange(start, min(start + self.batch_size, self.size))
-            real = len(idx)
-            idx = np.pad(idx, (0, self.batch_size - real), mode="edge")
-            batch = jax.tree.map(lambda a: a[idx], self.arrays)
-            batch["weight"] = (np.arange(self.batch_size) < real).astype(np.float32)
-            yield batch
+  def eval_batches(self) -> Iterator[Any]:
+    """All rows in order, in batches padded to `batch_size` (padding rows have weight 0)."""
+    for start in range(0, self.size, self.batch_size):
+      idx = np.arange(start, min(start + self.batch_size, self.size))
+      real = len(idx)
+      idx = np.pad(idx, (0, self.batch_size - real), mode="edge")
+      batch = jax.tree.map(lambda a: a[idx], self.arrays)
+      batch["weight"] = (np.arange(self.batch_size) < real).astype(np.float32)
+      yield batch

@@ -39,207 +39,267 @@ from nexus_jax.train.steps import TRANSIENT_COLLECTIONS, Objective, make_eval_st
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or inf; the last good checkpoint is left in place."""
+  """The training loss became NaN or inf; the last good checkpoint is left in place."""
 
 
 @dataclasses.dataclass
 class FitResult:
-    state: TrainState  # final state (the best checkpoint's params are restored by `restore_best`)
-    best_step: int | None
-    best_metrics: dict[str, float] | None
-    steps_run: int  # steps taken in this call (0 when resuming a finished run)
-    train_seconds: float  # wall time of the steps taken in this call
-    rows_per_second: float
-    stopped_early: bool
-    checkpointer: Checkpointer
-    trainer: "Trainer"  # evaluates further splits: `result.trainer.evaluate(state, data)`
-    history: list[dict[str, float]]  # validation metrics of this call, with "step"
+  state: TrainState  # final state (the best checkpoint's params are restored by `restore_best`)
+  best_step: int | None
+  best_metrics: dict[str, float] | None
+  steps_run: int  # steps taken in this call (0 when resuming a finished run)
+  train_seconds: float  # wall time of the steps taken in this call
+  rows_per_second: float
+  stopped_early: bool
+  checkpointer: Checkpointer
+  trainer: "Trainer"  # evaluates further splits: `result.trainer.evaluate(state, data)`
+  history: list[dict[str, float]]  # validation metrics of this call, with "step"
 
 
 class Trainer:
-    """Holds the mesh, the sharded step functions and the checkpointer for one workdir."""
+  """Holds the mesh, the sharded step functions and the checkpointer for one workdir."""
 
-    def __init__(self, objective: Objective, config: Any, workdir: str | pathlib.Path, total_steps: int,
-                 example_batch: Any, devices: Any = None):
-        self.objective, self.config = objective, config
-        self.workdir = pathlib.Path(workdir)
-        self.mesh = sharding_lib.make_mesh(config.mesh, devices)
-        self.rules = sharding_lib.logical_axis_rules(config.sharding.get("logical_axis_rules"))
-        self.tx, self.schedule = build_optimizer(config.optim, total_steps)
-        self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
-        divisor = sharding_lib.batch_divisor(self.mesh)
-        if config.train.batch_size % divisor:
-            raise ValueError(f"config.train.batch_size={config.train.batch_size} must be a multiple of the "
-                             f"data x fsdp mesh size {divisor}.")
-        model, inputs = objective.model, objective.inputs
-        rng_names = ("params", *objective.rng_names)
+  def __init__(
+      self,
+      objective: Objective,
+      config: Any,
+      workdir: str | pathlib.Path,
+      total_steps: int,
+      example_batch: Any,
+      devices: Any = None,
+  ):
+    self.objective, self.config = objective, config
+    self.workdir = pathlib.Path(workdir)
+    self.mesh = sharding_lib.make_mesh(config.mesh, devices)
+    self.rules = sharding_lib.logical_axis_rules(config.sharding.get("logical_axis_rules"))
+    self.tx, self.schedule = build_optimizer(config.optim, total_steps)
+    self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
+    divisor = sharding_lib.batch_divisor(self.mesh)
+    if config.train.batch_size % divisor:
+      raise ValueError(
+          f"config.train.batch_size={config.train.batch_size} must be a multiple of the "
+          f"data x fsdp mesh size {divisor}."
+      )
+    model, inputs = objective.model, objective.inputs
+    rng_names = ("params", *objective.rng_names)
 
-        def init_variables(rng):
-            rngs = {name: jax.random.fold_in(rng, i) for i, name in enumerate(rng_names)}
-            variables = model.init(rngs, **inputs(example_batch, False))
-            return {k: v for k, v in variables.items() if k not in TRANSIENT_COLLECTIONS}
+    def init_variables(rng):
+      rngs = {name: jax.random.fold_in(rng, i) for i, name in enumerate(rng_names)}
+      variables = model.init(rngs, **inputs(example_batch, False))
+      return {k: v for k, v in variables.items() if k not in TRANSIENT_COLLECTIONS}
 
-        def init_state(rng):
-            init_rng, state_rng = jax.random.split(rng)
-            variables = nn.unbox(init_variables(init_rng))
-            params = variables.pop("params")
-            return TrainState.create(apply_fn=model.apply, params=params, tx=self.tx, rng=state_rng,
-                                     extra=variables)
+    def init_state(rng):
+      init_rng, state_rng = jax.random.split(rng)
+      variables = nn.unbox(init_variables(init_rng))
+      params = variables.pop("params")
+      return TrainState.create(
+          apply_fn=model.apply, params=params, tx=self.tx, rng=state_rng, extra=variables
+      )
 
-        with self.context():
-            abstract_vars = jax.eval_shape(init_variables, jax.random.PRNGKey(0))
-            var_shardings = sharding_lib.logical_shardings(abstract_vars, self.mesh, self.rules)
-            param_shardings = var_shardings.pop("params")
-            abstract_params = sharding_lib.strip_boxes(abstract_vars)["params"]
-            repl = sharding_lib.replicated(self.mesh)
-            self.state_shardings = TrainState(
-                step=repl, params=param_shardings,
-                opt_state=sharding_lib.optimizer_shardings(self.tx, abstract_params, param_shardings, self.mesh),
-                rng=repl, extra=var_shardings, apply_fn=model.apply, tx=self.tx)
-            self._init = jax.jit(init_state, out_shardings=self.state_shardings)
-            self._train_step = jax.jit(make_train_step(objective, self.schedule),
-                                       in_shardings=(self.state_shardings, self.batch_sharding),
-                                       out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
-            self._eval_step = jax.jit(make_eval_step(objective),
-                                      in_shardings=(self.state_shardings, self.batch_sharding))
+    with self.context():
+      abstract_vars = jax.eval_shape(init_variables, jax.random.PRNGKey(0))
+      var_shardings = sharding_lib.logical_shardings(abstract_vars, self.mesh, self.rules)
+      param_shardings = var_shardings.pop("params")
+      abstract_params = sharding_lib.strip_boxes(abstract_vars)["params"]
+      repl = sharding_lib.replicated(self.mesh)
+      self.state_shardings = TrainState(
+          step=repl,
+          params=param_shardings,
+          opt_state=sharding_lib.optimizer_shardings(
+              self.tx, abstract_params, param_shardings, self.mesh
+          ),
+          rng=repl,
+          extra=var_shardings,
+          apply_fn=model.apply,
+          tx=self.tx,
+      )
+      self._init = jax.jit(init_state, out_shardings=self.state_shardings)
+      self._train_step = jax.jit(
+          make_train_step(objective, self.schedule),
+          in_shardings=(self.state_shardings, self.batch_sharding),
+          out_shardings=(self.state_shardings, repl),
+          donate_argnums=(0,),
+      )
+      self._eval_step = jax.jit(
+          make_eval_step(objective), in_shardings=(self.state_shardings, self.batch_sharding)
+      )
 
-    @contextlib.contextmanager
-    def context(self):
-        """Mesh + logical-axis-rule context needed while tracing (for `nn.with_logical_constraint`)."""
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            yield
+  @contextlib.contextmanager
+  def context(self):
+    """Mesh + logical-axis-rule context needed while tracing (for `nn.with_logical_constraint`)."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
 
-    def init(self, seed: int) -> TrainState:
-        with self.context():
-            return self._init(jax.random.PRNGKey(seed))
+  def init(self, seed: int) -> TrainState:
+    with self.context():
+      return self._init(jax.random.PRNGKey(seed))
 
-    def put(self, batch: Any) -> Any:
-        return jax.device_put(batch, self.batch_sharding)
+  def put(self, batch: Any) -> Any:
+    return jax.device_put(batch, self.batch_sharding)
 
-    def train_step(self, state: TrainState, batch: Any):
-        with self.context():
-            return self._train_step(state, self.put(batch))
+  def train_step(self, state: TrainState, batch: Any):
+    with self.context():
+      return self._train_step(state, self.put(batch))
 
-    def evaluate(self, state: TrainState, data: ArrayDataset) -> tuple[dict[str, float], np.ndarray]:
-        """Weighted-mean metrics over all rows of `data` plus host metrics; returns (metrics, predictions)."""
-        sums: dict[str, float] = {}
-        preds = []
-        with self.context():
-            for batch in data.eval_batches():
-                batch_sums, batch_preds = self._eval_step(state, self.put(batch))
-                batch_sums = jax.device_get(batch_sums)
-                for k, v in batch_sums.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                real = batch["weight"] > 0
-                preds.append(jax.tree.map(lambda p: np.asarray(p)[real], jax.device_get(batch_preds)))
-        weight = sums.pop("weight")
-        metrics = {k: v / weight for k, v in sums.items()}
-        predictions = jax.tree.map(lambda *p: np.concatenate(p), *preds)
-        if self.objective.host_metrics is not None:
-            metrics.update(self.objective.host_metrics(predictions, data.arrays))
-        return metrics, predictions
+  def evaluate(self, state: TrainState, data: ArrayDataset) -> tuple[dict[str, float], np.ndarray]:
+    """Weighted-mean metrics over all rows of `data` plus host metrics; returns (metrics, predictions)."""
+    sums: dict[str, float] = {}
+    preds = []
+    with self.context():
+      for batch in data.eval_batches():
+        batch_sums, batch_preds = self._eval_step(state, self.put(batch))
+        batch_sums = jax.device_get(batch_sums)
+        for k, v in batch_sums.items():
+          sums[k] = sums.get(k, 0.0) + float(v)
+        real = batch["weight"] > 0
+        preds.append(jax.tree.map(lambda p: np.asarray(p)[real], jax.device_get(batch_preds)))
+    weight = sums.pop("weight")
+    metrics = {k: v / weight for k, v in sums.items()}
+    predictions = jax.tree.map(lambda *p: np.concatenate(p), *preds)
+    if self.objective.host_metrics is not None:
+      metrics.update(self.objective.host_metrics(predictions, data.arrays))
+    return metrics, predictions
 
 
 def _check_finite(metrics: dict[str, float], step: int, checkpointer: Checkpointer) -> None:
-    bad = {k: v for k, v in metrics.items() if k in ("loss", "total_loss") and not math.isfinite(v)}
-    if bad:
-        last = checkpointer.latest_step()
-        where = (f"the last good checkpoint (step {last}) in {checkpointer.directory} is left in place"
-                 if last is not None else "no checkpoint had been written yet")
-        raise NonFiniteLossError(
-            f"training loss became non-finite ({bad}) at or before step {step}; stopping. {where}. "
-            "Lower optim.learning_rate, enable optim.clip_norm, or check the inputs for NaN/inf.")
+  bad = {k: v for k, v in metrics.items() if k in ("loss", "total_loss") and not math.isfinite(v)}
+  if bad:
+    last = checkpointer.latest_step()
+    where = (
+        f"the last good checkpoint (step {last}) in {checkpointer.directory} is left in place"
+        if last is not None
+        else "no checkpoint had been written yet"
+    )
+    raise NonFiniteLossError(
+        f"training loss became non-finite ({bad}) at or before step {step}; stopping. {where}. "
+        "Lower optim.learning_rate, enable optim.clip_norm, or check the inputs for NaN/inf."
+    )
 
 
-def fit(objective: Objective, train_data: ArrayDataset, valid_data: ArrayDataset | None, config: Any,
-        workdir: str | pathlib.Path, devices: Any = None) -> FitResult:
-    """Trains (or resumes) in `workdir`; evaluates on `valid_data` and early-stops on its metric.
+def fit(
+    objective: Objective,
+    train_data: ArrayDataset,
+    valid_data: ArrayDataset | None,
+    config: Any,
+    workdir: str | pathlib.Path,
+    devices: Any = None,
+) -> FitResult:
+  """Trains (or resumes) in `workdir`; evaluates on `valid_data` and early-stops on its metric.
 
-    `devices` (default: all) are the devices the mesh is built from.
-    """
-    workdir = pathlib.Path(workdir)
-    tc = config.train
-    steps_per_epoch = train_data.steps_per_epoch
-    total_steps = int(tc.num_steps) if tc.get("num_steps", 0) else int(tc.num_epochs) * steps_per_epoch
-    eval_every = int(tc.get("eval_every_steps", 0)) or steps_per_epoch
-    log_every = max(int(tc.get("log_every_steps", 50)), 1)
-    es_cfg = tc.early_stopping
-    early = EarlyStopping(metric=es_cfg.metric, mode=es_cfg.mode, patience=int(es_cfg.patience),
-                          min_delta=float(es_cfg.get("min_delta", 0.0)))
-    trainer = Trainer(objective, config, workdir, total_steps, train_data.train_batch(0), devices)
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=int(tc.get("checkpoint_keep", 2)),
-                                best_metric=es_cfg.metric if valid_data is not None else None, best_mode=es_cfg.mode)
-    state = trainer.init(int(config.seed))
-    stopped_early = False
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        state, meta = checkpointer.restore(latest, state)
-        early.load_state_dict(meta.get("early_stopping", {}))
-        stopped_early = bool(meta.get("stopped_early", False))
-    start = int(jax.device_get(state.step))
-    stop_at = min(total_steps, start + int(tc.get("stop_after_steps", 0))) if tc.get("stop_after_steps", 0) else total_steps
+  `devices` (default: all) are the devices the mesh is built from.
+  """
+  workdir = pathlib.Path(workdir)
+  tc = config.train
+  steps_per_epoch = train_data.steps_per_epoch
+  total_steps = (
+      int(tc.num_steps) if tc.get("num_steps", 0) else int(tc.num_epochs) * steps_per_epoch
+  )
+  eval_every = int(tc.get("eval_every_steps", 0)) or steps_per_epoch
+  log_every = max(int(tc.get("log_every_steps", 50)), 1)
+  es_cfg = tc.early_stopping
+  early = EarlyStopping(
+      metric=es_cfg.metric,
+      mode=es_cfg.mode,
+      patience=int(es_cfg.patience),
+      min_delta=float(es_cfg.get("min_delta", 0.0)),
+  )
+  trainer = Trainer(objective, config, workdir, total_steps, train_data.train_batch(0), devices)
+  checkpointer = Checkpointer(
+      workdir / "checkpoints",
+      keep=int(tc.get("checkpoint_keep", 2)),
+      best_metric=es_cfg.metric if valid_data is not None else None,
+      best_mode=es_cfg.mode,
+  )
+  state = trainer.init(int(config.seed))
+  stopped_early = False
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state, meta = checkpointer.restore(latest, state)
+    early.load_state_dict(meta.get("early_stopping", {}))
+    stopped_early = bool(meta.get("stopped_early", False))
+  start = int(jax.device_get(state.step))
+  stop_at = (
+      min(total_steps, start + int(tc.get("stop_after_steps", 0)))
+      if tc.get("stop_after_steps", 0)
+      else total_steps
+  )
 
-    writer = MetricWriter(workdir, tensorboard=bool(tc.get("tensorboard", True)))
-    history: list[dict[str, float]] = []
-    bar = tqdm(total=total_steps, initial=start, disable=not tc.get("progress", True), dynamic_ncols=True,
-               desc="train")
-    step, pending, t_start, t_log, steps_run = start, [], time.perf_counter(), time.perf_counter(), 0
-    last_saved = latest
+  writer = MetricWriter(workdir, tensorboard=bool(tc.get("tensorboard", True)))
+  history: list[dict[str, float]] = []
+  bar = tqdm(
+      total=total_steps,
+      initial=start,
+      disable=not tc.get("progress", True),
+      dynamic_ncols=True,
+      desc="train",
+  )
+  step, pending, t_start, t_log, steps_run = start, [], time.perf_counter(), time.perf_counter(), 0
+  last_saved = latest
 
-    def save(metrics=None):
-        nonlocal last_saved
-        checkpointer.save(state, {"early_stopping": early.state_dict(), "stopped_early": stopped_early}, metrics)
-        last_saved = step
+  def save(metrics=None):
+    nonlocal last_saved
+    checkpointer.save(
+        state, {"early_stopping": early.state_dict(), "stopped_early": stopped_early}, metrics
+    )
+    last_saved = step
 
-    try:
-        while step < stop_at and not stopped_early:
-            state, metrics = trainer.train_step(state, train_data.train_batch(step))
-            pending.append(metrics)
-            step += 1
-            steps_run += 1
-            do_eval = valid_data is not None and (step % eval_every == 0 or step == total_steps)
-            if step % log_every == 0 or do_eval or step == stop_at:
-                host = jax.device_get(pending)
-                mean = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
-                # Any NaN in the window poisons the mean: checked before anything is saved.
-                _check_finite(mean, step, checkpointer)
-                now = time.perf_counter()
-                mean["rows_per_second"] = len(pending) * train_data.batch_size / max(now - t_log, 1e-9)
-                writer.write(step, "train", mean)
-                bar.set_postfix(loss=f"{mean['loss']:.4f}", rows_s=f"{mean['rows_per_second']:.0f}")
-                bar.update(len(pending))
-                pending, t_log = [], now
-            if do_eval:
-                valid_metrics, _ = trainer.evaluate(state, valid_data)
-                writer.write(step, "valid", valid_metrics)
-                history.append({"step": step, **valid_metrics})
-                stopped_early = early.update(step, valid_metrics)
-                save(valid_metrics)
-        if last_saved != step:
-            save()
-    except KeyboardInterrupt:
-        if last_saved != step:
-            save()
-        raise
-    finally:
-        bar.close()
-        writer.close()
-    seconds = time.perf_counter() - t_start
-    best_metrics = None
-    if early.best_step is not None:
-        best_metrics = checkpointer.read_meta(early.best_step).get("metrics")
-    return FitResult(state=state, best_step=early.best_step, best_metrics=best_metrics, steps_run=steps_run,
-                     train_seconds=seconds, rows_per_second=steps_run * train_data.batch_size / max(seconds, 1e-9),
-                     stopped_early=stopped_early, checkpointer=checkpointer, trainer=trainer,
-                     history=history)
+  try:
+    while step < stop_at and not stopped_early:
+      state, metrics = trainer.train_step(state, train_data.train_batch(step))
+      pending.append(metrics)
+      step += 1
+      steps_run += 1
+      do_eval = valid_data is not None and (step % eval_every == 0 or step == total_steps)
+      if step % log_every == 0 or do_eval or step == stop_at:
+        host = jax.device_get(pending)
+        mean = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+        # Any NaN in the window poisons the mean: checked before anything is saved.
+        _check_finite(mean, step, checkpointer)
+        now = time.perf_counter()
+        mean["rows_per_second"] = len(pending) * train_data.batch_size / max(now - t_log, 1e-9)
+        writer.write(step, "train", mean)
+        bar.set_postfix(loss=f"{mean['loss']:.4f}", rows_s=f"{mean['rows_per_second']:.0f}")
+        bar.update(len(pending))
+        pending, t_log = [], now
+      if do_eval:
+        valid_metrics, _ = trainer.evaluate(state, valid_data)
+        writer.write(step, "valid", valid_metrics)
+        history.append({"step": step, **valid_metrics})
+        stopped_early = early.update(step, valid_metrics)
+        save(valid_metrics)
+    if last_saved != step:
+      save()
+  except KeyboardInterrupt:
+    if last_saved != step:
+      save()
+    raise
+  finally:
+    bar.close()
+    writer.close()
+  seconds = time.perf_counter() - t_start
+  best_metrics = None
+  if early.best_step is not None:
+    best_metrics = checkpointer.read_meta(early.best_step).get("metrics")
+  return FitResult(
+      state=state,
+      best_step=early.best_step,
+      best_metrics=best_metrics,
+      steps_run=steps_run,
+      train_seconds=seconds,
+      rows_per_second=steps_run * train_data.batch_size / max(seconds, 1e-9),
+      stopped_early=stopped_early,
+      checkpointer=checkpointer,
+      trainer=trainer,
+      history=history,
+  )
 
 
 def restore_best(result: FitResult) -> TrainState:
-    """The state of the best validation checkpoint (or the final state when there was no validation)."""
-    if result.best_step is None or result.best_step == int(jax.device_get(result.state.step)):
-        return result.state
-    state, _ = result.checkpointer.restore(result.best_step, result.state)
-    return state
+  """The state of the best validation checkpoint (or the final state when there was no validation)."""
+  if result.best_step is None or result.best_step == int(jax.device_get(result.state.step)):
+    return result.state
+  state, _ = result.checkpointer.restore(result.best_step, result.state)
+  return state
 
 
 __all__ = ["Objective", "Trainer", "FitResult", "fit", "restore_best", "NonFiniteLossError"]

@@ -28,69 +28,92 @@ OPTIMIZERS = ("adamw", "lion", "sgd")
 # Name parts that mark parameters without weight decay: norms, biases and embedding tables
 # (matched against the parts of every path component split at "_", trailing digits removed, so
 # "cat_embedding_0", "step1_bn0" and "plr_bias" are all recognised).
-_NO_DECAY_NAMES = frozenset({"bias", "scale", "embedding", "embeddings", "embed", "norm", "layernorm", "rmsnorm",
-                             "ln", "bn", "cls", "missing", "pos"})
+_NO_DECAY_NAMES = frozenset(
+    {
+        "bias",
+        "scale",
+        "embedding",
+        "embeddings",
+        "embed",
+        "norm",
+        "layernorm",
+        "rmsnorm",
+        "ln",
+        "bn",
+        "cls",
+        "missing",
+        "pos",
+    }
+)
 
 
 def learning_rate_schedule(optim_config: Any, total_steps: int) -> optax.Schedule:
-    """Linear warmup to the peak, then constant / linear / cosine decay until `total_steps`."""
-    peak = float(optim_config.learning_rate)
-    warmup = int(optim_config.warmup_steps)
-    end = peak * float(optim_config.get("end_factor", 0.0))
-    kind = optim_config.get("schedule", "cosine")
-    if kind not in SCHEDULES:
-        raise ValueError(f"config.optim.schedule={kind!r} is unknown; choose one of {SCHEDULES}.")
-    decay_steps = max(int(total_steps) - warmup, 1)
-    if kind == "constant":
-        decay = optax.constant_schedule(peak)
-    elif kind == "linear":
-        decay = optax.linear_schedule(peak, end, decay_steps)
-    else:
-        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak if peak else 0.0)
-    if warmup <= 0:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], boundaries=[warmup])
+  """Linear warmup to the peak, then constant / linear / cosine decay until `total_steps`."""
+  peak = float(optim_config.learning_rate)
+  warmup = int(optim_config.warmup_steps)
+  end = peak * float(optim_config.get("end_factor", 0.0))
+  kind = optim_config.get("schedule", "cosine")
+  if kind not in SCHEDULES:
+    raise ValueError(f"config.optim.schedule={kind!r} is unknown; choose one of {SCHEDULES}.")
+  decay_steps = max(int(total_steps) - warmup, 1)
+  if kind == "constant":
+    decay = optax.constant_schedule(peak)
+  elif kind == "linear":
+    decay = optax.linear_schedule(peak, end, decay_steps)
+  else:
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak if peak else 0.0)
+  if warmup <= 0:
+    return decay
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, warmup), decay], boundaries=[warmup]
+  )
 
 
 def weight_decay_mask(params: Any) -> Any:
-    """True for weight matrices (ndim >= 2), False for norms, biases and embeddings.
+  """True for weight matrices (ndim >= 2), False for norms, biases and embeddings.
 
-    Returns a pytree of bools with the structure of `params`.
-    """
-    flat = traverse_util.flatten_dict(params, keep_empty_nodes=False) if isinstance(params, dict) else None
-    if flat is None:
-        return jax.tree.map(lambda p: p.ndim >= 2, params)
+  Returns a pytree of bools with the structure of `params`.
+  """
+  flat = (
+      traverse_util.flatten_dict(params, keep_empty_nodes=False)
+      if isinstance(params, dict)
+      else None
+  )
+  if flat is None:
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
 
-    def decays(path: tuple[str, ...], leaf: Any) -> bool:
-        parts = {re.sub(r"\d+$", "", part) for name in path for part in str(name).lower().split("_")}
-        return not (parts & _NO_DECAY_NAMES) and getattr(leaf, "ndim", 0) >= 2
+  def decays(path: tuple[str, ...], leaf: Any) -> bool:
+    parts = {re.sub(r"\d+$", "", part) for name in path for part in str(name).lower().split("_")}
+    return not (parts & _NO_DECAY_NAMES) and getattr(leaf, "ndim", 0) >= 2
 
-    return traverse_util.unflatten_dict({k: decays(k, v) for k, v in flat.items()})
+  return traverse_util.unflatten_dict({k: decays(k, v) for k, v in flat.items()})
 
 
-def build_optimizer(optim_config: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Returns `(tx, schedule)`: clipping -> optimizer with masked weight decay -> accumulation."""
-    name = optim_config.name
-    if name not in OPTIMIZERS:
-        raise ValueError(f"config.optim.name={name!r} is unknown; choose one of {OPTIMIZERS}.")
-    accum = int(optim_config.get("grad_accum_steps", 1))
-    if accum < 1:
-        raise ValueError(f"config.optim.grad_accum_steps must be >= 1, got {accum}.")
-    # The schedule counts optimizer updates, i.e. steps / accumulation.
-    schedule = learning_rate_schedule(optim_config, max(total_steps // accum, 1))
-    wd = float(optim_config.get("weight_decay", 0.0))
-    b1, b2 = float(optim_config.get("b1", 0.9)), float(optim_config.get("b2", 0.999))
-    if name == "adamw":
-        opt = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=wd, mask=weight_decay_mask)
-    elif name == "lion":
-        opt = optax.lion(schedule, b1=b1, b2=b2, weight_decay=wd, mask=weight_decay_mask)
-    else:
-        opt = optax.chain(
-            optax.add_decayed_weights(wd, mask=weight_decay_mask),
-            optax.sgd(schedule, momentum=float(optim_config.get("momentum", 0.9)) or None),
-        )
-    clip = float(optim_config.get("clip_norm", 0.0))
-    tx = optax.chain(optax.clip_by_global_norm(clip), opt) if clip > 0 else opt
-    if accum > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=accum)
-    return tx, schedule
+def build_optimizer(
+    optim_config: Any, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns `(tx, schedule)`: clipping -> optimizer with masked weight decay -> accumulation."""
+  name = optim_config.name
+  if name not in OPTIMIZERS:
+    raise ValueError(f"config.optim.name={name!r} is unknown; choose one of {OPTIMIZERS}.")
+  accum = int(optim_config.get("grad_accum_steps", 1))
+  if accum < 1:
+    raise ValueError(f"config.optim.grad_accum_steps must be >= 1, got {accum}.")
+  # The schedule counts optimizer updates, i.e. steps / accumulation.
+  schedule = learning_rate_schedule(optim_config, max(total_steps // accum, 1))
+  wd = float(optim_config.get("weight_decay", 0.0))
+  b1, b2 = float(optim_config.get("b1", 0.9)), float(optim_config.get("b2", 0.999))
+  if name == "adamw":
+    opt = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=wd, mask=weight_decay_mask)
+  elif name == "lion":
+    opt = optax.lion(schedule, b1=b1, b2=b2, weight_decay=wd, mask=weight_decay_mask)
+  else:
+    opt = optax.chain(
+        optax.add_decayed_weights(wd, mask=weight_decay_mask),
+        optax.sgd(schedule, momentum=float(optim_config.get("momentum", 0.9)) or None),
+    )
+  clip = float(optim_config.get("clip_norm", 0.0))
+  tx = optax.chain(optax.clip_by_global_norm(clip), opt) if clip > 0 else opt
+  if accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=accum)
+  return tx, schedule

@@ -35,8 +35,9 @@ def set_path(config: ml_collections.ConfigDict, path: str, value: Any) -> None:
   node[last] = value
 
 
-def apply_preset(config: ml_collections.ConfigDict,
-                 presets: Mapping[str, Mapping[str, Any]]) -> ml_collections.ConfigDict:
+def apply_preset(
+    config: ml_collections.ConfigDict, presets: Mapping[str, Mapping[str, Any]]
+) -> ml_collections.ConfigDict:
   """A copy of `config` with `presets[config.preset]` applied.
 
   Raises:
@@ -52,5 +53,7 @@ def apply_preset(config: ml_collections.ConfigDict,
       try:
         set_path(config, path, value)
       except KeyError:
-        raise ValueError(f"preset {name!r} sets config.{path}, which this config does not have.") from None
+        raise ValueError(
+            f"preset {name!r} sets config.{path}, which this config does not have."
+        ) from None
   return config

@@ -40,105 +40,126 @@ DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, ...]:
-    """Sizes of (data, fsdp, tensor, expert); at most one may be -1 and takes the remaining devices."""
-    sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
-    unknown = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
-    if len(unknown) > 1:
-        raise ValueError(f"config.mesh: only one axis may be -1, got {unknown}.")
-    if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"config.mesh sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}.")
-    known = math.prod(s for s in sizes if s != -1)
-    if unknown:
-        if num_devices % known:
-            raise ValueError(
-                f"config.mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes multiply to {known}, "
-                f"which does not divide the {num_devices} available devices.")
-        sizes[MESH_AXES.index(unknown[0])] = num_devices // known
-    if math.prod(sizes) != num_devices:
-        raise ValueError(
-            f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
-            f"{num_devices} are available ({jax.devices()[0].platform}); set one axis to -1 or "
-            f"match the device count.")
-    return tuple(sizes)
+  """Sizes of (data, fsdp, tensor, expert); at most one may be -1 and takes the remaining devices."""
+  sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
+  unknown = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
+  if len(unknown) > 1:
+    raise ValueError(f"config.mesh: only one axis may be -1, got {unknown}.")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(
+        f"config.mesh sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}."
+    )
+  known = math.prod(s for s in sizes if s != -1)
+  if unknown:
+    if num_devices % known:
+      raise ValueError(
+          f"config.mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes multiply to {known}, "
+          f"which does not divide the {num_devices} available devices."
+      )
+    sizes[MESH_AXES.index(unknown[0])] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(
+        f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
+        f"{num_devices} are available ({jax.devices()[0].platform}); set one axis to -1 or "
+        f"match the device count."
+    )
+  return tuple(sizes)
 
 
 def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A `Mesh` with axes `MESH_AXES` (Auto axis types) over `devices` (default: all)."""
-    devices = list(devices if devices is not None else jax.devices())
-    shape = mesh_shape(mesh_config, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+  """A `Mesh` with axes `MESH_AXES` (Auto axis types) over `devices` (default: all)."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh(
+      shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices
+  )
 
 
 def logical_axis_rules(rules: Any | None) -> tuple[tuple[str, Any], ...]:
-    """Normalises config rules (lists from ConfigDict) to a tuple of (name, axes) pairs."""
-    if rules is None:
-        return DEFAULT_LOGICAL_AXIS_RULES
-    out = []
-    for rule in rules:
-        if len(rule) != 2:
-            raise ValueError(f"config.sharding.logical_axis_rules: each rule is (logical, mesh_axes), got {rule!r}.")
-        name, axes = rule
-        axes = tuple(axes) if isinstance(axes, list) else axes
-        for axis in (axes if isinstance(axes, tuple) else (axes,)):
-            if axis is not None and axis not in MESH_AXES:
-                raise ValueError(f"config.sharding.logical_axis_rules: {name!r} maps to unknown mesh axis "
-                                 f"{axis!r}; mesh axes are {MESH_AXES}.")
-        out.append((name, axes))
-    return tuple(out)
+  """Normalises config rules (lists from ConfigDict) to a tuple of (name, axes) pairs."""
+  if rules is None:
+    return DEFAULT_LOGICAL_AXIS_RULES
+  out = []
+  for rule in rules:
+    if len(rule) != 2:
+      raise ValueError(
+          f"config.sharding.logical_axis_rules: each rule is (logical, mesh_axes), got {rule!r}."
+      )
+    name, axes = rule
+    axes = tuple(axes) if isinstance(axes, list) else axes
+    for axis in (axes if isinstance(axes, tuple) else (axes,)):
+      if axis is not None and axis not in MESH_AXES:
+        raise ValueError(
+            f"config.sharding.logical_axis_rules: {name!r} maps to unknown mesh axis "
+            f"{axis!r}; mesh axes are {MESH_AXES}."
+        )
+    out.append((name, axes))
+  return tuple(out)
 
 
 def strip_boxes(tree: Any) -> Any:
-    """Replaces `nn.Partitioned` boxes by their values without adding sharding constraints."""
-    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
-                        tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  """Replaces `nn.Partitioned` boxes by their values without adding sharding constraints."""
+  return jax.tree.map(
+      lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
+      tree,
+      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+  )
 
 
 def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
-    """Drops mesh axes from dimensions they do not divide (those dims are replicated instead)."""
-    dims = list(spec) + [None] * (len(shape) - len(spec))
-    fitted = []
-    for size, axes in zip(shape, dims):
-        names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
-        n = math.prod(mesh.shape[a] for a in names) if names else 1
-        fitted.append(axes if n > 1 and size % n == 0 else None)
-    return P(*fitted)
+  """Drops mesh axes from dimensions they do not divide (those dims are replicated instead)."""
+  dims = list(spec) + [None] * (len(shape) - len(spec))
+  fitted = []
+  for size, axes in zip(shape, dims):
+    names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
+    n = math.prod(mesh.shape[a] for a in names) if names else 1
+    fitted.append(axes if n > 1 and size % n == 0 else None)
+  return P(*fitted)
 
 
 def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
-    """NamedShardings for a tree of (possibly `nn.Partitioned`-boxed) abstract arrays.
+  """NamedShardings for a tree of (possibly `nn.Partitioned`-boxed) abstract arrays.
 
-    Args:
-      abstract_boxed: output of `jax.eval_shape(model.init, ...)` (boxed leaves carry names).
-    Returns:
-      A tree with the structure of `nn.unbox(abstract_boxed)` holding `NamedSharding`s.
-    """
-    logical_specs = nn.get_partition_spec(abstract_boxed)
-    mesh_specs = nn.logical_to_mesh(logical_specs, rules)
-    abstract = strip_boxes(abstract_boxed)
-    return jax.tree.map(lambda a, s: NamedSharding(mesh, _fit_spec(s, a.shape, mesh)), abstract, mesh_specs,
-                        is_leaf=lambda x: isinstance(x, P))
+  Args:
+    abstract_boxed: output of `jax.eval_shape(model.init, ...)` (boxed leaves carry names).
+  Returns:
+    A tree with the structure of `nn.unbox(abstract_boxed)` holding `NamedSharding`s.
+  """
+  logical_specs = nn.get_partition_spec(abstract_boxed)
+  mesh_specs = nn.logical_to_mesh(logical_specs, rules)
+  abstract = strip_boxes(abstract_boxed)
+  return jax.tree.map(
+      lambda a, s: NamedSharding(mesh, _fit_spec(s, a.shape, mesh)),
+      abstract,
+      mesh_specs,
+      is_leaf=lambda x: isinstance(x, P),
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
+  return NamedSharding(mesh, P())
 
 
-def optimizer_shardings(tx: optax.GradientTransformation, abstract_params: Any, param_shardings: Any,
-                        mesh: Mesh) -> Any:
-    """Shardings of `tx.init(params)`: moments follow their params, counters are replicated."""
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    return optax.tree_map_params(
-        tx, lambda _, sharding: sharding, abstract_opt, param_shardings,
-        transform_non_params=lambda _: replicated(mesh),
-        is_leaf=lambda x: isinstance(x, NamedSharding))
+def optimizer_shardings(
+    tx: optax.GradientTransformation, abstract_params: Any, param_shardings: Any, mesh: Mesh
+) -> Any:
+  """Shardings of `tx.init(params)`: moments follow their params, counters are replicated."""
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  return optax.tree_map_params(
+      tx,
+      lambda _, sharding: sharding,
+      abstract_opt,
+      param_shardings,
+      transform_non_params=lambda _: replicated(mesh),
+      is_leaf=lambda x: isinstance(x, NamedSharding),
+  )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over `data` x `fsdp`; other dims replicated."""
-    return NamedSharding(mesh, P(("data", "fsdp")))
+  """Leading (batch) dimension split over `data` x `fsdp`; other dims replicated."""
+  return NamedSharding(mesh, P(("data", "fsdp")))
 
 
 def batch_divisor(mesh: Mesh) -> int:
-    """Batch sizes must be a multiple of this (devices along data x fsdp)."""
-    return int(np.prod([mesh.shape["data"], mesh.shape["fsdp"]]))
+  """Batch sizes must be a multiple of this (devices along data x fsdp)."""
+  return int(np.prod([mesh.shape["data"], mesh.shape["fsdp"]]))

@@ -22,27 +22,40 @@ import optax
 
 
 class TrainState(flax.struct.PyTreeNode):
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    rng: jax.Array
-    extra: dict[str, Any]
-    apply_fn: Callable[..., Any] = flax.struct.field(pytree_node=False)
-    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  extra: dict[str, Any]
+  apply_fn: Callable[..., Any] = flax.struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
-    @classmethod
-    def create(cls, *, apply_fn, params, tx, rng, extra=None) -> "TrainState":
-        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
-                   extra=dict(extra or {}), apply_fn=apply_fn, tx=tx)
+  @classmethod
+  def create(cls, *, apply_fn, params, tx, rng, extra=None) -> "TrainState":
+    return cls(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=rng,
+        extra=dict(extra or {}),
+        apply_fn=apply_fn,
+        tx=tx,
+    )
 
-    def apply_gradients(self, grads: Any, extra: dict[str, Any] | None = None) -> tuple["TrainState", Any]:
-        """One optimizer update; returns the new state and the applied updates (for logging)."""
-        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
-        params = optax.apply_updates(self.params, updates)
-        new = self.replace(step=self.step + 1, params=params, opt_state=opt_state,
-                           extra=self.extra if extra is None else extra)
-        return new, updates
+  def apply_gradients(
+      self, grads: Any, extra: dict[str, Any] | None = None
+  ) -> tuple["TrainState", Any]:
+    """One optimizer update; returns the new state and the applied updates (for logging)."""
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    params = optax.apply_updates(self.params, updates)
+    new = self.replace(
+        step=self.step + 1,
+        params=params,
+        opt_state=opt_state,
+        extra=self.extra if extra is None else extra,
+    )
+    return new, updates
 
-    def variables(self) -> dict[str, Any]:
-        """The Flax variables dict for `apply`: {"params": ..., **extra}."""
-        return {"params": self.params, **self.extra}
+  def variables(self) -> dict[str, Any]:
+    """The Flax variables dict for `apply`: {"params": ..., **extra}."""
+    return {"params": self.params, **self.extra}

@@ -26,118 +26,157 @@ PRE = {"numeric_transform": "standard"}
 
 @st.composite
 def tasks(draw):
-    """(tables, schema dict): parent P <- target T (+ history table H on P, + child table K on T)."""
-    n_p, n_t = draw(st.integers(1, 5)), draw(st.integers(4, 14))
-    target_time = draw(st.booleans())
-    with_h, with_k = draw(st.booleans()), draw(st.booleans())
-    keys = st.one_of(st.none(), st.integers(0, n_p))  # n_p itself is an orphan key
-    hours = st.integers(0, 12)
+  """(tables, schema dict): parent P <- target T (+ history table H on P, + child table K on T)."""
+  n_p, n_t = draw(st.integers(1, 5)), draw(st.integers(4, 14))
+  target_time = draw(st.booleans())
+  with_h, with_k = draw(st.booleans()), draw(st.booleans())
+  keys = st.one_of(st.none(), st.integers(0, n_p))  # n_p itself is an orphan key
+  hours = st.integers(0, 12)
 
-    def times(n):
-        return [(BASE + pd.Timedelta(hours=h)).isoformat() for h in draw(st.lists(hours, min_size=n, max_size=n))]
+  def times(n):
+    return [
+        (BASE + pd.Timedelta(hours=h)).isoformat()
+        for h in draw(st.lists(hours, min_size=n, max_size=n))
+    ]
 
-    tables = {"P": pd.DataFrame({"pid": range(n_p), "size": draw(st.lists(st.floats(0, 9), min_size=n_p, max_size=n_p)),
-                                 "kind": draw(st.lists(st.sampled_from("ab"), min_size=n_p, max_size=n_p))})}
-    t = pd.DataFrame({"tid": range(n_t), "pid": draw(st.lists(keys, min_size=n_t, max_size=n_t)),
-                      "x": draw(st.lists(st.floats(-5, 5), min_size=n_t, max_size=n_t)),
-                      "leak": np.arange(n_t) * 1000.0, "y": [i % 2 for i in range(n_t)]})
-    spec_t = {"primary_key": "tid", "foreign_keys": {"pid": "P"}, "drop_columns": ["leak"]}
-    if target_time:
-        t["t"] = times(n_t)
-        spec_t["time_column"] = "t"
-        split = {"method": "time", "valid_start": (BASE + pd.Timedelta(hours=6)).isoformat(),
-                 "test_start": (BASE + pd.Timedelta(hours=9)).isoformat()}
-        t.loc[0, "t"] = BASE.isoformat()  # at least one training row
-    else:
-        split = {"method": "random", "valid_fraction": 0.25, "test_fraction": 0.25, "seed": draw(st.integers(0, 3))}
-    tables["T"] = t
-    schema = {"tables": {"P": {"primary_key": "pid"}, "T": spec_t},
-              "target": {"table": "T", "column": "y", "task": "binary"}, "split": split}
-    for name, key, parent, flag in (("H", "pid", "P", with_h), ("K", "tid", "T", with_k)):
-        if flag:
-            n = draw(st.integers(0, 12))
-            parent_keys = st.one_of(st.none(), st.integers(0, len(tables[parent])))
-            df = pd.DataFrame({key: draw(st.lists(parent_keys, min_size=n, max_size=n)),
-                               "v": draw(st.lists(st.floats(0, 1), min_size=n, max_size=n))})
-            spec = {"foreign_keys": {key: parent}}
-            if draw(st.booleans()) and n:
-                df["t"] = times(n)
-                spec["time_column"] = "t"
-            tables[name] = df
-            schema["tables"][name] = spec
-    return tables, schema
+  tables = {
+      "P": pd.DataFrame(
+          {
+              "pid": range(n_p),
+              "size": draw(st.lists(st.floats(0, 9), min_size=n_p, max_size=n_p)),
+              "kind": draw(st.lists(st.sampled_from("ab"), min_size=n_p, max_size=n_p)),
+          }
+      )
+  }
+  t = pd.DataFrame(
+      {
+          "tid": range(n_t),
+          "pid": draw(st.lists(keys, min_size=n_t, max_size=n_t)),
+          "x": draw(st.lists(st.floats(-5, 5), min_size=n_t, max_size=n_t)),
+          "leak": np.arange(n_t) * 1000.0,
+          "y": [i % 2 for i in range(n_t)],
+      }
+  )
+  spec_t = {"primary_key": "tid", "foreign_keys": {"pid": "P"}, "drop_columns": ["leak"]}
+  if target_time:
+    t["t"] = times(n_t)
+    spec_t["time_column"] = "t"
+    split = {
+        "method": "time",
+        "valid_start": (BASE + pd.Timedelta(hours=6)).isoformat(),
+        "test_start": (BASE + pd.Timedelta(hours=9)).isoformat(),
+    }
+    t.loc[0, "t"] = BASE.isoformat()  # at least one training row
+  else:
+    split = {
+        "method": "random",
+        "valid_fraction": 0.25,
+        "test_fraction": 0.25,
+        "seed": draw(st.integers(0, 3)),
+    }
+  tables["T"] = t
+  schema = {
+      "tables": {"P": {"primary_key": "pid"}, "T": spec_t},
+      "target": {"table": "T", "column": "y", "task": "binary"},
+      "split": split,
+  }
+  for name, key, parent, flag in (("H", "pid", "P", with_h), ("K", "tid", "T", with_k)):
+    if flag:
+      n = draw(st.integers(0, 12))
+      parent_keys = st.one_of(st.none(), st.integers(0, len(tables[parent])))
+      df = pd.DataFrame(
+          {
+              key: draw(st.lists(parent_keys, min_size=n, max_size=n)),
+              "v": draw(st.lists(st.floats(0, 1), min_size=n, max_size=n)),
+          }
+      )
+      spec = {"foreign_keys": {key: parent}}
+      if draw(st.booleans()) and n:
+        df["t"] = times(n)
+        spec["time_column"] = "t"
+      tables[name] = df
+      schema["tables"][name] = spec
+  return tables, schema
 
 
 def _times(series):
-    return pd.to_datetime(series, utc=True).dt.tz_localize(None).to_numpy("datetime64[ns]")
+  return pd.to_datetime(series, utc=True).dt.tz_localize(None).to_numpy("datetime64[ns]")
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(task=tasks(), m=st.integers(1, 4))
 def test_context_sets_are_consistent_and_leakage_free(task, m):
-    tables, schema_d = task
-    schema = Schema.from_dict(schema_d)
-    data = ContextSetBuilder(schema, max_history=m, preprocessor=PRE).fit_transform(tables)
-    n = len(tables["T"])
-    target = tables["T"]
-    t_time = _times(target["t"]) if "t" in target else None
-    assert data.numeric.shape == (n, data.feature_info.num_numeric)
-    assert data.categorical.shape == (n, data.feature_info.num_categorical)
-    assert set(data.feature_info.types).isdisjoint({"leak", "y", "tid"})
-    for name, ctx in data.contexts.items():
-        spec, info = ctx.spec, ctx.feature_info
-        rows = tables[spec.table]
-        size = 1 if spec.kind == "parent" else m
-        assert ctx.mask.shape == ctx.ages.shape == ctx.row_index.shape == (n, size)
-        assert ctx.numeric.shape == ctx.numeric_missing.shape == (n, size, info.num_numeric)
-        assert ctx.categorical.shape == (n, size, info.num_categorical)
-        assert set(info.types).isdisjoint({"leak", "y"})
-        np.testing.assert_array_equal(ctx.mask, ctx.row_index >= 0)
-        assert not (~ctx.mask[:, :-1] & ctx.mask[:, 1:]).any(), "real rows first"
-        assert (ctx.numeric[~ctx.mask] == 0).all() and (ctx.categorical[~ctx.mask] == 0).all()
-        assert (ctx.ages[~ctx.mask] == 0).all()
-        assert ((ctx.categorical >= 0) & (ctx.categorical < np.array(info.categorical_cardinalities))).all()
-        i, j = np.nonzero(ctx.mask)
-        r = ctx.row_index[i, j]
-        t_key = target[spec.target_column].to_numpy()[i]
-        assert (rows[spec.context_column].to_numpy()[r] == t_key).all(), name
+  tables, schema_d = task
+  schema = Schema.from_dict(schema_d)
+  data = ContextSetBuilder(schema, max_history=m, preprocessor=PRE).fit_transform(tables)
+  n = len(tables["T"])
+  target = tables["T"]
+  t_time = _times(target["t"]) if "t" in target else None
+  assert data.numeric.shape == (n, data.feature_info.num_numeric)
+  assert data.categorical.shape == (n, data.feature_info.num_categorical)
+  assert set(data.feature_info.types).isdisjoint({"leak", "y", "tid"})
+  for name, ctx in data.contexts.items():
+    spec, info = ctx.spec, ctx.feature_info
+    rows = tables[spec.table]
+    size = 1 if spec.kind == "parent" else m
+    assert ctx.mask.shape == ctx.ages.shape == ctx.row_index.shape == (n, size)
+    assert ctx.numeric.shape == ctx.numeric_missing.shape == (n, size, info.num_numeric)
+    assert ctx.categorical.shape == (n, size, info.num_categorical)
+    assert set(info.types).isdisjoint({"leak", "y"})
+    np.testing.assert_array_equal(ctx.mask, ctx.row_index >= 0)
+    assert not (~ctx.mask[:, :-1] & ctx.mask[:, 1:]).any(), "real rows first"
+    assert (ctx.numeric[~ctx.mask] == 0).all() and (ctx.categorical[~ctx.mask] == 0).all()
+    assert (ctx.ages[~ctx.mask] == 0).all()
+    assert (
+        (ctx.categorical >= 0) & (ctx.categorical < np.array(info.categorical_cardinalities))
+    ).all()
+    i, j = np.nonzero(ctx.mask)
+    r = ctx.row_index[i, j]
+    t_key = target[spec.target_column].to_numpy()[i]
+    assert (rows[spec.context_column].to_numpy()[r] == t_key).all(), name
+    if spec.table == "T":
+      assert (r != i).all(), "a target row never sees itself"
+    r_has_time = "time_column" in schema_d["tables"][spec.table]
+    if t_time is not None and r_has_time:
+      rt = _times(rows["t"])[r]
+      assert ((rt < t_time[i]) if spec.strict else (rt <= t_time[i])).all(), name
+      np.testing.assert_allclose(
+          ctx.ages[i, j], (t_time[i] - rt) / np.timedelta64(1, "h"), rtol=1e-6
+      )
+      assert info.numeric_names[-1] == AGE_FEATURE
+      if spec.kind == "history":  # most recent first
+        ages = np.where(ctx.mask, ctx.ages, 1e9)
+        assert (np.diff(ages, axis=1) >= 0).all()
+    if spec.kind == "history":  # as many rows as are visible, up to M
+      for row in range(n):
+        key = target[spec.target_column].iloc[row]
+        eligible = (
+            rows[spec.context_column].eq(key)
+            if pd.notna(key)
+            else pd.Series(False, index=rows.index)
+        )
         if spec.table == "T":
-            assert (r != i).all(), "a target row never sees itself"
-        r_has_time = "time_column" in schema_d["tables"][spec.table]
+          eligible &= rows.index != row
         if t_time is not None and r_has_time:
-            rt = _times(rows["t"])[r]
-            assert ((rt < t_time[i]) if spec.strict else (rt <= t_time[i])).all(), name
-            np.testing.assert_allclose(ctx.ages[i, j], (t_time[i] - rt) / np.timedelta64(1, "h"), rtol=1e-6)
-            assert info.numeric_names[-1] == AGE_FEATURE
-            if spec.kind == "history":  # most recent first
-                ages = np.where(ctx.mask, ctx.ages, 1e9)
-                assert (np.diff(ages, axis=1) >= 0).all()
-        if spec.kind == "history":  # as many rows as are visible, up to M
-            for row in range(n):
-                key = target[spec.target_column].iloc[row]
-                eligible = rows[spec.context_column].eq(key) if pd.notna(key) else pd.Series(False, index=rows.index)
-                if spec.table == "T":
-                    eligible &= rows.index != row
-                if t_time is not None and r_has_time:
-                    rt = pd.Series(_times(rows["t"]), index=rows.index)
-                    eligible &= (rt < t_time[row]) if spec.strict else (rt <= t_time[row])
-                assert ctx.mask[row].sum() == min(m, int(eligible.sum())), (name, row)
+          rt = pd.Series(_times(rows["t"]), index=rows.index)
+          eligible &= (rt < t_time[row]) if spec.strict else (rt <= t_time[row])
+        assert ctx.mask[row].sum() == min(m, int(eligible.sum())), (name, row)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(task=tasks())
 def test_preprocessor_statistics_come_from_training_rows_only(task):
-    tables, schema_d = task
-    schema = Schema.from_dict(schema_d)
-    builder = ContextSetBuilder(schema, max_history=2, preprocessor=PRE).fit(tables)
-    data = builder.transform(tables)
-    train = data.split == "train"
-    # Changing every non-training row's values does not change the fitted statistics.
-    shifted = dict(tables)
-    shifted["T"] = tables["T"].assign(x=np.where(train, tables["T"]["x"], 1e6))
-    again = ContextSetBuilder(schema, max_history=2, preprocessor=PRE).fit(shifted).transform(shifted)
-    np.testing.assert_allclose(again.numeric[train], data.numeric[train], rtol=1e-6)
-    # ... and the target table's preprocessor equals one fitted on the training rows alone.
-    features = tables["T"][schema.feature_columns("T", tables["T"])]
-    direct = TabularPreprocessor(column_types={"pid": "categorical"}, **PRE).fit(features[train])
-    np.testing.assert_allclose(direct.transform(features)["numeric"], data.numeric, rtol=1e-6)
+  tables, schema_d = task
+  schema = Schema.from_dict(schema_d)
+  builder = ContextSetBuilder(schema, max_history=2, preprocessor=PRE).fit(tables)
+  data = builder.transform(tables)
+  train = data.split == "train"
+  # Changing every non-training row's values does not change the fitted statistics.
+  shifted = dict(tables)
+  shifted["T"] = tables["T"].assign(x=np.where(train, tables["T"]["x"], 1e6))
+  again = ContextSetBuilder(schema, max_history=2, preprocessor=PRE).fit(shifted).transform(shifted)
+  np.testing.assert_allclose(again.numeric[train], data.numeric[train], rtol=1e-6)
+  # ... and the target table's preprocessor equals one fitted on the training rows alone.
+  features = tables["T"][schema.feature_columns("T", tables["T"])]
+  direct = TabularPreprocessor(column_types={"pid": "categorical"}, **PRE).fit(features[train])
+  np.testing.assert_allclose(direct.transform(features)["numeric"], data.numeric, rtol=1e-6)

@@ -42,11 +42,18 @@ def test_presets_and_bad_config():
 def test_hybrid_experiment_end_to_end_with_jepa(tmp_path):
   c = _config()
   c.data.update(seq_len=32, valid_bytes=1024, test_bytes=2048)
-  c.model.update(d_model=32, num_heads=2, num_blocks=1, layers_per_block=2, ssm_state_dim=4,
-                 ssm_chunk_size=16)
+  c.model.update(
+      d_model=32, num_heads=2, num_blocks=1, layers_per_block=2, ssm_state_dim=4, ssm_chunk_size=16
+  )
   c.jepa.update(weight=0.1, horizon=2)
-  c.train.update(batch_size=4, num_steps=6, eval_every_steps=3, log_every_steps=3,
-                 progress=False, tensorboard=False)
+  c.train.update(
+      batch_size=4,
+      num_steps=6,
+      eval_every_steps=3,
+      log_every_steps=3,
+      progress=False,
+      tensorboard=False,
+  )
   c.optim.warmup_steps = 2
   c.sample.num_bytes = 8
   results = run_experiment(c, tmp_path)

@@ -30,8 +30,7 @@ def test_stdlib_split_is_deterministic_file_level_and_disjoint(tmp_path):
   assert files == ["a.py", "b.py", "sub/c.py"]  # pattern *.py, site-packages excluded
   # A file's split depends only on its own path.
   assert all(text.split_of(f, 0.3, 0.3) == text.split_of(f, 0.3, 0.3) for f in files)
-  splits, listed = text.load_text_splits(text.stdlib_dir(), valid_fraction=0.05,
-                                         test_fraction=0.05)
+  splits, listed = text.load_text_splits(text.stdlib_dir(), valid_fraction=0.05, test_fraction=0.05)
   again, listed_again = text.load_text_splits(None)
   assert listed == listed_again and all(np.array_equal(splits[s], again[s]) for s in splits)
   sets = [set(listed[s]) for s in text.SPLITS]
@@ -43,7 +42,9 @@ def test_stdlib_split_is_deterministic_file_level_and_disjoint(tmp_path):
 
 def test_xz_matches_lzma_and_presets():
   data = b"def f(x):\n    return x + 1\n" * 50
-  assert xz_bits_per_byte(data) == 8 * len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)) / len(data)
+  assert xz_bits_per_byte(data) == 8 * len(
+      lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)
+  ) / len(data)
   c = _config()
   c.preset = "full"
   full = apply_preset(c)
@@ -57,8 +58,14 @@ def test_lm_experiment_end_to_end(tmp_path):
   c = _config()
   c.data.update(seq_len=32, valid_bytes=2048, test_bytes=4096)
   c.model.update(num_layers=1, embed_dim=32, num_heads=2, num_kv_heads=1, mlp_dim=32)
-  c.train.update(batch_size=8, num_steps=20, eval_every_steps=10, log_every_steps=5,
-                 progress=False, tensorboard=False)
+  c.train.update(
+      batch_size=8,
+      num_steps=20,
+      eval_every_steps=10,
+      log_every_steps=5,
+      progress=False,
+      tensorboard=False,
+  )
   c.optim.warmup_steps = 2
   c.sample.num_bytes = 16
   results = run_experiment(c, tmp_path)

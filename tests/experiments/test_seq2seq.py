@@ -55,12 +55,30 @@ def test_seq2seq_experiment_end_to_end(tmp_path):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config()
-  c.data.update(max_files=120, max_eval=16, source_bytes=64, max_target_bytes=24,
-                valid_fraction=0.1, test_fraction=0.1)
-  c.model.update(num_encoder_layers=1, num_decoder_layers=1, embed_dim=16, num_heads=2,
-                 num_kv_heads=1, mlp_dim=32)
-  c.train.update(batch_size=8, num_steps=10, eval_every_steps=10, log_every_steps=5,
-                 progress=False, tensorboard=False)
+  c.data.update(
+      max_files=120,
+      max_eval=16,
+      source_bytes=64,
+      max_target_bytes=24,
+      valid_fraction=0.1,
+      test_fraction=0.1,
+  )
+  c.model.update(
+      num_encoder_layers=1,
+      num_decoder_layers=1,
+      embed_dim=16,
+      num_heads=2,
+      num_kv_heads=1,
+      mlp_dim=32,
+  )
+  c.train.update(
+      batch_size=8,
+      num_steps=10,
+      eval_every_steps=10,
+      log_every_steps=5,
+      progress=False,
+      tensorboard=False,
+  )
   c.optim.warmup_steps = 2
   results = run_experiment(c, tmp_path)
   saved = json.loads((tmp_path / "results.json").read_text())

@@ -21,6 +21,7 @@ def _config():
 
 def test_windows_align_past_future_and_teacher_forcing_inputs():
   import pandas as pd
+
   z = np.arange(2 * 50 * 3, dtype=np.float32).reshape(2, 50, 3)
   cal = calendar(pd.date_range("2013-01-01", periods=50, freq="h", tz="UTC"))
   w = make_windows(z, cal, np.array([10, 20]), past=4, horizon=3, autoregressive=True)
@@ -30,7 +31,9 @@ def test_windows_align_past_future_and_teacher_forcing_inputs():
   np.testing.assert_array_equal(w["source"][1, :, 0], z[0, 16:20, 0] - z[0, 19, 0])  # relative
   np.testing.assert_array_equal(w["source"][1, :, 3], [z[0, 19, 0]] * 4)  # level channels
   np.testing.assert_array_equal(w["decoder_inputs"][2, 0, :3], 0)  # last observed hour - itself
-  np.testing.assert_array_equal(w["decoder_inputs"][2, 1, :3], z[1, 10] - z[1, 9])  # teacher forcing
+  np.testing.assert_array_equal(
+      w["decoder_inputs"][2, 1, :3], z[1, 10] - z[1, 9]
+  )  # teacher forcing
   np.testing.assert_array_equal(w["targets"][:, 1:], np.diff(w["future"], axis=1))
   np.testing.assert_array_equal(w["source"][3, :, -2:], [[0, 1]] * 4)  # origin one-hot
   direct = make_windows(z, cal, np.array([10, 20]), past=4, horizon=3, autoregressive=False)
@@ -43,8 +46,14 @@ def test_timeseries_experiment_end_to_end(tmp_path):
   c.data.eval_stride = 48
   c.model.autoregressive = True  # the feedback path (the default is direct)
   c.model.update(num_encoder_layers=1, num_decoder_layers=1, embed_dim=16, mlp_dim=32)
-  c.train.update(batch_size=32, num_steps=10, eval_every_steps=10, log_every_steps=5,
-                 progress=False, tensorboard=False)
+  c.train.update(
+      batch_size=32,
+      num_steps=10,
+      eval_every_steps=10,
+      log_every_steps=5,
+      progress=False,
+      tensorboard=False,
+  )
   c.optim.warmup_steps = 2
   results = run_experiment(c, tmp_path)
   saved = json.loads((tmp_path / "results.json").read_text())

@@ -12,8 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from nexus_jax.inference.generate import (Sampling, StepModel, beam_search, generate,
-                                          process_logits, sampling_probs)
+from nexus_jax.inference.generate import (
+    Sampling,
+    StepModel,
+    beam_search,
+    generate,
+    process_logits,
+    sampling_probs,
+)
 from nexus_jax.models.lm import LanguageModel
 from nexus_jax.models.transformer import EncoderDecoder
 
@@ -40,7 +46,7 @@ def _greedy_by_recompute(model, params, prompt, n):
   for _ in range(n):
     buf = jnp.array([seq + [0] * (CACHE - len(seq))])
     seq.append(int(jnp.argmax(apply(buf)[0, len(seq) - 1])))
-  return seq[len(prompt):]
+  return seq[len(prompt) :]
 
 
 def test_sampling_transforms_on_a_tiny_vocabulary():
@@ -61,12 +67,19 @@ def test_sampling_transforms_on_a_tiny_vocabulary():
   want = np.array([0.25, 0.25, 0.15, 0.1]) / 0.75
   np.testing.assert_allclose(got, want, atol=1e-6)
   pos = jnp.array([[2.0, 1.0, 0.0]])
-  assert process_logits(pos, Sampling(repetition_penalty=2.0), jnp.array([[1, 0, 0]], bool))[0, 0] == 1.0
+  assert (
+      process_logits(pos, Sampling(repetition_penalty=2.0), jnp.array([[1, 0, 0]], bool))[0, 0]
+      == 1.0
+  )
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.floats(-5, 5).map(lambda v: round(v, 3)), min_size=6, max_size=6), st.integers(0, 6),
-       st.floats(0.05, 1.0), st.floats(0.2, 3.0))
+@given(
+    st.lists(st.floats(-5, 5).map(lambda v: round(v, 3)), min_size=6, max_size=6),
+    st.integers(0, 6),
+    st.floats(0.05, 1.0),
+    st.floats(0.2, 3.0),
+)
 def test_filtering_keeps_the_most_likely_tokens(logits, top_k, top_p, temperature):
   """Properties: a distribution; kept tokens outrank excluded ones; at most top_k kept; the
   kept set reaches top_p of the tempered mass, and drops a token only when the more likely
@@ -86,13 +99,14 @@ def test_filtering_keeps_the_most_likely_tokens(logits, top_k, top_p, temperatur
     assert base[kept].sum() >= top_p - 1e-5
     order = np.argsort(-base)
     n = kept.sum()
-    assert n == 1 or base[order[:n - 1]].sum() < top_p + 1e-5
+    assert n == 1 or base[order[: n - 1]].sum() < top_p + 1e-5
 
 
 def test_sampled_frequencies_follow_the_processed_distribution():
   """Empirical frequencies of `generate`'s sampler (vmapped over keys) match temperature +
   top-k + top-p probabilities; excluded tokens never appear."""
   from nexus_jax.inference.generate import sample
+
   logits = jnp.log(jnp.array([[0.4, 0.3, 0.15, 0.1, 0.05]]))
   sampling = Sampling(temperature=0.7, top_k=4, top_p=0.9)
   want = np.asarray(sampling_probs(logits, sampling))[0]
@@ -122,8 +136,9 @@ def test_stop_tokens_stop_each_sequence_separately(lm):
   model, params = lm
   free = generate(model, params, PROMPTS, max_new_tokens=N_NEW, cache_len=CACHE).tokens
   stop = int(free[1, 1])
-  out = generate(model, params, PROMPTS, max_new_tokens=N_NEW, cache_len=CACHE,
-                 stop_tokens=(stop,), pad_id=11)
+  out = generate(
+      model, params, PROMPTS, max_new_tokens=N_NEW, cache_len=CACHE, stop_tokens=(stop,), pad_id=11
+  )
   for row, free_row, length in zip(out.tokens, free, out.lengths):
     hits = np.flatnonzero(free_row == stop)
     want = hits[0] + 1 if hits.size else N_NEW
@@ -136,8 +151,15 @@ def test_stop_tokens_stop_each_sequence_separately(lm):
 def test_sampling_is_seeded_and_differs_from_greedy(lm):
   model, params = lm
   s = Sampling(temperature=1.5, top_k=8, top_p=0.95, repetition_penalty=1.2)
-  run = lambda seed: generate(model, params, PROMPTS, max_new_tokens=N_NEW, cache_len=CACHE,
-                              rng=jax.random.PRNGKey(seed), sampling=s).tokens
+  run = lambda seed: generate(
+      model,
+      params,
+      PROMPTS,
+      max_new_tokens=N_NEW,
+      cache_len=CACHE,
+      rng=jax.random.PRNGKey(seed),
+      sampling=s,
+  ).tokens
   one, two, other = run(3), run(3), run(4)
   np.testing.assert_array_equal(one, two)
   assert not np.array_equal(one, other)
@@ -154,9 +176,14 @@ def test_beam_width_one_equals_greedy(lm):
 
 def markov(num_tokens: int) -> StepModel:
   """Hand-made scorer: logits of the next token depend only on the previous one (params[prev])."""
-  return StepModel(vocab_size=num_tokens, cache_len=64, init=lambda params, b, source=None: {},
-                   apply=lambda params, state, tokens, pos, mask, first: (params[tokens], state),
-                   reorder=lambda s, i: s, rewind=lambda s, i: s)
+  return StepModel(
+      vocab_size=num_tokens,
+      cache_len=64,
+      init=lambda params, b, source=None: {},
+      apply=lambda params, state, tokens, pos, mask, first: (params[tokens], state),
+      reorder=lambda s, i: s,
+      rewind=lambda s, i: s,
+  )
 
 
 def _brute_force(table, n, stop, alpha):
@@ -173,12 +200,20 @@ def _brute_force(table, n, stop, alpha):
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_exhaustive_beam_search_equals_brute_force(alpha):
   table = np.asarray(jax.nn.log_softmax(2 * jax.random.normal(jax.random.PRNGKey(1), (4, 4))))
-  out = beam_search(markov(4), jnp.asarray(table), [[0]], beam_width=64, max_new_tokens=3,
-                    length_penalty=alpha, stop_tokens=(3,), pad_id=0)
+  out = beam_search(
+      markov(4),
+      jnp.asarray(table),
+      [[0]],
+      beam_width=64,
+      max_new_tokens=3,
+      length_penalty=alpha,
+      stop_tokens=(3,),
+      pad_id=0,
+  )
   want = _brute_force(table, 3, 3, alpha)
   for rank in range(5):
     seq, score = want[rank]
-    assert tuple(out.tokens[0, rank, :out.lengths[0, rank]]) == seq
+    assert tuple(out.tokens[0, rank, : out.lengths[0, rank]]) == seq
     np.testing.assert_allclose(out.normalized_scores[0, rank], score, rtol=1e-5)
 
 
@@ -194,10 +229,24 @@ def test_beam_search_escapes_the_greedy_trap_and_length_penalty_prefers_longer()
   q = np.full((4, 4), 1e-9)
   q[0] = [1e-9, 0.4, 1e-9, 0.6]  # stop at once (-0.51) or go on
   q[1] = [1e-9, 0.95, 1e-9, 0.05]  # 1, 1, 1: -1.02 in total, -0.34 per token
-  short = beam_search(markov(4), jnp.log(jnp.asarray(q)), [[0]], beam_width=3, max_new_tokens=3,
-                      stop_tokens=(3,), length_penalty=0.0)
-  long = beam_search(markov(4), jnp.log(jnp.asarray(q)), [[0]], beam_width=3, max_new_tokens=3,
-                     stop_tokens=(3,), length_penalty=1.0)
+  short = beam_search(
+      markov(4),
+      jnp.log(jnp.asarray(q)),
+      [[0]],
+      beam_width=3,
+      max_new_tokens=3,
+      stop_tokens=(3,),
+      length_penalty=0.0,
+  )
+  long = beam_search(
+      markov(4),
+      jnp.log(jnp.asarray(q)),
+      [[0]],
+      beam_width=3,
+      max_new_tokens=3,
+      stop_tokens=(3,),
+      length_penalty=1.0,
+  )
   assert list(short.tokens[0, 0]) == [3, 0, 0] and short.lengths[0, 0] == 1
   assert list(long.tokens[0, 0]) == [1, 1, 1]
 
@@ -213,7 +262,7 @@ def test_encoder_decoder_greedy_generation_matches_recompute():
     seq = [1]
     for _ in range(4):
       buf = jnp.array([seq + [0] * (5 - len(seq))])  # causal decoder: right padding is inert
-      seq.append(int(jnp.argmax(full(src[b:b + 1], buf, src_mask[b:b + 1])[0, len(seq) - 1])))
+      seq.append(int(jnp.argmax(full(src[b : b + 1], buf, src_mask[b : b + 1])[0, len(seq) - 1])))
     assert list(out.tokens[b]) == seq[1:]
   with pytest.raises(ValueError, match="pass `source=`"):
     generate(model, params, [[1]], max_new_tokens=2)

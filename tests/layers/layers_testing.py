@@ -10,6 +10,7 @@ import numpy as np
 
 from nexus_jax.layers import attention_ops
 
+
 def key(seed: int = 0):
   """An `rbg` PRNG key: compiling param init with it is several times faster than threefry."""
   return jax.random.key(seed, impl="rbg")
@@ -37,8 +38,10 @@ def make_inputs(seed, b, t, s, h, kv, d, *, masking="none", dtype="float32"):
     lengths = rng.integers(0, s + 1, size=(b, 1))
     kw["mask"] = jnp.asarray(np.arange(s)[None, :] < lengths)
   elif masking == "segments":
-    kw["segment_ids"] = (jnp.asarray(np.sort(rng.integers(0, 3, size=(b, t)), axis=1)),
-                         jnp.asarray(np.sort(rng.integers(0, 3, size=(b, s)), axis=1)))
+    kw["segment_ids"] = (
+        jnp.asarray(np.sort(rng.integers(0, 3, size=(b, t)), axis=1)),
+        jnp.asarray(np.sort(rng.integers(0, 3, size=(b, s)), axis=1)),
+    )
   elif masking == "dense":
     kw["mask"] = jnp.asarray(rng.random(size=(b, 1, t, s)) < 0.7)
   elif masking == "bias":
@@ -46,8 +49,9 @@ def make_inputs(seed, b, t, s, h, kv, d, *, masking="none", dtype="float32"):
   return q, k, v, kw
 
 
-def compare_to_reference(backend, q, k, v, *, causal, dtype="float32", block_sizes=None,
-                         check_bias_grad=False, **kw):
+def compare_to_reference(
+    backend, q, k, v, *, causal, dtype="float32", block_sizes=None, check_bias_grad=False, **kw
+):
   """Asserts backend values and q/k/v (and bias) gradients match `reference_attention`."""
   bias = kw.pop("bias", None)
   ct = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
@@ -56,13 +60,17 @@ def compare_to_reference(backend, q, k, v, *, causal, dtype="float32", block_siz
     out = fn(q, k, v, causal=causal, bias=bias, **kw)
     return jnp.sum(out.astype(jnp.float32) * ct), out
 
-  fn = functools.partial(attention_ops.dot_product_attention, backend=backend,
-                         block_sizes=block_sizes)
+  fn = functools.partial(
+      attention_ops.dot_product_attention, backend=backend, block_sizes=block_sizes
+  )
   argnums = (0, 1, 2, 3) if (check_bias_grad and bias is not None) else (0, 1, 2)
   run = jax.jit(jax.value_and_grad(functools.partial(loss, fn), argnums, has_aux=True))
   ref_q, ref_k, ref_v = (x.astype(jnp.float32) for x in (q, k, v))
-  ref = jax.jit(jax.value_and_grad(functools.partial(loss, attention_ops.reference_attention),
-                                   argnums, has_aux=True))
+  ref = jax.jit(
+      jax.value_and_grad(
+          functools.partial(loss, attention_ops.reference_attention), argnums, has_aux=True
+      )
+  )
   (_, out), grads = run(q, k, v, bias)
   (_, ref_out), ref_grads = ref(ref_q, ref_k, ref_v, bias)
   assert out.dtype == q.dtype and out.shape == q.shape

@@ -39,19 +39,25 @@ def test_cached_decoding_matches_full_causal_forward():
 
 
 def test_cached_decoding_with_chunked_backend_and_padding_mask():
-  kw = dict(num_heads=2, causal=True, rotary_fraction=1.0, backend="chunked",
-            block_sizes=chunked_attention.ChunkSizes(4, 4))
+  kw = dict(
+      num_heads=2,
+      causal=True,
+      rotary_fraction=1.0,
+      backend="chunked",
+      block_sizes=chunked_attention.ChunkSizes(4, 4),
+  )
   x = _x(1)
   pad = jnp.arange(L)[None, :] < jnp.array([[L], [5]])  # row 1: last 2 keys are padding
   params = jax.jit(Attention(**kw).init)(lt.key(1), x)["params"]
   full = jax.jit(lambda p, x: Attention(**kw).apply({"params": p}, x, mask=pad))(params, x)
   dec = Attention(**kw, decode=True)
   cache = jax.jit(dec.init)(lt.key(1), x)["cache"]
-  step = jax.jit(lambda c, xs: dec.apply({"params": params, "cache": c}, xs, mask=pad,
-                                         mutable=["cache"]))
+  step = jax.jit(
+      lambda c, xs: dec.apply({"params": params, "cache": c}, xs, mask=pad, mutable=["cache"])
+  )
   outs = []
   for i in range(L):
-    y, state = step(cache, x[:, i:i + 1])
+    y, state = step(cache, x[:, i : i + 1])
     cache, outs = state["cache"], outs + [y]
   np.testing.assert_allclose(np.concatenate(outs, axis=1), np.asarray(full), atol=1e-5)
 
@@ -77,9 +83,12 @@ def test_packed_sequences_equal_separate_sequences():
   module = Attention(**kw)
   params = jax.jit(module.init)(lt.key(1), a)
   apply = jax.jit(module.apply)
-  packed = apply(params, jnp.concatenate([a, b], 1),
-                 segment_ids=jnp.array([[1, 1, 1, 1, 2, 2, 2]]),
-                 positions=jnp.array([[0, 1, 2, 3, 0, 1, 2]]))
+  packed = apply(
+      params,
+      jnp.concatenate([a, b], 1),
+      segment_ids=jnp.array([[1, 1, 1, 1, 2, 2, 2]]),
+      positions=jnp.array([[0, 1, 2, 3, 0, 1, 2]]),
+  )
   np.testing.assert_allclose(packed[:, :4], apply(params, a), atol=1e-5)
   np.testing.assert_allclose(packed[:, 4:], apply(params, b), atol=1e-5)
 
@@ -88,8 +97,14 @@ def test_backends_agree_inside_the_module_in_bf16():
   x = _x(6, dtype=jnp.bfloat16)
   outs = {}
   for backend in ("xla", "chunked", "pallas"):
-    m = Attention(num_heads=4, num_kv_heads=2, causal=True, rotary_fraction=1.0,
-                  backend=backend, dtype=jnp.bfloat16)
+    m = Attention(
+        num_heads=4,
+        num_kv_heads=2,
+        causal=True,
+        rotary_fraction=1.0,
+        backend=backend,
+        dtype=jnp.bfloat16,
+    )
     params = jax.jit(m.init)(lt.key(1), x)
     y = jax.jit(m.apply)(params, x)
     assert y.dtype == jnp.bfloat16
@@ -104,9 +119,14 @@ def test_params_carry_logical_axis_names():
   names = {k: v.names for k, v in boxed.items() if isinstance(v, nn.LogicallyPartitioned)}
   names.update({k: v["kernel"].names for k, v in boxed.items() if "kernel" in v})
   names.update({k: v["scale"].names for k, v in boxed.items() if "scale" in v})
-  assert names == {"query": ("embed", "heads", "kv"), "key": ("embed", "heads", "kv"),
-                   "value": ("embed", "heads", "kv"), "out": ("heads", "kv", "embed"),
-                   "q_norm": ("kv",), "k_norm": ("kv",)}
+  assert names == {
+      "query": ("embed", "heads", "kv"),
+      "key": ("embed", "heads", "kv"),
+      "value": ("embed", "heads", "kv"),
+      "out": ("heads", "kv", "embed"),
+      "q_norm": ("kv",),
+      "k_norm": ("kv",),
+  }
 
 
 def test_fourier_backend_in_module_and_no_cache():
@@ -115,19 +135,21 @@ def test_fourier_backend_in_module_and_no_cache():
   params = jax.jit(m.init)(lt.key(0), x)
   assert jax.jit(m.apply)(params, x).shape == x.shape
   with pytest.raises(ValueError, match="fourier backend has no KV cache"):
-    Attention(num_heads=2, backend="fourier", causal=True, decode=True).init(
-        lt.key(0), x)
+    Attention(num_heads=2, backend="fourier", causal=True, decode=True).init(lt.key(0), x)
 
 
-@pytest.mark.parametrize("kwargs,call,match", [
-    (dict(num_heads=3), {}, "not divisible by num_heads"),
-    (dict(num_heads=4, num_kv_heads=3), {}, "must divide num_heads"),
-    (dict(num_heads=2, decode=True), {}, "decode=True needs causal"),
-    (dict(num_heads=2), dict(context=True), "cross_attention=True for cross-attention"),
-    (dict(num_heads=2, cross_attention=True), {}, "needs `context`"),
-    (dict(num_heads=2, rotary_fraction=1.5), {}, "rotary_fraction"),
-    (dict(num_heads=2, backend="cudnn"), {}, "Unknown attention backend"),
-])
+@pytest.mark.parametrize(
+    "kwargs,call,match",
+    [
+        (dict(num_heads=3), {}, "not divisible by num_heads"),
+        (dict(num_heads=4, num_kv_heads=3), {}, "must divide num_heads"),
+        (dict(num_heads=2, decode=True), {}, "decode=True needs causal"),
+        (dict(num_heads=2), dict(context=True), "cross_attention=True for cross-attention"),
+        (dict(num_heads=2, cross_attention=True), {}, "needs `context`"),
+        (dict(num_heads=2, rotary_fraction=1.5), {}, "rotary_fraction"),
+        (dict(num_heads=2, backend="cudnn"), {}, "Unknown attention backend"),
+    ],
+)
 def test_bad_configuration_is_rejected(kwargs, call, match):
   x = _x()
   if call.get("context"):

@@ -17,18 +17,34 @@ MASKINGS = ("none", "key_padding", "segments", "dense", "bias")
 @st.composite
 def problems(draw, maskings=MASKINGS, dtypes=("float32", "bfloat16")):
   kv = draw(st.sampled_from([1, 2]))
-  return dict(seed=draw(st.integers(0, 2**16)), b=draw(st.integers(1, 2)),
-              t=draw(st.integers(1, 40)), s=draw(st.integers(1, 40)),
-              h=kv * draw(st.sampled_from([1, 2])), kv=kv, d=draw(st.sampled_from([4, 8, 16])),
-              masking=draw(st.sampled_from(maskings)), dtype=draw(st.sampled_from(dtypes)),
-              causal=draw(st.booleans()))
+  return dict(
+      seed=draw(st.integers(0, 2**16)),
+      b=draw(st.integers(1, 2)),
+      t=draw(st.integers(1, 40)),
+      s=draw(st.integers(1, 40)),
+      h=kv * draw(st.sampled_from([1, 2])),
+      kv=kv,
+      d=draw(st.sampled_from([4, 8, 16])),
+      masking=draw(st.sampled_from(maskings)),
+      dtype=draw(st.sampled_from(dtypes)),
+      causal=draw(st.booleans()),
+  )
 
 
 def _check(backend, p, block_sizes=None, check_bias_grad=False):
   causal, dtype = p.pop("causal"), p["dtype"]
   q, k, v, kw = lt.make_inputs(**p)
-  lt.compare_to_reference(backend, q, k, v, causal=causal, dtype=dtype, block_sizes=block_sizes,
-                          check_bias_grad=check_bias_grad, **kw)
+  lt.compare_to_reference(
+      backend,
+      q,
+      k,
+      v,
+      causal=causal,
+      dtype=dtype,
+      block_sizes=block_sizes,
+      check_bias_grad=check_bias_grad,
+      **kw,
+  )
 
 
 @settings(max_examples=4, deadline=None)
@@ -54,30 +70,50 @@ def test_chunked_broadcast_mask_and_bias_over_queries():
   """A 4-D mask/bias with q_len 1 ([B, 1, 1, S], [1, H, 1, S]) broadcasts; dbias is reduced."""
   q, k, v, kw = lt.make_inputs(0, 2, 19, 23, 2, 2, 8, masking="dense")
   _, _, _, bkw = lt.make_inputs(0, 2, 19, 23, 2, 2, 8, masking="bias")
-  lt.compare_to_reference("chunked", q, k, v, causal=False, check_bias_grad=True,
-                          block_sizes=chunked_attention.ChunkSizes(8, 8),
-                          mask=kw["mask"][:, :, :1], bias=bkw["bias"][:, :, :1])
+  lt.compare_to_reference(
+      "chunked",
+      q,
+      k,
+      v,
+      causal=False,
+      check_bias_grad=True,
+      block_sizes=chunked_attention.ChunkSizes(8, 8),
+      mask=kw["mask"][:, :, :1],
+      bias=bkw["bias"][:, :, :1],
+  )
 
 
 def test_fully_masked_rows_are_zero_on_every_backend():
   q, k, v, _ = lt.make_inputs(0, 2, 8, 8, 2, 1, 8)
   mask = jnp.array([[False] * 8, [True] * 3 + [False] * 5])
   for backend in ("xla", "chunked", "pallas"):
-    out = jax.jit(lambda q, k, v, backend=backend: attention_ops.dot_product_attention(
-        q, k, v, mask=mask, backend=backend))(q, k, v)
+    out = jax.jit(
+        lambda q, k, v, backend=backend: attention_ops.dot_product_attention(
+            q, k, v, mask=mask, backend=backend
+        )
+    )(q, k, v)
     np.testing.assert_array_equal(np.asarray(out[0]), 0.0)
     assert np.abs(np.asarray(out[1])).max() > 0.1
 
 
 def test_chunked_temp_memory_grows_linearly():
   """Doubling the length roughly doubles (not quadruples) chunked fwd+bwd temporary memory."""
+
   def temp_bytes(length, backend):
     x = jax.ShapeDtypeStruct((1, length, 1, 16), jnp.float32)
-    f = jax.grad(lambda q, k, v: attention_ops.dot_product_attention(
-        q, k, v, causal=True, backend=backend,
-        block_sizes=chunked_attention.ChunkSizes(128, 128) if backend == "chunked" else None
-    ).sum(), argnums=(0, 1, 2))
+    f = jax.grad(
+        lambda q, k, v: attention_ops.dot_product_attention(
+            q,
+            k,
+            v,
+            causal=True,
+            backend=backend,
+            block_sizes=chunked_attention.ChunkSizes(128, 128) if backend == "chunked" else None,
+        ).sum(),
+        argnums=(0, 1, 2),
+    )
     return jax.jit(f).lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
+
   chunked = [temp_bytes(n, "chunked") for n in (1024, 2048, 4096)]
   xla = [temp_bytes(n, "xla") for n in (1024, 2048)]
   assert chunked[2] / chunked[1] < 2.6 and chunked[1] / chunked[0] < 2.6, chunked
@@ -87,8 +123,9 @@ def test_chunked_temp_memory_grows_linearly():
 
 def test_fnet_matches_numpy_dft():
   q, k, v, _ = lt.make_inputs(0, 2, 12, 12, 4, 2, 8)
-  out = jax.jit(lambda q, k, v: attention_ops.dot_product_attention(
-      q, k, v, backend="fourier"))(q, k, v)
+  out = jax.jit(lambda q, k, v: attention_ops.dot_product_attention(q, k, v, backend="fourier"))(
+      q, k, v
+  )
   vv = np.repeat(np.asarray(v, np.float64), 2, axis=2).reshape(2, 12, 32)
   expected = np.real(np.fft.fft2(vv, axes=(1, 2), norm="ortho")).reshape(2, 12, 4, 8)
   np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
@@ -114,13 +151,14 @@ def _fedformer_numpy(q, k, v, modes):
 @pytest.mark.parametrize("t,s", [(16, 16), (15, 9)])
 def test_fedformer_matches_numpy_and_has_gradients(t, s):
   q, k, v, _ = lt.make_inputs(1, 2, t, s, 4, 2, 8)
-  f = lambda q, k, v: attention_ops.dot_product_attention(q, k, v, backend="fourier",
-                                                          fourier_modes=4)
-  np.testing.assert_allclose(np.asarray(jax.jit(f)(q, k, v)), _fedformer_numpy(q, k, v, 4),
-                             atol=2e-5)
+  f = lambda q, k, v: attention_ops.dot_product_attention(
+      q, k, v, backend="fourier", fourier_modes=4
+  )
+  np.testing.assert_allclose(
+      np.asarray(jax.jit(f)(q, k, v)), _fedformer_numpy(q, k, v, 4), atol=2e-5
+  )
   grads = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2)))(q, k, v)
-  assert all(np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).max() > 0
-             for g in grads)
+  assert all(np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).max() > 0 for g in grads)
   # Only the lowest 4 frequencies of v reach the output: high-frequency v noise changes nothing.
   hi = np.cos(np.pi * np.arange(s))[None, :, None, None] * np.ones(v.shape)  # Nyquist
   if s % 2 == 0:
@@ -133,20 +171,23 @@ def test_fourier_bf16_keeps_dtype():
   assert out.dtype == jnp.bfloat16 and out.shape == q.shape
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(backend="flash"), "Unknown attention backend"),
-    (dict(q=(2, 8, 3, 4), k=(2, 8, 2, 4)), "must divide query heads"),
-    (dict(k=(2, 8, 2, 4), v=(2, 9, 2, 4)), "same shape"),
-    (dict(k=(2, 8, 2, 8), v=(2, 8, 2, 8)), "head_dim"),
-    (dict(q=(2, 8, 4)), r"\[batch, length, heads, head_dim\]"),
-    (dict(backend="fourier", causal=True), "cannot apply causal"),
-    (dict(backend="fourier", mask="kpm"), "cannot apply mask"),
-    (dict(backend="pallas", bias=(1, 1, 8, 8)), "pallas backend"),
-    (dict(mask=(2, 8, 8)), "mask has shape"),
-    (dict(bias=(2, 3, 8, 8)), "bias has shape"),
-    (dict(segment_ids=(2, 7)), "segment_ids must be"),
-    (dict(backend="pallas", block_sizes=chunked_attention.ChunkSizes()), "takes block_sizes"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(backend="flash"), "Unknown attention backend"),
+        (dict(q=(2, 8, 3, 4), k=(2, 8, 2, 4)), "must divide query heads"),
+        (dict(k=(2, 8, 2, 4), v=(2, 9, 2, 4)), "same shape"),
+        (dict(k=(2, 8, 2, 8), v=(2, 8, 2, 8)), "head_dim"),
+        (dict(q=(2, 8, 4)), r"\[batch, length, heads, head_dim\]"),
+        (dict(backend="fourier", causal=True), "cannot apply causal"),
+        (dict(backend="fourier", mask="kpm"), "cannot apply mask"),
+        (dict(backend="pallas", bias=(1, 1, 8, 8)), "pallas backend"),
+        (dict(mask=(2, 8, 8)), "mask has shape"),
+        (dict(bias=(2, 3, 8, 8)), "bias has shape"),
+        (dict(segment_ids=(2, 7)), "segment_ids must be"),
+        (dict(backend="pallas", block_sizes=chunked_attention.ChunkSizes()), "takes block_sizes"),
+    ],
+)
 def test_bad_input_is_rejected_clearly(kwargs, match):
   shapes = dict(q=(2, 8, 4, 4), k=(2, 8, 2, 4), v=(2, 8, 2, 4))
   shapes.update({n: kwargs.pop(n) for n in ("q", "k", "v") if n in kwargs})

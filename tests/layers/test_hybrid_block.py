@@ -28,9 +28,19 @@ def test_block_params_have_logical_names_and_decoding_equals_forward():
   """Attention KV cache + SSM conv/SSM state + MoE + Titans memory (chunk 1), one block."""
   b, t, e, prompt = 2, 7, 16, 3
   # Layer 0: SSM + SwiGLU; layer 1: attention + Titans memory + MoE.
-  block = HybridBlock(num_heads=2, mlp_dim=24, num_layers=2, attention_index=1, moe_every=2,
-                      num_experts=4, use_memory=True, memory_heads=2, memory_chunk_size=1,
-                      ssm_state_dim=4, ssm_chunk_size=2)
+  block = HybridBlock(
+      num_heads=2,
+      mlp_dim=24,
+      num_layers=2,
+      attention_index=1,
+      moe_every=2,
+      num_experts=4,
+      use_memory=True,
+      memory_heads=2,
+      memory_chunk_size=1,
+      ssm_state_dim=4,
+      ssm_chunk_size=2,
+  )
   x = normal(0, (b, t, e))
   variables = block.init(key(0), x)
   params = variables["params"]
@@ -44,8 +54,13 @@ def test_block_params_have_logical_names_and_decoding_equals_forward():
 
   full, aux = jax.jit(lambda p, x: block.apply({"params": p}, x))(params, x)
   assert full.shape == (b, t, e)
-  assert set(aux["layer_1"]) == {"memory_loss_before", "memory_loss_after", "memory_grad_norm",
-                                 "moe_max_load_ratio", "moe_dropped_fraction"}
+  assert set(aux["layer_1"]) == {
+      "memory_loss_before",
+      "memory_loss_after",
+      "memory_grad_norm",
+      "moe_max_load_ratio",
+      "moe_dropped_fraction",
+  }
   assert set(aux["layer_0"]) == {"ssm_delta_mean"}
 
   dec = block.clone(decode=True)

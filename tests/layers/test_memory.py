@@ -79,20 +79,25 @@ def _random_problem(seed, b=2, h=2, length=10, d=4, depth=2):
   weights = {n: f32(0.5 * rng.normal(size=s)) for n, s in shapes.items()}
   momentum = {n: f32(0.1 * rng.normal(size=s)) for n, s in shapes.items()}
   unit = lambda a: f32(a / np.linalg.norm(a, axis=-1, keepdims=True))
-  inputs = {"k": unit(rng.normal(size=(b, h, length, d))),
-            "q": unit(rng.normal(size=(b, h, length, d))),
-            "v": f32(rng.normal(size=(b, h, length, d))),
-            "lr": f32(rng.uniform(0, 0.5, (b, h, length))),
-            "log_eta": f32(np.log(rng.uniform(0.05, 1, (b, h, length)))),
-            "log_keep": f32(np.log(1 - rng.uniform(0, 0.3, (b, h, length))))}
+  inputs = {
+      "k": unit(rng.normal(size=(b, h, length, d))),
+      "q": unit(rng.normal(size=(b, h, length, d))),
+      "v": f32(rng.normal(size=(b, h, length, d))),
+      "lr": f32(rng.uniform(0, 0.5, (b, h, length))),
+      "log_eta": f32(np.log(rng.uniform(0.05, 1, (b, h, length)))),
+      "log_keep": f32(np.log(1 - rng.uniform(0, 0.3, (b, h, length)))),
+  }
   return weights, momentum, inputs
 
 
-@pytest.mark.parametrize("depth,chunk", [(2, 4), (1, 3), pytest.param(2, 1, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "depth,chunk", [(2, 4), (1, 3), pytest.param(2, 1, marks=pytest.mark.slow)]
+)
 def test_chunked_update_matches_per_token_reference(depth, chunk):
   weights, momentum, inputs = _random_problem(depth, depth=depth)
-  (w, s), (y, grad_norm, before, after) = jax.jit(
-      memory_lib.run_memory, static_argnums=(3,))(weights, momentum, inputs, chunk)
+  (w, s), (y, grad_norm, before, after) = jax.jit(memory_lib.run_memory, static_argnums=(3,))(
+      weights, momentum, inputs, chunk
+  )
   ref_w, ref_s, ref_y, stats = _reference(weights, momentum, inputs, chunk)
   tol = dict(rtol=2e-4, atol=2e-5)
   np.testing.assert_allclose(y, ref_y, **tol)
@@ -119,10 +124,13 @@ def _apply(layer, params, x):
 def test_update_is_a_gradient_step_taken_with_jax_grad_inside_apply(monkeypatch):
   calls = []
   real = jax.value_and_grad
-  monkeypatch.setattr(jax, "value_and_grad", lambda f, *a, **k: (calls.append(f), real(f, *a, **k))[1])
+  monkeypatch.setattr(
+      jax, "value_and_grad", lambda f, *a, **k: (calls.append(f), real(f, *a, **k))[1]
+  )
   # One chunk, no momentum (eta ~ 0), no forgetting (alpha ~ 0): M_1 = M_0 - sum_t theta_t g_t.
-  layer, x, params = _layer_and_input(length=6, chunk_size=6, momentum_bias_init=-40.0,
-                                      forget_bias_init=-40.0)
+  layer, x, params = _layer_and_input(
+      length=6, chunk_size=6, momentum_bias_init=-40.0, forget_bias_init=-40.0
+  )
   (_, aux), state = jax.jit(lambda p: layer.apply({"params": p}, x, mutable=["memory"]))(params)
   assert calls and all(f is memory_lib.inner_loss for f in calls)
 
@@ -142,8 +150,9 @@ def test_update_is_a_gradient_step_taken_with_jax_grad_inside_apply(monkeypatch)
         for n in expected:
           expected[n] -= theta[i, t, j] * g[n]
       for n in expected:
-        np.testing.assert_allclose(state["memory"]["weights"][n][i, j], expected[n],
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            state["memory"]["weights"][n][i, j], expected[n], rtol=1e-4, atol=1e-5
+        )
 
 
 def test_inner_loss_after_update_is_lower_than_before_on_the_same_chunk():
@@ -157,7 +166,9 @@ def test_inner_loss_after_update_is_lower_than_before_on_the_same_chunk():
 
 def test_memory_persists_across_calls_only_with_mutable_memory():
   layer, x, params = _layer_and_input(length=8)
-  assert set(jax.eval_shape(layer.init, jax.random.key(3, impl="rbg"), x)) == {"params"}  # no memory yet
+  assert set(jax.eval_shape(layer.init, jax.random.key(3, impl="rbg"), x)) == {
+      "params"
+  }  # no memory yet
   apply = jax.jit(lambda v, x: layer.apply(v, x, mutable=["memory"]))
   (y_full, _), state_full = apply({"params": params}, x)
   (y1, _), state1 = apply({"params": params}, x[:, :4])  # split at a chunk boundary
@@ -169,8 +180,9 @@ def test_memory_persists_across_calls_only_with_mutable_memory():
   (y2_fresh, _), _ = apply({"params": params}, x[:, 4:])
   assert np.abs(np.asarray(y2_fresh - y2)).max() > 1e-3
   # update_memory=False reads the stored memory and leaves it unchanged.
-  (y_read, aux), state3 = layer.apply({"params": params, **state1}, x[:, 4:5],
-                                      mutable=["memory"], update_memory=False)
+  (y_read, aux), state3 = layer.apply(
+      {"params": params, **state1}, x[:, 4:5], mutable=["memory"], update_memory=False
+  )
   for a, b in zip(jax.tree.leaves(state3), jax.tree.leaves(state1)):
     np.testing.assert_array_equal(a, b)
   assert set(aux) == {"loss_before"}
@@ -196,13 +208,15 @@ def test_outer_gradients_through_inner_updates_match_finite_differences():
     leaves, tree = jax.tree.flatten(params)
     rng = np.random.default_rng(7)
     for _ in range(2):
-      direction = jax.tree.unflatten(tree, [jnp.asarray(rng.normal(size=a.shape), a.dtype)
-                                            for a in leaves])
+      direction = jax.tree.unflatten(
+          tree, [jnp.asarray(rng.normal(size=a.shape), a.dtype) for a in leaves]
+      )
       eps = 1e-5
       shift = lambda s: jax.tree.map(lambda p, d: p + s * d, params, direction)
       numeric = (value_and_grad(shift(eps))[0] - value_and_grad(shift(-eps))[0]) / (2 * eps)
-      analytic = sum(jnp.vdot(g, d) for g, d in
-                     zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+      analytic = sum(
+          jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction))
+      )
       np.testing.assert_allclose(analytic, numeric, rtol=1e-7, atol=1e-10)
 
 
@@ -217,8 +231,12 @@ def test_bfloat16_compute_and_float32_params_under_remat_and_jit():
 
   grads, y16 = jax.jit(jax.grad(loss, has_aux=True))(params)
   assert y16.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=0.05 * float(jnp.abs(y32).max()))
-  assert all(g.dtype == jnp.float32 and np.isfinite(g).all() for g in jax.tree.leaves(nn.unbox(grads)))
+  np.testing.assert_allclose(
+      np.asarray(y16, np.float32), y32, atol=0.05 * float(jnp.abs(y32).max())
+  )
+  assert all(
+      g.dtype == jnp.float32 and np.isfinite(g).all() for g in jax.tree.leaves(nn.unbox(grads))
+  )
 
 
 def test_params_have_distinct_logical_axis_names():
@@ -250,14 +268,20 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_memory_persists_under_scan_over_layers():
   class Stack(nn.Module):
+
     @nn.compact
     def __call__(self, x):
       def body(layer, h, _):
         y, aux = layer(h)
         return h + y, aux["grad_norm"]
-      layers = nn.scan(nn.remat(body), variable_axes={"params": 0, "memory": 0},
-                       split_rngs={"params": True}, length=2,
-                       metadata_params={nn.PARTITION_NAME: "layers"})
+
+      layers = nn.scan(
+          nn.remat(body),
+          variable_axes={"params": 0, "memory": 0},
+          split_rngs={"params": True},
+          length=2,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )
       return layers(memory_lib.NeuralMemory(num_heads=2, chunk_size=4), x, None)
 
   x = _layer_and_input(length=8)[1]

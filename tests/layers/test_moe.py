@@ -50,8 +50,9 @@ def test_router_aux_losses_equal_hand_computed_values():
   keep = [0, 1, 3]
   np.testing.assert_allclose(load_m, [1.0, 0.0])
   np.testing.assert_allclose(lb_m, 2 * p[keep].mean(0)[0], rtol=1e-6)
-  np.testing.assert_allclose(z_m, np.mean(np.log(np.exp(np.asarray(logits)[keep]).sum(1)) ** 2),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      z_m, np.mean(np.log(np.exp(np.asarray(logits)[keep]).sum(1)) ** 2), rtol=1e-6
+  )
 
 
 def test_module_sows_weighted_aux_losses():
@@ -68,8 +69,9 @@ def test_module_sows_weighted_aux_losses():
 
 
 def test_capacity_drops_exactly_the_overflow_tokens():
-  layer = moe_lib.MoE(num_experts=2, mlp_dim=8, top_k=1, capacity_factor=0.8,
-                      activation="gelu")  # capacity = ceil(0.8 * 5 * 1 / 2) = 2
+  layer = moe_lib.MoE(
+      num_experts=2, mlp_dim=8, top_k=1, capacity_factor=0.8, activation="gelu"
+  )  # capacity = ceil(0.8 * 5 * 1 / 2) = 2
   x = jnp.abs(lt.normal(1, (2, 5, 4)))
   params = nn.unbox(jax.jit(layer.init)(lt.key(0), x))
   router = jnp.stack([jnp.ones(4), -jnp.ones(4)], axis=1)  # every token prefers expert 0
@@ -103,8 +105,11 @@ def test_dropless_and_capacity_match_per_token_loop():
   params = nn.unbox(jax.jit(moe().init)(lt.key(0), x))
   idx, w = _routing(params, x, 2)
   expected = _loop_reference(params, x, idx, w)
-  for layer in (moe(gmm_impl="tiled", gmm_tile=4), moe(gmm_impl="ragged_dot"),
-                moe(capacity_factor=2.0)):  # capacity 7 = all tokens: nothing dropped
+  for layer in (
+      moe(gmm_impl="tiled", gmm_tile=4),
+      moe(gmm_impl="ragged_dot"),
+      moe(capacity_factor=2.0),
+  ):  # capacity 7 = all tokens: nothing dropped
     y, aux = jax.jit(layer.apply)(params, x)
     np.testing.assert_allclose(np.asarray(y), expected, atol=2e-5)
     assert float(aux["dropped_fraction"]) == 0.0
@@ -119,12 +124,21 @@ def test_grouped_matmul_tiled_matches_ragged_dot_values_and_grads():
   ct = jnp.asarray(rng.normal(size=(23, 5)), jnp.float32)
   res = {}
   for impl in ("tiled", "ragged_dot"):
-    f = lambda x, w, impl=impl: jnp.sum(moe_dispatch.grouped_matmul(x, w, gs, impl=impl,
-                                                                     tile=4) * ct)
-    res[impl] = (moe_dispatch.grouped_matmul(x, w, gs, impl=impl, tile=4),
-                 *jax.jit(jax.grad(f, argnums=(0, 1)))(x, w))
-  ref = np.concatenate([np.asarray(x[:7] @ w[0]), np.asarray(x[7:18] @ w[2]),
-                        np.asarray(x[18:21] @ w[3]), np.zeros((2, 5))])
+    f = lambda x, w, impl=impl: jnp.sum(
+        moe_dispatch.grouped_matmul(x, w, gs, impl=impl, tile=4) * ct
+    )
+    res[impl] = (
+        moe_dispatch.grouped_matmul(x, w, gs, impl=impl, tile=4),
+        *jax.jit(jax.grad(f, argnums=(0, 1)))(x, w),
+    )
+  ref = np.concatenate(
+      [
+          np.asarray(x[:7] @ w[0]),
+          np.asarray(x[7:18] @ w[2]),
+          np.asarray(x[18:21] @ w[3]),
+          np.zeros((2, 5)),
+      ]
+  )
   np.testing.assert_allclose(np.asarray(res["tiled"][0]), ref, atol=1e-5)
   for a, b in zip(res["tiled"], res["ragged_dot"]):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
@@ -142,27 +156,31 @@ def test_masked_tokens_output_zero():
 
 
 def test_bf16_training_step_and_jitter():
-  layer = moe_lib.MoE(num_experts=4, mlp_dim=8, top_k=2, router_jitter=0.1,
-                      dtype=jnp.bfloat16)
+  layer = moe_lib.MoE(num_experts=4, mlp_dim=8, top_k=2, router_jitter=0.1, dtype=jnp.bfloat16)
   x = lt.normal(4, (2, 8, 8), jnp.bfloat16)
   params = nn.unbox(jax.jit(layer.init)(lt.key(0), x))
 
   def loss(p):
-    (y, _), aux_losses = layer.apply(p, x, deterministic=False, rngs={"dropout": lt.key(1)},
-                                     mutable=["aux_loss"])
+    (y, _), aux_losses = layer.apply(
+        p, x, deterministic=False, rngs={"dropout": lt.key(1)}, mutable=["aux_loss"]
+    )
     total_aux = sum(jnp.sum(v) for v in jax.tree.leaves(aux_losses))
     return jnp.mean(jnp.square(y.astype(jnp.float32))) + total_aux
+
   grads = jax.jit(jax.grad(loss))(params)
   assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in jax.tree.leaves(grads))
   assert float(jnp.abs(grads["params"]["router"]).max()) > 0  # aux losses reach the router
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(top_k=5), "top_k <= num_experts"),
-    (dict(capacity_factor=0.0), "capacity_factor must be > 0"),
-    (dict(gmm_impl="megablox"), "Unknown gmm_impl"),
-    (dict(activation="tanh"), "Unknown activation"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(top_k=5), "top_k <= num_experts"),
+        (dict(capacity_factor=0.0), "capacity_factor must be > 0"),
+        (dict(gmm_impl="megablox"), "Unknown gmm_impl"),
+        (dict(activation="tanh"), "Unknown activation"),
+    ],
+)
 def test_bad_config_is_rejected(kwargs, match):
   layer = moe_lib.MoE(**{"num_experts": 4, "mlp_dim": 8, **kwargs})
   with pytest.raises(ValueError, match=match):

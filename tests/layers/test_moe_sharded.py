@@ -51,10 +51,10 @@ SCRIPT = textwrap.dedent(r"""
 
 
 def test_sharded_moe_matches_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True,
-                        text=True, timeout=900)
+  proc = subprocess.run(
+      [sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=900
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
   assert proc.stdout.count("ok ") == 2, proc.stdout

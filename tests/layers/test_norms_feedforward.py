@@ -21,8 +21,9 @@ def test_rms_and_layer_norm_match_numpy_in_bf16():
   xf = np.asarray(x, np.float64)
   _, y = _init_apply(norms.RMSNorm(), x)
   assert y.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(y, np.float64),
-                             xf / np.sqrt((xf**2).mean(-1, keepdims=True) + 1e-6), rtol=2e-2)
+  np.testing.assert_allclose(
+      np.asarray(y, np.float64), xf / np.sqrt((xf**2).mean(-1, keepdims=True) + 1e-6), rtol=2e-2
+  )
   _, y = _init_apply(norms.LayerNorm(dtype=jnp.float32), x)
   ref = (xf - xf.mean(-1, keepdims=True)) / np.sqrt(xf.var(-1, keepdims=True) + 1e-6)
   np.testing.assert_allclose(np.asarray(y), ref, atol=1e-4)

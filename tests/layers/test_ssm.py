@@ -18,14 +18,20 @@ def _key(seed):
 def _scan_inputs(seed, b, l, d, n):
   rng = np.random.default_rng(seed)
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
-  return dict(x_BLD=normal(b, l, d), delta_BLD=jax.nn.softplus(normal(b, l, d)),
-              A_DN=-jnp.exp(0.5 * normal(d, n)), B_BLN=normal(b, l, n), C_BLN=normal(b, l, n),
-              h0_BDN=normal(b, d, n))
+  return dict(
+      x_BLD=normal(b, l, d),
+      delta_BLD=jax.nn.softplus(normal(b, l, d)),
+      A_DN=-jnp.exp(0.5 * normal(d, n)),
+      B_BLN=normal(b, l, n),
+      C_BLN=normal(b, l, n),
+      h0_BDN=normal(b, d, n),
+  )
 
 
 def _numpy_loop(x_BLD, delta_BLD, A_DN, B_BLN, C_BLN, h0_BDN):
-  x, dl, A, B, C, h = (np.asarray(t, np.float64) for t in
-                       (x_BLD, delta_BLD, A_DN, B_BLN, C_BLN, h0_BDN))
+  x, dl, A, B, C, h = (
+      np.asarray(t, np.float64) for t in (x_BLD, delta_BLD, A_DN, B_BLN, C_BLN, h0_BDN)
+  )
   ys = []
   for t in range(x.shape[1]):
     h = np.exp(dl[:, t, :, None] * A) * h + (dl[:, t] * x[:, t])[:, :, None] * B[:, t, None, :]
@@ -66,8 +72,10 @@ def test_scan_methods_match_reference_values_and_gradients(seed, shape):
   if not h0:
     inputs["h0_BDN"] = jnp.zeros((b, d, n))  # a fresh sequence (the default, None, is zeros)
   rng = np.random.default_rng(seed + 1)
-  cot = (jnp.asarray(rng.normal(size=(b, l, d)), jnp.float32),
-         jnp.asarray(rng.normal(size=(b, d, n)), jnp.float32))
+  cot = (
+      jnp.asarray(rng.normal(size=(b, l, d)), jnp.float32),
+      jnp.asarray(rng.normal(size=(b, d, n)), jnp.float32),
+  )
   results = _scan_vjps(inputs, cot, jnp.zeros((chunk,)))
   ref = jax.tree.leaves(results["sequential"])
   for method in ("associative", "chunked"):
@@ -84,8 +92,7 @@ def test_module_scan_methods_agree_on_outputs_and_param_gradients():
   params = jax.jit(ssm.SelectiveSSM(state_dim=4).init)(_key(1), x)["params"]
 
   def loss(p, method):
-    y, aux = ssm.SelectiveSSM(state_dim=4, scan_method=method, chunk_size=4).apply(
-        {"params": p}, x)
+    y, aux = ssm.SelectiveSSM(state_dim=4, scan_method=method, chunk_size=4).apply({"params": p}, x)
     return jnp.sum(jnp.sin(y)) + jnp.sum(aux["final_state"] ** 2), y
 
   all_grads = jax.jit(lambda p: {m: jax.grad(loss, has_aux=True)(p, m) for m in ssm.SCAN_METHODS})
@@ -108,8 +115,11 @@ def test_step_decoding_equals_full_forward(conv_width):
   model = full_model.clone(decode=True)
   cache0 = jax.jit(model.init)(_key(2), x[:, :1])["cache"]
   cache = cache0
-  step = jax.jit(lambda c, xt: model.apply({"params": params, "cache": c}, xt,
-                                           mutable=["cache"], method="step"))
+  step = jax.jit(
+      lambda c, xt: model.apply(
+          {"params": params, "cache": c}, xt, mutable=["cache"], method="step"
+      )
+  )
   ys = []
   for t in range(x.shape[1]):
     (y, _), state = step(cache, x[:, t])
@@ -121,8 +131,8 @@ def test_step_decoding_equals_full_forward(conv_width):
   # Prefill a prompt (scanned from the cached state), then one token at a time with `step`.
   cache = cache0  # the cache does not depend on the length
   (y_prompt, _), state = jax.jit(
-      lambda c, xt: model.apply({"params": params, "cache": c}, xt, mutable=["cache"]))(
-          cache, x[:, :5])
+      lambda c, xt: model.apply({"params": params, "cache": c}, xt, mutable=["cache"])
+  )(cache, x[:, :5])
   outs, cache = [y_prompt], state["cache"]
   for t in range(5, x.shape[1]):
     (y, _), state = step(cache, x[:, t])
@@ -134,8 +144,9 @@ def test_step_decoding_equals_full_forward(conv_width):
 def test_init_values_follow_mamba():
   model = ssm.SelectiveSSM(state_dim=3, dt_min=0.01, dt_max=0.05)
   params = nn.unbox(jax.jit(model.init)(_key(0), _module_inputs())["params"])
-  np.testing.assert_allclose(-np.exp(params["A_log"]), -np.tile([1.0, 2.0, 3.0], (16, 1)),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      -np.exp(params["A_log"]), -np.tile([1.0, 2.0, 3.0], (16, 1)), rtol=1e-6
+  )
   dt = jax.nn.softplus(params["dt_proj"]["bias"])
   assert np.all((dt >= 0.01 * (1 - 1e-5)) & (dt <= 0.05 * (1 + 1e-5)))
   np.testing.assert_array_equal(params["D"], np.ones(16))
@@ -157,18 +168,27 @@ def test_bfloat16_compute_is_close_to_float32_and_params_stay_float32():
   y16, _ = jax.jit(ssm.SelectiveSSM(state_dim=4, dtype=jnp.bfloat16).apply)({"params": params}, x)
   assert y16.dtype == jnp.bfloat16
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nn.unbox(params)))
-  np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=0.05 * float(jnp.abs(y32).max()))
+  np.testing.assert_allclose(
+      np.asarray(y16, np.float32), y32, atol=0.05 * float(jnp.abs(y32).max())
+  )
 
 
 def test_works_under_jit_grad_remat_and_scan_over_layers():
   class Stack(nn.Module):
+
     @nn.compact
     def __call__(self, x):
       def body(layer, h, _):
         y, _ = layer(h)
         return h + y, None
-      layers = nn.scan(nn.remat(body), variable_axes={"params": 0}, split_rngs={"params": True},
-                       length=3, metadata_params={nn.PARTITION_NAME: "layers"})
+
+      layers = nn.scan(
+          nn.remat(body),
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          length=3,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )
       return layers(ssm.SelectiveSSM(state_dim=4, chunk_size=4), x, None)[0]
 
   x = _module_inputs()

@@ -16,7 +16,7 @@ def _reachability(adj):
   """Boolean closure by Floyd-Warshall: paths of >= 1 edge."""
   reach = adj.astype(bool).copy()
   for m in range(len(adj)):
-    reach |= reach[:, m:m + 1] & reach[m:m + 1, :]
+    reach |= reach[:, m : m + 1] & reach[m : m + 1, :]
   return reach
 
 
@@ -49,11 +49,13 @@ def test_fuzzy_rules_equal_hand_computed_values():
   # product: (a o a)[0, 0] = max(0 * 0, 0.5 * 0.8) = 0.4; [1, 1] = 0.4; off-diagonal 0.
   np.testing.assert_allclose(symbolic.compose(a, a, "product"), [[0.4, 0.0], [0.0, 0.4]])
   # one closure round: S(a, a o a) = a + c - a c elementwise.
-  np.testing.assert_allclose(symbolic.transitive_closure(a, 1, "product"),
-                             [[0.4, 0.5], [0.8, 0.4]], rtol=1e-6)
+  np.testing.assert_allclose(
+      symbolic.transitive_closure(a, 1, "product"), [[0.4, 0.5], [0.8, 0.4]], rtol=1e-6
+  )
   np.testing.assert_allclose(symbolic.transitive_closure(a, 1, "godel"), [[0.5, 0.5], [0.8, 0.5]])
-  np.testing.assert_allclose(symbolic.compose(a, a, "lukasiewicz"), [[0.3, 0.0], [0.0, 0.3]],
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      symbolic.compose(a, a, "lukasiewicz"), [[0.3, 0.0], [0.0, 0.3]], atol=1e-6
+  )
   p = jnp.array([[0.9], [0.2]])  # unary predicate on entities 0, 1
   # modus ponens, product: d(0) = max(0 * 0.9, 0.5 * 0.2) = 0.1; d(1) = max(0.8 * 0.9, 0) = 0.72
   np.testing.assert_allclose(symbolic.modus_ponens(a, p, "product"), [[0.1], [0.72]], rtol=1e-6)
@@ -64,15 +66,18 @@ def test_fuzzy_rules_equal_hand_computed_values():
 def test_tnorms_are_bounded_with_identities(a, b):
   for name in symbolic.TNORMS:
     t, s = symbolic.tnorm_fns(name)
-    assert float(t(a, 1.0)) == pytest.approx(a, abs=1e-6) and float(s(a, 0.0)) == pytest.approx(a, abs=1e-6)
+    assert float(t(a, 1.0)) == pytest.approx(a, abs=1e-6) and float(s(a, 0.0)) == pytest.approx(
+        a, abs=1e-6
+    )
     assert 0.0 <= float(t(a, b)) <= min(a, b) + 1e-6
     assert max(a, b) - 1e-6 <= float(s(a, b)) <= 1.0 + 1e-6
 
 
 @functools.lru_cache(maxsize=None)
 def _setup():
-  layer = symbolic.SymbolicReasoner(num_relations=2, num_predicates=3, num_derived=2, steps=2,
-                                    relation_dim=8, value_dim=8)
+  layer = symbolic.SymbolicReasoner(
+      num_relations=2, num_predicates=3, num_derived=2, steps=2, relation_dim=8, value_dim=8
+  )
   h = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 16)), jnp.float32)
   mask = jnp.array([[True] * 6, [True] * 4 + [False] * 2])
   params = jax.jit(layer.init)(jax.random.key(0, impl="rbg"), h, mask)["params"]

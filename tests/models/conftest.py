@@ -13,5 +13,5 @@ from tabular_testing import synthetic_rows  # noqa: E402
 
 @pytest.fixture
 def rows():
-    """(x_num f32[256, 3], x_cat i32[256, 2], y f32[256]) of the synthetic regression task."""
-    return synthetic_rows()
+  """(x_num f32[256, 3], x_cat i32[256, 2], y f32[256]) of the synthetic regression task."""
+  return synthetic_rows()

@@ -13,8 +13,16 @@ from nexus_jax.models import hybrid
 from nexus_jax.models.hybrid import HybridLM
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-SMALL = dict(vocab_size=32, d_model=16, num_heads=2, num_blocks=2, layers_per_block=2,
-             attention_index=1, ssm_state_dim=4, ssm_chunk_size=4)
+SMALL = dict(
+    vocab_size=32,
+    d_model=16,
+    num_heads=2,
+    num_blocks=2,
+    layers_per_block=2,
+    attention_index=1,
+    ssm_state_dim=4,
+    ssm_chunk_size=4,
+)
 
 
 def _key(seed=0):
@@ -94,6 +102,7 @@ def test_loss_decreases_on_a_periodic_sequence():
       loss, g = jax.value_and_grad(loss_fn)(p)
       updates, opt = tx.update(g, opt, p)
       return (optax.apply_updates(p, updates), opt), loss
+
     (p, opt), losses = jax.lax.scan(body, (p, opt), None, length=40)
     return losses
 

@@ -16,81 +16,99 @@ from nexus_jax.models.tabular.tabnet import TabNet
 
 
 def test_builtin_encoders_registered():
-    expected = {"ft_transformer": FTTransformer, "tabnet": TabNet, "tabm": TabM, "mlp": MLP, "resnet": ResNetMLP,
-                "standard": StandardEncoder}
-    for name, cls in expected.items():
-        assert registry.get_encoder(name) is cls
-        assert cls.pools_rows is (name == "standard")
-    assert set(expected) <= set(registry.encoder_names())
+  expected = {
+      "ft_transformer": FTTransformer,
+      "tabnet": TabNet,
+      "tabm": TabM,
+      "mlp": MLP,
+      "resnet": ResNetMLP,
+      "standard": StandardEncoder,
+  }
+  for name, cls in expected.items():
+    assert registry.get_encoder(name) is cls
+    assert cls.pools_rows is (name == "standard")
+  assert set(expected) <= set(registry.encoder_names())
 
 
 def test_unknown_encoder_error_lists_known_names():
-    with pytest.raises(KeyError, match=r"unknown encoder 'xgboost'.*ft_transformer.*tabnet"):
-        registry.get_encoder("xgboost")
+  with pytest.raises(KeyError, match=r"unknown encoder 'xgboost'.*ft_transformer.*tabnet"):
+    registry.get_encoder("xgboost")
 
 
 def test_register_custom_encoder_and_duplicates():
-    class Tiny(nn.Module):
-        @nn.compact
-        def __call__(self, x_num, x_cat, num_missing=None, row_mask=None, *, deterministic=True):
-            return x_num, {}
+  class Tiny(nn.Module):
 
-    try:
-        assert registry.register_encoder("tiny_test", Tiny) is Tiny
-        assert registry.get_encoder("tiny_test") is Tiny
-        registry.register_encoder("tiny_test", Tiny)  # same class again is fine
-        with pytest.raises(ValueError, match="already registered"):
-            registry.register_encoder("tiny_test", MLP)
-        registry.register_encoder("tiny_test", MLP, overwrite=True)
-        assert registry.get_encoder("tiny_test") is MLP
-        with pytest.raises(TypeError, match="Module subclass"):
-            registry.register_encoder("not_a_module", dict)
-    finally:
-        registry._ENCODERS.pop("tiny_test", None)
+    @nn.compact
+    def __call__(self, x_num, x_cat, num_missing=None, row_mask=None, *, deterministic=True):
+      return x_num, {}
+
+  try:
+    assert registry.register_encoder("tiny_test", Tiny) is Tiny
+    assert registry.get_encoder("tiny_test") is Tiny
+    registry.register_encoder("tiny_test", Tiny)  # same class again is fine
+    with pytest.raises(ValueError, match="already registered"):
+      registry.register_encoder("tiny_test", MLP)
+    registry.register_encoder("tiny_test", MLP, overwrite=True)
+    assert registry.get_encoder("tiny_test") is MLP
+    with pytest.raises(TypeError, match="Module subclass"):
+      registry.register_encoder("not_a_module", dict)
+  finally:
+    registry._ENCODERS.pop("tiny_test", None)
 
 
 @pytest.mark.parametrize("make", [dict, ml_collections.ConfigDict])
 def test_encoder_for_table(make):
-    cfg = make({"default": "ft_transformer", "planes": "tabnet"})
-    assert registry.encoder_for_table(cfg, "planes") == "tabnet"
-    assert registry.encoder_for_table(cfg, "weather") == "ft_transformer"
-    with pytest.raises(KeyError, match=r"encoders\.weather = 'gbdt' \(table 'weather'\).*known encoders"):
-        registry.encoder_for_table(make({"default": "mlp", "weather": "gbdt"}), "weather")
-    with pytest.raises(KeyError, match=r"no encoder configured for table 'airports'.*encoders\.default"):
-        registry.encoder_for_table(make({"planes": "tabnet"}), "airports")
+  cfg = make({"default": "ft_transformer", "planes": "tabnet"})
+  assert registry.encoder_for_table(cfg, "planes") == "tabnet"
+  assert registry.encoder_for_table(cfg, "weather") == "ft_transformer"
+  with pytest.raises(
+      KeyError, match=r"encoders\.weather = 'gbdt' \(table 'weather'\).*known encoders"
+  ):
+    registry.encoder_for_table(make({"default": "mlp", "weather": "gbdt"}), "weather")
+  with pytest.raises(
+      KeyError, match=r"no encoder configured for table 'airports'.*encoders\.default"
+  ):
+    registry.encoder_for_table(make({"planes": "tabnet"}), "airports")
 
 
 def test_prepare_features_checks_and_cleans():
-    x_num = jnp.array([[1.0, jnp.nan], [3.0, 4.0]])
-    xn, xc, miss, lead = prepare_features(x_num, None, None, 2, 0)
-    assert lead == (2,) and xc.shape == (2, 0) and xc.dtype == jnp.int32
-    np.testing.assert_array_equal(xn, [[1.0, 0.0], [3.0, 4.0]])
-    np.testing.assert_array_equal(miss, [[False, True], [False, False]])
-    _, _, miss2, _ = prepare_features(x_num, None, jnp.array([[True, False], [False, False]]), 2, 0)
-    np.testing.assert_array_equal(miss2, [[True, True], [False, False]])
-    _, xc3, _, lead3 = prepare_features(None, jnp.ones((2, 3, 1), jnp.int32), None, 0, 1)
-    assert lead3 == (2, 3)
-    with pytest.raises(ValueError, match=r"x_num \[\.\.\., 3\]"):
-        prepare_features(x_num, None, None, 3, 0)
-    with pytest.raises(ValueError, match="at least one feature"):
-        prepare_features(None, None, None, 0, 0)
+  x_num = jnp.array([[1.0, jnp.nan], [3.0, 4.0]])
+  xn, xc, miss, lead = prepare_features(x_num, None, None, 2, 0)
+  assert lead == (2,) and xc.shape == (2, 0) and xc.dtype == jnp.int32
+  np.testing.assert_array_equal(xn, [[1.0, 0.0], [3.0, 4.0]])
+  np.testing.assert_array_equal(miss, [[False, True], [False, False]])
+  _, _, miss2, _ = prepare_features(x_num, None, jnp.array([[True, False], [False, False]]), 2, 0)
+  np.testing.assert_array_equal(miss2, [[True, True], [False, False]])
+  _, xc3, _, lead3 = prepare_features(None, jnp.ones((2, 3, 1), jnp.int32), None, 0, 1)
+  assert lead3 == (2, 3)
+  with pytest.raises(ValueError, match=r"x_num \[\.\.\., 3\]"):
+    prepare_features(x_num, None, None, 3, 0)
+  with pytest.raises(ValueError, match="at least one feature"):
+    prepare_features(None, None, None, 0, 0)
 
 
 @pytest.mark.parametrize("name", ["ft_transformer", "tabnet", "tabm", "mlp", "resnet", "standard"])
 def test_every_param_has_distinct_logical_axis_names(name):
-    """All params are boxed with logical names (for train/sharding.py), none repeats a name."""
-    import jax
+  """All params are boxed with logical names (for train/sharding.py), none repeats a name."""
+  import jax
 
-    cls = registry.get_encoder(name)
-    small = {"ft_transformer": dict(n_blocks=1, d_token=8, n_heads=2), "tabnet": dict(n_steps=1),
-             "tabm": dict(k=2, d_block=8), "mlp": dict(d_layers=(8,)), "resnet": dict(d_main=8),
-             "standard": dict(d_model=8, n_heads=2)}[name]
-    model = cls(num_numeric=2, cat_cardinalities=(4,), d_out=4, **small)
-    shape = (3, 2, 2) if cls.pools_rows else (3, 2)
-    x_num, x_cat = jnp.zeros(shape, jnp.float32), jnp.zeros(shape[:-1] + (1,), jnp.int32)
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x_num, x_cat))
-    leaves = jax.tree_util.tree_leaves(variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    assert leaves and all(isinstance(p, nn.Partitioned) for p in leaves)
-    for p in leaves:
-        names = [n for n in p.names if n is not None]
-        assert len(names) == len(set(names)) and len(p.names) == len(p.value.shape), p.names
+  cls = registry.get_encoder(name)
+  small = {
+      "ft_transformer": dict(n_blocks=1, d_token=8, n_heads=2),
+      "tabnet": dict(n_steps=1),
+      "tabm": dict(k=2, d_block=8),
+      "mlp": dict(d_layers=(8,)),
+      "resnet": dict(d_main=8),
+      "standard": dict(d_model=8, n_heads=2),
+  }[name]
+  model = cls(num_numeric=2, cat_cardinalities=(4,), d_out=4, **small)
+  shape = (3, 2, 2) if cls.pools_rows else (3, 2)
+  x_num, x_cat = jnp.zeros(shape, jnp.float32), jnp.zeros(shape[:-1] + (1,), jnp.int32)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x_num, x_cat))
+  leaves = jax.tree_util.tree_leaves(
+      variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned)
+  )
+  assert leaves and all(isinstance(p, nn.Partitioned) for p in leaves)
+  for p in leaves:
+    names = [n for n in p.names if n is not None]
+    assert len(names) == len(set(names)) and len(p.names) == len(p.value.shape), p.names

@@ -19,11 +19,16 @@ def _tokens(seed, shape, vocab):
   return jax.random.randint(jax.random.PRNGKey(seed), shape, 0, vocab)
 
 
-@pytest.mark.parametrize("kw", [
-    dict(num_kv_heads=2, num_experts=4, moe_every=2),  # GQA, the 2nd of 2 layers MoE
-    pytest.param(dict(scan_layers=False, norm="layer", activation="gelu", qk_norm=True),
-                 marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(num_kv_heads=2, num_experts=4, moe_every=2),  # GQA, the 2nd of 2 layers MoE
+        pytest.param(
+            dict(scan_layers=False, norm="layer", activation="gelu", qk_norm=True),
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
 def test_decoder_cached_decoding_equals_full_forward(kw):
   """Prefill 3 tokens then one at a time, RoPE on half the head dims: same logits as one pass."""
   model = Decoder(**{**SMALL, **kw}, vocab_size=11, rotary_fraction=0.5)
@@ -36,27 +41,29 @@ def test_decoder_cached_decoding_equals_full_forward(kw):
   outs, (out, cache) = [], step(cache, tokens[:, :3])
   outs.append(out)
   for i in range(3, 7):
-    out, cache = step(cache, tokens[:, i:i + 1])
+    out, cache = step(cache, tokens[:, i : i + 1])
     outs.append(out)
   np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=2e-5)
 
 
 def test_encoder_decoder_cached_decoding_equals_full_forward():
   """Encoder run once; cross-attention keys cached on the first call, reused afterwards."""
-  model = EncoderDecoder(**SMALL, vocab_size=13, num_kv_heads=2, rotary_fraction=0.25,
-                         num_encoder_layers=1)
+  model = EncoderDecoder(
+      **SMALL, vocab_size=13, num_kv_heads=2, rotary_fraction=0.25, num_encoder_layers=1
+  )
   src, tgt = _tokens(2, (2, 5), 13), _tokens(3, (2, 6), 13)
   src_mask = jnp.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], bool)
   params = jax.jit(model.init)(jax.random.PRNGKey(1), src, tgt)["params"]
   full, _ = jax.jit(model.apply)({"params": params}, src, tgt, source_mask=src_mask)
   encoded = jax.jit(lambda p, s: decoding.encode(model, p, s, src_mask))(params, src)
   cache = decoding.init_cache(model, 2, cache_len=8, source_len=5)
-  first, cache = jax.jit(lambda c, x, e: decoding.decode_step(
-      model, params, c, x, encoded=e, source_mask=src_mask))(cache, tgt[:, :2], encoded)
+  first, cache = jax.jit(
+      lambda c, x, e: decoding.decode_step(model, params, c, x, encoded=e, source_mask=src_mask)
+  )(cache, tgt[:, :2], encoded)
   step = jax.jit(lambda c, x: decoding.decode_step(model, params, c, x, source_mask=src_mask))
   outs = [first]
   for i in range(2, 6):
-    out, cache = step(cache, tgt[:, i:i + 1])
+    out, cache = step(cache, tgt[:, i : i + 1])
     outs.append(out)
   np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=2e-5)
 
@@ -68,8 +75,12 @@ def _train(objective, batch, steps=30, lr=1e-2):
   tx = optax.adam(lr)
 
   def loss_fn(p):
-    out, _ = model.apply({"params": p}, **objective.inputs(batch, True),
-                         rngs={"dropout": jax.random.PRNGKey(1)}, mutable=["aux_loss"])
+    out, _ = model.apply(
+        {"params": p},
+        **objective.inputs(batch, True),
+        rngs={"dropout": jax.random.PRNGKey(1)},
+        mutable=["aux_loss"],
+    )
     return objective.loss(out[0], batch)[0]
 
   @jax.jit
@@ -94,36 +105,50 @@ def _head_cases():
   series = np.sin(np.linspace(0, 6, 12))[None, :, None] * rng.uniform(0.5, 1.5, (8, 1, 1))
   series = series.astype(np.float32)
   return {
-      "lm": lambda: (seq_objectives.lm_objective(Decoder(**ONE, vocab_size=5,
-                                                         tie_embeddings=True)),
-                     {"tokens": seqs, "weight": w}),
+      "lm": lambda: (
+          seq_objectives.lm_objective(Decoder(**ONE, vocab_size=5, tie_embeddings=True)),
+          {"tokens": seqs, "weight": w},
+      ),
       # feature-input decoder forecasting the next step of a tiny series
       "token_regression": lambda: (
-          seq_objectives.token_regression_objective(Decoder(**ONE, head="token_regression",
-                                                            num_outputs=1)),
-          {"inputs": series[:, :-1], "targets": series[:, 1:], "weight": w}),
+          seq_objectives.token_regression_objective(
+              Decoder(**ONE, head="token_regression", num_outputs=1)
+          ),
+          {"inputs": series[:, :-1], "targets": series[:, 1:], "weight": w},
+      ),
       "classification": lambda: (
-          seq_objectives.classification_objective(Encoder(**ONE, head="classification",
-                                                          num_outputs=2, pooling="first")),
-          {"inputs": feats, "label": label, "weight": w}),
+          seq_objectives.classification_objective(
+              Encoder(**ONE, head="classification", num_outputs=2, pooling="first")
+          ),
+          {"inputs": feats, "label": label, "weight": w},
+      ),
       "regression": lambda: (
-          seq_objectives.regression_objective(Encoder(**ONE, head="regression", num_outputs=1,
-                                                      num_experts=2, moe_top_k=1)),
-          {"inputs": feats, "target": feats[:, :, :1].mean(1), "weight": w}),
+          seq_objectives.regression_objective(
+              Encoder(**ONE, head="regression", num_outputs=1, num_experts=2, moe_top_k=1)
+          ),
+          {"inputs": feats, "target": feats[:, :, :1].mean(1), "weight": w},
+      ),
       "seq2seq": lambda: (
           seq_objectives.seq2seq_objective(EncoderDecoder(**ONE, vocab_size=6)),
-          {"source": seqs[:, :5] % 6,
-           "targets": np.concatenate([np.zeros((8, 1), np.int32), seqs[:, :5][:, ::-1]], 1),
-           "weight": w}),
+          {
+              "source": seqs[:, :5] % 6,
+              "targets": np.concatenate([np.zeros((8, 1), np.int32), seqs[:, :5][:, ::-1]], 1),
+              "weight": w,
+          },
+      ),
   }
 
 
-@pytest.mark.parametrize("head", [
-    "lm", "token_regression",
-    pytest.param("classification", marks=pytest.mark.slow),
-    pytest.param("regression", marks=pytest.mark.slow),
-    pytest.param("seq2seq", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "head",
+    [
+        "lm",
+        "token_regression",
+        pytest.param("classification", marks=pytest.mark.slow),
+        pytest.param("regression", marks=pytest.mark.slow),
+        pytest.param("seq2seq", marks=pytest.mark.slow),
+    ],
+)
 def test_head_loss_decreases(head):
   objective, batch = _head_cases()[head]()
   losses = _train(objective, batch)
@@ -132,9 +157,18 @@ def test_head_loss_decreases(head):
 
 def test_options_forward_and_grad():
   """Shared layers, remat, post-norm, LayerNorm, GEGLU and the chunked attention backend."""
-  model = Encoder(**SMALL, share_layers=True, remat_policy="dots", norm_placement="post",
-                  norm="layer", attention_backend="chunked", activation="geglu", vocab_size=7,
-                  head="classification", num_outputs=3)
+  model = Encoder(
+      **SMALL,
+      share_layers=True,
+      remat_policy="dots",
+      norm_placement="post",
+      norm="layer",
+      attention_backend="chunked",
+      activation="geglu",
+      vocab_size=7,
+      head="classification",
+      num_outputs=3,
+  )
   tokens = _tokens(4, (2, 6), 7)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), tokens)["params"]
   grads = jax.jit(jax.grad(lambda p: model.apply({"params": p}, tokens)[0].sum()))(params)
@@ -149,7 +183,8 @@ def test_logical_partitioning_and_bfloat16():
   tokens = _tokens(5, (2, 4), 9)
   boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)["params"]
   for path, leaf in jax.tree_util.tree_flatten_with_path(
-      boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]:
+      boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+  )[0]:
     assert isinstance(leaf, nn.Partitioned), path
     names = [n for n in leaf.names if n is not None]
     assert len(names) == len(set(names)), (path, leaf.names)
@@ -167,16 +202,21 @@ def test_pool_masks():
   np.testing.assert_allclose(pool(x, mask, "last")[:, 0], [2, 7])
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(head="lm", vocab_size=0), "head='lm' needs token input"),
-    (dict(head="classification", vocab_size=5), "needs num_outputs >= 1"),
-    (dict(head="bogus", vocab_size=5), "head='bogus'"),
-    (dict(vocab_size=5, num_experts=2, moe_every=3), "multiple of moe_every"),
-    (dict(vocab_size=5, head="regression", num_outputs=1, tie_embeddings=True),
-     "tie_embeddings=True needs"),
-    (dict(vocab_size=5, remat_policy="some"), "remat_policy='some'"),
-    (dict(vocab_size=5, num_layers=0), "num_layers must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(head="lm", vocab_size=0), "head='lm' needs token input"),
+        (dict(head="classification", vocab_size=5), "needs num_outputs >= 1"),
+        (dict(head="bogus", vocab_size=5), "head='bogus'"),
+        (dict(vocab_size=5, num_experts=2, moe_every=3), "multiple of moe_every"),
+        (
+            dict(vocab_size=5, head="regression", num_outputs=1, tie_embeddings=True),
+            "tie_embeddings=True needs",
+        ),
+        (dict(vocab_size=5, remat_policy="some"), "remat_policy='some'"),
+        (dict(vocab_size=5, num_layers=0), "num_layers must be >= 1"),
+    ],
+)
 def test_config_validation_errors(kw, match):
   with pytest.raises(ValueError, match=match):
     Encoder(**{**SMALL, **kw}).init(jax.random.PRNGKey(0), jnp.zeros((1, 3), jnp.int32))
@@ -190,9 +230,11 @@ def test_bad_inputs_get_clear_errors():
     model.init(jax.random.PRNGKey(0), jnp.ones((1, 3, 2)))
   with pytest.raises(ValueError, match="feature input"):
     Decoder(**SMALL, head="token_regression", num_outputs=1).init(
-        jax.random.PRNGKey(0), jnp.zeros((1, 3), jnp.int32))
+        jax.random.PRNGKey(0), jnp.zeros((1, 3), jnp.int32)
+    )
   with pytest.raises(ValueError, match="head must be 'lm' or 'token_regression'"):
     EncoderDecoder(**SMALL, vocab_size=5, head="classification", num_outputs=2).init(
-        jax.random.PRNGKey(0), jnp.zeros((1, 3), jnp.int32), jnp.zeros((1, 3), jnp.int32))
+        jax.random.PRNGKey(0), jnp.zeros((1, 3), jnp.int32), jnp.zeros((1, 3), jnp.int32)
+    )
   with pytest.raises(TypeError, match="needs a Decoder or EncoderDecoder"):
     decoding.init_cache(Encoder(**SMALL, vocab_size=5), 1, 4)

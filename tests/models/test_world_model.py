@@ -67,9 +67,16 @@ def test_ema_update_moves_target_towards_online_weights():
 
 @functools.lru_cache(maxsize=None)
 def _setup(vocab_size=None):
-  model = wm.JEPAWorldModel(embed_dim=16, num_layers=1, num_heads=2, mlp_dim=32,
-                            vocab_size=vocab_size, predictor_dim=16, predictor_heads=2,
-                            predictor_mlp_dim=32)
+  model = wm.JEPAWorldModel(
+      embed_dim=16,
+      num_layers=1,
+      num_heads=2,
+      mlp_dim=32,
+      vocab_size=vocab_size,
+      predictor_dim=16,
+      predictor_heads=2,
+      predictor_mlp_dim=32,
+  )
   rng = np.random.default_rng(0)
   if vocab_size:
     x = jnp.asarray(rng.integers(0, vocab_size, (4, 24)), jnp.int32)
@@ -90,8 +97,8 @@ def test_train_step_updates_online_weights_by_gradient_and_target_by_ema():
   @jax.jit
   def step(params, target, opt_state):
     (loss, aux), (g_params, g_target) = jax.value_and_grad(
-        lambda p, t: wm.jepa_loss(model, p, t, x, mask), argnums=(0, 1), has_aux=True)(
-            params, target)
+        lambda p, t: wm.jepa_loss(model, p, t, x, mask), argnums=(0, 1), has_aux=True
+    )(params, target)
     updates, opt_state = opt.update(g_params, opt_state)
     new_params = optax.apply_updates(params, updates)
     return new_params, wm.ema_update(target, new_params["encoder"], 0.9), g_target, loss
@@ -100,8 +107,9 @@ def test_train_step_updates_online_weights_by_gradient_and_target_by_ema():
   assert np.isfinite(loss)
   assert all(np.all(g == 0) for g in jax.tree.leaves(g_target))  # targets: stop_gradient
   moved = 0
-  for t_new, t_old, p_new in zip(jax.tree.leaves(new_target), jax.tree.leaves(target),
-                                 jax.tree.leaves(new_params["encoder"])):
+  for t_new, t_old, p_new in zip(
+      jax.tree.leaves(new_target), jax.tree.leaves(target), jax.tree.leaves(new_params["encoder"])
+  ):
     np.testing.assert_allclose(t_new, 0.9 * t_old + 0.1 * p_new, rtol=1e-6, atol=1e-7)
     moved += int(np.any(t_new != t_old))
   assert moved > 0
@@ -118,14 +126,24 @@ def test_context_latents_do_not_depend_on_masked_inputs():
 
 def test_loss_terms_and_shapes():
   model, x, mask, params = _setup()
-  loss, aux = jax.jit(lambda p: wm.jepa_loss(model, p, wm.init_target(p), x, mask, vicreg_on="all",
-                                             actions=jnp.ones((4, 24, 2))))(
-      {**params, "predictor": {**params["predictor"], "actions": {
-          "kernel": jnp.zeros((2, 16)), "bias": jnp.zeros((16,))}}})
+  loss, aux = jax.jit(
+      lambda p: wm.jepa_loss(
+          model, p, wm.init_target(p), x, mask, vicreg_on="all", actions=jnp.ones((4, 24, 2))
+      )
+  )(
+      {
+          **params,
+          "predictor": {
+              **params["predictor"],
+              "actions": {"kernel": jnp.zeros((2, 16)), "bias": jnp.zeros((16,))},
+          },
+      }
+  )
   assert aux["context"].shape == (4, 24, 16)
   assert aux["embeddings"].shape == (4, 24, model.expander_dims[-1])
-  np.testing.assert_allclose(loss, 25 * aux["invariance"] + 25 * aux["variance"]
-                             + aux["covariance"], rtol=1e-5)
+  np.testing.assert_allclose(
+      loss, 25 * aux["invariance"] + 25 * aux["variance"] + aux["covariance"], rtol=1e-5
+  )
   # variance / covariance act on the expander's embeddings, not on the representations
   expanded = model.apply({"params": params}, aux["context"], method="expand")
   np.testing.assert_allclose(expanded, aux["embeddings"], rtol=1e-5, atol=1e-6)
@@ -135,7 +153,9 @@ def test_loss_terms_and_shapes():
 
 def test_vicreg_on_masked_positions_uses_only_those_embeddings():
   model, x, mask, params = _setup()
-  _, aux = jax.jit(lambda p: wm.jepa_loss(model, p, wm.init_target(p), x, mask, vicreg_on="masked"))(params)
+  _, aux = jax.jit(
+      lambda p: wm.jepa_loss(model, p, wm.init_target(p), x, mask, vicreg_on="masked")
+  )(params)
   rows = np.asarray(aux["embeddings"])[np.asarray(mask)]  # [masked positions, D]
   var, cov = wm.variance_covariance(jnp.asarray(rows))
   np.testing.assert_allclose([aux["variance"], aux["covariance"]], [var, cov], rtol=1e-4)
@@ -144,12 +164,22 @@ def test_vicreg_on_masked_positions_uses_only_those_embeddings():
 
 
 def test_without_expander_vicreg_terms_act_on_the_representations():
-  model = wm.JEPAWorldModel(embed_dim=16, num_layers=1, num_heads=2, mlp_dim=32, predictor_dim=16,
-                            predictor_heads=2, predictor_mlp_dim=32, expander_dims=())
+  model = wm.JEPAWorldModel(
+      embed_dim=16,
+      num_layers=1,
+      num_heads=2,
+      mlp_dim=32,
+      predictor_dim=16,
+      predictor_heads=2,
+      predictor_mlp_dim=32,
+      expander_dims=(),
+  )
   _, x, mask, _ = _setup()
   params = nn.unbox(jax.jit(model.init)(_key(2), x, mask)["params"])
   assert "expander" not in params
-  _, aux = jax.jit(lambda p: wm.jepa_loss(model, p, wm.init_target(p), x, mask, vicreg_on="all"))(params)
+  _, aux = jax.jit(lambda p: wm.jepa_loss(model, p, wm.init_target(p), x, mask, vicreg_on="all"))(
+      params
+  )
   np.testing.assert_array_equal(aux["embeddings"], aux["context"])
   var, cov = wm.variance_covariance(jnp.asarray(aux["context"]).reshape(-1, 16))
   np.testing.assert_allclose([aux["variance"], aux["covariance"]], [var, cov], rtol=1e-5)

@@ -1,5 +1,6 @@
 """Puts this folder on sys.path (pytest runs with --import-mode=importlib) and shares one fitted
-classifier on the tiny task of `relational_testing` across the tests (compiling dominates on CPU)."""
+classifier on the tiny task of `relational_testing` across the tests (compiling dominates on CPU).
+"""
 
 import os
 import sys
@@ -15,10 +16,10 @@ from nexus_jax.tabular.estimator import NexusFlowClassifier  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tables():
-    return make_tables()
+  return make_tables()
 
 
 @pytest.fixture(scope="session")
 def fitted(tables):
-    """A NexusFlowClassifier fitted on the tiny task."""
-    return NexusFlowClassifier(**TINY).fit(tables, SCHEMA)
+  """A NexusFlowClassifier fitted on the tiny task."""
+  return NexusFlowClassifier(**TINY).fit(tables, SCHEMA)

@@ -14,178 +14,208 @@ from nexus_jax.tabular.estimator import NexusFlowClassifier, NexusFlowRegressor
 
 
 def test_fit_predict_shapes_order_and_quality(fitted, tables):
-    new, history = predict_tables(tables)
-    proba = fitted.predict_proba(new, history=history)
-    assert proba.shape == (len(new["orders"]), 2)
-    np.testing.assert_allclose(proba.sum(1), 1.0)
-    np.testing.assert_array_equal(fitted.classes_, [0, 1])
-    labels = fitted.predict(new, history=history)
-    np.testing.assert_array_equal(labels, proba.argmax(1))
-    # One prediction per row, in order: reversing the rows reverses the predictions.
-    rev = {**new, "orders": new["orders"].iloc[::-1].reset_index(drop=True)}
-    np.testing.assert_allclose(fitted.predict_proba(rev, history=history), proba[::-1], rtol=1e-5, atol=1e-6)
-    report = fitted.fit_report_
-    assert report["rows"]["train"] > report["rows"]["test"] > 0
-    assert report["test"]["auc"] > 0.6, report  # the task is learnable from the tables
+  new, history = predict_tables(tables)
+  proba = fitted.predict_proba(new, history=history)
+  assert proba.shape == (len(new["orders"]), 2)
+  np.testing.assert_allclose(proba.sum(1), 1.0)
+  np.testing.assert_array_equal(fitted.classes_, [0, 1])
+  labels = fitted.predict(new, history=history)
+  np.testing.assert_array_equal(labels, proba.argmax(1))
+  # One prediction per row, in order: reversing the rows reverses the predictions.
+  rev = {**new, "orders": new["orders"].iloc[::-1].reset_index(drop=True)}
+  np.testing.assert_allclose(
+      fitted.predict_proba(rev, history=history), proba[::-1], rtol=1e-5, atol=1e-6
+  )
+  report = fitted.fit_report_
+  assert report["rows"]["train"] > report["rows"]["test"] > 0
+  assert report["test"]["auc"] > 0.6, report  # the task is learnable from the tables
 
 
 def test_save_load_predicts_identically(fitted, tables, tmp_path):
-    new, history = predict_tables(tables)
-    path = fitted.save(tmp_path / "model")
-    assert not list(path.rglob("*.pkl")) and not list(path.rglob("*.pickle"))
-    loaded = NexusFlowClassifier.load(path)
-    np.testing.assert_array_equal(loaded.predict_proba(new, history=history), fitted.predict_proba(new, history=history))
-    assert loaded.get_params() == json.loads(json.dumps(fitted.get_params()))  # tuples come back as lists
+  new, history = predict_tables(tables)
+  path = fitted.save(tmp_path / "model")
+  assert not list(path.rglob("*.pkl")) and not list(path.rglob("*.pickle"))
+  loaded = NexusFlowClassifier.load(path)
+  np.testing.assert_array_equal(
+      loaded.predict_proba(new, history=history), fitted.predict_proba(new, history=history)
+  )
+  assert loaded.get_params() == json.loads(
+      json.dumps(fitted.get_params())
+  )  # tuples come back as lists
 
 
 def test_unseen_categories_nan_and_missing_related_rows(fitted, tables):
-    new, history = predict_tables(tables)
-    orders = new["orders"].copy()
-    orders.loc[0, "channel"] = "carrier pigeon"             # unseen category
-    orders.loc[1, "amount"] = np.nan                        # missing numeric
-    orders.loc[2, "customer_id"] = "nobody"                 # no parent row, no history
-    orders.loc[3, "customer_id"] = None                     # null foreign key
-    events = tables["events"]
-    events = events[events["customer_id"] != orders.loc[4, "customer_id"]]   # a customer without any event
-    proba = fitted.predict_proba({**new, "orders": orders, "events": events}, history=history)
-    assert proba.shape == (len(orders), 2) and np.isfinite(proba).all()
-    base = fitted.predict_proba(new, history=history)
-    touched = set(new["orders"]["customer_id"].iloc[:5])
-    untouched = ~new["orders"]["customer_id"].isin(touched).to_numpy()
-    np.testing.assert_allclose(proba[untouched], base[untouched], rtol=1e-5, atol=1e-6)   # other rows unaffected
-    assert not np.allclose(proba[:3], base[:3])
+  new, history = predict_tables(tables)
+  orders = new["orders"].copy()
+  orders.loc[0, "channel"] = "carrier pigeon"  # unseen category
+  orders.loc[1, "amount"] = np.nan  # missing numeric
+  orders.loc[2, "customer_id"] = "nobody"  # no parent row, no history
+  orders.loc[3, "customer_id"] = None  # null foreign key
+  events = tables["events"]
+  events = events[
+      events["customer_id"] != orders.loc[4, "customer_id"]
+  ]  # a customer without any event
+  proba = fitted.predict_proba({**new, "orders": orders, "events": events}, history=history)
+  assert proba.shape == (len(orders), 2) and np.isfinite(proba).all()
+  base = fitted.predict_proba(new, history=history)
+  touched = set(new["orders"]["customer_id"].iloc[:5])
+  untouched = ~new["orders"]["customer_id"].isin(touched).to_numpy()
+  np.testing.assert_allclose(
+      proba[untouched], base[untouched], rtol=1e-5, atol=1e-6
+  )  # other rows unaffected
+  assert not np.allclose(proba[:3], base[:3])
 
 
 def test_bad_input_names_table_and_column(fitted, tables):
-    new, history = predict_tables(tables)
-    with pytest.raises(SchemaError, match="table\\(s\\) \\['shops'\\] were not in the training data"):
-        fitted.predict({**new, "shops": new["customers"]})
-    with pytest.raises(SchemaError, match="table\\(s\\) \\['events'\\] are missing"):
-        fitted.predict({k: v for k, v in new.items() if k != "events"})
-    with pytest.raises(SchemaError, match="table 'orders': column\\(s\\) \\['coupon'\\] were not in the training"):
-        fitted.predict({**new, "orders": new["orders"].assign(coupon=1)})
-    with pytest.raises(SchemaError, match="table 'customers': column 'income' .* is missing"):
-        fitted.predict({**new, "customers": new["customers"].drop(columns=["income"])})
-    with pytest.raises(SchemaError, match="table 'orders': column 'amount' was numeric at fit time .* \\['lots'\\]"):
-        fitted.predict({**new, "orders": new["orders"].assign(amount=["lots"] * len(new["orders"]))})
-    with pytest.raises(SchemaError, match="table 'orders' \\(the target table\\) has no rows to predict"):
-        fitted.predict({**new, "orders": new["orders"].iloc[:0]})
-    with pytest.raises(RuntimeError, match="not fitted"):
-        NexusFlowClassifier().predict(new)
-    with pytest.raises(SchemaError, match="handles tasks \\('regression',\\)"):
-        NexusFlowRegressor().fit(tables, SCHEMA)
+  new, history = predict_tables(tables)
+  with pytest.raises(SchemaError, match="table\\(s\\) \\['shops'\\] were not in the training data"):
+    fitted.predict({**new, "shops": new["customers"]})
+  with pytest.raises(SchemaError, match="table\\(s\\) \\['events'\\] are missing"):
+    fitted.predict({k: v for k, v in new.items() if k != "events"})
+  with pytest.raises(
+      SchemaError, match="table 'orders': column\\(s\\) \\['coupon'\\] were not in the training"
+  ):
+    fitted.predict({**new, "orders": new["orders"].assign(coupon=1)})
+  with pytest.raises(SchemaError, match="table 'customers': column 'income' .* is missing"):
+    fitted.predict({**new, "customers": new["customers"].drop(columns=["income"])})
+  with pytest.raises(
+      SchemaError, match="table 'orders': column 'amount' was numeric at fit time .* \\['lots'\\]"
+  ):
+    fitted.predict({**new, "orders": new["orders"].assign(amount=["lots"] * len(new["orders"]))})
+  with pytest.raises(
+      SchemaError, match="table 'orders' \\(the target table\\) has no rows to predict"
+  ):
+    fitted.predict({**new, "orders": new["orders"].iloc[:0]})
+  with pytest.raises(RuntimeError, match="not fitted"):
+    NexusFlowClassifier().predict(new)
+  with pytest.raises(SchemaError, match="handles tasks \\('regression',\\)"):
+    NexusFlowRegressor().fit(tables, SCHEMA)
 
 
 def _rewrite(path, name, text):
-    (path / name).write_text(text)
-    manifest = json.loads((path / "manifest.json").read_text())
-    manifest["sha256"][name] = sha256_file(path / name)
-    (path / "manifest.json").write_text(json.dumps(manifest))
+  (path / name).write_text(text)
+  manifest = json.loads((path / "manifest.json").read_text())
+  manifest["sha256"][name] = sha256_file(path / name)
+  (path / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_tampered_or_foreign_artifacts_fail_clearly(fitted, tmp_path):
-    path = fitted.save(tmp_path / "model")
-    victims = sorted(p for p in (path / "params").rglob("*") if p.is_file() and p.stat().st_size > 16)
-    for case in ("flip", "delete", "add", "version_newer", "version_older", "no_manifest"):
-        bad = tmp_path / case
-        shutil.copytree(path, bad)
-        if case == "flip":
-            target = bad / victims[-1].relative_to(path)
-            data = bytearray(target.read_bytes())
-            data[len(data) // 2] ^= 0xFF
-            target.write_bytes(bytes(data))
-            match = "contents changed after saving"
-        elif case == "delete":
-            (bad / "builder" / "context_set_builder.json").unlink()
-            match = "are missing"
-        elif case == "add":
-            (bad / "params" / "extra.bin").write_bytes(b"\x80\x04evil")
-            match = "were added after saving"
-        elif case.startswith("version"):
-            meta = json.loads((bad / "artifact.json").read_text())
-            meta["format_version"] = 99 if case == "version_newer" else 0
-            _rewrite(bad, "artifact.json", json.dumps(meta))
-            match = "upgrade nexus_jax" if case == "version_newer" else "re-train or re-save"
-        else:
-            (bad / "manifest.json").unlink()
-            match = "no manifest.json"
-        with pytest.raises(ArtifactError, match=match):
-            NexusFlowClassifier.load(bad)
+  path = fitted.save(tmp_path / "model")
+  victims = sorted(p for p in (path / "params").rglob("*") if p.is_file() and p.stat().st_size > 16)
+  for case in ("flip", "delete", "add", "version_newer", "version_older", "no_manifest"):
+    bad = tmp_path / case
+    shutil.copytree(path, bad)
+    if case == "flip":
+      target = bad / victims[-1].relative_to(path)
+      data = bytearray(target.read_bytes())
+      data[len(data) // 2] ^= 0xFF
+      target.write_bytes(bytes(data))
+      match = "contents changed after saving"
+    elif case == "delete":
+      (bad / "builder" / "context_set_builder.json").unlink()
+      match = "are missing"
+    elif case == "add":
+      (bad / "params" / "extra.bin").write_bytes(b"\x80\x04evil")
+      match = "were added after saving"
+    elif case.startswith("version"):
+      meta = json.loads((bad / "artifact.json").read_text())
+      meta["format_version"] = 99 if case == "version_newer" else 0
+      _rewrite(bad, "artifact.json", json.dumps(meta))
+      match = "upgrade nexus_jax" if case == "version_newer" else "re-train or re-save"
+    else:
+      (bad / "manifest.json").unlink()
+      match = "no manifest.json"
+    with pytest.raises(ArtifactError, match=match):
+      NexusFlowClassifier.load(bad)
 
 
 def test_sklearn_params_and_clone():
-    est = NexusFlowClassifier(num_epochs=3, d_model=24)
-    assert est.get_params()["num_epochs"] == 3
-    other = clone(est)
-    assert other.get_params() == est.get_params() and other is not est
-    est.set_params(learning_rate=1e-2)
-    assert est.learning_rate == 1e-2
-    with pytest.raises(ValueError, match="unknown parameter"):
-        est.set_params(epochs=3)
-    config = NexusFlowClassifier().make_config(n_train=10_000)  # no arguments: the quick defaults
-    assert config.model.name == "nexus_former" and config.train.num_steps >= 200
-    config = NexusFlowClassifier(config_overrides={"model.ensemble_size": 2}).make_config(n_train=1000)
-    assert config.model.ensemble_size == 2
-    with pytest.raises(ValueError, match="config has no field 'model.widht'"):
-        NexusFlowClassifier(config_overrides={"model.widht": 3}).make_config(n_train=1000)
+  est = NexusFlowClassifier(num_epochs=3, d_model=24)
+  assert est.get_params()["num_epochs"] == 3
+  other = clone(est)
+  assert other.get_params() == est.get_params() and other is not est
+  est.set_params(learning_rate=1e-2)
+  assert est.learning_rate == 1e-2
+  with pytest.raises(ValueError, match="unknown parameter"):
+    est.set_params(epochs=3)
+  config = NexusFlowClassifier().make_config(n_train=10_000)  # no arguments: the quick defaults
+  assert config.model.name == "nexus_former" and config.train.num_steps >= 200
+  config = NexusFlowClassifier(config_overrides={"model.ensemble_size": 2}).make_config(
+      n_train=1000
+  )
+  assert config.model.ensemble_size == 2
+  with pytest.raises(ValueError, match="config has no field 'model.widht'"):
+    NexusFlowClassifier(config_overrides={"model.widht": 3}).make_config(n_train=1000)
 
 
 def test_quantised_and_pruned_models_predict_with_bounded_change(fitted, tables, tmp_path):
-    new, history = predict_tables(tables)
-    est = NexusFlowClassifier.load(fitted.save(tmp_path / "orig"))
-    labelled = {**tables, "orders": tables["orders"]}
-    before = est.predict_proba(new, history=history)
-    pruned = est.optimize("prune", amount=0.3, eval_tables=labelled)
-    assert abs(pruned["sparsity"] - 0.3) < 0.01
-    assert abs(pruned["change"]["auc"]) < 0.05 and abs(pruned["change"]["log_loss"]) < 0.05
-    quant = est.optimize("int8", eval_tables=labelled)
-    # A tiny model has many small leaves that stay float32; big matrices shrink by 75% (test_quantize.py).
-    assert quant["size_reduction"] > 0.3 and abs(quant["change"]["auc"]) < 0.02
-    after = est.predict_proba(new, history=history)
-    assert np.max(np.abs(after - before)) < 0.2
-    path = est.save(tmp_path / "small")
-    reloaded = NexusFlowClassifier.load(path)
-    np.testing.assert_array_equal(reloaded.predict_proba(new, history=history), after)
-    assert [o["method"] for o in reloaded.predictor_.optimization] == ["prune", "int8"]
-    size = lambda p: sum(f.stat().st_size for f in (p / "params").rglob("*") if f.is_file())  # noqa: E731
-    assert size(path) < size(tmp_path / "orig")
-    with pytest.raises(ValueError, match="already int8"):
-        est.optimize("int8")
+  new, history = predict_tables(tables)
+  est = NexusFlowClassifier.load(fitted.save(tmp_path / "orig"))
+  labelled = {**tables, "orders": tables["orders"]}
+  before = est.predict_proba(new, history=history)
+  pruned = est.optimize("prune", amount=0.3, eval_tables=labelled)
+  assert abs(pruned["sparsity"] - 0.3) < 0.01
+  assert abs(pruned["change"]["auc"]) < 0.05 and abs(pruned["change"]["log_loss"]) < 0.05
+  quant = est.optimize("int8", eval_tables=labelled)
+  # A tiny model has many small leaves that stay float32; big matrices shrink by 75% (test_quantize.py).
+  assert quant["size_reduction"] > 0.3 and abs(quant["change"]["auc"]) < 0.02
+  after = est.predict_proba(new, history=history)
+  assert np.max(np.abs(after - before)) < 0.2
+  path = est.save(tmp_path / "small")
+  reloaded = NexusFlowClassifier.load(path)
+  np.testing.assert_array_equal(reloaded.predict_proba(new, history=history), after)
+  assert [o["method"] for o in reloaded.predictor_.optimization] == ["prune", "int8"]
+  size = lambda p: sum(f.stat().st_size for f in (p / "params").rglob("*") if f.is_file())  # noqa: E731
+  assert size(path) < size(tmp_path / "orig")
+  with pytest.raises(ValueError, match="already int8"):
+    est.optimize("int8")
 
 
 def test_regressor_fit_save_load(tables, tmp_path):
-    schema = json.loads(json.dumps(SCHEMA))
-    schema["target"] = {"table": "orders", "column": "amount", "task": "regression"}
-    data = {**tables, "orders": tables["orders"].drop(columns=["label"])}
-    reg = NexusFlowRegressor(**{**TINY, "min_steps": 30}).fit(data, schema)
-    new = {**data, "orders": data["orders"].drop(columns=["amount"]).iloc[-20:].reset_index(drop=True)}
-    pred = reg.predict(new)
-    assert pred.shape == (20,) and np.isfinite(pred).all()
-    assert 5 < float(np.mean(pred)) < 100  # back in the target's units (mean amount is ~40)
-    np.testing.assert_array_equal(NexusFlowRegressor.load(reg.save(tmp_path / "reg")).predict(new), pred)
-    with pytest.raises(ValueError, match="regressor"):
-        reg.predictor_.predict_proba(new)
+  schema = json.loads(json.dumps(SCHEMA))
+  schema["target"] = {"table": "orders", "column": "amount", "task": "regression"}
+  data = {**tables, "orders": tables["orders"].drop(columns=["label"])}
+  reg = NexusFlowRegressor(**{**TINY, "min_steps": 30}).fit(data, schema)
+  new = {
+      **data,
+      "orders": data["orders"].drop(columns=["amount"]).iloc[-20:].reset_index(drop=True),
+  }
+  pred = reg.predict(new)
+  assert pred.shape == (20,) and np.isfinite(pred).all()
+  assert 5 < float(np.mean(pred)) < 100  # back in the target's units (mean amount is ~40)
+  np.testing.assert_array_equal(
+      NexusFlowRegressor.load(reg.save(tmp_path / "reg")).predict(new), pred
+  )
+  with pytest.raises(ValueError, match="regressor"):
+    reg.predictor_.predict_proba(new)
 
 
 def test_deep_ensemble_averages_members_and_round_trips(tables, tmp_path):
-    from nexus_jax.tabular.predictor import TabularPredictor
+  from nexus_jax.tabular.predictor import TabularPredictor
 
-    kwargs = {**TINY, "min_steps": 20, "config_overrides": {**TINY["config_overrides"], "model.ensemble_size": 2}}
-    est = NexusFlowClassifier(**kwargs).fit(tables, SCHEMA)
-    new, history = predict_tables(tables)
-    proba = est.predict_proba(new, history=history)
-    p = est.predictor_
-    assert sorted(p.variables["params"]) == ["member_0", "member_1"] and p.spec["ensemble_size"] == 2
-    assert [m["seed"] for m in est.fit_report_["members"]] == [0, 1]
-    members = []
-    for i in range(2):
-        spec = {k: v for k, v in p.spec.items() if k not in ("ensemble_size", "task")}
-        variables = {col: tree[f"member_{i}"] for col, tree in p.variables.items()}
-        members.append(TabularPredictor(p.builder, spec, variables, p.target_scale, p.fit_columns)
-                       .predict_proba(new, history=history))
-    assert not np.allclose(members[0], members[1])  # two seeds, two models
-    np.testing.assert_allclose(proba, np.mean(members, 0), rtol=1e-5, atol=1e-6)
-    loaded = NexusFlowClassifier.load(est.save(tmp_path / "ens"))
-    np.testing.assert_array_equal(loaded.predict_proba(new, history=history), proba)
-    quant = loaded.optimize("int8", eval_tables=tables)
-    assert quant["size_reduction"] > 0.3 and abs(quant["change"]["auc"]) < 0.02
+  kwargs = {
+      **TINY,
+      "min_steps": 20,
+      "config_overrides": {**TINY["config_overrides"], "model.ensemble_size": 2},
+  }
+  est = NexusFlowClassifier(**kwargs).fit(tables, SCHEMA)
+  new, history = predict_tables(tables)
+  proba = est.predict_proba(new, history=history)
+  p = est.predictor_
+  assert sorted(p.variables["params"]) == ["member_0", "member_1"] and p.spec["ensemble_size"] == 2
+  assert [m["seed"] for m in est.fit_report_["members"]] == [0, 1]
+  members = []
+  for i in range(2):
+    spec = {k: v for k, v in p.spec.items() if k not in ("ensemble_size", "task")}
+    variables = {col: tree[f"member_{i}"] for col, tree in p.variables.items()}
+    members.append(
+        TabularPredictor(p.builder, spec, variables, p.target_scale, p.fit_columns).predict_proba(
+            new, history=history
+        )
+    )
+  assert not np.allclose(members[0], members[1])  # two seeds, two models
+  np.testing.assert_allclose(proba, np.mean(members, 0), rtol=1e-5, atol=1e-6)
+  loaded = NexusFlowClassifier.load(est.save(tmp_path / "ens"))
+  np.testing.assert_array_equal(loaded.predict_proba(new, history=history), proba)
+  quant = loaded.optimize("int8", eval_tables=tables)
+  assert quant["size_reduction"] > 0.3 and abs(quant["change"]["auc"]) < 0.02

@@ -28,13 +28,17 @@ def test_full_preset_replaces_its_fields_and_default_changes_nothing(name, modul
   for path, value in module.PRESETS["full"].items():
     section, field = path.split(".")
     assert full[section][field] == value != config[section][field]
-  assert full.train.batch_size == config.train.batch_size  # fields the preset does not name are kept
+  assert (
+      full.train.batch_size == config.train.batch_size
+  )  # fields the preset does not name are kept
 
 
 def test_unknown_preset_and_missing_field_name_the_problem():
   config = load_config("timeseries")
   config.preset = "huge"
-  with pytest.raises(ValueError, match=r"config.preset='huge' is unknown; choose one of \['default', 'full'\]"):
+  with pytest.raises(
+      ValueError, match=r"config.preset='huge' is unknown; choose one of \['default', 'full'\]"
+  ):
     apply_preset(config, timeseries.PRESETS)
   config.preset = "full"
   with pytest.raises(ValueError, match=r"sets config.model.widht, which this config does not have"):

@@ -50,35 +50,37 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_mesh_shape_fills_minus_one_and_rejects_mismatch():
-    cfg = ml_collections.ConfigDict(dict(data=-1, fsdp=2, tensor=1, expert=1))
-    assert mesh_shape(cfg, 8) == (4, 2, 1, 1)
-    with pytest.raises(ValueError, match="needs 6 devices but 8 are available"):
-        mesh_shape(ml_collections.ConfigDict(dict(data=3, fsdp=2, tensor=1, expert=1)), 8)
-    with pytest.raises(ValueError, match="does not divide the 8 available devices"):
-        mesh_shape(ml_collections.ConfigDict(dict(data=-1, fsdp=3, tensor=1, expert=1)), 8)
-    with pytest.raises(ValueError, match="only one axis may be -1"):
-        mesh_shape(ml_collections.ConfigDict(dict(data=-1, fsdp=-1, tensor=1, expert=1)), 8)
+  cfg = ml_collections.ConfigDict(dict(data=-1, fsdp=2, tensor=1, expert=1))
+  assert mesh_shape(cfg, 8) == (4, 2, 1, 1)
+  with pytest.raises(ValueError, match="needs 6 devices but 8 are available"):
+    mesh_shape(ml_collections.ConfigDict(dict(data=3, fsdp=2, tensor=1, expert=1)), 8)
+  with pytest.raises(ValueError, match="does not divide the 8 available devices"):
+    mesh_shape(ml_collections.ConfigDict(dict(data=-1, fsdp=3, tensor=1, expert=1)), 8)
+  with pytest.raises(ValueError, match="only one axis may be -1"):
+    mesh_shape(ml_collections.ConfigDict(dict(data=-1, fsdp=-1, tensor=1, expert=1)), 8)
 
 
 def test_rules_with_unknown_mesh_axis_fail():
-    with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
-        logical_axis_rules([["mlp", "model"]])
+  with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
+    logical_axis_rules([["mlp", "model"]])
 
 
 def test_sharded_training_on_8_fake_devices_matches_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
-    out = json.loads(line[len("RESULT"):])
-    specs = out["specs"]
-    assert specs["mesh"] == {"data": 2, "fsdp": 1, "tensor": 4, "expert": 1}
-    # Rules: embed -> fsdp (size 1, so replicated), mlp -> tensor.
-    assert specs["dense0_kernel"] == "P(None, 'tensor')"
-    assert specs["dense0_bias"] == "P('tensor',)"
-    assert specs["dense1_kernel"] == "P('tensor', None)"
-    # Adam moments follow their params.
-    assert set(specs["opt_shardings"]) == {"P(None, 'tensor')", "P('tensor', None)"}
-    assert len(out["sharded"]) == 6
-    for a, b in zip(out["sharded"], out["single"]):
-        assert abs(a - b) < 1e-5, (out["sharded"], out["single"])
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
+  out = json.loads(line[len("RESULT") :])
+  specs = out["specs"]
+  assert specs["mesh"] == {"data": 2, "fsdp": 1, "tensor": 4, "expert": 1}
+  # Rules: embed -> fsdp (size 1, so replicated), mlp -> tensor.
+  assert specs["dense0_kernel"] == "P(None, 'tensor')"
+  assert specs["dense0_bias"] == "P('tensor',)"
+  assert specs["dense1_kernel"] == "P('tensor', None)"
+  # Adam moments follow their params.
+  assert set(specs["opt_shardings"]) == {"P(None, 'tensor')", "P('tensor', None)"}
+  assert len(out["sharded"]) == 6
+  for a, b in zip(out["sharded"], out["single"]):
+    assert abs(a - b) < 1e-5, (out["sharded"], out["single"])

@@ -22,39 +22,50 @@ BUNDLED = ("nycflights13",)
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Tables + schema of one task, with the recommended `ContextSetBuilder` keyword arguments.
+  """Tables + schema of one task, with the recommended `ContextSetBuilder` keyword arguments.
 
-    Attributes:
-      name: bundled name, or the folder path.
-      tables: table name -> DataFrame.
-      schema: validated `Schema`.
-      builder_kwargs: recommended `ContextSetBuilder` arguments ({} for a folder: all contexts).
-      baselines: reference test metrics, if known.
-    """
+  Attributes:
+    name: bundled name, or the folder path.
+    tables: table name -> DataFrame.
+    schema: validated `Schema`.
+    builder_kwargs: recommended `ContextSetBuilder` arguments ({} for a folder: all contexts).
+    baselines: reference test metrics, if known.
+  """
 
-    name: str
-    tables: dict[str, pd.DataFrame]
-    schema: Schema
-    builder_kwargs: dict[str, Any]
-    baselines: dict[str, Any]
+  name: str
+  tables: dict[str, pd.DataFrame]
+  schema: Schema
+  builder_kwargs: dict[str, Any]
+  baselines: dict[str, Any]
 
 
-def load_dataset(name: str | None = None, path: str | None = None, max_target_rows: int | None = None,
-                 seed: int = 0) -> Dataset:
-    """Loads a bundled dataset by `name` or a folder by `path`.
+def load_dataset(
+    name: str | None = None,
+    path: str | None = None,
+    max_target_rows: int | None = None,
+    seed: int = 0,
+) -> Dataset:
+  """Loads a bundled dataset by `name` or a folder by `path`.
 
-    Args:
-      name: one of `BUNDLED`.
-      path: a folder with ``schema.json`` and the table files.
-      max_target_rows: keep a random subset of target rows (quick runs); related tables stay whole.
-      seed: seed of that subset.
-    """
-    if path:
-        tables, schema = folder.load_folder(path, max_target_rows=max_target_rows, seed=seed)
-        return Dataset(str(path), tables, schema, {}, {})
-    if name == "nycflights13":
-        tables = nycflights13.load_tables(max_target_rows=max_target_rows, seed=seed)
-        return Dataset(name, tables, nycflights13.schema(), dict(nycflights13.BUILDER_KWARGS),
-                       dict(nycflights13.BASELINES))
-    raise ValueError(f"config.data: unknown dataset name {name!r} and no path; bundled: {BUNDLED}, "
-                     "or set --config.data.path=DIR to a folder with schema.json")
+  Args:
+    name: one of `BUNDLED`.
+    path: a folder with ``schema.json`` and the table files.
+    max_target_rows: keep a random subset of target rows (quick runs); related tables stay whole.
+    seed: seed of that subset.
+  """
+  if path:
+    tables, schema = folder.load_folder(path, max_target_rows=max_target_rows, seed=seed)
+    return Dataset(str(path), tables, schema, {}, {})
+  if name == "nycflights13":
+    tables = nycflights13.load_tables(max_target_rows=max_target_rows, seed=seed)
+    return Dataset(
+        name,
+        tables,
+        nycflights13.schema(),
+        dict(nycflights13.BUILDER_KWARGS),
+        dict(nycflights13.BASELINES),
+    )
+  raise ValueError(
+      f"config.data: unknown dataset name {name!r} and no path; bundled: {BUNDLED}, "
+      "or set --config.data.path=DIR to a folder with schema.json"
+  )

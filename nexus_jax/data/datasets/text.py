@@ -25,8 +25,9 @@ def stdlib_dir() -> pathlib.Path:
   return pathlib.Path(sysconfig.get_paths()["stdlib"])
 
 
-def list_files(root: str | pathlib.Path, pattern: str = "*.py",
-               exclude: tuple[str, ...] = ("site-packages",)) -> list[pathlib.Path]:
+def list_files(
+    root: str | pathlib.Path, pattern: str = "*.py", exclude: tuple[str, ...] = ("site-packages",)
+) -> list[pathlib.Path]:
   """Files under `root` matching `pattern` (recursive), sorted; paths relative to `root`.
 
   `exclude`: folder names whose files are skipped (third-party packages by default).
@@ -44,11 +45,15 @@ def list_files(root: str | pathlib.Path, pattern: str = "*.py",
   return sorted(out)
 
 
-def split_of(relative_path: str | pathlib.Path, valid_fraction: float, test_fraction: float,
-             salt: str = "nexus") -> str:
+def split_of(
+    relative_path: str | pathlib.Path,
+    valid_fraction: float,
+    test_fraction: float,
+    salt: str = "nexus",
+) -> str:
   """The split of one file: a uniform hash bucket of its relative path."""
   digest = hashlib.sha256(f"{salt}:{pathlib.PurePath(relative_path).as_posix()}".encode())
-  u = int.from_bytes(digest.digest()[:8], "big") / 2.0 ** 64
+  u = int.from_bytes(digest.digest()[:8], "big") / 2.0**64
   if u < test_fraction:
     return "test"
   if u < test_fraction + valid_fraction:
@@ -56,14 +61,21 @@ def split_of(relative_path: str | pathlib.Path, valid_fraction: float, test_frac
   return "train"
 
 
-def load_text_splits(root: str | pathlib.Path | None = None, *, pattern: str = "*.py",
-                     valid_fraction: float = 0.05, test_fraction: float = 0.05,
-                     exclude: tuple[str, ...] = ("site-packages",), salt: str = "nexus",
-                     ) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+def load_text_splits(
+    root: str | pathlib.Path | None = None,
+    *,
+    pattern: str = "*.py",
+    valid_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    exclude: tuple[str, ...] = ("site-packages",),
+    salt: str = "nexus",
+) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
   """`({split: bytes as uint8 [n]}, {split: relative file paths})`; root None: the stdlib."""
   if not (0 < valid_fraction and 0 < test_fraction and valid_fraction + test_fraction < 1):
-    raise ValueError(f"valid_fraction ({valid_fraction}) and test_fraction ({test_fraction}) "
-                     f"must be > 0 with a sum < 1.")
+    raise ValueError(
+        f"valid_fraction ({valid_fraction}) and test_fraction ({test_fraction}) "
+        f"must be > 0 with a sum < 1."
+    )
   root = stdlib_dir() if root is None else pathlib.Path(root)
   if root.is_file():
     data = np.frombuffer(root.read_bytes(), np.uint8)
@@ -71,17 +83,23 @@ def load_text_splits(root: str | pathlib.Path | None = None, *, pattern: str = "
     b = int(len(data) * (1 - test_fraction))
     if min(a, b - a, len(data) - b) < 2:
       raise ValueError(f"{root} is too small ({len(data)} bytes) to split.")
-    return ({"train": data[:a], "valid": data[a:b], "test": data[b:]},
-            {s: [root.name] for s in SPLITS})
+    return (
+        {"train": data[:a], "valid": data[a:b], "test": data[b:]},
+        {s: [root.name] for s in SPLITS},
+    )
   files = {s: [] for s in SPLITS}
   for rel in list_files(root, pattern, exclude):
     files[split_of(rel, valid_fraction, test_fraction, salt)].append(rel)
   empty = [s for s in SPLITS if not files[s]]
   if empty:
-    raise ValueError(f"splits {empty} got no files under {root}; use more files or larger "
-                     f"valid/test fractions.")
-  data = {s: np.frombuffer(b"".join((root / f).read_bytes() for f in files[s]), np.uint8)
-          for s in SPLITS}
+    raise ValueError(
+        f"splits {empty} got no files under {root}; use more files or larger "
+        f"valid/test fractions."
+    )
+  data = {
+      s: np.frombuffer(b"".join((root / f).read_bytes() for f in files[s]), np.uint8)
+      for s in SPLITS
+  }
   return data, {s: [f.as_posix() for f in files[s]] for s in SPLITS}
 
 

@@ -121,13 +121,16 @@ def _forward(st: _Static, q, k, v, q_seg, kv_seg, mask, bias):
       corr = jnp.exp(m - m_new)
       p = jnp.where(valid, jnp.exp(s - m_new[..., None]), 0.0)
       l = corr * l + p.sum(-1)
-      pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), v_blk,
-                      preferred_element_type=jnp.float32)
+      pv = jnp.einsum(
+          "bkgqs,bskd->bkgqd", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32
+      )
       return corr[..., None] * o + pv, m_new, l
 
-    init = (jnp.zeros((b, num_kv, g, st.block_q, d), jnp.float32),
-            jnp.full((b, num_kv, g, st.block_q), -jnp.inf, jnp.float32),
-            jnp.zeros((b, num_kv, g, st.block_q), jnp.float32))
+    init = (
+        jnp.zeros((b, num_kv, g, st.block_q, d), jnp.float32),
+        jnp.full((b, num_kv, g, st.block_q), -jnp.inf, jnp.float32),
+        jnp.zeros((b, num_kv, g, st.block_q), jnp.float32),
+    )
     o, m, l = lax.fori_loop(0, _num_k_blocks(st, qi, nk), body, init)
     nonempty = l > 0.0
     o = o / jnp.where(nonempty, l, 1.0)[..., None]
@@ -149,8 +152,9 @@ def _backward(st: _Static, res, do):
   nq, nk = tp // st.block_q, sp // st.block_k
   q5 = q.reshape(b, tp, num_kv, g, d)
   do5 = do.reshape(b, tp, num_kv, g, d)
-  delta = jnp.einsum("btkgd,btkgd->bkgt", out.reshape(q5.shape).astype(jnp.float32),
-                     do5.astype(jnp.float32))
+  delta = jnp.einsum(
+      "btkgd,btkgd->bkgt", out.reshape(q5.shape).astype(jnp.float32), do5.astype(jnp.float32)
+  )
 
   def probs_and_ds(q0, k0, q_blk, do_blk, k_blk, v_blk):
     s, valid = _scores(st, q_blk, k_blk, q0, k0, q_seg, kv_seg, mask, bias)
@@ -171,11 +175,13 @@ def _backward(st: _Static, res, do):
       k_blk = lax.dynamic_slice_in_dim(k, k0, st.block_k, axis=1)
       v_blk = lax.dynamic_slice_in_dim(v, k0, st.block_k, axis=1)
       _, ds = probs_and_ds(q0, k0, q_blk, do_blk, k_blk, v_blk)
-      return dq + jnp.einsum("bkgqs,bskd->bqkgd", ds.astype(k.dtype), k_blk,
-                             preferred_element_type=jnp.float32)
+      return dq + jnp.einsum(
+          "bkgqs,bskd->bqkgd", ds.astype(k.dtype), k_blk, preferred_element_type=jnp.float32
+      )
 
-    dq = lax.fori_loop(0, _num_k_blocks(st, qi, nk), body,
-                       jnp.zeros((b, st.block_q, num_kv, g, d), jnp.float32))
+    dq = lax.fori_loop(
+        0, _num_k_blocks(st, qi, nk), body, jnp.zeros((b, st.block_q, num_kv, g, d), jnp.float32)
+    )
     return dq * st.scale
 
   dq = lax.map(dq_block, jnp.arange(nq))  # [nq, B, bq, K, G, D]
@@ -193,10 +199,12 @@ def _backward(st: _Static, res, do):
       q_blk = lax.dynamic_slice_in_dim(q5, q0, st.block_q, axis=1)
       do_blk = lax.dynamic_slice_in_dim(do5, q0, st.block_q, axis=1)
       p, ds = probs_and_ds(q0, k0, q_blk, do_blk, k_blk, v_blk)
-      dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(do.dtype), do_blk,
-                           preferred_element_type=jnp.float32)
-      dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds.astype(q.dtype), q_blk,
-                           preferred_element_type=jnp.float32)
+      dv = dv + jnp.einsum(
+          "bkgqs,bqkgd->bskd", p.astype(do.dtype), do_blk, preferred_element_type=jnp.float32
+      )
+      dk = dk + jnp.einsum(
+          "bkgqs,bqkgd->bskd", ds.astype(q.dtype), q_blk, preferred_element_type=jnp.float32
+      )
       if db is not None:
         db_blk = _reduce_to_bias(ds, bias.shape)
         if bias.shape[2] == 1:
@@ -242,9 +250,19 @@ def _chunked_fwd(st, q, k, v, q_seg, kv_seg, mask, bias):
 _chunked.defvjp(_chunked_fwd, _backward)
 
 
-def chunked_attention(q_BTHD, k_BSKD, v_BSKD, q_seg_BT, kv_seg_BS, *, causal: bool,
-                      scale: float, mask=None, bias=None,
-                      chunk_sizes: ChunkSizes = ChunkSizes()):
+def chunked_attention(
+    q_BTHD,
+    k_BSKD,
+    v_BSKD,
+    q_seg_BT,
+    kv_seg_BS,
+    *,
+    causal: bool,
+    scale: float,
+    mask=None,
+    bias=None,
+    chunk_sizes: ChunkSizes = ChunkSizes(),
+):
   """Blockwise attention `[B, T, H, D] x [B, S, K, D] -> [B, T, H, D]` with O(T + S) memory.
 
   Arbitrary T and S: inputs are padded to the block sizes, padded keys are masked and padded
@@ -261,6 +279,14 @@ def chunked_attention(q_BTHD, k_BSKD, v_BSKD, q_seg_BT, kv_seg_BS, *, causal: bo
     mask = pad_k(mask if mask.shape[2] == 1 else pad_q(mask, 2), 3)
   if bias is not None:
     bias = pad_k(bias if bias.shape[2] == 1 else pad_q(bias, 2), 3)
-  out = _chunked(st, pad_q(q_BTHD, 1), pad_k(k_BSKD, 1), pad_k(v_BSKD, 1),
-                 pad_q(q_seg_BT, 1), pad_k(kv_seg_BS, 1), mask, bias)
+  out = _chunked(
+      st,
+      pad_q(q_BTHD, 1),
+      pad_k(k_BSKD, 1),
+      pad_k(v_BSKD, 1),
+      pad_q(q_seg_BT, 1),
+      pad_k(kv_seg_BS, 1),
+      mask,
+      bias,
+  )
   return out[:, :t]

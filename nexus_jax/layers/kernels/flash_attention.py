@@ -104,8 +104,20 @@ def _causal_k_blocks(st, q_end, bk, nk):
   return jnp.minimum(nk, lax.div(q_end + bk - 1, bk)) if st.causal else nk
 
 
-def _fwd_kernel(q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static,
-                bq: int, bk: int, padded_k: bool):
+def _fwd_kernel(
+    q_seg_ref,
+    kv_seg_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    o_ref,
+    lse_ref,
+    *,
+    st: _Static,
+    bq: int,
+    bk: int,
+    padded_k: bool,
+):
   qi = pl.program_id(0)
   q_BqD = q_ref[...]
   q_seg = None if q_seg_ref is None else q_seg_ref[...]
@@ -129,8 +141,11 @@ def _fwd_kernel(q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, s
     o = corr[:, None] * o + _dot(p.astype(v_ref.dtype), v_ref[pl.ds(k0, bk), :])
     return o, m_new, l
 
-  init = (jnp.zeros(q_BqD.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
-          jnp.zeros((bq,), jnp.float32))
+  init = (
+      jnp.zeros(q_BqD.shape, jnp.float32),
+      jnp.full((bq,), -jnp.inf, jnp.float32),
+      jnp.zeros((bq,), jnp.float32),
+  )
   o, m, l = lax.fori_loop(0, _causal_k_blocks(st, (qi + 1) * bq, bk, nk), body, init)
   nonempty = l > 0.0
   l_safe = jnp.where(nonempty, l, 1.0)
@@ -138,8 +153,22 @@ def _fwd_kernel(q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, s
   lse_ref[...] = jnp.where(nonempty, m + jnp.log(l_safe), jnp.inf)
 
 
-def _dq_kernel(q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-               *, st: _Static, bq: int, bk: int, padded_k: bool):
+def _dq_kernel(
+    q_seg_ref,
+    kv_seg_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dq_ref,
+    *,
+    st: _Static,
+    bq: int,
+    bk: int,
+    padded_k: bool,
+):
   qi = pl.program_id(0)
   q_BqD, do_BqD = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
@@ -159,13 +188,29 @@ def _dq_kernel(q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
     ds = p * (dp - delta[:, None])
     return dq + _dot(ds.astype(k_BkD.dtype), k_BkD)
 
-  dq = lax.fori_loop(0, _causal_k_blocks(st, (qi + 1) * bq, bk, nk), body,
-                     jnp.zeros(q_BqD.shape, jnp.float32))
+  dq = lax.fori_loop(
+      0, _causal_k_blocks(st, (qi + 1) * bq, bk, nk), body, jnp.zeros(q_BqD.shape, jnp.float32)
+  )
   dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, *, st: _Static, bq: int, bk: int, padded_k: bool):
+def _dkv_kernel(
+    q_seg_ref,
+    kv_seg_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    st: _Static,
+    bq: int,
+    bk: int,
+    padded_k: bool,
+):
   kj = pl.program_id(0)
   k0 = kj * bk
   k_BkD, v_BkD = k_ref[...], v_ref[...]
@@ -190,6 +235,7 @@ def _dkv_kernel(q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
       ds = p * (dp - delta_ref[g, pl.ds(q0, bq)][:, None])
       dk = dk + _dot(ds.astype(q_BqD.dtype), q_BqD, trans_a=True)
       return dk, dv
+
     return body
 
   carry = (jnp.zeros(k_BkD.shape, jnp.float32), jnp.zeros(v_BkD.shape, jnp.float32))
@@ -204,6 +250,7 @@ def _compiler_params(st: _Static, d: int):
   if st.interpret:
     return None
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
+
   warps = st.sizes.num_warps or (4 if d <= 64 else 8)
   return plgpu.CompilerParams(num_warps=warps, num_stages=st.sizes.num_stages)
 
@@ -227,8 +274,10 @@ def _forward(st: _Static, q, k, v, q_seg, kv_seg):
       grid=(tp // bq, b, h),
       in_specs=[*seg_specs, q_spec, kv_spec, kv_spec],
       out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, j, hh: (j, hh, i))],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((b, h, tp), jnp.float32)],
+      out_shape=[
+          jax.ShapeDtypeStruct(q.shape, q.dtype),
+          jax.ShapeDtypeStruct((b, h, tp), jnp.float32),
+      ],
       compiler_params=_compiler_params(st, d),
       interpret=st.interpret,
       name="nexus_flash_fwd",
@@ -301,9 +350,18 @@ def _pad(x, axis: int, size: int):
   return jnp.pad(x, pads)
 
 
-def flash_attention(q_BTHD, k_BSKD, v_BSKD, q_seg_BT=None, kv_seg_BS=None, *, causal: bool,
-                    scale: float, block_sizes: BlockSizes | None = None,
-                    interpret: bool | None = None):
+def flash_attention(
+    q_BTHD,
+    k_BSKD,
+    v_BSKD,
+    q_seg_BT=None,
+    kv_seg_BS=None,
+    *,
+    causal: bool,
+    scale: float,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+):
   """Pallas flash attention `[B, T, H, D] x [B, S, K, D] -> [B, T, H, D]`, differentiable.
 
   Segment ids are int32 `[B, T]`/`[B, S]` (both or neither); a query sees a key only when the ids
@@ -319,14 +377,22 @@ def flash_attention(q_BTHD, k_BSKD, v_BSKD, q_seg_BT=None, kv_seg_BS=None, *, ca
   sz = default_block_sizes(d) if block_sizes is None else block_sizes
   # Pad lengths so every kernel's tiles divide them (all block sizes are powers of two); at
   # least 16 rows, the smallest tile a Triton dot accepts.
-  q_tile = max(16, *(min(x, pl.next_power_of_2(t)) for x in
-                     (sz.block_q, sz.block_q_dq, sz.block_q_dkv)))
-  k_tile = max(16, *(min(x, pl.next_power_of_2(s)) for x in
-                     (sz.block_k, sz.block_k_dq, sz.block_k_dkv)))
+  q_tile = max(
+      16, *(min(x, pl.next_power_of_2(t)) for x in (sz.block_q, sz.block_q_dq, sz.block_q_dkv))
+  )
+  k_tile = max(
+      16, *(min(x, pl.next_power_of_2(s)) for x in (sz.block_k, sz.block_k_dq, sz.block_k_dkv))
+  )
   tp, sp = _round_up(t, q_tile), _round_up(s, k_tile)
   dp = max(16, pl.next_power_of_2(d))
-  st = _Static(causal=causal, scale=float(scale), kv_len=s, groups=h // num_kv,
-               interpret=bool(interpret), sizes=sz)
+  st = _Static(
+      causal=causal,
+      scale=float(scale),
+      kv_len=s,
+      groups=h // num_kv,
+      interpret=bool(interpret),
+      sizes=sz,
+  )
   q = _pad(_pad(q_BTHD, 1, tp), 3, dp)
   k = _pad(_pad(k_BSKD, 1, sp), 3, dp)
   v = _pad(_pad(v_BSKD, 1, sp), 3, dp)

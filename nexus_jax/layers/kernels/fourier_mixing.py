@@ -54,8 +54,10 @@ def fourier_mixing(q_BTHD, k_BSKD, v_BSKD, *, modes: int | None = None):
   s, num_kv = k_BSKD.shape[1], k_BSKD.shape[2]
   if modes is None:
     if s != t:
-      raise ValueError(f"FNet mixing (fourier_modes=None) needs kv_len == q_len; got {s} vs {t}. "
-                       "Pass fourier_modes=M for FEDformer-style cross mixing.")
+      raise ValueError(
+          f"FNet mixing (fourier_modes=None) needs kv_len == q_len; got {s} vs {t}. "
+          "Pass fourier_modes=M for FEDformer-style cross mixing."
+      )
     out = fnet_mixing(jnp.repeat(v_BSKD, h // num_kv, axis=2))
   else:
     if modes < 1:

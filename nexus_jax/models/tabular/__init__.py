@@ -8,7 +8,20 @@ from nexus_jax.models.tabular.set_encoder import SetEncoder, StandardEncoder
 from nexus_jax.models.tabular.tabnet import GhostBatchNorm, TabNet, entmax15, sparsemax, sparsity_loss
 
 __all__ = [
-    "FT_TRANSFORMER_PRESETS", "FTTransformer", "GhostBatchNorm", "MLP", "ResNetMLP", "SetEncoder",
-    "StandardEncoder", "TabM", "TabNet", "encoder_for_table", "encoder_names", "entmax15", "get_encoder",
-    "register_encoder", "sparsemax", "sparsity_loss",
+    "FT_TRANSFORMER_PRESETS",
+    "FTTransformer",
+    "GhostBatchNorm",
+    "MLP",
+    "ResNetMLP",
+    "SetEncoder",
+    "StandardEncoder",
+    "TabM",
+    "TabNet",
+    "encoder_for_table",
+    "encoder_names",
+    "entmax15",
+    "get_encoder",
+    "register_encoder",
+    "sparsemax",
+    "sparsity_loss",
 ]

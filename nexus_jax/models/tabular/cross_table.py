@@ -25,163 +25,220 @@ Array = jax.Array
 
 
 def _norm(name: str, dtype: Any, param_dtype: Any) -> nn.LayerNorm:
-    return nn.LayerNorm(dtype=dtype, param_dtype=param_dtype, name=name,
-                        scale_init=logical_init(("embed",), nn.initializers.ones),
-                        bias_init=logical_init(("embed",), nn.initializers.zeros))
+  return nn.LayerNorm(
+      dtype=dtype,
+      param_dtype=param_dtype,
+      name=name,
+      scale_init=logical_init(("embed",), nn.initializers.ones),
+      bias_init=logical_init(("embed",), nn.initializers.zeros),
+  )
 
 
-def _dense(features: int, axes: tuple[str | None, str | None], name: str, dtype: Any, param_dtype: Any,
-           init=None) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
-                    kernel_init=logical_init(axes, init or nn.initializers.lecun_normal()),
-                    bias_init=logical_init((axes[1],), nn.initializers.zeros))
+def _dense(
+    features: int,
+    axes: tuple[str | None, str | None],
+    name: str,
+    dtype: Any,
+    param_dtype: Any,
+    init=None,
+) -> nn.Dense:
+  return nn.Dense(
+      features,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      name=name,
+      kernel_init=logical_init(axes, init or nn.initializers.lecun_normal()),
+      bias_init=logical_init((axes[1],), nn.initializers.zeros),
+  )
 
 
 class ContextPooling(nn.Module):
-    """Masked attention pooling of one history context.
+  """Masked attention pooling of one history context.
 
-    __call__(rows [B, M, d], mask bool [B, M], ages f32[B, M] (>= 0), query [B, d]) ->
-      (pooled [B, d], weights f32[B, M]); weights are the head-averaged attention (0 on masked rows);
-      a context without valid rows yields the learned `empty` token and zero weights.
-    """
+  __call__(rows [B, M, d], mask bool [B, M], ages f32[B, M] (>= 0), query [B, d]) ->
+    (pooled [B, d], weights f32[B, M]); weights are the head-averaged attention (0 on masked rows);
+    a context without valid rows yields the learned `empty` token and zero weights.
+  """
 
-    d_model: int
-    n_heads: int = 2
-    n_age_frequencies: int = 4
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+  d_model: int
+  n_heads: int = 2
+  n_age_frequencies: int = 4
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, rows: Array, mask: Array, ages: Array, query: Array) -> tuple[Array, Array]:
-        b, m, d = rows.shape
-        if d % self.n_heads:
-            raise ValueError(f"ContextPooling: d_model={d} is not divisible by pool_heads={self.n_heads}.")
-        hd, dt, pdt = d // self.n_heads, self.dtype, self.param_dtype
-        mask = mask.astype(bool)
-        ages = jnp.where(mask, jnp.maximum(ages.astype(jnp.float32), 0.0), 0.0)
-        recency = recency_features(ages, self.n_age_frequencies).astype(dt)  # [B, M, 1 + 2K]
-        # Keys = values = rows + recency, split into heads: no per-row projection (rows are many).
-        keys = jnp.where(mask[..., None], rows.astype(dt), 0) + _dense(d, ("feature", "embed"), "recency", dt, pdt)(recency)
-        k = keys.reshape(b, m, self.n_heads, hd)
-        q = _dense(d, ("embed", "mlp"), "query", dt, pdt)(query.astype(dt)).reshape(b, self.n_heads, hd)
-        logits = jnp.einsum("bhd,bmhd->bhm", q, k).astype(jnp.float32) / np.sqrt(hd)
-        logits = jnp.where(mask[:, None, :], logits, -1e30)
-        probs = jnp.where(mask[:, None, :], jax.nn.softmax(logits, axis=-1), 0.0)  # [B, H, M]
-        pooled = jnp.einsum("bhm,bmhd->bhd", probs.astype(dt), k).reshape(b, d)
-        # Set statistics: share of slots filled, mean / min / max of log1p(age) over valid rows.
-        n = jnp.sum(mask, axis=1, keepdims=True).astype(jnp.float32)
-        t = jnp.log1p(ages)
-        mean_t = jnp.sum(t, axis=1, keepdims=True) / jnp.maximum(n, 1.0)
-        min_t = jnp.min(jnp.where(mask, t, jnp.inf), axis=1, keepdims=True)
-        max_t = jnp.max(jnp.where(mask, t, -jnp.inf), axis=1, keepdims=True)
-        stats = jnp.concatenate([n / m, mean_t, jnp.where(n > 0, min_t, 0.0), jnp.where(n > 0, max_t, 0.0)], -1)
-        pooled = _dense(d, ("embed", "mlp"), "out", dt, pdt)(pooled) + _dense(d, ("feature", "mlp"), "stats", dt, pdt)(
-            stats.astype(dt))
-        empty = self.param("empty", logical_init(("embed",), nn.initializers.normal(0.02)), (d,), pdt)
-        pooled = jnp.where(n > 0, pooled, empty.astype(dt))
-        return pooled, jnp.mean(probs, axis=1)
+  @nn.compact
+  def __call__(self, rows: Array, mask: Array, ages: Array, query: Array) -> tuple[Array, Array]:
+    b, m, d = rows.shape
+    if d % self.n_heads:
+      raise ValueError(
+          f"ContextPooling: d_model={d} is not divisible by pool_heads={self.n_heads}."
+      )
+    hd, dt, pdt = d // self.n_heads, self.dtype, self.param_dtype
+    mask = mask.astype(bool)
+    ages = jnp.where(mask, jnp.maximum(ages.astype(jnp.float32), 0.0), 0.0)
+    recency = recency_features(ages, self.n_age_frequencies).astype(dt)  # [B, M, 1 + 2K]
+    # Keys = values = rows + recency, split into heads: no per-row projection (rows are many).
+    keys = jnp.where(mask[..., None], rows.astype(dt), 0) + _dense(
+        d, ("feature", "embed"), "recency", dt, pdt
+    )(recency)
+    k = keys.reshape(b, m, self.n_heads, hd)
+    q = _dense(d, ("embed", "mlp"), "query", dt, pdt)(query.astype(dt)).reshape(b, self.n_heads, hd)
+    logits = jnp.einsum("bhd,bmhd->bhm", q, k).astype(jnp.float32) / np.sqrt(hd)
+    logits = jnp.where(mask[:, None, :], logits, -1e30)
+    probs = jnp.where(mask[:, None, :], jax.nn.softmax(logits, axis=-1), 0.0)  # [B, H, M]
+    pooled = jnp.einsum("bhm,bmhd->bhd", probs.astype(dt), k).reshape(b, d)
+    # Set statistics: share of slots filled, mean / min / max of log1p(age) over valid rows.
+    n = jnp.sum(mask, axis=1, keepdims=True).astype(jnp.float32)
+    t = jnp.log1p(ages)
+    mean_t = jnp.sum(t, axis=1, keepdims=True) / jnp.maximum(n, 1.0)
+    min_t = jnp.min(jnp.where(mask, t, jnp.inf), axis=1, keepdims=True)
+    max_t = jnp.max(jnp.where(mask, t, -jnp.inf), axis=1, keepdims=True)
+    stats = jnp.concatenate(
+        [n / m, mean_t, jnp.where(n > 0, min_t, 0.0), jnp.where(n > 0, max_t, 0.0)], -1
+    )
+    pooled = _dense(d, ("embed", "mlp"), "out", dt, pdt)(pooled) + _dense(
+        d, ("feature", "mlp"), "stats", dt, pdt
+    )(stats.astype(dt))
+    empty = self.param("empty", logical_init(("embed",), nn.initializers.normal(0.02)), (d,), pdt)
+    pooled = jnp.where(n > 0, pooled, empty.astype(dt))
+    return pooled, jnp.mean(probs, axis=1)
 
 
 class CrossTableBlock(nn.Module):
-    """Pre-norm transformer block: x [B, T, d], key mask bool [B, T] -> (x [B, T, d], probs f32[B, H, T, T]).
+  """Pre-norm transformer block: x [B, T, d], key mask bool [B, T] -> (x [B, T, d], probs f32[B, H, T, T]).
 
-    x = x + Drop(MHA(LN(x))); x = x + Drop(FFN(LN(x))), FFN = Dense(2 * d_ffn) -> ReGLU -> Drop -> Dense(d).
-    Masked keys get zero attention weight; every query needs one unmasked key (the target token).
-    """
+  x = x + Drop(MHA(LN(x))); x = x + Drop(FFN(LN(x))), FFN = Dense(2 * d_ffn) -> ReGLU -> Drop -> Dense(d).
+  Masked keys get zero attention weight; every query needs one unmasked key (the target token).
+  """
 
-    n_heads: int
-    d_ffn: int
-    attention_dropout: float = 0.0
-    dropout: float = 0.0
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+  n_heads: int
+  d_ffn: int
+  attention_dropout: float = 0.0
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: Array, kv_mask: Array, *, deterministic: bool = True) -> tuple[Array, Array]:
-        b, t, d = x.shape
-        if d % self.n_heads:
-            raise ValueError(f"CrossTableBlock: d_model={d} is not divisible by n_heads={self.n_heads}.")
-        hd, dt, pdt = d // self.n_heads, self.dtype, self.param_dtype
-        h = _norm("attention_norm", dt, pdt)(x)
-        q, k, v = (_dense(d, ("embed", "kv"), name, dt, pdt)(h).reshape(b, t, self.n_heads, hd)
-                   for name in ("query", "key", "value"))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(hd)
-        logits = jnp.where(kv_mask[:, None, None, :], logits, -1e30)
-        probs = jax.nn.softmax(logits, axis=-1)
-        dropped = nn.Dropout(self.attention_dropout)(probs, deterministic=deterministic)
-        a = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(dt), v).reshape(b, t, d)
-        a = _dense(d, ("kv", "embed"), "out", dt, pdt)(a)
-        x = x + nn.Dropout(self.dropout)(a, deterministic=deterministic)
-        f = _dense(2 * self.d_ffn, ("embed", "mlp"), "ffn_in", dt, pdt)(_norm("ffn_norm", dt, pdt)(x))
-        f1, f2 = jnp.split(f, 2, axis=-1)
-        f = nn.Dropout(self.dropout)(f1 * jax.nn.relu(f2), deterministic=deterministic)
-        f = _dense(d, ("mlp", "embed"), "ffn_out", dt, pdt)(f)
-        return x + nn.Dropout(self.dropout)(f, deterministic=deterministic), probs
+  @nn.compact
+  def __call__(
+      self, x: Array, kv_mask: Array, *, deterministic: bool = True
+  ) -> tuple[Array, Array]:
+    b, t, d = x.shape
+    if d % self.n_heads:
+      raise ValueError(f"CrossTableBlock: d_model={d} is not divisible by n_heads={self.n_heads}.")
+    hd, dt, pdt = d // self.n_heads, self.dtype, self.param_dtype
+    h = _norm("attention_norm", dt, pdt)(x)
+    q, k, v = (
+        _dense(d, ("embed", "kv"), name, dt, pdt)(h).reshape(b, t, self.n_heads, hd)
+        for name in ("query", "key", "value")
+    )
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(hd)
+    logits = jnp.where(kv_mask[:, None, None, :], logits, -1e30)
+    probs = jax.nn.softmax(logits, axis=-1)
+    dropped = nn.Dropout(self.attention_dropout)(probs, deterministic=deterministic)
+    a = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(dt), v).reshape(b, t, d)
+    a = _dense(d, ("kv", "embed"), "out", dt, pdt)(a)
+    x = x + nn.Dropout(self.dropout)(a, deterministic=deterministic)
+    f = _dense(2 * self.d_ffn, ("embed", "mlp"), "ffn_in", dt, pdt)(_norm("ffn_norm", dt, pdt)(x))
+    f1, f2 = jnp.split(f, 2, axis=-1)
+    f = nn.Dropout(self.dropout)(f1 * jax.nn.relu(f2), deterministic=deterministic)
+    f = _dense(d, ("mlp", "embed"), "ffn_out", dt, pdt)(f)
+    return x + nn.Dropout(self.dropout)(f, deterministic=deterministic), probs
 
 
 class CrossTableRefiner(nn.Module):
-    """R shared-weight iterations of a `CrossTableBlock` over tokens x0 [B, T, d] with key mask [B, T].
+  """R shared-weight iterations of a `CrossTableBlock` over tokens x0 [B, T, d] with key mask [B, T].
 
-    __call__(x0, token_mask, deterministic) -> (x [B, T, d], probs f32[B, heads, T, T], iterations
-    i32[B], change f32[B]). Training (or init) runs exactly `iterations` steps. At inference with
-    `convergence_tol > 0` it runs up to `max_iterations` (default `iterations`) and freezes each
-    example once the relative change of its tokens, ||x_r - x_{r-1}|| / ||x_{r-1}||, is below the
-    tolerance; the loop ends when every example of the batch is frozen.
-    """
+  __call__(x0, token_mask, deterministic) -> (x [B, T, d], probs f32[B, heads, T, T], iterations
+  i32[B], change f32[B]). Training (or init) runs exactly `iterations` steps. At inference with
+  `convergence_tol > 0` it runs up to `max_iterations` (default `iterations`) and freezes each
+  example once the relative change of its tokens, ||x_r - x_{r-1}|| / ||x_{r-1}||, is below the
+  tolerance; the loop ends when every example of the batch is frozen.
+  """
 
-    d_model: int
-    n_heads: int = 4
-    d_ffn: int = 64
-    attention_dropout: float = 0.0
-    dropout: float = 0.0
-    iterations: int = 2
-    max_iterations: int = 0
-    convergence_tol: float = 0.0
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+  d_model: int
+  n_heads: int = 4
+  d_ffn: int = 64
+  attention_dropout: float = 0.0
+  dropout: float = 0.0
+  iterations: int = 2
+  max_iterations: int = 0
+  convergence_tol: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
-    def setup(self):
-        self.block = CrossTableBlock(self.n_heads, self.d_ffn, self.attention_dropout, self.dropout,
-                                     dtype=self.dtype, param_dtype=self.param_dtype)
-        self.recycle_norm = _norm("recycle_norm", self.dtype, self.param_dtype)
-        self.recycle = _dense(self.d_model, ("embed", "mlp"), "recycle", self.dtype, self.param_dtype,
-                              init=nn.initializers.zeros)
+  def setup(self):
+    self.block = CrossTableBlock(
+        self.n_heads,
+        self.d_ffn,
+        self.attention_dropout,
+        self.dropout,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+    )
+    self.recycle_norm = _norm("recycle_norm", self.dtype, self.param_dtype)
+    self.recycle = _dense(
+        self.d_model,
+        ("embed", "mlp"),
+        "recycle",
+        self.dtype,
+        self.param_dtype,
+        init=nn.initializers.zeros,
+    )
 
-    def step(self, x0: Array, x: Array, token_mask: Array, deterministic: bool) -> tuple[Array, Array]:
-        return self.block(x0 + self.recycle(self.recycle_norm(x)), token_mask, deterministic=deterministic)
+  def step(
+      self, x0: Array, x: Array, token_mask: Array, deterministic: bool
+  ) -> tuple[Array, Array]:
+    return self.block(
+        x0 + self.recycle(self.recycle_norm(x)), token_mask, deterministic=deterministic
+    )
 
-    @staticmethod
-    def relative_change(new: Array, old: Array) -> Array:
-        """||new - old|| / ||old|| per example, f32[B]."""
-        diff = jnp.sum(jnp.square((new - old).astype(jnp.float32)), axis=(1, 2))
-        return jnp.sqrt(diff / jnp.maximum(jnp.sum(jnp.square(old.astype(jnp.float32)), axis=(1, 2)), 1e-12))
+  @staticmethod
+  def relative_change(new: Array, old: Array) -> Array:
+    """||new - old|| / ||old|| per example, f32[B]."""
+    diff = jnp.sum(jnp.square((new - old).astype(jnp.float32)), axis=(1, 2))
+    return jnp.sqrt(
+        diff / jnp.maximum(jnp.sum(jnp.square(old.astype(jnp.float32)), axis=(1, 2)), 1e-12)
+    )
 
-    def __call__(self, x0: Array, token_mask: Array, *, deterministic: bool = True):
-        if self.iterations < 1:
-            raise ValueError(f"refine_iterations={self.iterations}; need at least 1.")
-        b = x0.shape[0]
-        x, probs = self.step(x0, jnp.zeros_like(x0), token_mask, deterministic)
-        change = jnp.full((b,), jnp.inf, jnp.float32)
-        adaptive = deterministic and self.convergence_tol > 0 and not self.is_initializing()
-        if not adaptive:
-            for _ in range(self.iterations - 1):
-                y, probs = self.step(x0, x, token_mask, deterministic)
-                change, x = self.relative_change(y, x), y
-            return x, probs, jnp.full((b,), self.iterations, jnp.int32), change
-        limit = max(self.max_iterations or self.iterations, 1)
+  def __call__(self, x0: Array, token_mask: Array, *, deterministic: bool = True):
+    if self.iterations < 1:
+      raise ValueError(f"refine_iterations={self.iterations}; need at least 1.")
+    b = x0.shape[0]
+    x, probs = self.step(x0, jnp.zeros_like(x0), token_mask, deterministic)
+    change = jnp.full((b,), jnp.inf, jnp.float32)
+    adaptive = deterministic and self.convergence_tol > 0 and not self.is_initializing()
+    if not adaptive:
+      for _ in range(self.iterations - 1):
+        y, probs = self.step(x0, x, token_mask, deterministic)
+        change, x = self.relative_change(y, x), y
+      return x, probs, jnp.full((b,), self.iterations, jnp.int32), change
+    limit = max(self.max_iterations or self.iterations, 1)
 
-        def cond_fn(mdl, carry):
-            it, _, _, done, _, _ = carry
-            return (it < limit) & ~jnp.all(done)
+    def cond_fn(mdl, carry):
+      it, _, _, done, _, _ = carry
+      return (it < limit) & ~jnp.all(done)
 
-        def body_fn(mdl, carry):
-            it, x, probs, done, iters, change = carry
-            y, p = mdl.step(x0, x, token_mask, True)
-            c = mdl.relative_change(y, x)
-            keep = done[:, None, None]
-            return (it + 1, jnp.where(keep, x, y), jnp.where(keep[..., None], probs, p), done | (c < self.convergence_tol),
-                    jnp.where(done, iters, it + 1), jnp.where(done, change, c))
+    def body_fn(mdl, carry):
+      it, x, probs, done, iters, change = carry
+      y, p = mdl.step(x0, x, token_mask, True)
+      c = mdl.relative_change(y, x)
+      keep = done[:, None, None]
+      return (
+          it + 1,
+          jnp.where(keep, x, y),
+          jnp.where(keep[..., None], probs, p),
+          done | (c < self.convergence_tol),
+          jnp.where(done, iters, it + 1),
+          jnp.where(done, change, c),
+      )
 
-        carry = (jnp.ones((), jnp.int32), x, probs, jnp.zeros((b,), bool), jnp.ones((b,), jnp.int32), change)
-        _, x, probs, _, iters, change = nn.while_loop(cond_fn, body_fn, self, carry)
-        return x, probs, iters, change
+    carry = (
+        jnp.ones((), jnp.int32),
+        x,
+        probs,
+        jnp.zeros((b,), bool),
+        jnp.ones((b,), jnp.int32),
+        change,
+    )
+    _, x, probs, _, iters, change = nn.while_loop(cond_fn, body_fn, self, carry)
+    return x, probs, iters, change

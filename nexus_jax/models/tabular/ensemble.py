@@ -31,47 +31,52 @@ _EPS = 1e-7
 
 
 def combine_outputs(outputs: jax.Array, task: str) -> jax.Array:
-    """Member outputs `[M, B, K]` -> ensemble output `[B, K]` in the same space (see module docstring)."""
-    outputs = outputs.astype(jnp.float32)
-    if task == "binary":
-        p = jnp.clip(jnp.mean(jax.nn.sigmoid(outputs), axis=0), _EPS, 1.0 - _EPS)
-        return jnp.log(p) - jnp.log1p(-p)
-    if task == "multiclass":
-        return jax.nn.logsumexp(jax.nn.log_softmax(outputs, axis=-1), axis=0) - jnp.log(outputs.shape[0])
-    return jnp.mean(outputs, axis=0)
+  """Member outputs `[M, B, K]` -> ensemble output `[B, K]` in the same space (see module docstring)."""
+  outputs = outputs.astype(jnp.float32)
+  if task == "binary":
+    p = jnp.clip(jnp.mean(jax.nn.sigmoid(outputs), axis=0), _EPS, 1.0 - _EPS)
+    return jnp.log(p) - jnp.log1p(-p)
+  if task == "multiclass":
+    return jax.nn.logsumexp(jax.nn.log_softmax(outputs, axis=-1), axis=0) - jnp.log(
+        outputs.shape[0]
+    )
+  return jnp.mean(outputs, axis=0)
 
 
 def _combine_aux(auxes: list[dict[str, Any]]) -> dict[str, Any]:
-    out = {}
-    for key, first in auxes[0].items():
-        if not isinstance(first, jax.Array) or first.dtype == jnp.bool_:
-            out[key] = first
-        else:
-            out[key] = jnp.mean(jnp.stack([a[key].astype(jnp.float32) for a in auxes]), axis=0)
-    return out
+  out = {}
+  for key, first in auxes[0].items():
+    if not isinstance(first, jax.Array) or first.dtype == jnp.bool_:
+      out[key] = first
+    else:
+      out[key] = jnp.mean(jnp.stack([a[key].astype(jnp.float32) for a in auxes]), axis=0)
+  return out
 
 
 class MemberEnsemble(nn.Module):
-    """`size` copies of `member` (params ``member_i``); outputs combined for `task`.
+  """`size` copies of `member` (params ``member_i``); outputs combined for `task`.
 
-    Attributes:
-      member: the architecture (an unbound Linen module returning `outputs` or `(outputs, aux)`).
-      size: number of members M (>= 1).
-      task: "binary" | "multiclass" | "regression".
-    """
+  Attributes:
+    member: the architecture (an unbound Linen module returning `outputs` or `(outputs, aux)`).
+    size: number of members M (>= 1).
+    task: "binary" | "multiclass" | "regression".
+  """
 
-    member: nn.Module
-    size: int
-    task: str
+  member: nn.Module
+  size: int
+  task: str
 
-    @nn.compact
-    def __call__(self, *args, **kwargs):
-        if self.task not in TASKS:
-            raise ValueError(f"MemberEnsemble.task={self.task!r}; choose one of {TASKS}")
-        if self.size < 1:
-            raise ValueError(f"MemberEnsemble.size={self.size}; must be >= 1")
-        results = [self.member.clone(parent=self, name=f"member_{i}")(*args, **kwargs) for i in range(self.size)]
-        has_aux = isinstance(results[0], tuple)
-        outputs = jnp.stack([r[0] if has_aux else r for r in results])
-        combined = combine_outputs(outputs, self.task)
-        return (combined, _combine_aux([r[1] for r in results])) if has_aux else combined
+  @nn.compact
+  def __call__(self, *args, **kwargs):
+    if self.task not in TASKS:
+      raise ValueError(f"MemberEnsemble.task={self.task!r}; choose one of {TASKS}")
+    if self.size < 1:
+      raise ValueError(f"MemberEnsemble.size={self.size}; must be >= 1")
+    results = [
+        self.member.clone(parent=self, name=f"member_{i}")(*args, **kwargs)
+        for i in range(self.size)
+    ]
+    has_aux = isinstance(results[0], tuple)
+    outputs = jnp.stack([r[0] if has_aux else r for r in results])
+    combined = combine_outputs(outputs, self.task)
+    return (combined, _combine_aux([r[1] for r in results])) if has_aux else combined

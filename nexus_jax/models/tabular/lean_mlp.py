@@ -29,42 +29,69 @@ Array = jax.Array
 
 
 class LeanMLP(nn.Module):
-    """Row encoder: (x_num [..., Fn], x_cat [..., Fc], num_missing) -> (out [..., d_out], {})."""
+  """Row encoder: (x_num [..., Fn], x_cat [..., Fc], num_missing) -> (out [..., d_out], {})."""
 
-    num_numeric: int
-    cat_cardinalities: Sequence[int] = ()
-    d_out: int = 32
-    d_layers: Sequence[int] = (32,)
-    d_embedding: int = 4  # width of each categorical embedding
-    dropout: float = 0.0
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+  num_numeric: int
+  cat_cardinalities: Sequence[int] = ()
+  d_out: int = 32
+  d_layers: Sequence[int] = (32,)
+  d_embedding: int = 4  # width of each categorical embedding
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
-    pools_rows: ClassVar[bool] = False
+  pools_rows: ClassVar[bool] = False
 
-    @nn.compact
-    def __call__(self, x_num: Array | None, x_cat: Array | None, num_missing: Array | None = None,
-                 row_mask: Array | None = None, *, deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
-        cards = tuple(int(c) for c in self.cat_cardinalities)
-        x_num, x_cat, num_missing, lead = prepare_features(x_num, x_cat, num_missing, self.num_numeric, len(cards))
-        parts = [jnp.where(num_missing, 0.0, x_num).astype(self.dtype), num_missing.astype(self.dtype)]
-        if cards:
-            offsets = np.concatenate([[0], np.cumsum(cards)[:-1]]).astype(np.int32)
-            table = self.param("cat_embedding", logical_init(("vocab", "embed"), nn.initializers.normal(0.1)),
-                               (int(sum(cards)), self.d_embedding), self.param_dtype)
-            codes = jnp.where((x_cat >= 0) & (x_cat < np.asarray(cards)), x_cat, np.minimum(1, np.asarray(cards) - 1))
-            emb = jnp.take(table, codes + offsets, axis=0)  # [..., Fc, d_embedding]
-            parts.append(emb.reshape(*lead, len(cards) * self.d_embedding).astype(self.dtype))
-        x = jnp.concatenate(parts, axis=-1)
-        for i, width in enumerate(self.d_layers):
-            x = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name=f"layer{i}",
-                         kernel_init=logical_init(("feature" if i == 0 else "embed", "mlp"), nn.initializers.lecun_normal()),
-                         bias_init=logical_init(("mlp",), nn.initializers.zeros))(x)
-            x = nn.Dropout(self.dropout)(jax.nn.relu(x), deterministic=deterministic)
-        out = nn.Dense(self.d_out, dtype=self.dtype, param_dtype=self.param_dtype, name="head",
-                       kernel_init=logical_init(("mlp", "embed"), nn.initializers.lecun_normal()),
-                       bias_init=logical_init(("embed",), nn.initializers.zeros))(x)
-        return out, {}
+  @nn.compact
+  def __call__(
+      self,
+      x_num: Array | None,
+      x_cat: Array | None,
+      num_missing: Array | None = None,
+      row_mask: Array | None = None,
+      *,
+      deterministic: bool = True,
+  ) -> tuple[Array, dict[str, Array]]:
+    cards = tuple(int(c) for c in self.cat_cardinalities)
+    x_num, x_cat, num_missing, lead = prepare_features(
+        x_num, x_cat, num_missing, self.num_numeric, len(cards)
+    )
+    parts = [jnp.where(num_missing, 0.0, x_num).astype(self.dtype), num_missing.astype(self.dtype)]
+    if cards:
+      offsets = np.concatenate([[0], np.cumsum(cards)[:-1]]).astype(np.int32)
+      table = self.param(
+          "cat_embedding",
+          logical_init(("vocab", "embed"), nn.initializers.normal(0.1)),
+          (int(sum(cards)), self.d_embedding),
+          self.param_dtype,
+      )
+      codes = jnp.where(
+          (x_cat >= 0) & (x_cat < np.asarray(cards)), x_cat, np.minimum(1, np.asarray(cards) - 1)
+      )
+      emb = jnp.take(table, codes + offsets, axis=0)  # [..., Fc, d_embedding]
+      parts.append(emb.reshape(*lead, len(cards) * self.d_embedding).astype(self.dtype))
+    x = jnp.concatenate(parts, axis=-1)
+    for i, width in enumerate(self.d_layers):
+      x = nn.Dense(
+          width,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name=f"layer{i}",
+          kernel_init=logical_init(
+              ("feature" if i == 0 else "embed", "mlp"), nn.initializers.lecun_normal()
+          ),
+          bias_init=logical_init(("mlp",), nn.initializers.zeros),
+      )(x)
+      x = nn.Dropout(self.dropout)(jax.nn.relu(x), deterministic=deterministic)
+    out = nn.Dense(
+        self.d_out,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name="head",
+        kernel_init=logical_init(("mlp", "embed"), nn.initializers.lecun_normal()),
+        bias_init=logical_init(("embed",), nn.initializers.zeros),
+    )(x)
+    return out, {}
 
 
 register_encoder("lean_mlp", LeanMLP)

@@ -29,52 +29,70 @@ _ENCODERS: dict[str, type[nn.Module]] = {}
 DEFAULT_KEY = "default"
 
 
-def register_encoder(name: str, cls: type[nn.Module], *, overwrite: bool = False) -> type[nn.Module]:
-    """Registers `cls` under `name` (returns cls). Re-registering a name needs `overwrite=True`."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"encoder name must be a non-empty string, got {name!r}.")
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"register_encoder({name!r}, ...): expected a flax.linen.Module subclass, got {cls!r}.")
-    if name in _ENCODERS and _ENCODERS[name] is not cls and not overwrite:
-        raise ValueError(f"encoder {name!r} is already registered to {_ENCODERS[name].__name__}; "
-                         f"pass overwrite=True to replace it.")
-    _ENCODERS[name] = cls
-    return cls
+def register_encoder(
+    name: str, cls: type[nn.Module], *, overwrite: bool = False
+) -> type[nn.Module]:
+  """Registers `cls` under `name` (returns cls). Re-registering a name needs `overwrite=True`."""
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"encoder name must be a non-empty string, got {name!r}.")
+  if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+    raise TypeError(
+        f"register_encoder({name!r}, ...): expected a flax.linen.Module subclass, got {cls!r}."
+    )
+  if name in _ENCODERS and _ENCODERS[name] is not cls and not overwrite:
+    raise ValueError(
+        f"encoder {name!r} is already registered to {_ENCODERS[name].__name__}; "
+        f"pass overwrite=True to replace it."
+    )
+  _ENCODERS[name] = cls
+  return cls
 
 
 def get_encoder(name: str) -> type[nn.Module]:
-    """The encoder class registered under `name`; unknown names raise KeyError listing the known ones."""
-    try:
-        return _ENCODERS[name]
-    except (KeyError, TypeError):
-        raise KeyError(f"unknown encoder {name!r}; known encoders: {', '.join(sorted(_ENCODERS))}. "
-                       f"Register new ones with register_encoder(name, cls).") from None
+  """The encoder class registered under `name`; unknown names raise KeyError listing the known ones."""
+  try:
+    return _ENCODERS[name]
+  except (KeyError, TypeError):
+    raise KeyError(
+        f"unknown encoder {name!r}; known encoders: {', '.join(sorted(_ENCODERS))}. "
+        f"Register new ones with register_encoder(name, cls)."
+    ) from None
 
 
 def encoder_names() -> list[str]:
-    """Sorted names of all registered encoders."""
-    return sorted(_ENCODERS)
+  """Sorted names of all registered encoders."""
+  return sorted(_ENCODERS)
 
 
 def encoder_for_table(encoders_config: Mapping[str, str] | Any, table: str) -> str:
-    """Encoder name for `table`: `encoders_config[table]` if set, else `encoders_config["default"]`.
+  """Encoder name for `table`: `encoders_config[table]` if set, else `encoders_config["default"]`.
 
-    `encoders_config` is a Mapping or an ml_collections.ConfigDict. Raises KeyError when neither key
-    is set, or when the chosen name is not registered (naming the table and the config field).
-    """
-    if table in encoders_config:
-        name, field = encoders_config[table], f"encoders.{table}"
-    elif DEFAULT_KEY in encoders_config:
-        name, field = encoders_config[DEFAULT_KEY], f"encoders.{DEFAULT_KEY}"
-    else:
-        raise KeyError(f"no encoder configured for table {table!r}: set encoders.{table} or encoders.{DEFAULT_KEY} "
-                       f"(one of {', '.join(sorted(_ENCODERS))}).")
-    if name not in _ENCODERS:
-        raise KeyError(f"{field} = {name!r} (table {table!r}) is not a known encoder; "
-                       f"known encoders: {', '.join(sorted(_ENCODERS))}.")
-    return name
+  `encoders_config` is a Mapping or an ml_collections.ConfigDict. Raises KeyError when neither key
+  is set, or when the chosen name is not registered (naming the table and the config field).
+  """
+  if table in encoders_config:
+    name, field = encoders_config[table], f"encoders.{table}"
+  elif DEFAULT_KEY in encoders_config:
+    name, field = encoders_config[DEFAULT_KEY], f"encoders.{DEFAULT_KEY}"
+  else:
+    raise KeyError(
+        f"no encoder configured for table {table!r}: set encoders.{table} or encoders.{DEFAULT_KEY} "
+        f"(one of {', '.join(sorted(_ENCODERS))})."
+    )
+  if name not in _ENCODERS:
+    raise KeyError(
+        f"{field} = {name!r} (table {table!r}) is not a known encoder; "
+        f"known encoders: {', '.join(sorted(_ENCODERS))}."
+    )
+  return name
 
 
-for _name, _cls in (("ft_transformer", FTTransformer), ("tabnet", TabNet), ("tabm", TabM), ("mlp", MLP),
-                    ("resnet", ResNetMLP), ("standard", StandardEncoder)):
-    register_encoder(_name, _cls)
+for _name, _cls in (
+    ("ft_transformer", FTTransformer),
+    ("tabnet", TabNet),
+    ("tabm", TabM),
+    ("mlp", MLP),
+    ("resnet", ResNetMLP),
+    ("standard", StandardEncoder),
+):
+  register_encoder(_name, _cls)
