@@ -25,7 +25,7 @@ import jax
 
 from experiments.run import run_experiment
 from nexus_jax.data.datasets import nycflights13
-from nexus_jax.tabular.config import tabular_config
+from nexus_jax.nexusflow.config import tabular_config
 
 ENCODERS = ("mlp", "resnet", "tabm", "ft_transformer", "tabnet")
 RUNS = ("nexus_quick", "nexus_full") + ENCODERS

@@ -30,10 +30,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments.tabular import load_relational  # noqa: E402
 from nexus_jax.data.datasets import nycflights13  # noqa: E402
-from nexus_jax.tabular.config import apply_preset, tabular_config  # noqa: E402
-from nexus_jax.tabular.objectives import evaluation_metrics, relational_arrays  # noqa: E402
-from nexus_jax.tabular.runtime import predict_arrays  # noqa: E402
-from nexus_jax.tabular.training import train_nexus_former  # noqa: E402
+from nexus_jax.nexusflow.config import apply_preset, tabular_config  # noqa: E402
+from nexus_jax.nexusflow.objectives import evaluation_metrics, relational_arrays  # noqa: E402
+from nexus_jax.nexusflow.batch_inference import predict_arrays  # noqa: E402
+from nexus_jax.nexusflow.training import train_nexus_former  # noqa: E402
 from nexus_jax.train.presets import set_path  # noqa: E402
 
 

@@ -11,7 +11,7 @@ The torch side runs in its own interpreter (`--torch-python`, default `.venv-rtd
 (the pyproject extra `rtdl` lists the same pins). It is `benchmarks/tabular_vs_rtdl_torch.py`, fed the
 same preprocessed arrays as .npy files in a temp dir and driven over stdin/stdout.
 
-Same for both: feature set A built and preprocessed by `nexus_jax.tabular.flat.load_flat_splits`
+Same for both: feature set A built and preprocessed by `nexus_jax.nexusflow.flat.load_flat_splits`
 (29 numeric + 10 categorical columns -> 40 tokens with CLS), 3 blocks, d_block 128, 8 heads, FFN
 4/3 d with ReGLU, attention dropout 0.2, FFN dropout 0.1 (rtdl's 3-block defaults), batch 1024,
 AdamW lr 3e-4 (constant), weight decay 1e-5 (not on norms/biases/embeddings), the same batches in the
@@ -46,9 +46,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/tabular_vs_rtdl.py` from a checkout
   sys.path.insert(0, str(ROOT))
 
-from nexus_jax.tabular.config import tabular_config  # noqa: E402
-from nexus_jax.tabular.flat import build_row_model, load_flat_splits  # noqa: E402
-from nexus_jax.tabular.objectives import evaluation_metrics, tabular_objective  # noqa: E402
+from nexus_jax.nexusflow.config import tabular_config  # noqa: E402
+from nexus_jax.nexusflow.flat import build_row_model, load_flat_splits  # noqa: E402
+from nexus_jax.nexusflow.objectives import evaluation_metrics, tabular_objective  # noqa: E402
 from nexus_jax.train.data import ArrayDataset  # noqa: E402
 from nexus_jax.train.loop import Trainer  # noqa: E402
 

@@ -18,12 +18,12 @@ predict-ready `workdir/artifact/`.
 Presets: `--config.preset=full` (wider, up to 4 epochs, a deep ensemble of 3 seeds) is resolved at
 run time; it changes only fields still at their quick default, so `--config.preset=full
 --config.train.num_epochs=3` keeps 3 epochs. The fields and their comments live in
-`nexus_jax/tabular/config.py` (shared with the estimator).
+`nexus_jax/nexusflow/config.py` (shared with the estimator).
 """
 
 import ml_collections
 
-from nexus_jax.tabular.config import tabular_config
+from nexus_jax.nexusflow.config import tabular_config
 
 
 def get_config() -> ml_collections.ConfigDict:

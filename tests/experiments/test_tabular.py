@@ -12,7 +12,7 @@ import pytest
 from experiments.run import run_experiment
 from nexus_jax.data.datasets import nycflights13
 from nexus_jax.data.datasets.folder import save_folder
-from nexus_jax.tabular import predict as predict_cli
+from nexus_jax.nexusflow import predict_cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -135,7 +135,7 @@ def test_row_experiment_end_to_end_and_resume(tmp_path):
 
 def test_max_categories_zero_takes_the_datasets_recommendation():
   from experiments.tabular import preprocessor_settings
-  from nexus_jax.tabular.config import DEFAULT_MAX_CATEGORIES, tabular_config
+  from nexus_jax.nexusflow.config import DEFAULT_MAX_CATEGORIES, tabular_config
 
   dc = tabular_config().data
   assert dc.max_categories == 0

@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from nexus_jax.tabular.config import PRESETS, apply_preset, tabular_config
+from nexus_jax.nexusflow.config import PRESETS, apply_preset, tabular_config
 from nexus_jax.train.presets import get_path
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -22,9 +22,9 @@ from nexus_jax.data.datasets import nycflights13
 from nexus_jax.data.preprocess import TabularPreprocessor
 from nexus_jax.models.tabular.registry import get_encoder
 from nexus_jax.models.tabular.row_predictor import RowPredictor
-from nexus_jax.tabular.config import DEFAULT_MAX_CATEGORIES
-from nexus_jax.tabular.model_spec import compute_dtype
-from nexus_jax.tabular.objectives import tabular_objective
+from nexus_jax.nexusflow.config import DEFAULT_MAX_CATEGORIES
+from nexus_jax.nexusflow.model_spec import compute_dtype
+from nexus_jax.nexusflow.objectives import tabular_objective
 from nexus_jax.train.data import ArrayDataset
 from nexus_jax.train.loop import fit, restore_best
 from nexus_jax.train.plots import plot_learning_curves

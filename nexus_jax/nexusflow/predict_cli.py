@@ -1,7 +1,7 @@
 """Predict from a saved artifact on a folder of tables; writes one CSV row per predicted target row.
 
-    python -m nexus_jax.tabular.predict --artifact runs/x/artifact --data new_tables/ --output preds.csv
-    python -m nexus_jax.tabular.predict ... --predict-from 2013-12-01T05:00Z   # earlier rows = history only
+    python -m nexus_jax.nexusflow.predict_cli --artifact runs/x/artifact --data new_tables/ --output preds.csv
+    python -m nexus_jax.nexusflow.predict_cli ... --predict-from 2013-12-01T05:00Z   # earlier rows = history only
 
 `--data` holds one file per table of the schema (``<table>.csv``, ``.csv.gz``, ``.csv.zip`` or
 ``.parquet``, or the schema's ``file`` name). Rows of the target table whose time is before
@@ -21,7 +21,7 @@ import pandas as pd
 
 from nexus_jax.data.datasets.folder import _read, table_path
 from nexus_jax.data.schema import SchemaError, parse_cutoff, parse_time
-from nexus_jax.tabular.artifact import ArtifactError, load_artifact
+from nexus_jax.nexusflow.artifact import ArtifactError, load_artifact
 
 
 def read_tables(folder: str | pathlib.Path, schema) -> dict[str, pd.DataFrame]:

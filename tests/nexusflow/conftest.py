@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from relational_testing import SCHEMA, TINY, make_tables  # noqa: E402
 
-from nexus_jax.tabular.estimator import NexusFlowClassifier  # noqa: E402
+from nexus_jax.nexusflow.estimator import NexusFlowClassifier  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -25,9 +25,9 @@ from nexus_jax.data import column_types as ct
 from nexus_jax.data.relational import ContextSetBuilder
 from nexus_jax.data.schema import SchemaError
 from nexus_jax.inference import dequantize, magnitude_prune, quantize_int8
-from nexus_jax.tabular.model_spec import build_nexus_former
-from nexus_jax.tabular.objectives import relational_arrays
-from nexus_jax.tabular.runtime import make_predict_fn, predict_arrays
+from nexus_jax.nexusflow.model_spec import build_nexus_former
+from nexus_jax.nexusflow.objectives import relational_arrays
+from nexus_jax.nexusflow.batch_inference import make_predict_fn, predict_arrays
 
 PREDICT_BATCH = 1024
 

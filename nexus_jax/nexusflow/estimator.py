@@ -30,12 +30,12 @@ import pandas as pd
 
 from nexus_jax.data.relational import ContextSetBuilder
 from nexus_jax.data.schema import Schema, SchemaError
-from nexus_jax.tabular.artifact import MANIFEST_FILE, sha256_file, load_artifact, save_artifact
-from nexus_jax.tabular.config import apply_preset, tabular_config
-from nexus_jax.tabular.objectives import evaluation_metrics, relational_arrays
-from nexus_jax.tabular.predictor import TabularPredictor
-from nexus_jax.tabular.runtime import predict_arrays
-from nexus_jax.tabular.training import train_nexus_former
+from nexus_jax.nexusflow.artifact import MANIFEST_FILE, sha256_file, load_artifact, save_artifact
+from nexus_jax.nexusflow.config import apply_preset, tabular_config
+from nexus_jax.nexusflow.objectives import evaluation_metrics, relational_arrays
+from nexus_jax.nexusflow.table_predictor import TabularPredictor
+from nexus_jax.nexusflow.batch_inference import predict_arrays
+from nexus_jax.nexusflow.training import train_nexus_former
 from nexus_jax.train.presets import set_path
 
 ESTIMATOR_FILE = "estimator.json"

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from nexus_jax.tabular.model_spec import build_nexus_former, nexus_former_spec
-from nexus_jax.tabular.objectives import evaluation_metrics, n_outputs, relational_arrays, relational_objective
-from nexus_jax.tabular.runtime import predict_arrays
+from nexus_jax.nexusflow.model_spec import build_nexus_former, nexus_former_spec
+from nexus_jax.nexusflow.objectives import evaluation_metrics, n_outputs, relational_arrays, relational_objective
+from nexus_jax.nexusflow.batch_inference import predict_arrays
 from nexus_jax.train.data import ArrayDataset
 from nexus_jax.train.loop import FitResult, fit, restore_best
 

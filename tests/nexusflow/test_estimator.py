@@ -9,8 +9,8 @@ from relational_testing import SCHEMA, TINY, predict_tables
 from sklearn.base import clone
 
 from nexus_jax.data.schema import SchemaError
-from nexus_jax.tabular.artifact import ArtifactError, sha256_file
-from nexus_jax.tabular.estimator import NexusFlowClassifier, NexusFlowRegressor
+from nexus_jax.nexusflow.artifact import ArtifactError, sha256_file
+from nexus_jax.nexusflow.estimator import NexusFlowClassifier, NexusFlowRegressor
 
 
 def test_fit_predict_shapes_order_and_quality(fitted, tables):
@@ -191,7 +191,7 @@ def test_regressor_fit_save_load(tables, tmp_path):
 
 
 def test_deep_ensemble_averages_members_and_round_trips(tables, tmp_path):
-  from nexus_jax.tabular.predictor import TabularPredictor
+  from nexus_jax.nexusflow.table_predictor import TabularPredictor
 
   kwargs = {
       **TINY,

@@ -145,7 +145,7 @@ def tabular_config() -> ml_collections.ConfigDict:
   c.eval.optimize = True  # also report int8 quantisation and magnitude pruning on test
   c.eval.prune_amount = 0.5  # share of prunable weights zeroed for that report
   c.eval.save_artifact = (
-      True  # write workdir/artifact (predict with python -m nexus_jax.tabular.predict)
+      True  # write workdir/artifact (predict with python -m nexus_jax.nexusflow.predict_cli)
   )
 
   c.train.batch_size = 512

@@ -62,7 +62,7 @@ def nexus_former_spec(
   """JSON-able constructor arguments of `NexusFormer` for `data` (a `RelationalData`).
 
   Args:
-    model_config: `config.model` (see `nexus_jax/tabular/config.py`).
+    model_config: `config.model` (see `nexus_jax/nexusflow/config.py`).
     data: the training `RelationalData` (only feature layouts and context specs are read).
     n_outputs: 1 (binary, regression) or the number of classes.
     context_priors: optional context name -> prior weight (>= 0; 0 removes the context).

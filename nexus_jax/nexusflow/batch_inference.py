@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from nexus_jax.tabular.objectives import task_predict
+from nexus_jax.nexusflow.objectives import task_predict
 from nexus_jax.train.data import num_examples
 
 

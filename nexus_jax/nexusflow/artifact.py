@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 
 from nexus_jax.data.relational import ContextSetBuilder
 from nexus_jax.inference import dequantize
-from nexus_jax.tabular.predictor import TabularPredictor
+from nexus_jax.nexusflow.table_predictor import TabularPredictor
 from nexus_jax.train.checkpoint import fingerprint
 
 FORMAT_VERSION = 1
