@@ -33,8 +33,8 @@ from flax import linen as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.attention_memory import machine_info  # noqa: E402
 from configs.lm import get_config  # noqa: E402
-from experiments.lm import _eval_data, apply_preset, build_model  # noqa: E402
-from nexus_jax.data.datasets import text  # noqa: E402
+from nexus_jax.data.datasets.byte_lm import load_byte_lm_data  # noqa: E402
+from nexus_jax.models.lm import lm_from_config  # noqa: E402
 from nexus_jax.inference.quantize import dequantize, quantize, tree_bytes  # noqa: E402
 from nexus_jax.models.lm import count_params  # noqa: E402
 from nexus_jax.models.seq_objectives import lm_objective  # noqa: E402
@@ -44,26 +44,8 @@ from nexus_jax.train.loop import fit, restore_best  # noqa: E402
 
 def train_or_load(config, workdir: str):
   """(model, params, extra collections, test dataset, train seconds) as experiments/lm.py builds them."""
-  dc, tc = config.data, config.train
-  splits, _ = text.load_text_splits(
-      dc.root or None,
-      pattern=dc.pattern,
-      valid_fraction=dc.valid_fraction,
-      test_fraction=dc.test_fraction,
-  )
-  seq, bs = int(dc.seq_len), int(tc.batch_size)
-  train = ArrayDataset(
-      {
-          "tokens": text.random_windows(
-              splits["train"], seq + 1, int(tc.num_steps) * bs, int(config.seed)
-          )
-      },
-      bs,
-      seed=int(config.seed),
-  )
-  valid = _eval_data(splits["valid"], int(dc.valid_bytes), seq, bs)
-  test = _eval_data(splits["test"], int(dc.test_bytes), seq, bs)
-  model = build_model(config.model)
+  _, _, train, valid, test, _, _ = load_byte_lm_data(config)
+  model = lm_from_config(config.model)
   result = fit(lm_objective(model), train, valid, config, workdir)
   state = restore_best(result)
   return model, nn.unbox(state.params), dict(state.extra), test, result.train_seconds
@@ -111,7 +93,7 @@ def main():
   ap.add_argument("--workdir", default="", help="training folder (default: a temporary one)")
   args = ap.parse_args()
 
-  config = apply_preset(get_config())
+  config = get_config()
   with config.unlocked():
     config.train.num_steps = args.steps
     config.train.eval_every_steps = max(args.steps // 2, 1)

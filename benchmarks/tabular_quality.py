@@ -6,7 +6,8 @@ set A, next to the gradient-boosted trees of shared/TASKS.md; prints ONE JSON ob
     python benchmarks/tabular_quality.py --runs nexus_quick --from_results runs/x/results.json
     python benchmarks/tabular_quality.py --max_rows 20000 --epochs 1       # a quick smoke run
 
-Every run goes through `experiments.tabular.run` (the same code as `python -m experiments.run`), in
+Every run goes through the library code that `python -m experiments.run` uses (NexusFormer:
+`nexusflow.pipeline` prepare -> train -> score; row encoders: `nexusflow.flat.train_row_model`), in
 its own folder under `--workdir`; rerunning resumes finished runs. `--from_results NAME=PATH` takes a
 run's numbers from an existing results.json instead of training again. Targets (TASKS.md): NexusFormer
 quick >= LightGBM on set A (0.6957), full >= CatBoost on set B (0.7160).
@@ -23,16 +24,18 @@ import time
 
 import jax
 
-from experiments.run import run_experiment
+from configs.tabular import PRESETS, get_config
 from nexus_jax.data.datasets import nycflights13
-from nexus_jax.nexusflow.config import tabular_config
+from nexus_jax.nexusflow import pipeline
+from nexus_jax.nexusflow.flat import train_row_model
+from nexus_jax.train.presets import resolve_preset
 
 ENCODERS = ("mlp", "resnet", "tabm", "ft_transformer", "tabnet")
 RUNS = ("nexus_quick", "nexus_full") + ENCODERS
 
 
 def config_for(name: str, args: argparse.Namespace):
-  c = tabular_config()
+  c = get_config()
   c.train.progress = False
   if name.startswith("nexus_"):
     c.preset = name.split("_", 1)[1]
@@ -46,7 +49,24 @@ def config_for(name: str, args: argparse.Namespace):
     c.data.max_rows = args.max_rows
   if args.epochs:
     c.train.num_epochs = args.epochs
+  resolve_preset(c, PRESETS, get_config(), explicit={"train.num_epochs"} if args.epochs else ())
   return c
+
+
+def run_one(config, workdir: pathlib.Path) -> dict:
+  """Trains (or resumes) one run in `workdir`; returns its results (test metrics, parameters, ...)."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  if config.model.name == "row":
+    run = train_row_model(config, workdir)
+    return {
+        "test": run.test_metrics,
+        "best_step": run.result.best_step,
+        "train_rows_per_second": run.result.rows_per_second,
+        "model": {"parameters": run.parameters},
+    }
+  prepared = pipeline.prepare(config)
+  result, schedule = pipeline.train(prepared, config, workdir)
+  return pipeline.score(prepared, result, config, schedule)
 
 
 def main() -> None:
@@ -73,9 +93,9 @@ def main() -> None:
       source = given[name]
     else:
       t0 = time.perf_counter()
-      r = run_experiment(config_for(name, args), pathlib.Path(args.workdir) / name)
-      r["benchmark_wall_seconds"] = round(time.perf_counter() - t0, 1)
-      source = str(pathlib.Path(args.workdir) / name / "results.json")
+      r = run_one(config_for(name, args), pathlib.Path(args.workdir) / name)
+      r["wall_seconds"] = round(time.perf_counter() - t0, 1)
+      source = str(pathlib.Path(args.workdir) / name)
     out[name] = {
         "test": r["test"],
         "train_rows_per_second": r.get("train_rows_per_second"),

@@ -28,13 +28,12 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments.tabular import load_relational  # noqa: E402
+from configs.tabular import PRESETS, get_config  # noqa: E402
 from nexus_jax.data.datasets import nycflights13  # noqa: E402
-from nexus_jax.nexusflow.config import apply_preset, tabular_config  # noqa: E402
+from nexus_jax.nexusflow import pipeline  # noqa: E402
 from nexus_jax.nexusflow.objectives import evaluation_metrics, relational_arrays  # noqa: E402
 from nexus_jax.nexusflow.batch_inference import predict_arrays  # noqa: E402
-from nexus_jax.nexusflow.training import train_nexus_former  # noqa: E402
-from nexus_jax.train.presets import set_path  # noqa: E402
+from nexus_jax.train.presets import resolve_preset, set_path  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, object]]:
@@ -58,7 +57,7 @@ def data_key(overrides: dict[str, object]) -> tuple:
 
 
 def variant_config(overrides: dict[str, object], seed: int, max_rows: int):
-  c = tabular_config()
+  c = get_config()
   c.train.progress = False
   c.seed = seed
   c.data.max_rows = max_rows
@@ -67,7 +66,7 @@ def variant_config(overrides: dict[str, object], seed: int, max_rows: int):
       set_path(c, field, tuple(value) if isinstance(value, list) else value)
     except KeyError as err:
       raise SystemExit(f"override {field}: {err.args[0]}") from None
-  apply_preset(c)
+  resolve_preset(c, PRESETS, get_config(), explicit=set(overrides))
   return c
 
 
@@ -91,8 +90,9 @@ def main() -> None:
     key = data_key(overrides)
     if key not in built:
       data_overrides = {f: v for f, v in overrides.items() if f.startswith("data.")}
-      _, _, splits = load_relational(variant_config(data_overrides, 0, args.max_rows))
-      built[key] = splits, {s: relational_arrays(splits[s], (0.0, 1.0)) for s in ("valid", "test")}
+      prepared = pipeline.prepare(variant_config(data_overrides, 0, args.max_rows))
+      arrays = {s: relational_arrays(prepared.splits[s], (0.0, 1.0)) for s in ("valid", "test")}
+      built[key] = prepared, arrays
   data_seconds = time.perf_counter() - t0
   runs, probs = [], {}
   for seed in seeds:  # seed-major: under a deadline every variant gets its first seed first
@@ -101,11 +101,9 @@ def main() -> None:
         runs.append({"variant": name, "seed": seed, "skipped": "deadline"})
         continue
       config = variant_config(overrides, seed, args.max_rows)
-      splits, arrays = built[data_key(overrides)]
+      prepared, arrays = built[data_key(overrides)]
       t = time.perf_counter()
-      result = train_nexus_former(
-          splits["train"], splits["valid"], config, pathlib.Path(args.workdir) / f"{name}_s{seed}"
-      )
+      result, _ = pipeline.train(prepared, config, pathlib.Path(args.workdir) / f"{name}_s{seed}")
       row = {
           "variant": name,
           "seed": seed,

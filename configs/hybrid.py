@@ -9,7 +9,7 @@ Trains `HybridLM` (the `model.preset` size, tiny by default: 16 layers, attentio
 on the same file-level split and corpus loader as configs/lm.py, reports test bits/byte next to
 `xz -9e` on exactly the same test bytes, samples text, writes results.json + hybrid_curves.png.
 With `jepa.weight > 0` a JEPA auxiliary loss (EMA target encoder, VICReg terms; see
-models/hybrid_jepa.py) is added. `preset=full` replaces the fields listed under `full`.
+models/hybrid_jepa.py) is added. `--config.preset=full` applies `PRESETS["full"]` (below) to the fields you did not set.
 """
 
 import ml_collections
@@ -20,7 +20,7 @@ from nexus_jax.train.config import base_config
 def get_config() -> ml_collections.ConfigDict:
   c = base_config()
   c.experiment = "hybrid"  # experiments/registry.py entry
-  c.preset = "default"  # "default" | "full" (applies the `full` block below)
+  c.preset = "default"  # "default" | "full" (PRESETS below; command-line overrides win)
 
   c.data = ml_collections.ConfigDict()
   c.data.root = ""  # folder or single text file; "" = this interpreter's standard library
@@ -75,11 +75,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.01
   c.optim.b2 = 0.98
 
-  # preset="full": these `section.field` values replace the ones above (hours on a 2-core CPU).
-  c.full = ml_collections.ConfigDict()
-  c.full.data = ml_collections.ConfigDict({"seq_len": 256, "valid_bytes": 32_768, "test_bytes": 0})
-  c.full.train = ml_collections.ConfigDict(
-      {"num_steps": 4000, "eval_every_steps": 250, "batch_size": 32}
-  )
-  c.full.model = ml_collections.ConfigDict({"ssm_scan_method": "chunked"})
   return c
+
+
+# `--config.preset=full`: longer training on longer windows (hours on a 2-core CPU). Resolved at run
+# time by `nexus_jax.train.presets.resolve_preset`: command-line overrides win.
+PRESETS = {
+    "default": {},
+    "full": {
+        "data.seq_len": 256,
+        "data.valid_bytes": 32_768,
+        "data.test_bytes": 0,
+        "train.num_steps": 4000,
+        "train.eval_every_steps": 250,
+        "train.batch_size": 32,
+        "model.ssm_scan_method": "chunked",
+    },
+}

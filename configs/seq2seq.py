@@ -17,7 +17,7 @@ from nexus_jax.train.config import base_config
 def get_config() -> ml_collections.ConfigDict:
   c = base_config()
   c.experiment = "seq2seq"  # experiments/registry.py entry
-  c.preset = "default"  # "default" | "full" (wider, longer; PRESETS in experiments/seq2seq.py)
+  c.preset = "default"  # "default" | "full" (wider, longer: PRESETS below)
 
   c.data = ml_collections.ConfigDict()
   c.data.valid_fraction = 0.05  # stdlib files (by path hash) in the validation split
@@ -58,3 +58,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 50
   c.optim.weight_decay = 0.01
   return c
+
+
+# `--config.preset=full`: a wider model trained longer (tens of minutes on a 2-core CPU).
+PRESETS = {
+    "default": {},
+    "full": {
+        "model.embed_dim": 192,
+        "model.mlp_dim": 384,
+        "model.num_encoder_layers": 3,
+        "model.num_decoder_layers": 3,
+        "train.num_steps": 4000,
+        "train.eval_every_steps": 500,
+    },
+}

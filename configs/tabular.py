@@ -16,15 +16,32 @@ next to the TASKS.md baselines, plots which contexts the model attended to
 predict-ready `workdir/artifact/`.
 
 Presets: `--config.preset=full` (wider, up to 4 epochs, a deep ensemble of 3 seeds) is resolved at
-run time; it changes only fields still at their quick default, so `--config.preset=full
---config.train.num_epochs=3` keeps 3 epochs. The fields and their comments live in
-`nexus_jax/nexusflow/config.py` (shared with the estimator).
+run time; a field you set on the command line always keeps your value, so `--config.preset=full
+--config.train.num_epochs=3` keeps 3 epochs. The generic fields and their comments live in
+`nexus_jax/nexusflow/config.py` (shared with the estimator); this file adds what is specific to the
+bundled nycflights13 task. Its `data.*` recommendations (contexts, history lengths, count windows,
+50 categories) live in `nexus_jax/data/datasets/nycflights13.py` and fill the fields left at 0 / "".
+
+Your own tables: `--config.data.path=DIR` with DIR holding schema.json + one CSV/Parquet file per
+table (README, "Your own tables"); the dataset fields below are then ignored.
 """
 
 import ml_collections
 
+from nexus_jax.nexusflow.config import PRESETS as NEXUSFLOW_PRESETS
 from nexus_jax.nexusflow.config import tabular_config
+
+# Tables of the bundled nycflights13 task; each may name its own encoder ("" = encoders.default).
+NYCFLIGHTS13_TABLES = ("flights", "planes", "airlines", "airports", "weather")
 
 
 def get_config() -> ml_collections.ConfigDict:
-  return tabular_config()
+  c = tabular_config()
+  c.data.name = "nycflights13"  # bundled dataset (ignored when data.path is set)
+  for table in NYCFLIGHTS13_TABLES:
+    c.model.encoders[table] = ""  # encoder of that table's contexts, e.g. "tabnet"; "" = default
+  return c
+
+
+# The estimator's presets ("quick" = the defaults above, "full" = wider, longer, 3-seed ensemble).
+PRESETS = NEXUSFLOW_PRESETS

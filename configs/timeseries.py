@@ -21,7 +21,7 @@ from nexus_jax.train.config import base_config
 def get_config() -> ml_collections.ConfigDict:
   c = base_config()
   c.experiment = "timeseries"  # experiments/registry.py entry
-  c.preset = "default"  # "default" | "full" (wider, longer; PRESETS in experiments/timeseries.py)
+  c.preset = "default"  # "default" | "full" (wider, longer: PRESETS below)
 
   c.data = ml_collections.ConfigDict()
   c.data.past_hours = 96  # encoder input length
@@ -58,3 +58,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 50
   c.optim.weight_decay = 1e-4
   return c
+
+
+# `--config.preset=full`: a wider model trained longer (tens of minutes on a 2-core CPU).
+PRESETS = {
+    "default": {},
+    "full": {
+        "model.embed_dim": 128,
+        "model.mlp_dim": 256,
+        "model.num_encoder_layers": 3,
+        "model.num_decoder_layers": 3,
+        "train.num_steps": 3000,
+        "train.eval_every_steps": 100,
+    },
+}

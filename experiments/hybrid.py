@@ -20,7 +20,8 @@ import pathlib
 from typing import Any
 
 
-from experiments.lm import load_byte_lm_data, sample_and_corpus_report, xz_bits_per_byte
+from experiments.lm import sample_and_corpus_report
+from nexus_jax.data.datasets.byte_lm import load_byte_lm_data, xz_bits_per_byte
 from nexus_jax.models import hybrid
 from nexus_jax.models.hybrid import HybridLM
 from nexus_jax.models.hybrid_jepa import HybridJEPA
@@ -28,22 +29,6 @@ from nexus_jax.models.seq_objectives import lm_objective
 from nexus_jax.train.loop import fit, restore_best
 from nexus_jax.train.metrics import read_metrics
 from nexus_jax.train.plots import plot_learning_curves
-
-
-def apply_preset(config) -> Any:
-  """A copy of `config`; with `preset == "full"` every `full.<section>.<field>` replaces
-  `<section>.<field>`."""
-  if config.preset not in ("default", "full"):
-    raise ValueError(f"config.preset={config.preset!r}; choose 'default' or 'full'.")
-  config = config.copy_and_resolve_references()
-  if config.preset == "full":
-    with config.unlocked():
-      for section, fields in config.full.items():
-        for field, value in fields.items():
-          if field not in config[section]:
-            raise ValueError(f"config.full.{section}.{field} names no field {section}.{field}.")
-          config[section][field] = value
-  return config
 
 
 def build_model(mc, jc, seq_len: int):
@@ -86,7 +71,6 @@ def build_model(mc, jc, seq_len: int):
 
 
 def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
-  config = apply_preset(config)
   workdir = pathlib.Path(workdir)
   splits, files, train, valid, test, test_bytes, data_seconds = load_byte_lm_data(config)
   seq = int(config.data.seq_len)

@@ -12,72 +12,20 @@
 from __future__ import annotations
 
 import json
-import lzma
 import math
 import pathlib
 import time
 from typing import Any
 
 import jax
-import numpy as np
 
 from nexus_jax.data.datasets import text
+from nexus_jax.data.datasets.byte_lm import load_byte_lm_data, xz_bits_per_byte
 from nexus_jax.inference.generate import Sampling, generate
-from nexus_jax.models.lm import LanguageModel, active_params, count_params, dense_equivalent
+from nexus_jax.models.lm import active_params, count_params, dense_equivalent, lm_from_config
 from nexus_jax.models.seq_objectives import lm_objective
-from nexus_jax.train.data import ArrayDataset
 from nexus_jax.train.loop import fit, restore_best
 from nexus_jax.train.metrics import read_metrics
-
-FULL_FIELDS = {
-    "embed_dim": "model.embed_dim",
-    "num_layers": "model.num_layers",
-    "mlp_dim": "model.mlp_dim",
-    "num_experts": "model.num_experts",
-    "seq_len": "data.seq_len",
-    "num_steps": "train.num_steps",
-    "eval_every_steps": "train.eval_every_steps",
-    "test_bytes": "data.test_bytes",
-}
-
-
-def apply_preset(config) -> Any:
-  """A copy of `config` with the `full` block applied when `config.preset == "full"`."""
-  if config.preset not in ("default", "full"):
-    raise ValueError(f"config.preset={config.preset!r}; choose 'default' or 'full'.")
-  config = config.copy_and_resolve_references()
-  if config.preset == "full":
-    with config.unlocked():
-      for key, dotted in FULL_FIELDS.items():
-        section, field = dotted.split(".")
-        config[section][field] = config.full[key]
-  return config
-
-
-def xz_bits_per_byte(data: bytes) -> float:
-  """8 * len(lzma.compress(data, preset=9 | PRESET_EXTREME)) / len(data)."""
-  return 8.0 * len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)) / len(data)
-
-
-def build_model(mc) -> LanguageModel:
-  return LanguageModel(
-      vocab_size=256,
-      num_layers=mc.num_layers,
-      embed_dim=mc.embed_dim,
-      num_heads=mc.num_heads,
-      num_kv_heads=mc.num_kv_heads,
-      mlp_dim=mc.mlp_dim,
-      num_experts=mc.num_experts,
-      moe_top_k=mc.moe_top_k,
-      moe_load_balance_coef=mc.moe_load_balance_coef,
-      dropout_rate=mc.dropout_rate,
-      attention_backend=mc.attention_backend,
-  )
-
-
-def _eval_data(data: np.ndarray, num_bytes: int, seq_len: int, batch: int) -> ArrayDataset:
-  data = data[:num_bytes] if num_bytes else data
-  return ArrayDataset({"tokens": text.windows(data, seq_len + 1)}, batch)
 
 
 def _plot(workdir: pathlib.Path, runs: dict[str, pathlib.Path], xz: float) -> pathlib.Path:
@@ -110,39 +58,6 @@ def _plot(workdir: pathlib.Path, runs: dict[str, pathlib.Path], xz: float) -> pa
   fig.savefig(out, dpi=110)
   plt.close(fig)
   return out
-
-
-def load_byte_lm_data(
-    config: Any,
-) -> tuple[dict, dict, ArrayDataset, ArrayDataset, ArrayDataset, bytes, float]:
-  """The byte-level LM data of `config.data` (shared by the lm and hybrid experiments).
-
-  Returns (splits {name: uint8 bytes}, files {name: paths}, train (random windows of seq_len + 1,
-  num_steps * batch_size of them), valid, test (consecutive windows), the test bytes scored, seconds).
-  """
-  dc, tc = config.data, config.train
-  t0 = time.perf_counter()
-  splits, files = text.load_text_splits(
-      dc.root or None,
-      pattern=dc.pattern,
-      valid_fraction=dc.valid_fraction,
-      test_fraction=dc.test_fraction,
-  )
-  seq, bs = int(dc.seq_len), int(tc.batch_size)
-  train = ArrayDataset(
-      {
-          "tokens": text.random_windows(
-              splits["train"], seq + 1, int(tc.num_steps) * bs, int(config.seed)
-          )
-      },
-      bs,
-      seed=int(config.seed),
-  )
-  valid = _eval_data(splits["valid"], int(dc.valid_bytes), seq, bs)
-  test = _eval_data(splits["test"], int(dc.test_bytes), seq, bs)
-  scored = test.arrays["tokens"]
-  test_bytes = np.concatenate([scored[0], scored[1:, 1:].reshape(-1)]).tobytes()
-  return splits, files, train, valid, test, test_bytes, time.perf_counter() - t0
 
 
 def sample_and_corpus_report(
@@ -178,12 +93,11 @@ def sample_and_corpus_report(
 
 
 def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
-  config = apply_preset(config)
   workdir = pathlib.Path(workdir)
   splits, files, train, valid, test, test_bytes, data_seconds = load_byte_lm_data(config)
   seq = int(config.data.seq_len)
 
-  moe = build_model(config.model)
+  moe = lm_from_config(config.model)
   models = {"moe": moe}
   if config.model.train_dense_baseline:
     models["dense"] = dense_equivalent(moe)

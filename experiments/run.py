@@ -13,11 +13,14 @@ import json
 import os
 import pathlib
 import sys
+from types import ModuleType
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments.registry import get_experiment
+from nexus_jax.train.checkpoint import CheckpointError
+from nexus_jax.train.presets import resolve_preset
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -54,12 +57,54 @@ def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
   return path
 
 
-def run_experiment(config, workdir: str | os.PathLike) -> dict:
-  """Runs `config.experiment` in `workdir` (created if needed); returns its results dict."""
+def load_config_module(file: str | os.PathLike) -> ModuleType:
+  """The config file as a module (its `get_config()` and `PRESETS`)."""
+  if not os.path.isfile(file):
+    raise SystemExit(f"--config {file}: no such config file (see configs/ for the available ones).")
+  spec = importlib.util.spec_from_file_location("_nexus_config", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def run_experiment(
+    config, workdir: str | os.PathLike, config_module: ModuleType | None = None, explicit=()
+) -> dict:
+  """Resolves `config.preset`, then runs `config.experiment` in `workdir` (created if needed).
+
+  Args:
+    config: the experiment config (from the config file's `get_config()`, possibly edited).
+    workdir: output folder; rerunning in the same folder resumes.
+    config_module: the config file's module; its `PRESETS` and `get_config()` resolve the preset
+      (`nexus_jax.train.presets.resolve_preset`). Needed only for a preset other than the default.
+    explicit: dotted paths the user set (command-line overrides): the preset never changes them.
+  Returns:
+    the experiment's results dict (also in `workdir/results.json`).
+  """
   experiment = get_experiment(config.experiment)
+  if config_module is not None and hasattr(config_module, "PRESETS"):
+    changes = resolve_preset(config, config_module.PRESETS, config_module.get_config(), explicit)
+    if changes:
+      logging.warning("preset %r set %s", config.preset, changes)
+  elif config.get("preset") not in (None, "default", "quick"):
+    raise ValueError(
+        f"config.preset={config.preset!r}: pass the config file's module (config_module=) so its "
+        "PRESETS can be resolved"
+    )
   workdir = prepare_workdir(workdir)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   return experiment.run(config, workdir)
+
+
+def override_paths(argv: list[str]) -> list[str]:
+  """The dotted field paths of the `--config.a.b=v` (and `--noconfig.a.b`) flags in `argv`."""
+  paths = []
+  for raw in argv:
+    for prefix in ("--config.", "--noconfig."):
+      if raw.startswith(prefix):
+        paths.append(raw[len(prefix) :].split("=", 1)[0])
+        break
+  return paths
 
 
 def _config_path(argv: list[str]) -> str | None:
@@ -80,19 +125,9 @@ def check_config_overrides(argv: list[str]) -> None:
   if path is None:
     return
   file, _, arg = path.partition(":")
-  if not os.path.isfile(file):
-    raise SystemExit(f"--config {file}: no such config file (see configs/ for the available ones).")
-  spec = importlib.util.spec_from_file_location("_nexus_config", file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_config_module(file)
   config = module.get_config(arg) if arg else module.get_config()
-  for raw in argv:
-    for prefix in ("--config.", "--noconfig."):
-      if raw.startswith(prefix):
-        field = raw[len(prefix) :].split("=", 1)[0]
-        break
-    else:
-      continue
+  for field in override_paths(argv):
     node, walked = config, []
     for key in field.split("."):
       keys = list(node.keys()) if hasattr(node, "keys") else []
@@ -118,10 +153,15 @@ def main(argv):
     get_experiment(config.experiment)
   except ValueError as err:
     raise SystemExit(str(err))
-  workdir = _WORKDIR.value or default_workdir(
-      config_flags.get_config_filename(flags.FLAGS["config"])
-  )
-  results = run_experiment(config, workdir)
+  config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+  workdir = _WORKDIR.value or default_workdir(config_file)
+  module = load_config_module(config_file.partition(":")[0])
+  try:
+    results = run_experiment(config, workdir, module, override_paths(sys.argv[1:]))
+  except (ValueError, CheckpointError, FloatingPointError) as err:  # our errors name the culprit
+    if os.environ.get("NEXUS_DEBUG"):
+      raise
+    raise SystemExit(f"error: {err}") from None
   print(json.dumps({"workdir": str(workdir), **results}, indent=2, default=str))
 
 

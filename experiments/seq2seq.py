@@ -31,7 +31,6 @@ from nexus_jax.models.seq_objectives import seq2seq_objective
 from nexus_jax.models.transformer import EncoderDecoder
 from nexus_jax.train.data import ArrayDataset
 from nexus_jax.train.loop import fit, restore_best
-from nexus_jax.train.presets import apply_preset
 from nexus_jax.train.plots import plot_learning_curves
 
 PAD, BOS, EOS, VOCAB = 256, 257, 258, 259
@@ -157,23 +156,8 @@ def model_summaries(model, params, data, config) -> list[str]:
   return out
 
 
-# `--config.preset=full`: a wider model trained longer (tens of minutes on a 2-core CPU).
-PRESETS = {
-    "default": {},
-    "full": {
-        "model.embed_dim": 192,
-        "model.mlp_dim": 384,
-        "model.num_encoder_layers": 3,
-        "model.num_decoder_layers": 3,
-        "train.num_steps": 4000,
-        "train.eval_every_steps": 500,
-    },
-}
-
-
 def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   workdir = pathlib.Path(workdir)
-  config = apply_preset(config, PRESETS)
   dc, mc = config.data, config.model
   pairs = load_pairs(dc)
   arrays = {s: encode(p, int(dc.source_bytes), int(dc.max_target_bytes)) for s, p in pairs.items()}

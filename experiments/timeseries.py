@@ -35,7 +35,6 @@ from nexus_jax.models.seq_objectives import seq2seq_objective
 from nexus_jax.models.transformer import EncoderDecoder
 from nexus_jax.train.data import ArrayDataset
 from nexus_jax.train.loop import fit, restore_best
-from nexus_jax.train.presets import apply_preset
 from nexus_jax.train.steps import Objective
 
 VARIABLES = ("temp", "dewp", "humid", "wind_speed", "pressure", "visib", "precip")
@@ -262,23 +261,8 @@ def _plot(workdir, test, preds, std):
   plt.close(fig)
 
 
-# `--config.preset=full`: a wider model trained longer (tens of minutes on a 2-core CPU).
-PRESETS = {
-    "default": {},
-    "full": {
-        "model.embed_dim": 128,
-        "model.mlp_dim": 256,
-        "model.num_encoder_layers": 3,
-        "model.num_decoder_layers": 3,
-        "train.num_steps": 3000,
-        "train.eval_every_steps": 100,
-    },
-}
-
-
 def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   workdir = pathlib.Path(workdir)
-  config = apply_preset(config, PRESETS)
   windows, mean, std = split_windows(config)
   autoregressive = bool(config.model.autoregressive)
   ridge, alpha = ridge_forecasts(windows, tuple(config.baselines.ridge_alphas))

@@ -103,3 +103,20 @@ def active_params(model: Decoder, params: Any) -> int:
 def bits_per_token(nats: float) -> float:
   """Cross-entropy in nats -> bits (per token; per byte for byte-level models)."""
   return nats / math.log(2.0)
+
+
+def lm_from_config(mc: Any) -> "LanguageModel":
+  """`LanguageModel` (byte vocabulary) from a `config.model` section (configs/lm.py)."""
+  return LanguageModel(
+      vocab_size=256,
+      num_layers=mc.num_layers,
+      embed_dim=mc.embed_dim,
+      num_heads=mc.num_heads,
+      num_kv_heads=mc.num_kv_heads,
+      mlp_dim=mc.mlp_dim,
+      num_experts=mc.num_experts,
+      moe_top_k=mc.moe_top_k,
+      moe_load_balance_coef=mc.moe_load_balance_coef,
+      dropout_rate=mc.dropout_rate,
+      attention_backend=mc.attention_backend,
+  )

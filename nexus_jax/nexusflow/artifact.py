@@ -34,7 +34,8 @@ from nexus_jax.inference import dequantize
 from nexus_jax.nexusflow.table_predictor import TabularPredictor
 from nexus_jax.train.checkpoint import fingerprint
 
-FORMAT_VERSION = 1
+# 2: the cross-table block uses the shared tabular attention (models/tabular); 1 cannot be read.
+FORMAT_VERSION = 2
 ARTIFACT_FILE, MANIFEST_FILE = "artifact.json", "manifest.json"
 
 
@@ -56,7 +57,7 @@ def _files(root: pathlib.Path) -> list[str]:
   )
 
 
-def _json_default(x: Any) -> Any:
+def json_default(x: Any) -> Any:
   if isinstance(x, np.generic):
     return x.item()
   if isinstance(x, tuple):
@@ -64,11 +65,53 @@ def _json_default(x: Any) -> Any:
   raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def save_artifact(predictor: TabularPredictor, path: str | pathlib.Path) -> pathlib.Path:
-  """Writes `predictor` to folder `path` (replaced if it exists; written to a temporary folder first)."""
+def _is_artifact(path: pathlib.Path) -> bool:
+  """Whether folder `path` holds an artifact of this library (any format version)."""
+  try:
+    meta = json.loads((path / ARTIFACT_FILE).read_text())
+  except (OSError, ValueError):
+    return False
+  return (path / MANIFEST_FILE).is_file() and isinstance(meta, dict) and "format_version" in meta
+
+
+def check_save_target(path: str | pathlib.Path, overwrite: bool = False) -> pathlib.Path:
+  """Where an artifact may be written: a new folder, an empty one, or one holding an artifact.
+
+  Raises:
+    ArtifactError naming the folder when it is a file, the working directory (or one of its
+    parents), or a folder with other contents (unless `overwrite`); nothing is touched.
+  """
   path = pathlib.Path(path).absolute()
+  if path.exists() and not path.is_dir():
+    raise ArtifactError(f"{path} is a file, not a folder; choose a new folder for the artifact")
+  cwd = pathlib.Path.cwd().absolute()
+  if path == cwd or path in cwd.parents:
+    raise ArtifactError(
+        f"{path} is the working directory (or contains it); save the artifact to a new folder"
+    )
+  if path.is_dir() and any(path.iterdir()) and not _is_artifact(path) and not overwrite:
+    raise ArtifactError(
+        f"{path} already exists and does not hold a nexus_jax artifact; it was left untouched. "
+        "Choose a new folder, or pass overwrite=True to replace it."
+    )
+  return path
+
+
+def save_artifact(
+    predictor: TabularPredictor,
+    path: str | pathlib.Path,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> pathlib.Path:
+  """Writes `predictor` to folder `path` (see `check_save_target` for which folders may be used).
+
+  The artifact is written beside `path` first and renamed into place, so a failed save leaves the
+  old folder as it was. `extra_files` ({name: text}) are added and listed in the manifest.
+  """
+  path = check_save_target(path, overwrite)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=".artifact-", dir=path.parent))
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.writing-", dir=path.parent))
+  old = None
   try:
     predictor.builder.save(tmp / "builder")
     extra = {k: v for k, v in predictor.variables.items() if k != "params"}
@@ -87,18 +130,26 @@ def save_artifact(predictor: TabularPredictor, path: str | pathlib.Path) -> path
         "optimization": predictor.optimization,
         "params_fingerprint": fingerprint(predictor.variables["params"]),
     }
-    (tmp / ARTIFACT_FILE).write_text(json.dumps(meta, indent=1, default=_json_default))
+    (tmp / ARTIFACT_FILE).write_text(json.dumps(meta, indent=1, default=json_default))
+    for name, text in (extra_files or {}).items():
+      (tmp / name).write_text(text)
     manifest = {
         "format_version": FORMAT_VERSION,
         "sha256": {f: sha256_file(tmp / f) for f in _files(tmp)},
     }
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
     if path.exists():
-      shutil.rmtree(path)
+      old = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+      path.rename(old / "artifact")
     tmp.rename(path)
   except BaseException:
+    if old is not None and not path.exists():
+      (old / "artifact").rename(path)  # put the previous folder back
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  finally:
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
   return path
 
 

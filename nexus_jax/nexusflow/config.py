@@ -1,17 +1,16 @@
-"""The tabular config (quick preset) and its presets, shared by `configs/tabular.py` and the estimator.
+"""NexusFlow's default config (the "quick" preset) and its presets, shared by the runner and the estimator.
 
-`tabular_config()` returns the quick defaults: NexusFormer on the nycflights13 multi-table task,
-sized to train + evaluate within about 10 minutes on a 2-core CPU.
+`tabular_config()` returns defaults chosen for any schema: NexusFormer over every discovered
+context, one epoch (at least `train.min_steps` steps), sized to train + evaluate in minutes on a
+2-core CPU. Nothing here is specific to one dataset: `configs/tabular.py` adds the bundled
+nycflights13 task's fields (dataset name, per-table encoder choices), and the dataset module's
+recommendations (`data/datasets/nycflights13.py`) fill the `data.*` fields left at 0 / "".
 
-Presets are resolved at run time by `apply_preset(config)` because command-line overrides
-(`--config.a.b=v`) are applied after `get_config()`:
-
-    rule: a preset sets a field only while that field still holds its quick default;
-          a field you override on the command line always keeps your value.
-
-`PRESETS["full"]` trains a wider model longer, three times (a deep ensemble of 3 seeds), for best
-quality: on an H200 its members reached test AUC 0.709 / 0.707 / 0.711 and their ensemble 0.716
-(benchmarks/README.md, "Count features"). Resolving "quick" changes nothing.
+`PRESETS` are resolved at run time by `nexus_jax.train.presets.resolve_preset` (command-line values
+and estimator arguments always win over the preset). `PRESETS["full"]` trains a wider model longer,
+three times (a deep ensemble of 3 seeds), for best quality: on nycflights13 (an H200) its members
+reached test AUC 0.709 / 0.707 / 0.711 and their ensemble 0.716 (benchmarks/README.md, "Count
+features"). "quick" changes nothing.
 """
 
 from __future__ import annotations
@@ -21,12 +20,8 @@ from typing import Any
 import ml_collections
 
 from nexus_jax.train.config import base_config
-from nexus_jax.train.presets import get_path, set_path
 
 DEFAULT_MAX_CATEGORIES = 1000  # data.max_categories = 0 without a dataset recommendation
-
-# Tables of the bundled nycflights13 task; each may name its own encoder (empty = encoders.default).
-NYCFLIGHTS13_TABLES = ("flights", "planes", "airlines", "airports", "weather")
 
 # field path -> value, applied by apply_preset where the field still holds its QUICK value.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -55,8 +50,8 @@ def tabular_config() -> ml_collections.ConfigDict:
   c.preset = "quick"  # "quick" | "full": resolved at run time by apply_preset (see its rule)
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "nycflights13"  # bundled dataset (ignored when data.path is set)
-  c.data.path = ""  # folder with schema.json + CSV/Parquet tables; wins over data.name
+  c.data.name = ""  # bundled dataset, e.g. "nycflights13" (configs/tabular.py); the runner only
+  c.data.path = ""  # runner only: folder with schema.json + CSV/Parquet tables; wins over data.name
   c.data.max_rows = 0  # subsample the target rows to this many for quick runs; 0 = all
   c.data.numeric_transform = "quantile"  # "quantile" (rtdl quantile-to-normal) | "standard"
   # Most frequent categories kept per column (the rest map to "unknown"); 0 = the dataset's recommended
@@ -105,52 +100,52 @@ def tabular_config() -> ml_collections.ConfigDict:
   # encoder of context rows: lean_mlp | mlp | resnet | tabm | ft_transformer | tabnet | standard
   c.model.encoders.default = "lean_mlp"
   c.model.encoders.target = "mlp"  # encoder of the target row's own features
-  for table in NYCFLIGHTS13_TABLES:
-    setattr(c.model.encoders, table, "")  # per-table choice for that table's contexts; "" = default
-  c.model.target_encoder_kwargs = (
-      ml_collections.ConfigDict()
-  )  # hyperparameters of the target encoder
-  c.model.target_encoder_kwargs.d_layers = (128,)  # hidden widths (mlp / tabm use what applies)
+  # Per-table choices, `encoders.<table> = "tabnet"` ("" = default): the estimator adds one field per
+  # table of the schema it is fitted on; configs/tabular.py adds nycflights13's tables.
+  # Hyperparameters of the target encoder. A key that encoder lacks is left out while it holds its
+  # default here (it serves another encoder kind); set to another value, it is an error.
+  c.model.target_encoder_kwargs = ml_collections.ConfigDict()
+  c.model.target_encoder_kwargs.d_layers = (128,)  # hidden widths (mlp, lean_mlp)
   c.model.target_encoder_kwargs.d_embedding = 8  # per-feature embedding width
   c.model.target_encoder_kwargs.numeric_embedding = "plr"  # "plr" (periodic) | "linear"
-  c.model.target_encoder_kwargs.dropout = 0.1  # encoder dropout
-  c.model.context_encoder_kwargs = (
-      ml_collections.ConfigDict()
-  )  # hyperparameters of context-row encoders
-  c.model.context_encoder_kwargs.d_layers = (
-      32,
-  )  # hidden widths: small, there are ~50 context rows per target row
+  c.model.target_encoder_kwargs.dropout = 0.1  # encoder dropout (mlp, tabm, lean_mlp)
+  # Hyperparameters of the context-row encoders, same rule as target_encoder_kwargs, per context
+  # encoder: the default lean_mlp has no numeric_embedding / plr_frequencies, so those two defaults
+  # are left out for it (they apply when encoders.* picks mlp / resnet / tabm).
+  c.model.context_encoder_kwargs = ml_collections.ConfigDict()
+  # hidden widths: small, there are ~50 context rows per target row
+  c.model.context_encoder_kwargs.d_layers = (32,)
   c.model.context_encoder_kwargs.d_embedding = 4  # per-feature embedding width
-  c.model.context_encoder_kwargs.numeric_embedding = (
-      "plr"  # "plr" | "linear" (mlp / resnet / tabm; lean_mlp has none)
-  )
-  c.model.context_encoder_kwargs.plr_frequencies = (
-      16  # periodic frequencies per numeric feature (plr)
-  )
+  c.model.context_encoder_kwargs.numeric_embedding = "plr"  # "plr" | "linear" (not lean_mlp)
+  c.model.context_encoder_kwargs.plr_frequencies = 16  # periodic frequencies per feature (plr)
   c.model.context_encoder_kwargs.dropout = 0.0  # encoder dropout
-  c.model.row = (
-      ml_collections.ConfigDict()
-  )  # model.name = "row": one row encoder on flat feature set A
-  c.model.row.encoder = (
-      "mlp"  # registered row encoder: mlp | resnet | tabm | ft_transformer | tabnet
-  )
+  # model.name = "row": one row encoder on flat feature set A. Besides encoder and d_hidden these are
+  # the encoder's hyperparameters, same rule as target_encoder_kwargs (a key the encoder lacks is
+  # left out while it holds its default here, an error otherwise).
+  c.model.row = ml_collections.ConfigDict()
+  c.model.row.encoder = "mlp"  # registered row encoder: mlp | resnet | tabm | ft_transformer | ...
   c.model.row.d_hidden = 128  # encoder output width before the linear head
   c.model.row.d_embedding = 16  # per-feature embedding width
   c.model.row.numeric_embedding = "plr"  # "plr" (periodic) | "linear"
   c.model.row.dropout = 0.1  # encoder dropout
-  c.model.row.d_layers = (256, 256)  # hidden widths (mlp encoder only)
+  c.model.row.d_layers = (256, 256)  # hidden widths (mlp)
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.attention_rows = 4096  # test rows whose per-context attention is plotted (0 = no plot)
+  c.eval.plot_attention = (
+      True  # runner: write context_attention.png (which tables mattered, test rows)
+  )
   c.eval.optimize = True  # also report int8 quantisation and magnitude pruning on test
   c.eval.prune_amount = 0.5  # share of prunable weights zeroed for that report
   c.eval.save_artifact = (
       True  # write workdir/artifact (predict with python -m nexus_jax.nexusflow.predict_cli)
   )
 
+  # The schedule scales to the data (`nexusflow/schedule.py`, the same for runner and estimator):
+  # batch capped at max(8, train rows / 4), at least `min_steps` steps, warmup at most 10% of them.
   c.train.batch_size = 512
-  c.train.num_epochs = 1  # one pass: validation AUC peaks after about one epoch on this task
-  c.train.eval_every_steps = 0  # 0 = once per epoch
+  c.train.num_epochs = 1  # one pass over the training rows (at least min_steps steps)
+  c.train.min_steps = 200  # small tables: repeat epochs until this many steps (num_steps > 0 wins)
+  c.train.eval_every_steps = 0  # 0 = min(one epoch, a quarter of the run)
   c.train.log_every_steps = 100
   c.train.early_stopping.metric = "auc"  # validation ROC AUC selects the checkpoint (binary tasks)
   c.train.early_stopping.mode = "max"
@@ -160,28 +155,3 @@ def tabular_config() -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 200
   c.optim.weight_decay = 1e-5
   return c
-
-
-def apply_preset(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Resolves `config.preset` in place (see the module docstring's rule).
-
-  Returns:
-    {field path: value} of what the preset changed (also good for results.json).
-  Raises:
-    ValueError naming `config.preset` when the preset is unknown.
-  """
-  name = config.get("preset", "quick")
-  if name not in PRESETS:
-    raise ValueError(f"config.preset={name!r} is unknown; choose one of {sorted(PRESETS)}.")
-  quick = tabular_config()
-  changed = {}
-  with config.unlocked():
-    for path, value in PRESETS[name].items():
-      if _normalise(get_path(config, path)) == _normalise(get_path(quick, path)):
-        set_path(config, path, value)
-        changed[path] = value
-  return changed
-
-
-def _normalise(value: Any) -> Any:
-  return tuple(value) if isinstance(value, list) else value

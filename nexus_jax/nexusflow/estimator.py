@@ -1,19 +1,26 @@
 """scikit-learn-style estimators over several related tables: `NexusFlowClassifier`, `NexusFlowRegressor`.
 
-    clf = NexusFlowClassifier()                     # quick default config, any valid schema
+    from nexus_jax import NexusFlowClassifier, Schema
+    clf = NexusFlowClassifier()                     # the quick defaults, any valid schema
     clf.fit(tables, schema)                         # tables: {name: DataFrame}; schema: Schema or dict
-    proba = clf.predict_proba(new_tables)           # [n_rows, n_classes], one row per target-table row, in order
+    proba = clf.predict_proba(new_tables)           # [n_rows, n_classes], one row per target-table row
     clf.optimize("int8"); clf.save("model_dir")     # artifact: JSON + arrays + Orbax params, no pickle
     same = NexusFlowClassifier.load("model_dir")    # predicts identically
 
-`fit` builds the leakage-safe context sets from the schema (`ContextSetBuilder`; contexts, history
-lengths and window-count features from `builder_kwargs`, e.g. ``{"max_history": 16, "count_windows":
-[1, 24]}``, else every discovered context with `max_history` rows and no counts), trains
-NexusFormer on the schema's "train" split and early-stops on its "valid" split (the "test" split is
-scored once into `fit_report_["test"]` if it has rows, never used for training). At predict time the
-target table holds the rows to predict, without the target column; `history` passes earlier
-target-table rows that the new rows' histories may look at. A deep ensemble:
-``config_overrides={"model.ensemble_size": 3}`` (the "full" preset's setting).
+`fit` runs the same pipeline as `python -m experiments.run --config configs/tabular.py`
+(`pipeline.py`: prepare -> train -> score): it builds the leakage-safe context sets from the schema,
+scales the schedule to the training rows (`schedule.py`), trains NexusFormer on the schema's "train"
+split, early-stops on its "valid" split, and scores the "test" split once (if it has rows) into
+`fit_report_`, the same results dict the runner writes to results.json.
+
+The config is the library default (`config.py`), then the preset's fields, then the constructor
+arguments and `config_overrides` ({"dotted.path": value}, any field of the config, e.g.
+``{"data.count_windows": "1,24", "train.num_steps": 500, "model.ensemble_size": 3}``); arguments and
+overrides always win over the preset. A key the config does not have, or one the estimator cannot
+honour (`REFUSED`), raises a ValueError naming it. `builder_kwargs` pass `ContextSetBuilder`
+arguments directly (they win over `data.*`). At predict time the target table holds the rows to
+predict, without the target column; `history` passes earlier target-table rows that the new rows'
+histories may look at.
 """
 
 from __future__ import annotations
@@ -28,17 +35,37 @@ import ml_collections
 import numpy as np
 import pandas as pd
 
-from nexus_jax.data.relational import ContextSetBuilder
 from nexus_jax.data.schema import Schema, SchemaError
-from nexus_jax.nexusflow.artifact import MANIFEST_FILE, sha256_file, load_artifact, save_artifact
-from nexus_jax.nexusflow.config import apply_preset, tabular_config
+from nexus_jax.nexusflow import pipeline
+from nexus_jax.nexusflow.artifact import load_artifact, save_artifact
+from nexus_jax.nexusflow.batch_inference import predict_arrays
+from nexus_jax.nexusflow.config import PRESETS, tabular_config
 from nexus_jax.nexusflow.objectives import evaluation_metrics, relational_arrays
 from nexus_jax.nexusflow.table_predictor import TabularPredictor
-from nexus_jax.nexusflow.batch_inference import predict_arrays
-from nexus_jax.nexusflow.training import train_nexus_former
-from nexus_jax.train.presets import set_path
+from nexus_jax.train.presets import get_path, resolve_preset, set_path
 
 ESTIMATOR_FILE = "estimator.json"
+
+# Config fields the estimator cannot honour: path -> what to do instead.
+REFUSED = {
+    "experiment": "the estimator always trains NexusFlow",
+    "preset": "pass preset=... to the constructor",
+    "data.name": "the estimator trains on the tables passed to fit()",
+    "data.path": "the estimator trains on the tables passed to fit()",
+    "model.name": "the estimator trains NexusFormer (the flat 'row' model is a runner baseline)",
+    "eval.plot_attention": "plots are written by the runner only",
+    "eval.save_artifact": "call save(path) after fit",
+}
+
+
+def _with_table_encoders(config: ml_collections.ConfigDict, schema: Schema | None) -> None:
+  """Adds `model.encoders.<table>` = "" (the default encoder) for every table of `schema`."""
+  if schema is None:
+    return
+  with config.unlocked():
+    for table in schema.tables:
+      if table not in config.model.encoders:
+        config.model.encoders[table] = ""
 
 
 class _NexusFlowBase:
@@ -53,8 +80,8 @@ class _NexusFlowBase:
       batch_size: int | None = None,
       learning_rate: float | None = None,
       d_model: int | None = None,
-      min_steps: int = 200,
-      max_history: int = 16,
+      min_steps: int | None = None,
+      max_history: int | None = None,
       builder_kwargs: Mapping[str, Any] | None = None,
       config_overrides: Mapping[str, Any] | None = None,
       seed: int = 0,
@@ -88,6 +115,15 @@ class _NexusFlowBase:
       "workdir",
       "verbose",
   )
+  # constructor argument -> config field it sets (None = not set)
+  _FIELDS = {
+      "num_epochs": "train.num_epochs",
+      "batch_size": "train.batch_size",
+      "learning_rate": "optim.learning_rate",
+      "d_model": "model.d_model",
+      "min_steps": "train.min_steps",
+      "max_history": "data.max_history",
+  }
 
   # ------------------------------------------------------------------ sklearn protocol
   def get_params(self, deep: bool = True) -> dict[str, Any]:
@@ -105,43 +141,53 @@ class _NexusFlowBase:
     return self
 
   def __repr__(self) -> str:
-    changed = {k: v for k, v in self.get_params().items() if v != type(self)().get_params()[k]}
+    defaults = type(self)().get_params()
+    changed = {k: v for k, v in self.get_params().items() if v != defaults[k]}
     return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
 
   # ------------------------------------------------------------------ config
-  def make_config(self, n_train: int) -> ml_collections.ConfigDict:
-    """The training config: quick defaults -> preset -> constructor arguments -> config_overrides."""
-    c = tabular_config()
-    c.preset = self.preset
-    apply_preset(c)
+  def make_config(self, schema: Schema | Mapping | None = None) -> ml_collections.ConfigDict:
+    """The training config: library defaults -> preset -> constructor arguments / config_overrides
+    (which always win over the preset). The schedule is scaled to the data later, in `fit`.
+
+    Raises:
+      ValueError naming an unknown or refused `config_overrides` key, a value of the wrong type,
+      or an unknown preset.
+    """
+    if schema is not None and not isinstance(schema, Schema):
+      schema = Schema.from_dict(schema)
+    c, defaults = tabular_config(), tabular_config()
+    _with_table_encoders(c, schema)
+    _with_table_encoders(defaults, schema)
+    explicit = set()
     with c.unlocked():
+      c.preset = self.preset
       c.seed = int(self.seed)
       c.train.progress = bool(self.verbose)
       c.train.tensorboard = False
-      for field, value in (("num_epochs", self.num_epochs), ("batch_size", self.batch_size)):
+      for arg, path in self._FIELDS.items():
+        value = getattr(self, arg)
         if value is not None:
-          c.train[field] = int(value)
-      if self.learning_rate is not None:
-        c.optim.learning_rate = float(self.learning_rate)
-      if self.d_model is not None:
-        c.model.d_model = int(self.d_model)
+          set_path(c, path, type(get_path(c, path))(value))
+          explicit.add(path)
       for path, value in (self.config_overrides or {}).items():
+        if path in REFUSED:
+          raise ValueError(
+              f"config_overrides: {path!r} is not honoured by the estimator: {REFUSED[path]}"
+          )
         try:
-          set_path(c, path, value)
+          set_path(c, path, tuple(value) if isinstance(value, list) else value)
         except KeyError:
-          raise ValueError(f"config_overrides: config has no field {path!r}") from None
-      c.train.batch_size = int(min(c.train.batch_size, max(8, n_train // 4)))
-      steps_per_epoch = max(n_train // c.train.batch_size, 1)
-      c.train.num_steps = max(int(c.train.num_epochs) * steps_per_epoch, int(self.min_steps))
-      c.optim.warmup_steps = int(min(c.optim.warmup_steps, c.train.num_steps // 10))
-      c.train.eval_every_steps = int(
-          c.train.eval_every_steps or min(steps_per_epoch, max(c.train.num_steps // 4, 1))
-      )
+          raise ValueError(f"config_overrides: the config has no field {path!r}") from None
+        except TypeError as err:
+          raise ValueError(f"config_overrides[{path!r}] = {value!r}: {err}") from None
+        explicit.add(path)
+    resolve_preset(c, PRESETS, defaults, explicit)
     return c
 
   # ------------------------------------------------------------------ fit
   def fit(self, tables: Mapping[str, pd.DataFrame], schema: Schema | Mapping) -> "_NexusFlowBase":
-    """Trains on `tables` described by `schema`; returns self."""
+    """Trains on `tables` described by `schema`; returns self (see the module docstring)."""
     schema = schema if isinstance(schema, Schema) else Schema.from_dict(schema)
     if schema.target.task not in self._tasks:
       raise SchemaError(
@@ -149,35 +195,19 @@ class _NexusFlowBase:
           f"{schema.target.task!r}"
       )
     t0 = time.perf_counter()
-    kwargs = dict(self.builder_kwargs or {"max_history": int(self.max_history)})
-    builder = ContextSetBuilder(schema, **kwargs).fit(tables)
-    data = builder.transform(tables)
-    train, valid, test = (data.subset(s) for s in ("train", "valid", "test"))
-    config = self.make_config(train.num_rows)
+    config = self.make_config(schema)
+    prepared = pipeline.prepare(config, tables, schema, self.builder_kwargs)
     with tempfile.TemporaryDirectory(prefix="nexusflow-") as tmp:
-      result = train_nexus_former(
-          train, valid if valid.num_rows else None, config, self.workdir or tmp
-      )
-    self.predictor_ = TabularPredictor.from_training(builder, result, tables, config)
-    report = {
-        "rows": {"train": train.num_rows, "valid": valid.num_rows, "test": test.num_rows},
-        "valid": result.fit.best_metrics,
-        "steps": int(config.train.num_steps),
-        "rows_per_second": result.fit.rows_per_second,
-        "seconds": time.perf_counter() - t0,
+      result, schedule = pipeline.train(prepared, config, self.workdir or tmp)
+    self.predictor_ = TabularPredictor.from_training(prepared.builder, result, tables, config)
+    self.fit_report_ = {
+        **pipeline.score(prepared, result, config, schedule),
+        "seconds": round(time.perf_counter() - t0, 2),
     }
-    if result.members:
-      report["members"] = [
-          {k: m[k] for k in ("seed", "best_step", "valid")} for m in result.members
-      ]
-    if test.num_rows:
-      preds, _ = predict_arrays(
-          result.model, result.variables, relational_arrays(test, result.target_scale), test.task
-      )
-      y = relational_arrays(test, result.target_scale)["y"]
-      report["test"] = evaluation_metrics(test.task, preds, y, result.target_scale)
-    self.fit_report_ = report
-    self.classes_ = None if builder.classes is None else np.asarray(builder.classes)
+    self.config_ = config
+    self.classes_ = (
+        None if prepared.builder.classes is None else np.asarray(prepared.builder.classes)
+    )
     return self
 
   def _require_fitted(self) -> TabularPredictor:
@@ -218,8 +248,12 @@ class _NexusFlowBase:
 
   def _score(self, tables: Mapping[str, pd.DataFrame]) -> dict[str, float]:
     predictor = self._require_fitted()
-    column = predictor.schema.target.column
-    y_raw = tables[predictor.schema.target.table][column]
+    target = predictor.schema.target
+    if target.column not in tables[target.table].columns:
+      raise SchemaError(
+          f"eval_tables: table {target.table!r} needs the target column {target.column!r} to score"
+      )
+    y_raw = tables[target.table][target.column]
     data = predictor.relational_data(tables)
     preds, _ = predict_arrays(
         predictor.model, predictor.variables, relational_arrays(data), predictor.task
@@ -232,10 +266,15 @@ class _NexusFlowBase:
     y = predictor.builder._labels(y_raw)
     return evaluation_metrics(predictor.task, preds, y.astype(np.int64))
 
-  def save(self, path: str | pathlib.Path) -> pathlib.Path:
-    """Writes the artifact (see `artifact.py`) plus this estimator's parameters as JSON."""
-    path = save_artifact(self._require_fitted(), path)
-    return _add_estimator_file(path, {"class": type(self).__name__, "params": self.get_params()})
+  def save(self, path: str | pathlib.Path, overwrite: bool = False) -> pathlib.Path:
+    """Writes the artifact (see `artifact.py`) plus this estimator's parameters as JSON.
+
+    `path` must be a new or empty folder, or hold an artifact of this library (replaced atomically);
+    any other existing folder is refused and left untouched unless `overwrite=True`.
+    """
+    payload = {"class": type(self).__name__, "params": self.get_params()}
+    extra = {ESTIMATOR_FILE: json.dumps(payload, indent=1, default=str)}
+    return save_artifact(self._require_fitted(), path, overwrite=overwrite, extra_files=extra)
 
   @classmethod
   def load(cls, path: str | pathlib.Path) -> "_NexusFlowBase":
@@ -251,15 +290,6 @@ class _NexusFlowBase:
     est.predictor_ = predictor
     est.classes_ = None if predictor.classes is None else np.asarray(predictor.classes)
     return est
-
-
-def _add_estimator_file(path: pathlib.Path, payload: dict) -> pathlib.Path:
-  """Adds estimator.json to a saved artifact and records it in the manifest."""
-  (path / ESTIMATOR_FILE).write_text(json.dumps(payload, indent=1))
-  manifest = json.loads((path / MANIFEST_FILE).read_text())
-  manifest["sha256"][ESTIMATOR_FILE] = sha256_file(path / ESTIMATOR_FILE)
-  (path / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
-  return path
 
 
 class NexusFlowClassifier(_NexusFlowBase):

@@ -2,6 +2,7 @@
 
     python -m nexus_jax.nexusflow.predict_cli --artifact runs/x/artifact --data new_tables/ --output preds.csv
     python -m nexus_jax.nexusflow.predict_cli ... --predict-from 2013-12-01T05:00Z   # earlier rows = history only
+    python -m nexus_jax.nexusflow.predict_cli ... --overwrite      # replace an existing --output file
 
 `--data` holds one file per table of the schema (``<table>.csv``, ``.csv.gz``, ``.csv.zip`` or
 ``.parquet``, or the schema's ``file`` name). Rows of the target table whose time is before
@@ -13,8 +14,10 @@ The output has the target table's primary key (if any), ``prediction`` and, for 
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
+import tempfile
 
 import numpy as np
 import pandas as pd
@@ -69,24 +72,58 @@ def predict_folder(
   return out
 
 
+def check_output(output: str | pathlib.Path, overwrite: bool = False) -> pathlib.Path:
+  """The --output file, checked before any work: its folder exists and is writable, it is not a
+  folder, and an existing file is replaced only with --overwrite. Raises SchemaError."""
+  path = pathlib.Path(output)
+  if path.is_dir():
+    raise SchemaError(f"--output {path} is a folder; give a CSV file name")
+  if path.exists() and not overwrite:
+    raise SchemaError(f"--output {path} already exists; pass --overwrite to replace it")
+  folder = path.parent if str(path.parent) else pathlib.Path(".")
+  if not folder.is_dir():
+    raise SchemaError(f"--output {path}: folder {folder} does not exist")
+  if not os.access(folder, os.W_OK):
+    raise SchemaError(f"--output {path}: folder {folder} is not writable")
+  return path
+
+
+def write_csv(frame: pd.DataFrame, path: pathlib.Path) -> None:
+  """Writes beside `path`, then renames: a failed write never leaves half a file."""
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+  os.close(fd)
+  try:
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+
+
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(
+      description=__doc__.split("\n")[0],
+      epilog="example: python -m nexus_jax.nexusflow.predict_cli --artifact runs/x/artifact "
+      "--data new_tables/ --output preds.csv",
+  )
   parser.add_argument(
       "--artifact", required=True, help="folder written by save_artifact / estimator.save"
   )
   parser.add_argument("--data", required=True, help="folder with one file per table")
   parser.add_argument("--output", required=True, help="CSV file to write")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
   parser.add_argument(
       "--predict-from", default=None, help="target-table rows before this time are history only"
   )
   args = parser.parse_args(argv)
   try:
+    output = check_output(args.output, args.overwrite)
     out = predict_folder(args.artifact, args.data, args.predict_from)
+    write_csv(out, output)
   except (ArtifactError, SchemaError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
-  out.to_csv(args.output, index=False)
-  print(f"wrote {len(out)} predictions to {args.output}")
+  print(f"wrote {len(out)} predictions to {output}")
   return 0
 
 

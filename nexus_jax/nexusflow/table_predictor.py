@@ -24,10 +24,10 @@ import pandas as pd
 from nexus_jax.data import column_types as ct
 from nexus_jax.data.relational import ContextSetBuilder
 from nexus_jax.data.schema import SchemaError
-from nexus_jax.inference import dequantize, magnitude_prune, quantize_int8
 from nexus_jax.nexusflow.model_spec import build_nexus_former
 from nexus_jax.nexusflow.objectives import relational_arrays
 from nexus_jax.nexusflow.batch_inference import make_predict_fn, predict_arrays
+from nexus_jax.nexusflow.optimization import optimize_params
 
 PREDICT_BATCH = 1024
 
@@ -156,6 +156,7 @@ class TabularPredictor:
     rows = tables[target].drop(columns=[column], errors="ignore")
     n_history = 0
     if history is not None and len(history):
+      _check_history_overlap(self.schema.target_table.primary_key, target, rows, history)
       past = history.drop(columns=[column], errors="ignore")
       rows = pd.concat([past, rows], ignore_index=True)
       n_history = len(past)
@@ -209,23 +210,33 @@ class TabularPredictor:
     Returns the report (also appended to `self.optimization` and saved with the artifact).
     """
     done = [o["method"] for o in self.optimization]
-    if method == "int8":
-      if "int8" in done:
-        raise ValueError("optimize('int8'): the params are already int8-quantised")
-      self.params_stored, report = quantize_int8(self.variables["params"], min_size=min_size)
-      self.variables = {**self.variables, "params": dequantize(self.params_stored)}
-    elif method == "prune":
-      if "int8" in done:
-        raise ValueError("optimize('prune'): prune before quantising (the params are already int8)")
-      pruned, report = magnitude_prune(self.variables["params"], amount)
-      report.pop("per_leaf")
-      self.variables = {**self.variables, "params": pruned}
-      self.params_stored = pruned
-    else:
-      raise ValueError(f"optimize: method={method!r}; choose 'int8' or 'prune'")
-    report = {"method": method, **report}
+    if "int8" in done:
+      raise ValueError(
+          f"optimize({method!r}): the params are already int8-quantised"
+          + (" (prune before quantising)" if method == "prune" else "")
+      )
+    stored, params, report = optimize_params(
+        self.variables["params"], method, amount=amount, min_size=min_size
+    )
+    self.params_stored, self.variables = stored, {**self.variables, "params": params}
     self.optimization.append(report)
     return report
+
+
+def _check_history_overlap(
+    key: str | None, table: str, rows: pd.DataFrame, history: pd.DataFrame
+) -> None:
+  """`history` must hold other rows than the ones to predict (they share the target table's key)."""
+  if key is None or key not in rows.columns or key not in history.columns:
+    return
+  shared = pd.Index(history[key].dropna().unique()).intersection(
+      pd.Index(rows[key].dropna().unique())
+  )
+  if len(shared):
+    raise SchemaError(
+        f"history: {len(shared)} row(s) share primary key {key!r} with the rows of table {table!r} to "
+        f"predict, e.g. {shared[:3].astype(str).tolist()}; pass only earlier, other rows as history"
+    )
 
 
 def _numeric(classes) -> bool:

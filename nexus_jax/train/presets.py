@@ -1,16 +1,25 @@
-"""Named presets for experiment configs: `--config.preset=full` replaces a few fields at run time.
+"""The one preset mechanism of every experiment: `--config.preset=full` changes a few fields at run time.
+
+Each config file holds its presets beside `get_config()`::
 
     PRESETS = {"default": {}, "full": {"train.num_steps": 3000, "model.embed_dim": 128}}
-    config = apply_preset(config, PRESETS)   # a resolved copy; the input is not changed
-    get_path(config, "model.embed_dim"); set_path(config, "train.num_steps", 10)  # dotted access
 
-A preset's fields replace the config's values (dotted paths into the ConfigDict). Presets are
-resolved at run time because command-line overrides are applied after `get_config()`.
+and the runner (`experiments/run.py`) or the estimator resolves the chosen one::
+
+    changed = resolve_preset(config, PRESETS, defaults=get_config(), explicit={"train.num_steps"})
+
+Rule: a preset sets a field only while the user has not set it -- the field is not in `explicit`
+(the dotted paths given on the command line or as estimator arguments) and still holds its value in
+`defaults` (the config file's own defaults). So a command-line override always wins over the preset:
+`--config.preset=full --config.train.num_steps=10` runs 10 steps. Presets are resolved at run time
+because command-line overrides are applied after `get_config()`.
+
+`get_path` / `set_path` are the dotted-path walkers every caller shares.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import ml_collections
 
@@ -35,25 +44,46 @@ def set_path(config: ml_collections.ConfigDict, path: str, value: Any) -> None:
   node[last] = value
 
 
-def apply_preset(
-    config: ml_collections.ConfigDict, presets: Mapping[str, Mapping[str, Any]]
-) -> ml_collections.ConfigDict:
-  """A copy of `config` with `presets[config.preset]` applied.
+def _same(a: Any, b: Any) -> bool:
+  """Equality that treats lists and tuples alike (ConfigDict may hold either)."""
+  norm = lambda v: tuple(v) if isinstance(v, list) else v
+  return norm(a) == norm(b)
 
+
+def resolve_preset(
+    config: ml_collections.ConfigDict,
+    presets: Mapping[str, Mapping[str, Any]],
+    defaults: ml_collections.ConfigDict,
+    explicit: Iterable[str] = (),
+) -> dict[str, Any]:
+  """Applies `presets[config.preset]` to `config` in place, under the module docstring's rule.
+
+  Args:
+    config: the config to resolve (its `preset` field names the preset).
+    presets: preset name -> {dotted path: value}.
+    defaults: the config file's defaults (`get_config()`), to tell untouched fields from set ones.
+    explicit: dotted paths the user set (command-line overrides, estimator arguments); kept as given.
+  Returns:
+    {dotted path: value} of what the preset changed (for results and logs).
   Raises:
-    ValueError naming `config.preset` (unknown preset) or the dotted path a preset sets that the
+    ValueError naming `config.preset` when the preset is unknown, or the path a preset sets that the
     config lacks.
   """
-  name = config.get("preset", "default")
+  name = config.get("preset")
   if name not in presets:
     raise ValueError(f"config.preset={name!r} is unknown; choose one of {sorted(presets)}.")
-  config = config.copy_and_resolve_references()
+  explicit = set(explicit)
+  changed = {}
   with config.unlocked():
     for path, value in presets[name].items():
       try:
-        set_path(config, path, value)
+        current, default = get_path(config, path), get_path(defaults, path)
       except KeyError:
         raise ValueError(
             f"preset {name!r} sets config.{path}, which this config does not have."
         ) from None
-  return config
+      if path in explicit or not _same(current, default):
+        continue
+      set_path(config, path, value)
+      changed[path] = value
+  return changed

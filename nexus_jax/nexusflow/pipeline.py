@@ -1,0 +1,269 @@
+"""The one relational pipeline of NexusFlow: prepare -> train -> score, used by the runner and the estimator.
+
+    prepared = prepare(config)                          # runner: config.data names the tables
+    prepared = prepare(config, tables, schema)          # estimator: the user's DataFrames + schema
+    result, schedule = train(prepared, config, workdir)
+    results = score(prepared, result, config, schedule) # the one results dict (results.json, fit_report_)
+
+1. `prepare`: validates the training settings (before anything is built or compiled), loads the
+   tables (bundled `data.name`, a `data.path` folder, or the tables given), adds `data.drop_columns`
+   to the schema, fits the `ContextSetBuilder` on training-time rows and splits the context sets.
+   Builder settings follow ONE precedence rule, `builder_settings` (later wins):
+   library defaults < the dataset's recommendation < `config.data` fields that are set < explicit
+   builder keyword arguments (the estimator's `builder_kwargs`).
+2. `train`: scales the schedule to the training rows (`schedule.scale_schedule`), then trains
+   NexusFormer (or a deep ensemble) with the generic loop: early stopping on validation,
+   checkpoints, resume in `workdir`.
+3. `score`: the test split scored once, the validation metrics of the chosen checkpoint, which
+   contexts mattered (attention / gates), the effective schedule, timings and (with
+   `config.eval.optimize`) the int8 / pruning report (`optimization.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import pandas as pd
+
+from nexus_jax.data.context_sets import RelationalData
+from nexus_jax.data.datasets import load_dataset
+from nexus_jax.data.datasets.folder import sample_target_rows
+from nexus_jax.data.relational import ContextSetBuilder
+from nexus_jax.data.schema import Schema
+from nexus_jax.nexusflow.batch_inference import predict_arrays
+from nexus_jax.nexusflow.config import DEFAULT_MAX_CATEGORIES
+from nexus_jax.nexusflow.objectives import evaluation_metrics, relational_arrays
+from nexus_jax.nexusflow.optimization import optimization_report
+from nexus_jax.nexusflow.plots import context_importance
+from nexus_jax.nexusflow.schedule import scale_schedule
+from nexus_jax.nexusflow.training import TrainResult, train_nexus_former
+from nexus_jax.train.config import validate_train_config
+
+SPLITS = ("train", "valid", "test")
+BUILDER_ARGS = ("max_history", "contexts", "preprocessor", "table_preprocessors", "count_windows")
+AUX_KEYS = ("context_attention", "fusion_gates", "context_present", "iterations")
+EVAL_BATCH = 2048
+
+
+@dataclasses.dataclass
+class Prepared:
+  """What `prepare` built: the tables, the fitted builder and the context sets of each split."""
+
+  name: str  # dataset name or folder ("tables" for DataFrames given directly)
+  tables: dict[str, pd.DataFrame]
+  schema: Schema  # with data.drop_columns applied
+  builder: ContextSetBuilder  # fitted on training-time rows
+  splits: dict[str, RelationalData]  # "train" | "valid" | "test"
+  baselines: dict[str, Any]  # reference test metrics of a bundled dataset ({} otherwise)
+  seconds: float  # wall time of loading + building
+
+
+# ---------------------------------------------------------------------------------------- settings
+def with_dropped_columns(schema: Schema, text: str) -> Schema:
+  """`schema` with the "table.column,..." entries of `text` added to their tables' drop_columns.
+
+  Raises ValueError naming `config.data.drop_columns` for a malformed entry or an unknown table.
+  """
+  d = schema.to_dict()
+  for entry in filter(None, (e.strip() for e in text.split(","))):
+    table, sep, column = entry.partition(".")
+    if not sep or not column:
+      raise ValueError(f"config.data.drop_columns: {entry!r} is not 'table.column'")
+    if table not in d["tables"]:
+      raise ValueError(
+          f"config.data.drop_columns: unknown table {table!r} in {entry!r}; tables: {sorted(d['tables'])}"
+      )
+    drops = d["tables"][table].setdefault("drop_columns", [])
+    if column not in drops:
+      drops.append(column)
+  return Schema.from_dict(d)
+
+
+def parse_count_windows(text: str) -> tuple[float, ...]:
+  """'1,3,24' -> (1.0, 3.0, 24.0); 'none' -> (). Raises ValueError naming `config.data.count_windows`."""
+  if text.strip().lower() == "none":
+    return ()
+  try:
+    windows = tuple(float(w) for w in text.split(",") if w.strip())
+  except ValueError:
+    raise ValueError(
+        f"config.data.count_windows={text!r}: expected comma-separated numbers or 'none'"
+    ) from None
+  if not windows or any(not w > 0 for w in windows):
+    raise ValueError(f"config.data.count_windows={text!r}: windows must be positive numbers")
+  return windows
+
+
+def preprocessor_settings(dc: Any, recommended: Mapping[str, Any]) -> dict[str, Any]:
+  """Preprocessor kwargs from `config.data` over the dataset's `recommended` ones: the config's
+  numeric_transform always, datetime_parts when set, max_categories when > 0 (0 = the dataset's
+  recommendation, else DEFAULT_MAX_CATEGORIES)."""
+  pre = {
+      "max_categories": DEFAULT_MAX_CATEGORIES,
+      **recommended,
+      "numeric_transform": dc.numeric_transform,
+  }
+  if int(dc.max_categories) > 0:
+    pre["max_categories"] = int(dc.max_categories)
+  if dc.datetime_parts:
+    pre["datetime_parts"] = [p.strip() for p in dc.datetime_parts.split(",") if p.strip()]
+  return pre
+
+
+def builder_settings(
+    dc: Any,
+    recommended: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+  """`ContextSetBuilder` keyword arguments: the one precedence rule (see the module docstring).
+
+  Args:
+    dc: `config.data`.
+    recommended: the dataset's recommended builder kwargs ({} for a user's own tables).
+    overrides: explicit builder kwargs (the estimator's `builder_kwargs`); they win.
+  Raises:
+    ValueError naming an unknown builder argument.
+  """
+  for where, given in (
+      ("the dataset's recommendation", recommended),
+      ("builder_kwargs", overrides),
+  ):
+    unknown = sorted(set(given or {}) - set(BUILDER_ARGS))
+    if unknown:
+      raise ValueError(
+          f"{where}: unknown ContextSetBuilder argument(s) {unknown}; known: {list(BUILDER_ARGS)}"
+      )
+  kwargs: dict[str, Any] = {"max_history": int(dc.max_history), **dict(recommended or {})}
+  if dc.contexts:
+    kwargs["contexts"] = [c.strip() for c in dc.contexts.split(",") if c.strip()]
+  if int(dc.history_rows) > 0:
+    kwargs["max_history"] = int(dc.history_rows)
+  if dc.count_windows:
+    kwargs["count_windows"] = parse_count_windows(dc.count_windows)
+  kwargs["preprocessor"] = preprocessor_settings(dc, kwargs.get("preprocessor", {}))
+  overrides = dict(overrides or {})
+  if "preprocessor" in overrides:
+    overrides["preprocessor"] = {**kwargs["preprocessor"], **overrides["preprocessor"]}
+  return {**kwargs, **overrides}
+
+
+# ---------------------------------------------------------------------------------------- prepare
+def prepare(
+    config: Any,
+    tables: Mapping[str, pd.DataFrame] | None = None,
+    schema: Schema | Mapping | None = None,
+    builder_overrides: Mapping[str, Any] | None = None,
+) -> Prepared:
+  """Loads / takes the tables, builds the context sets and splits them (see the module docstring)."""
+  validate_train_config(config)
+  t0 = time.perf_counter()
+  dc = config.data
+  if tables is None:
+    ds = load_dataset(
+        name=dc.name or None,
+        path=dc.path or None,
+        max_target_rows=int(dc.max_rows) or None,
+        seed=int(config.seed),
+    )
+    name, tables, schema, recommended, baselines = (
+        ds.name,
+        ds.tables,
+        ds.schema,
+        ds.builder_kwargs,
+        ds.baselines,
+    )
+  else:
+    schema = schema if isinstance(schema, Schema) else Schema.from_dict(schema)
+    tables = sample_target_rows(tables, schema, int(dc.max_rows) or None, int(config.seed))
+    name, recommended, baselines = "tables", {}, {}
+  if dc.drop_columns:
+    schema = with_dropped_columns(schema, dc.drop_columns)
+  kwargs = builder_settings(dc, recommended, builder_overrides)
+  builder = ContextSetBuilder(schema, **kwargs).fit(tables)
+  data = builder.transform(tables)
+  splits = {s: data.subset(s) for s in SPLITS}
+  return Prepared(
+      name, dict(tables), schema, builder, splits, dict(baselines), time.perf_counter() - t0
+  )
+
+
+# ---------------------------------------------------------------------------------------- train
+def train(
+    prepared: Prepared, config: Any, workdir: str | pathlib.Path
+) -> tuple[TrainResult, dict[str, int]]:
+  """Scales the schedule to the training rows (in `config`), then trains; returns (result, schedule)."""
+  train_data, valid = prepared.splits["train"], prepared.splits["valid"]
+  schedule = scale_schedule(config, train_data.num_rows)
+  result = train_nexus_former(train_data, valid if valid.num_rows else None, config, workdir)
+  return result, schedule
+
+
+# ---------------------------------------------------------------------------------------- score
+def score(
+    prepared: Prepared, result: TrainResult, config: Any, schedule: Mapping[str, int]
+) -> dict[str, Any]:
+  """The results dict of a fit (written to results.json by the runner, `fit_report_` of the estimator)."""
+  t0 = time.perf_counter()
+  test = prepared.splits["test"]
+  task = test.task
+  names = [c["name"] for c in result.spec["contexts"]]
+  tables = [c["table"] for c in result.spec["contexts"]]
+  test_metrics, importance, iterations = {}, None, None
+  if test.num_rows:
+    arrays = relational_arrays(test, result.target_scale)
+    preds, aux = predict_arrays(
+        result.model, result.variables, arrays, task, EVAL_BATCH, aux_keys=AUX_KEYS
+    )
+    test_metrics = evaluation_metrics(task, preds, arrays["y"], result.target_scale)
+    importance = context_importance(
+        aux["context_attention"], aux["fusion_gates"], aux["context_present"]
+    )
+    iterations = float(np.mean(aux["iterations"]))
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(result.variables["params"]))
+  target = prepared.schema.target
+  results: dict[str, Any] = {
+      "task": f"{prepared.name}: {target.table}.{target.column} ({task}), multi-table NexusFormer",
+      "test": test_metrics,
+      "valid_at_best": result.fit.best_metrics or {},
+      "best_step": result.fit.best_step,
+      "stopped_early": result.fit.stopped_early,
+      "early_stopping": list(result.early_stopping),
+      "ensemble_members": [
+          {k: m[k] for k in ("seed", "best_step", "valid")} for m in result.members
+      ],
+      "model": {
+          "name": "nexus_former",
+          "parameters": n_params,
+          "contexts": names,
+          "context_tables": tables,
+          "inference_iterations_mean": iterations,
+      },
+      "context_importance": {}
+      if importance is None
+      else {
+          n: {k: float(importance[k][i]) for k in ("attention", "gate", "present")}
+          for i, n in enumerate(names)
+      },
+      "rows": {s: int(prepared.splits[s].num_rows) for s in SPLITS},
+      "schedule": dict(schedule),
+      "data_seconds": round(prepared.seconds, 2),
+      "train_seconds_this_call": round(result.fit.train_seconds, 2),
+      "train_rows_per_second": round(result.fit.rows_per_second, 1),
+      "device": f"{jax.devices()[0].platform} x{jax.device_count()}",
+  }
+  if config.eval.optimize and test.num_rows:
+    results["optimization"] = optimization_report(
+        result.model,
+        result.variables,
+        relational_arrays(test, result.target_scale),
+        task,
+        result.target_scale,
+        float(config.eval.prune_amount),
+    )
+  results["score_seconds"] = round(time.perf_counter() - t0, 2)
+  return results

@@ -1,0 +1,60 @@
+"""The training schedule scaled to the data: one rule for the runner and the estimator.
+
+    schedule = scale_schedule(config, n_train=1_000)   # edits config.train / config.optim in place
+
+For `n_train` training rows:
+
+- batch size: `train.batch_size`, capped at max(8, n_train // 4) so a small table still gives several
+  steps per epoch (and never more rows than it has);
+- steps: `train.num_steps` when > 0 (an explicit count always wins), else
+  max(num_epochs * steps_per_epoch, train.min_steps): a small table repeats epochs until the
+  optimiser has taken enough steps to learn anything;
+- warmup: `optim.warmup_steps`, capped at 10% of the steps (a warmup as long as the run trains at a
+  learning rate near 0 throughout);
+- evaluation: `train.eval_every_steps` when > 0, else min(one epoch, a quarter of the run).
+
+Raises ValueError naming the field when the result would train nothing (no training rows, zero
+steps, epochs = 0 without num_steps).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MIN_BATCH = 8
+MAX_WARMUP_FRACTION = 0.1
+
+
+def scale_schedule(config: Any, n_train: int) -> dict[str, int]:
+  """Scales `config`'s schedule to `n_train` rows in place (see the module docstring).
+
+  Returns:
+    {"batch_size", "num_steps", "warmup_steps", "eval_every_steps", "steps_per_epoch"} as applied.
+  """
+  tc, oc = config.train, config.optim
+  if n_train < 1:
+    raise ValueError(
+        "the training split has no rows: nothing to train on (check the schema's split)"
+    )
+  batch = int(min(int(tc.batch_size), max(MIN_BATCH, n_train // 4), n_train))
+  steps_per_epoch = max(n_train // batch, 1)
+  if int(tc.get("num_steps", 0)) > 0:
+    steps = int(tc.num_steps)
+  else:
+    if int(tc.num_epochs) < 1:
+      raise ValueError(
+          f"config.train.num_epochs={tc.num_epochs} with train.num_steps=0: nothing would be "
+          "trained; set num_epochs >= 1 or num_steps > 0"
+      )
+    steps = max(int(tc.num_epochs) * steps_per_epoch, int(tc.get("min_steps", 0)))
+  warmup = int(min(int(oc.warmup_steps), int(steps * MAX_WARMUP_FRACTION)))
+  every = int(tc.eval_every_steps) or min(steps_per_epoch, max(steps // 4, 1))
+  with config.unlocked():
+    tc.batch_size, tc.num_steps, oc.warmup_steps, tc.eval_every_steps = batch, steps, warmup, every
+  return {
+      "batch_size": batch,
+      "num_steps": steps,
+      "warmup_steps": warmup,
+      "eval_every_steps": every,
+      "steps_per_epoch": steps_per_epoch,
+  }
