@@ -3,7 +3,8 @@
 Given the keys (and times) of N target rows and of the rows of a related table, these functions
 return which related rows each target row may see:
 
-- `parent_index`: the one row whose primary key equals the target's foreign key (or -1), `[N]`.
+- `parent_index`: the one row whose primary key equals the target's foreign key (or -1), `[N]`
+  (`parent_match` also says which keys are non-null; schema validation counts orphans with it).
 - `history_index`: up to M rows sharing the target's key whose time is at or before the target's
   time (strictly before when `strict`), most recent first, `[N, M]` padded with -1.
 - `window_counts`: how many of those rows (without the M cap) fall in trailing time windows, `[N, W]`;
@@ -69,10 +70,17 @@ def shared_codes(a: pd.Series, b: pd.Series) -> tuple[np.ndarray, np.ndarray]:
   return codes[: len(a)].astype(np.int64), codes[len(a) :].astype(np.int64)
 
 
-def parent_index(target_keys: pd.Series, parent_keys: pd.Series) -> np.ndarray:
-  """Row (position) of the parent whose key equals each target's key, -1 if none/null; `[N]` int64.
+def parent_match(target_keys: pd.Series, parent_keys: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+  """The join of a foreign key to its parent's primary key, keys normalised as `shared_codes` does.
 
-  `parent_keys` must be unique (a validated primary key).
+  `Schema.validate` counts orphan keys with this very function, so the count agrees with the join.
+
+  Args:
+    target_keys: foreign-key values `[N]`.
+    parent_keys: the parent's primary key `[P]`; must be unique (a validated primary key).
+  Returns:
+    (index `[N]` int64: position of the matching parent row, -1 if none or null;
+     has_key `[N]` bool: the value is not null).
   """
   t_codes, p_codes = shared_codes(target_keys, parent_keys)
   lookup = np.full(
@@ -80,7 +88,16 @@ def parent_index(target_keys: pd.Series, parent_keys: pd.Series) -> np.ndarray:
   )
   valid = p_codes >= 0
   lookup[p_codes[valid]] = np.flatnonzero(valid)
-  return np.where(t_codes >= 0, lookup[t_codes], -1)
+  has_key = t_codes >= 0
+  return np.where(has_key, lookup[t_codes], -1), has_key
+
+
+def parent_index(target_keys: pd.Series, parent_keys: pd.Series) -> np.ndarray:
+  """Row (position) of the parent whose key equals each target's key, -1 if none/null; `[N]` int64.
+
+  `parent_keys` must be unique (a validated primary key).
+  """
+  return parent_match(target_keys, parent_keys)[0]
 
 
 class SortedHistory:

@@ -108,9 +108,9 @@ def quantile_normal(x: np.ndarray, quantiles: np.ndarray, references: np.ndarray
 
 def _datetime_parts(values: pd.Series) -> dict[str, np.ndarray]:
   """All candidate numeric parts of a UTC datetime column, float64 `[N]` each (NaN where NaT)."""
-  epoch = ((values - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(days=1)).to_numpy(
-      np.float64, na_value=np.nan
-  )
+  # Through microseconds, not pandas' nanoseconds: placeholder dates like 9999-12-31 fit.
+  micros = values.dt.tz_convert(None).to_numpy("datetime64[us]")
+  epoch = np.where(np.isnat(micros), np.nan, micros.astype(np.int64) / (86400.0 * 1e6))
   dt = values.dt
   raw = {
       "hour": (dt.hour + dt.minute / 60.0 + dt.second / 3600.0),

@@ -18,7 +18,9 @@ Features: each table gets one `TabularPreprocessor`, fitted on the rows known du
 target table: train split rows; other tables with a time column under a time split: rows before
 ``valid_start``; otherwise all rows, which carry no labels). ``drop_columns``, primary keys and the
 target column never become features of any row (the target table's history rows included).
-Foreign-key columns are categorical features (codes), never numbers.
+Foreign-key columns are categorical features (codes), never numbers. A table with no such rows
+(empty, or no row timed before ``valid_start``) learns no features (a `SchemaWarning` at fit); its
+contexts keep that layout at predict time and are empty (mask all False) while it has no rows.
 
 **Window counts** (``count_windows``, optional): attention pooling over at most M rows cannot tell a
 busy key from a quiet one beyond M rows, so for every history context with times the target row also
@@ -218,12 +220,17 @@ class ContextSetBuilder:
         column = schema.tables[table].time_column
         where = f"table {table!r} column {column!r}"
         t = parse_time(df[column], where)
-        rows = df[(t < parse_cutoff(schema.split.valid_start, t, where)).to_numpy()]
+        known = t.notna().to_numpy()
+        if known.any():  # an all-null column has no type to compare valid_start with
+          known = known & (t < parse_cutoff(schema.split.valid_start, t, where)).to_numpy()
+        rows = df[known]
       else:
         rows = df
       if len(rows) == 0:
+        why = "has no rows" if len(df) == 0 else "has no rows known during training"
         warnings.warn(
-            f"table {table!r}: no rows known during training; its rows get no features",
+            f"table {table!r} {why}: it gets no features and its contexts are empty until "
+            "it has rows",
             SchemaWarning,
             stacklevel=2,
         )
@@ -338,17 +345,9 @@ class ContextSetBuilder:
         else parse_time(related[time_column], f"table {spec.table!r} column {time_column!r}")
     )
     r_ticks, r_valid, r_is_dt = ci.time_ticks(r_times)
+    timed = t_ticks is not None and r_ticks is not None
     history = None
-    if spec.kind == "parent":
-      index = ci.parent_index(target_df[spec.target_column], related[spec.context_column])[:, None]
-      if t_ticks is not None and r_ticks is not None:
-        visible = r_valid[index] & (
-            (r_ticks[index] < t_ticks[:, None])
-            if spec.strict
-            else (r_ticks[index] <= t_ticks[:, None])
-        )
-        index = np.where(visible & (index >= 0), index, -1)
-    else:
+    if spec.kind == "history":
       history = ci.SortedHistory(
           target_df[spec.target_column],
           related[spec.context_column],
@@ -357,10 +356,23 @@ class ContextSetBuilder:
           r_valid,
           spec.strict,
       )
+    if timed:  # one invisible padding slot at the end, as for the features: index -1 reads it
+      r_ticks = np.concatenate([r_ticks, np.zeros(1, r_ticks.dtype)])
+      r_valid = np.concatenate([r_valid, np.zeros(1, bool)])
+    if spec.kind == "parent":
+      index = ci.parent_index(target_df[spec.target_column], related[spec.context_column])[:, None]
+      if timed:
+        visible = r_valid[index] & (
+            (r_ticks[index] < t_ticks[:, None])
+            if spec.strict
+            else (r_ticks[index] <= t_ticks[:, None])
+        )
+        index = np.where(visible & (index >= 0), index, -1)
+    else:
       index = history.index(spec.max_rows, exclude_self=self._sees_itself(spec, history))
     mask = index >= 0
-    timed = t_ticks is not None and r_ticks is not None
-    if timed and t_is_dt != r_is_dt:
+    # Rows without a time are never visible, so a column with no time at all has no kind to check.
+    if timed and t_is_dt != r_is_dt and r_valid.any():
       raise SchemaError(
           f"table {spec.table!r} column {time_column!r}: times are "
           f"{'datetimes' if r_is_dt else 'numbers'} but the target's are not"

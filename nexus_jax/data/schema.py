@@ -25,7 +25,14 @@ Two layers of checks, both raising `SchemaError` (a ValueError) that names table
   is missing, unlabelled or of an unusable type for the task; a time column that does not parse.
 
 `validate` returns a `ValidationReport`: foreign-key values without a parent row are allowed and
-counted, and a target table that reaches no other table is a warning (single-table learning).
+counted (with the join's key normalisation: int 1, float 1.0 and string "1" are one key), and a
+target table that reaches no other table is a warning (single-table learning). When more than half
+of a column's non-null foreign keys have no parent row that is a `SchemaWarning`; when none has one
+(and the parent table has rows) it is a `SchemaError` at training time (``require_target``) --
+usually ids of a different kind -- and a warning at prediction time, where new rows may
+reference new entities. `validate` also raises on a target table without rows at training time, on
+a time column mixing numbers and other values, and on times outside 1677-09-22..2262-04-11 (they
+would wrap around as nanoseconds).
 """
 
 from __future__ import annotations
@@ -40,10 +47,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from nexus_jax.data import context_index
+
 TASKS = ("binary", "multiclass", "regression")
 SPLIT_METHODS = ("time", "random", "group")
 _TABLE_KEYS = {"file", "primary_key", "time_column", "foreign_keys", "drop_columns"}
 _TARGET_KEYS = {"table", "column", "task"}
+# Times are compared as int64 nanoseconds: the days pandas can represent so.
+_FIRST_TIME = pd.Timestamp.min.ceil("D").tz_localize("UTC")
+_LAST_TIME = pd.Timestamp.max.floor("D").tz_localize("UTC")
 _SPLIT_KEYS = {
     "method",
     "valid_start",
@@ -100,8 +112,13 @@ class ValidationReport:
   """What `Schema.validate` found that is legal: orphan foreign keys and warnings."""
 
   row_counts: dict[str, int]
-  orphan_foreign_keys: dict[str, int]  # "table.column" -> rows whose value has no parent row
+  orphan_foreign_keys: dict[str, int]  # "table.column" -> rows whose non-null key has no parent row
   warnings: list[str]
+
+
+def _shown(value: Any) -> str:
+  """A key value for a message: `repr` of the plain Python value (``1`` vs ``'1'``)."""
+  return repr(value.item() if isinstance(value, np.generic) else value)
 
 
 def _check_keys(where: str, given: Mapping, allowed: set) -> None:
@@ -113,7 +130,10 @@ def _check_keys(where: str, given: Mapping, allowed: set) -> None:
 
 
 def parse_time(series: pd.Series, where: str) -> pd.Series:
-  """A time column as UTC datetimes, or as float64 if numeric. Raises SchemaError if unparsable.
+  """A time column as UTC datetimes, or as float64 if numeric.
+
+  Raises `SchemaError` (naming `where`) if a value does not parse, if an object column mixes
+  numbers with other values, or if a time falls outside the nanosecond range (1677-09-22..2262-04-11).
 
   Returns:
     `[N]` datetime64[UTC] or float64 series (NaT/NaN where the value was null).
@@ -122,22 +142,52 @@ def parse_time(series: pd.Series, where: str) -> pd.Series:
     raise SchemaError(
         f"{where}: time column is boolean; expected datetimes, date strings or numbers"
     )
+  if pd.api.types.is_object_dtype(series.dtype) and pd.api.types.infer_dtype(
+      series, skipna=True
+  ).startswith("mixed"):
+    series = _one_kind_of_time(series, where)
   if pd.api.types.is_numeric_dtype(series.dtype):
     return series.astype(np.float64)
   if pd.api.types.is_datetime64_any_dtype(series.dtype):
-    return series.dt.tz_localize("UTC") if series.dt.tz is None else series.dt.tz_convert("UTC")
-  parsed = pd.to_datetime(series, utc=True, format="ISO8601", errors="coerce")
-  bad = parsed.isna() & series.notna()
-  if bad.any():
-    parsed = pd.to_datetime(series, utc=True, format="mixed", errors="coerce")
+    parsed = series.dt.tz_localize("UTC") if series.dt.tz is None else series.dt.tz_convert("UTC")
+  else:
+    parsed = pd.to_datetime(series, utc=True, format="ISO8601", errors="coerce")
     bad = parsed.isna() & series.notna()
-  if bad.any():
-    examples = series[bad].astype(str).unique()[:3].tolist()
+    if bad.any():
+      parsed = pd.to_datetime(series, utc=True, format="mixed", errors="coerce")
+      bad = parsed.isna() & series.notna()
+    if bad.any():
+      examples = series[bad].astype(str).unique()[:3].tolist()
+      raise SchemaError(
+          f"{where}: {int(bad.sum())} value(s) do not parse as times, e.g. {examples}; "
+          "use ISO-8601 strings, datetimes or numbers"
+      )
+  # Times are compared as int64 nanoseconds: years outside ~1678-2261 would silently wrap around.
+  outside = (parsed < _FIRST_TIME) | (parsed > _LAST_TIME)
+  if outside.any():
+    examples = series[outside.to_numpy()].astype(str).unique()[:3].tolist()
     raise SchemaError(
-        f"{where}: {int(bad.sum())} value(s) do not parse as times, e.g. {examples}; "
-        "use ISO-8601 strings, datetimes or numbers"
+        f"{where}: {int(outside.sum())} time(s) outside {_FIRST_TIME:%Y-%m-%d}.."
+        f"{_LAST_TIME:%Y-%m-%d}, e.g. {examples}; leave unknown times empty, not placeholder dates"
     )
   return parsed
+
+
+def _one_kind_of_time(series: pd.Series, where: str) -> pd.Series:
+  """An object time column: numbers only -> float64; numbers mixed with other values -> error."""
+  nonnull = series.dropna()
+  is_number = nonnull.map(
+      lambda v: isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_))
+  ).to_numpy(bool)
+  if is_number.all():
+    return series.astype(np.float64)
+  if is_number.any():
+    raise SchemaError(
+        f"{where}: time column mixes numbers (e.g. {_shown(nonnull[is_number].iloc[0])}) with "
+        f"other values (e.g. {_shown(nonnull[~is_number].iloc[0])}); use one kind: datetimes / "
+        "date strings, or numbers"
+    )
+  return series
 
 
 def parse_cutoff(value: Any, like: pd.Series, where: str) -> Any:
@@ -360,13 +410,7 @@ class Schema:
               f"{int(times.isna().sum())} null value(s); every target row needs a time"
           )
     self._validate_target(tables[self.target.table], require_target)
-    orphans = {}
-    for name, spec in self.tables.items():
-      for column, parent in spec.foreign_keys.items():
-        values = tables[name][column]
-        parent_keys = tables[parent][self.tables[parent].primary_key]
-        orphans[f"{name}.{column}"] = int((values.notna() & ~values.isin(parent_keys)).sum())
-    report_warnings = []
+    orphans, report_warnings = self._check_foreign_keys(tables, require_target)
     if not self.reachable_tables(self.target.table):
       report_warnings.append(
           f"target table {self.target.table!r} reaches no other table through foreign "
@@ -380,9 +424,43 @@ class Schema:
         warnings=report_warnings,
     )
 
+  def _check_foreign_keys(
+      self, tables: Mapping[str, pd.DataFrame], require_target: bool
+  ) -> tuple[dict[str, int], list[str]]:
+    """Orphan counts per ``"table.column"`` and warnings; raises when no key of a column matches.
+
+    Keys are matched exactly as the context sets join them (`context_index.parent_match`), so
+    int 1, float 1.0 and string "1" are one key here too.
+    """
+    orphans, messages = {}, []
+    for name, spec in self.tables.items():
+      for column, parent in spec.foreign_keys.items():
+        values = tables[name][column]
+        parent_keys = tables[parent][self.tables[parent].primary_key]
+        index, has_key = context_index.parent_match(values, parent_keys)
+        orphan = has_key & (index < 0)
+        n_keys, n_orphans = int(has_key.sum()), int(orphan.sum())
+        orphans[f"{name}.{column}"] = n_orphans
+        if len(parent_keys) == 0 or 2 * n_orphans <= n_keys:
+          continue  # an empty parent table is warned about by the builder
+        share = 100 if n_orphans == n_keys else min(100 * n_orphans // n_keys, 99)
+        message = (
+            f"table {name!r}: {share}% of foreign key {column!r} values ({n_orphans} of "
+            f"{n_keys}) match no row of {parent!r}"
+        )
+        if n_orphans == n_keys and require_target:
+          raise SchemaError(
+              f"{message}, e.g. {_shown(values[orphan].iloc[0])} vs {parent!r} keys like "
+              f"{_shown(parent_keys.iloc[0])}; check that both columns hold the same ids"
+          )
+        messages.append(message)
+    return orphans, messages
+
   def _validate_target(self, df: pd.DataFrame, require_target: bool) -> None:
     tgt = self.target
     where = f"target: table {tgt.table!r} column {tgt.column!r}"
+    if require_target and len(df) == 0:
+      raise SchemaError(f"target: table {tgt.table!r} has no rows; training needs labelled rows")
     if tgt.column not in df.columns:
       if require_target:
         raise SchemaError(f"{where} is missing; columns: {list(df.columns)}")

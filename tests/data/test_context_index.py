@@ -84,6 +84,9 @@ def test_parent_index_and_mixed_key_types():
   # An int key read as float (NaN in a CSV) still matches a string primary key.
   got = ci.parent_index(pd.Series([2.0, np.nan, 7.0]), pd.Series(["1", "2"]))
   np.testing.assert_array_equal(got, [1, -1, -1])
+  # parent_match also tells a null key (no parent by definition) from an orphan (7.0).
+  index, has_key = ci.parent_match(pd.Series([2.0, np.nan, 7.0]), pd.Series(["1", "2"]))
+  assert index.tolist() == [1, -1, -1] and has_key.tolist() == [True, False, True]
 
 
 def test_time_ticks_and_ages():

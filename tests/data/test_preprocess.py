@@ -119,6 +119,20 @@ def test_datetime_cyclical_parts_exact():
   assert "d__hour_sin" not in names and "d__weekday_sin" in names
 
 
+def test_placeholder_dates_beyond_pandas_nanoseconds_are_plain_values():
+  # 9999-12-31 ("no end date") is past 2262, the last nanosecond timestamp.
+  for column in (
+      pd.Series(["2013-01-01", "2013-01-03", "9999-12-31", None]),
+      pd.to_datetime(pd.Series(["2013-01-01", "2013-01-03", "9999-12-31", None])),
+  ):
+    df = pd.DataFrame({"end": column})
+    pre = TabularPreprocessor(numeric_transform="standard", datetime_parts=["epoch"]).fit(df)
+    out = pre.transform(df)
+    days = np.array([15706.0, 15708.0, 2932896.0])  # days since 1970-01-01
+    np.testing.assert_allclose(out["numeric"][:3, 0], (days - days.mean()) / days.std(), rtol=1e-5)
+    assert out["numeric_missing"][:, 0].tolist() == [False, False, False, True]
+
+
 def test_quantile_matches_sklearn_and_standard_moments():
   rng = np.random.default_rng(1)
   train = pd.DataFrame(

@@ -1,4 +1,6 @@
-"""Tests for nexus_jax.data.relational on a hand-built 3-table example, checked exactly."""
+"""Tests for nexus_jax.data.relational on hand-built 3- and 4-table examples, checked exactly."""
+
+import io
 
 import numpy as np
 import pandas as pd
@@ -6,7 +8,7 @@ import pytest
 
 from nexus_jax.data.context_sets import AGE_FEATURE, RelationalData
 from nexus_jax.data.relational import ContextSetBuilder, build_context_sets, discover_contexts
-from nexus_jax.data.schema import Schema
+from nexus_jax.data.schema import Schema, SchemaError, SchemaWarning
 
 
 def _tables():
@@ -286,3 +288,164 @@ def test_key_count_feature_without_times():
   assert data.feature_info.numeric_names[-2] == "count[orders.cid=cid,all]"
   # Other orders of the same customer (never itself): customer 1 has 4 orders, customer 2 one.
   np.testing.assert_array_equal(np.expm1(data.numeric[:, -2]).round(), [3, 0, 3, 3, 0, 3, 0])
+
+
+# ---------------------------------------------------------------- empty and all-null related tables
+def _four_tables():
+  """regions <- orders -> customers <- visits; orders (the target) and visits have times."""
+  regions = pd.DataFrame({"rid": ["n", "s"], "area": [1.0, 2.0], "kind": ["x", "y"]})
+  customers = pd.DataFrame(
+      {
+          "cid": [1, 2, 3],
+          "spend": [10.0, 20.0, 30.0],
+          "joined": ["2019-01-01", "2019-06-01", "2020-01-01T02:30Z"],
+      }
+  )
+  orders = pd.DataFrame(
+      {
+          "oid": range(6),
+          "t": [f"2020-01-01T0{h}:00Z" for h in (0, 1, 2, 3, 5, 7)],
+          "cid": [1, 2, 1, 3, 2, 1],
+          "rid": ["n", "s", "n", "n", "s", "s"],
+          "amount": [5.0, 7.0, 6.0, 9.0, 1.0, 2.0],
+          "label": [0, 1, 1, 0, 0, 1],
+      }
+  )
+  visits = pd.DataFrame(
+      {
+          "vid": range(4),
+          "t": ["2019-12-31T23:00Z", "2020-01-01T02:00Z", "2020-01-01T00:30Z", "2020-01-01T06:00Z"],
+          "cid": [1, 1, 2, 3],
+          "duration": [1.0, 2.0, 3.0, 4.0],
+          "page": ["p", "q", "p", "q"],
+      }
+  )
+  return {"regions": regions, "customers": customers, "orders": orders, "visits": visits}
+
+
+FOUR = {
+    "tables": {
+        "regions": {"primary_key": "rid"},
+        "customers": {"primary_key": "cid", "time_column": "joined"},
+        "orders": {
+            "primary_key": "oid",
+            "time_column": "t",
+            "foreign_keys": {"cid": "customers", "rid": "regions"},
+        },
+        "visits": {"primary_key": "vid", "time_column": "t", "foreign_keys": {"cid": "customers"}},
+    },
+    "target": {"table": "orders", "column": "label", "task": "binary"},
+    "split": SCHEMA["split"],
+}
+# The context(s) each related table fills.
+FILLS = {
+    "regions": ["rid->regions"],
+    "customers": ["cid->customers"],
+    "visits": ["visits.cid=cid"],
+}
+
+
+def _via_csv(df):
+  """`df` written to CSV and read back, as a user's file: an empty table has object columns."""
+  return pd.read_csv(io.StringIO(df.to_csv(index=False)))
+
+
+def _four_builder(tables):
+  builder = ContextSetBuilder(
+      Schema.from_dict(FOUR), max_history=2, preprocessor=STANDARD, count_windows=(3,)
+  )
+  return builder.fit(tables)
+
+
+def _layout(data):
+  own = (data.numeric.shape, data.categorical.shape, data.feature_info)
+  return own, {
+      k: (c.numeric.shape, c.categorical.shape, c.feature_info) for k, c in data.contexts.items()
+  }
+
+
+@pytest.mark.parametrize("source", ["frame", "csv"])
+@pytest.mark.parametrize("table", ["regions", "customers", "visits"])
+def test_table_empty_at_fit_gives_empty_contexts_and_keeps_its_layout(table, source, tmp_path):
+  full = _four_builder(_four_tables()).transform(_four_tables())
+  tables = _four_tables()
+  empty = tables[table].iloc[:0]
+  tables[table] = _via_csv(empty) if source == "csv" else empty
+  with pytest.warns(SchemaWarning, match=f"table '{table}' has no rows") as record:
+    builder = _four_builder(tables)
+  assert not any("foreign key" in str(w.message) for w in record)  # no orphan warning
+  data = builder.transform(tables)
+  for name, ctx in data.contexts.items():
+    if name in FILLS[table]:
+      assert not ctx.mask.any() and (ctx.row_index == -1).all() and (ctx.ages == 0).all()
+      assert (ctx.numeric == 0).all() and ctx.categorical.shape[-1] == 0
+      # No features learned from no rows; a table with a time keeps its age feature.
+      timed = FOUR["tables"][table].get("time_column") is not None
+      assert ctx.feature_info.numeric_names == ((AGE_FEATURE,) if timed else ())
+    else:
+      np.testing.assert_array_equal(ctx.row_index, full.contexts[name].row_index)
+  counts = np.isin(data.feature_info.numeric_names, [f"count[{n},3h]" for n in FILLS[table]])
+  np.testing.assert_array_equal(data.numeric[:, ~counts], full.numeric[:, ~counts])
+  assert (data.numeric[:, counts] == 0).all()  # an empty history counts no rows
+  # At prediction time the table has rows: they fill its contexts, in the fit-time layout.
+  builder.save(tmp_path)
+  for b in (builder, ContextSetBuilder.load(tmp_path)):
+    again = b.transform(_four_tables())
+    assert _layout(again) == _layout(data)
+    for name in FILLS[table]:
+      np.testing.assert_array_equal(again.contexts[name].row_index, full.contexts[name].row_index)
+
+
+@pytest.mark.parametrize("table", ["regions", "customers", "visits"])
+def test_table_empty_at_predict_time_gives_empty_contexts(table):
+  builder = _four_builder(_four_tables())
+  fitted = builder.transform(_four_tables())
+  tables = _four_tables()
+  tables[table] = _via_csv(tables[table].iloc[:0])
+  data = builder.transform(tables)
+  assert _layout(data) == _layout(fitted)
+  for name in FILLS[table]:
+    assert not data.contexts[name].mask.any() and (data.contexts[name].numeric == 0).all()
+
+
+def test_all_null_columns_and_time_columns_of_related_tables():
+  full = _four_builder(_four_tables()).transform(_four_tables())
+  tables = _four_tables()
+  for table, columns in (("regions", ["area", "kind"]), ("visits", ["t", "duration"])):
+    tables[table] = _via_csv(tables[table].assign(**{c: None for c in columns}))
+  assert tables["visits"]["t"].dtype == np.float64  # an all-empty CSV column reads as NaN floats
+  tables["customers"] = tables["customers"].assign(joined=pd.Series([None] * 3, dtype=object))
+  with pytest.warns(SchemaWarning) as record:
+    builder = _four_builder(tables)
+  assert sorted(str(w.message).split(" has ")[0] for w in record) == [
+      "table 'customers'",
+      "table 'visits'",
+  ]  # no row of either has a time: none is known during training
+  data = builder.transform(tables)
+  c = data.contexts
+  # Rows without a time are never visible; a parent without features still matches.
+  assert not c["visits.cid=cid"].mask.any() and not c["cid->customers"].mask.any()
+  np.testing.assert_array_equal(
+      c["rid->regions"].row_index, full.contexts["rid->regions"].row_index
+  )
+  assert c["rid->regions"].feature_info.numeric_names == () and c["rid->regions"].mask.all()
+  assert c["visits.cid=cid"].feature_info.numeric_names == (AGE_FEATURE,)
+  j = data.feature_info.numeric_names.index("count[visits.cid=cid,3h]")
+  assert (data.numeric[:, j] == 0).all()  # no visible visit in any window
+  # Predicting with times present again: same layout, visits become visible.
+  again = builder.transform(_four_tables())
+  assert _layout(again) == _layout(data)
+  np.testing.assert_array_equal(
+      again.contexts["visits.cid=cid"].row_index, full.contexts["visits.cid=cid"].row_index
+  )
+
+
+def test_foreign_keys_of_another_kind_than_the_parent_key_fail_at_fit_warn_at_predict():
+  tables = _four_tables()
+  tables["regions"] = tables["regions"].assign(rid=[1, 2])  # orders.rid holds "n" / "s"
+  with pytest.raises(SchemaError, match="table 'orders': 100% of foreign key 'rid' values"):
+    _four_builder(tables)
+  builder = _four_builder(_four_tables())
+  with pytest.warns(SchemaWarning, match="100% of foreign key 'rid' values .6 of 6."):
+    data = builder.transform(tables)  # new rows may reference new entities
+  assert not data.contexts["rid->regions"].mask.any()

@@ -26,7 +26,11 @@ PRE = {"numeric_transform": "standard"}
 
 @st.composite
 def tasks(draw):
-  """(tables, schema dict): parent P <- target T (+ history table H on P, + child table K on T)."""
+  """(tables, schema dict): parent P <- target T (+ history table H on P, + child table K on T).
+
+  H and K may be empty, with or without a time column; every foreign key column has a key with a
+  parent row (a column of orphans only is a SchemaError at fit).
+  """
   n_p, n_t = draw(st.integers(1, 5)), draw(st.integers(4, 14))
   target_time = draw(st.booleans())
   with_h, with_k = draw(st.booleans()), draw(st.booleans())
@@ -74,6 +78,7 @@ def tasks(draw):
         "test_fraction": 0.25,
         "seed": draw(st.integers(0, 3)),
     }
+  t.loc[0, "pid"] = 0  # some key has a parent: a column of orphans only is a SchemaError
   tables["T"] = t
   schema = {
       "tables": {"P": {"primary_key": "pid"}, "T": spec_t},
@@ -90,8 +95,10 @@ def tasks(draw):
               "v": draw(st.lists(st.floats(0, 1), min_size=n, max_size=n)),
           }
       )
+      if n:
+        df.loc[0, key] = 0
       spec = {"foreign_keys": {key: parent}}
-      if draw(st.booleans()) and n:
+      if draw(st.booleans()):  # also on an empty table
         df["t"] = times(n)
         spec["time_column"] = "t"
       tables[name] = df

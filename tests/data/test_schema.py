@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from nexus_jax.data import context_index as ci
 from nexus_jax.data.schema import Schema, SchemaError, SchemaWarning
 
 BASE = {
@@ -196,3 +197,111 @@ def test_reachable_tables_and_children():
       "events"
   }
   assert json.loads(json.dumps(schema.to_dict())) == schema.to_dict()
+
+
+# ---------------------------------------------------------------- orphan foreign keys
+def _keyed(child_keys, parent_keys):
+  """BASE's tables with one event per key of `child_keys` and users.uid = `parent_keys`."""
+  n = len(child_keys)
+  events = pd.DataFrame(
+      {
+          "eid": range(n),
+          "ts": pd.date_range("2021-01-01", periods=n, freq="h"),
+          "uid": child_keys,
+          "outcome": 0,
+          "y": [i % 2 for i in range(n)],
+      }
+  )
+  return {"users": pd.DataFrame({"uid": parent_keys, "age": 30}), "events": events}
+
+
+@pytest.mark.parametrize(
+    "child, parent",
+    [
+        (pd.Series([1, 2, 3, 2], dtype=np.int64), ["1", "2", "3"]),  # from two different CSVs
+        (pd.Series([1.0, 2.0, np.nan, 3.0]), pd.Series([1, 2, 3], dtype=np.int64)),
+    ],
+)
+def test_orphans_are_counted_with_the_join_key_normalisation(child, parent):
+  tables = _keyed(child, parent)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    report = _schema().validate(tables)
+  assert report.orphan_foreign_keys == {"events.uid": 0}
+  index = ci.parent_index(tables["events"]["uid"], tables["users"]["uid"])
+  np.testing.assert_array_equal(index, np.where(child.isna(), -1, child.fillna(0) - 1))
+
+
+def test_mostly_orphan_keys_warn_with_table_column_and_share():
+  keys = ["a", "b", "c", "a", "x", "y", "z", "x", "w", "v"]  # 6 of 10 have no user
+  with pytest.warns(SchemaWarning) as record:
+    report = _schema().validate(_keyed(keys, ["a", "b", "c"]))
+  assert [str(w.message) for w in record] == [
+      "table 'events': 60% of foreign key 'uid' values (6 of 10) match no row of 'users'"
+  ]
+  assert report.orphan_foreign_keys == {"events.uid": 6} and len(report.warnings) == 1
+  with warnings.catch_warnings():  # half or fewer: counted, no warning
+    warnings.simplefilter("error")
+    assert _schema().validate(_keyed(keys[:8], ["a", "b", "c"])).orphan_foreign_keys == {
+        "events.uid": 4
+    }
+
+
+def test_keys_that_never_match_are_an_error_at_fit_and_a_warning_at_predict():
+  tables = _keyed(pd.Series([10, 20, None, 30], dtype="Int64"), ["a", "b", "c"])
+  with pytest.raises(SchemaError) as error:
+    _schema().validate(tables, require_target=True)
+  message = str(error.value)
+  assert message.startswith(
+      "table 'events': 100% of foreign key 'uid' values (3 of 3) match no row of 'users', "
+      "e.g. 10 vs 'users' keys like 'a'"
+  )
+  assert "\n" not in message and len(message) < 200
+  with pytest.warns(SchemaWarning, match=r"100% of foreign key 'uid' values \(3 of 3\)"):
+    report = _schema().validate(tables, require_target=False)
+  assert report.orphan_foreign_keys == {"events.uid": 3}
+
+
+@pytest.mark.parametrize(
+    "tables, require_target, orphans",
+    [
+        (lambda: _keyed([None, None, None, None], ["a", "b"]), True, 0),  # all-null column
+        (lambda: _keyed([], ["a", "b"]), False, 0),  # empty child (here the target) table
+        (lambda: _keyed(["a", "b", "c"], pd.Series([], dtype=object)), True, 3),  # empty parent
+    ],
+)
+def test_null_keys_and_empty_tables_give_no_orphan_warning_or_error(
+    tables, require_target, orphans
+):
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    report = _schema().validate(tables(), require_target=require_target)
+  assert report.orphan_foreign_keys == {"events.uid": orphans}
+
+
+# ---------------------------------------------------------------- other user-data mistakes
+@pytest.mark.parametrize(
+    "tables, message",
+    [
+        (
+            lambda: _with(
+                "events", ts=pd.Series(["2021-01-01", 5, "2021-01-03", "x"], dtype=object)
+            ),
+            "table 'events' column 'ts': time column mixes numbers (e.g. 5) with other values "
+            "(e.g. '2021-01-01')",
+        ),
+        (
+            lambda: _with("events", ts=["2021-01-01", "2021-01-02", "2021-01-03", "9999-12-31"]),
+            "table 'events' column 'ts': 1 time(s) outside 1677-09-22..2262-04-11, e.g. "
+            "['9999-12-31']",
+        ),
+        (
+            lambda: {**_tables(), "events": _tables()["events"].iloc[:0]},
+            "target: table 'events' has no rows; training needs labelled rows",
+        ),
+    ],
+)
+def test_user_data_mistakes_are_one_line_schema_errors(tables, message):
+  with pytest.raises(SchemaError) as error:
+    _schema().validate(tables())
+  assert str(error.value).startswith(message) and "\n" not in str(error.value)
