@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import time
@@ -23,7 +22,7 @@ from nexus_jax.data.preprocess import TabularPreprocessor
 from nexus_jax.models.tabular.registry import get_encoder
 from nexus_jax.models.tabular.row_predictor import RowPredictor
 from nexus_jax.nexusflow.config import DEFAULT_MAX_CATEGORIES
-from nexus_jax.nexusflow.model_spec import compute_dtype
+from nexus_jax.nexusflow.model_spec import compute_dtype, config_encoder_kwargs
 from nexus_jax.nexusflow.objectives import tabular_objective
 from nexus_jax.train.data import ArrayDataset
 from nexus_jax.train.loop import fit, restore_best
@@ -64,16 +63,13 @@ def load_flat_splits(
 
 
 def build_row_model(config: Any, pre: TabularPreprocessor) -> RowPredictor:
-  """RowPredictor from `config.model.row` (fields the chosen encoder lacks are ignored)."""
+  """RowPredictor from `config.model.row`: `encoder`, `d_hidden`, and the encoder's hyperparameters
+  (a field the encoder lacks is left out while it holds its library default, else it raises; see
+  `model_spec.config_encoder_kwargs`)."""
   rc = config.model.row
   info = pre.get_feature_info()
-  encoder_cls = get_encoder(rc.encoder)
-  accepted = {f.name for f in dataclasses.fields(encoder_cls)}
-  shared = {
-      k: (tuple(v) if isinstance(v, list) else v)
-      for k, v in rc.items()
-      if k in accepted and k not in ("d_out", "dtype")
-  }
+  get_encoder(rc.encoder)  # unknown name -> KeyError listing the known ones
+  shared = config_encoder_kwargs(rc, "model.row", rc.encoder, skip=("encoder", "d_hidden"))
   return RowPredictor(
       encoder=rc.encoder,
       num_numeric=len(info.numeric_names),

@@ -4,20 +4,24 @@
     model = build_nexus_former(spec, compute_dtype="float32")
 
 The spec holds every constructor argument of `NexusFormer`, including the feature layouts read from
-the `RelationalData` (numeric feature counts and categorical cardinalities per context), so a model
+the `RelationalData` (numeric feature counts and categorical cardinalities per context) and each
+context's encoder with its hyperparameters (`contexts[i]["encoder_kwargs"]`, the ones of
+`config.model.context_encoder_kwargs` that encoder accepts; see `config_encoder_kwargs`), so a model
 can be rebuilt without the training data. A deep ensemble's spec adds ``ensemble_size`` and ``task``
 (see `training.train_nexus_former`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import jax.numpy as jnp
+import ml_collections
 
 from nexus_jax.models.tabular.ensemble import MemberEnsemble
 from nexus_jax.models.tabular.nexus_former import NexusFormer, TableFeatures
-from nexus_jax.models.tabular.registry import encoder_for_table, get_encoder
+from nexus_jax.models.tabular.registry import encoder_fields, encoder_for_table, get_encoder
+from nexus_jax.nexusflow.config import PRESETS, tabular_config
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODEL_FIELDS = (
@@ -56,6 +60,50 @@ def _plain(value: Any) -> Any:
   return value
 
 
+def _same(a: Any, b: Any) -> bool:
+  norm = lambda v: tuple(_plain(v)) if isinstance(v, (list, tuple)) else v  # noqa: E731
+  return norm(a) == norm(b)
+
+
+def _library_values(path: str) -> list[Any]:
+  """Values the library itself gives config field `path` ("model.row.dropout"): its default in
+  `tabular_config()` and what each preset sets there."""
+  node, values = tabular_config(), []
+  for key in path.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+      break
+    node = node[key]
+  else:
+    values.append(node)
+  return values + [p[path] for p in PRESETS.values() if path in p]
+
+
+def config_encoder_kwargs(
+    section: Mapping[str, Any] | Any, field: str, encoder: str, skip: Iterable[str] = ()
+) -> dict[str, Any]:
+  """The hyperparameters of `encoder` in config section `field` (e.g. "model.context_encoder_kwargs"),
+  as a JSON-able dict (tuples as lists); keys in `skip` belong to someone else and are left out.
+
+  One section serves several encoder kinds, so for a key the encoder does not accept
+  (`registry.encoder_fields`): if it still holds a value the library gives it (its default in
+  `tabular_config()` or a preset's), it is an untouched default meant for another encoder and is
+  left out; any other value was set on purpose and raises ValueError naming `config.<field>.<key>`,
+  the encoder and the fields it accepts.
+  """
+  accepted, skip, out = encoder_fields(encoder), set(skip), {}
+  for key, value in dict(section).items():
+    if key in skip:
+      continue
+    if key in accepted:
+      out[key] = _plain(value)
+    elif not any(_same(value, v) for v in _library_values(f"{field}.{key}")):
+      raise ValueError(
+          f"config.{field}.{key} = {value!r}, but encoder {encoder!r} has no {key!r}; it accepts: "
+          f"{', '.join(accepted)}. Remove the setting or choose an encoder that has it."
+      )
+  return out
+
+
 def nexus_former_spec(
     model_config: Any, data: Any, n_outputs: int, context_priors: Mapping[str, float] | None = None
 ) -> dict[str, Any]:
@@ -73,13 +121,17 @@ def nexus_former_spec(
   contexts = []
   for name, ctx in data.contexts.items():
     feats = TableFeatures.from_info(ctx.feature_info)
+    encoder = encoder_for_table(encoders, ctx.spec.table)
     contexts.append(
         {
             "name": name,
             "table": ctx.spec.table,
             "num_numeric": feats.num_numeric,
             "cat_cardinalities": list(feats.cat_cardinalities),
-            "encoder": encoder_for_table(encoders, ctx.spec.table),
+            "encoder": encoder,
+            "encoder_kwargs": config_encoder_kwargs(
+                model_config.context_encoder_kwargs, "model.context_encoder_kwargs", encoder
+            ),
         }
     )
   unknown = sorted(set(context_priors or {}) - set(data.contexts))
@@ -95,8 +147,9 @@ def nexus_former_spec(
       },
       "contexts": contexts,
       "target_encoder": target_encoder,
-      "target_encoder_kwargs": _plain(dict(model_config.target_encoder_kwargs)),
-      "context_encoder_kwargs": _plain(dict(model_config.context_encoder_kwargs)),
+      "target_encoder_kwargs": config_encoder_kwargs(
+          model_config.target_encoder_kwargs, "model.target_encoder_kwargs", target_encoder
+      ),
       "context_priors": None
       if context_priors is None
       else [float(context_priors.get(c["name"], 1.0)) for c in contexts],
@@ -131,7 +184,7 @@ def build_nexus_former(
       target_encoder=spec["target_encoder"],
       context_encoders=tuple(c["encoder"] for c in contexts),
       target_encoder_kwargs=dict(spec["target_encoder_kwargs"]),
-      context_encoder_kwargs=dict(spec["context_encoder_kwargs"]),
+      context_encoder_kwargs=tuple(dict(c["encoder_kwargs"]) for c in contexts),
       context_priors=None if spec.get("context_priors") is None else tuple(spec["context_priors"]),
       n_outputs=int(spec["n_outputs"]),
       dtype=compute_dtype(dtype),

@@ -22,7 +22,7 @@ import tempfile
 import numpy as np
 import pandas as pd
 
-from nexus_jax.data.datasets.folder import _read, table_path
+from nexus_jax.data.datasets.folder import read_table, table_path
 from nexus_jax.data.schema import SchemaError, parse_cutoff, parse_time
 from nexus_jax.nexusflow.artifact import ArtifactError, load_artifact
 
@@ -35,7 +35,7 @@ def read_tables(folder: str | pathlib.Path, schema) -> dict[str, pd.DataFrame]:
   tables = {}
   for name, spec in schema.tables.items():
     file = spec.file if spec.file and (folder / spec.file).exists() else None
-    tables[name] = _read(table_path(folder, name, file), name)
+    tables[name] = read_table(table_path(folder, name, file), name)
   return tables
 
 

@@ -100,3 +100,41 @@ def fit(
 
   mses = np.asarray(train(jax.random.key(0)))
   return float(mses[0]), float(mses[-10:].mean())
+
+
+def randomize(params, seed: int = 0, scale: float = 0.5):
+  """Every leaf of a param tree replaced by scale * N(0, 1) (so zero biases and unit norms count)."""
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return tree.unflatten(
+      [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+  )
+
+
+def reference_layer_norm(p, x, eps: float = 1e-6):
+  mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  return (x - mean) / jnp.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def reference_transformer_block(p, x, kv_mask, n_heads: int, attention_norm: bool = True):
+  """Plain-jnp pre-norm block on `TransformerBlock`'s params: x + MHA(LN(x)), then x + ReGLU-FFN(LN(x)).
+
+  x [B, T, d], kv_mask bool [B, T] (masked keys get -inf logits) -> (x [B, T, d], probs [B, H, T, T]).
+  """
+  d = x.shape[-1]
+  hd = d // n_heads
+  h = reference_layer_norm(p["attention_norm"], x) if attention_norm else x
+  att = p["attention"]
+  q, k, v = (
+      jnp.einsum("btd,dhk->bthk", h, att[n]["kernel"]) + att[n]["bias"]
+      for n in ("query", "key", "value")
+  )
+  logits = jnp.einsum("bqhk,bthk->bhqt", q, k) / np.sqrt(hd)
+  probs = jax.nn.softmax(jnp.where(kv_mask[:, None, None, :], logits, -jnp.inf), axis=-1)
+  a = jnp.einsum("bhqt,bthk->bqhk", probs, v)
+  x = x + jnp.einsum("bqhk,hkd->bqd", a, att["out"]["kernel"]) + att["out"]["bias"]
+  h = reference_layer_norm(p["ffn_norm"], x)
+  f = h @ p["ffn"]["wi"]["kernel"] + p["ffn"]["wi"]["bias"]
+  f1, f2 = jnp.split(f, 2, axis=-1)
+  f = (f1 * jax.nn.relu(f2)) @ p["ffn"]["wo"]["kernel"] + p["ffn"]["wo"]["bias"]
+  return x + f, probs

@@ -11,7 +11,6 @@ import numpy as np
 import optax
 import pytest
 
-from nexus_jax.models.tabular.cross_table import ContextPooling
 from nexus_jax.models.tabular.nexus_former import NexusFormer, TableFeatures
 
 B = 6
@@ -219,28 +218,6 @@ def test_bad_inputs_name_the_context(base):
     model.apply(variables, target, bad)
 
 
-def test_pooling_uses_ages_and_ignores_padding():
-  rng = np.random.default_rng(0)
-  pool = ContextPooling(8, n_heads=2)
-  rows_ = rng.normal(size=(2, 4, 8)).astype(np.float32)
-  mask = np.array([[True, True, False, False], [False] * 4])
-  ages = np.array([[1.0, 5.0, 0.0, 0.0], [0.0] * 4], np.float32)
-  query = rng.normal(size=(2, 8)).astype(np.float32)
-  v = nn.unbox(jax.jit(pool.init)(jax.random.key(0), rows_, mask, ages, query))
-  apply = jax.jit(pool.apply)
-  a, w = apply(v, rows_, mask, ages, query)
-  rows2 = rows_.copy()
-  rows2[0, 2:] = 99.0
-  b, _ = apply(v, rows2, mask, ages, query)
-  np.testing.assert_allclose(a, b, rtol=1e-6)
-  np.testing.assert_allclose(
-      a[1], v["params"]["empty"], rtol=1e-6
-  )  # no rows -> the learned empty token
-  c, _ = apply(v, rows_, mask, ages * 10, query)
-  assert not np.allclose(a[0], c[0])
-  assert np.all(np.asarray(w)[1] == 0)
-
-
 def test_learns_signal_that_lives_only_in_a_history_context():
   """The label is the sign of the mean of one history column: only pooling over that context can find it."""
   n = 128
@@ -270,3 +247,45 @@ def test_learns_signal_that_lives_only_in_a_history_context():
 
   losses = train(params)
   assert float(losses[0]) > 0.6 and float(losses[-10:].mean()) < 0.35
+
+
+def test_unknown_encoder_kwarg_fails_naming_key_encoder_and_fields():
+  target, contexts = make_inputs()
+  init = lambda model: jax.eval_shape(  # noqa: E731  tracing is enough: no compile
+      lambda: model.init(jax.random.key(0), target, contexts)
+  )
+  with pytest.raises(
+      ValueError,
+      match=r"target_encoder_kwargs: encoder 'mlp' \(MLP\) has no hyperparameter\(s\) \['d_layer'\]"
+      r"; it accepts: d_embedding, d_layers, dropout, numeric_embedding, plr_frequencies, plr_sigma",
+  ):
+    init(make_model(target_encoder_kwargs=dict(d_layer=(16,))))
+  with pytest.raises(
+      ValueError, match=r"context_encoder_kwargs \(context 'k->parent'\).*\['plr_frequency'\]"
+  ):
+    init(make_model(context_encoder_kwargs=dict(d_layers=(8,), plr_frequency=3)))
+  with pytest.raises(ValueError, match=r"has no hyperparameter\(s\) \['d_out'\]"):
+    init(make_model(target_encoder_kwargs=dict(d_out=3)))  # set by NexusFormer itself
+
+
+def test_context_encoder_kwargs_per_context():
+  target, contexts = make_inputs()
+  model = make_model(
+      context_encoders=("lean_mlp", "mlp", "lean_mlp"),
+      context_encoder_kwargs=(
+          dict(d_layers=[8]),  # lists become tuples
+          dict(d_layers=(8,), numeric_embedding="linear"),
+          dict(d_layers=(4,), d_embedding=3),
+      ),
+  )
+  params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), target, contexts)))
+  params = params["params"]
+  assert params["encoder_parent"]["layer0"]["kernel"].shape[1] == 8
+  assert params["encoder_other"]["layer0"]["kernel"].shape[1] == 4
+  assert "tokenizer" in params["encoder_hist"]  # the mlp
+  with pytest.raises(ValueError, match="has 2 entries for 3 contexts"):
+    jax.eval_shape(
+        lambda: make_model(context_encoder_kwargs=({}, {})).init(
+            jax.random.key(0), target, contexts
+        )
+    )

@@ -1,15 +1,18 @@
-"""Encoder registry, per-table choice from the config, and the shared input checks."""
+"""Encoder registry: built-in encoders, per-table choice from the config, kwargs checks, logical axes."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import pytest
 
 from nexus_jax.models.tabular import registry
-from nexus_jax.models.tabular.ft_transformer import FTTransformer, prepare_features
+from nexus_jax.models.tabular.ft_transformer import FTTransformer
+from nexus_jax.models.tabular.lean_mlp import LeanMLP
 from nexus_jax.models.tabular.mlp import MLP, ResNetMLP, TabM
 from nexus_jax.models.tabular.set_encoder import StandardEncoder
 from nexus_jax.models.tabular.tabnet import TabNet
@@ -23,11 +26,42 @@ def test_builtin_encoders_registered():
       "mlp": MLP,
       "resnet": ResNetMLP,
       "standard": StandardEncoder,
+      "lean_mlp": LeanMLP,
   }
   for name, cls in expected.items():
     assert registry.get_encoder(name) is cls
     assert cls.pools_rows is (name == "standard")
   assert set(expected) <= set(registry.encoder_names())
+
+
+def test_registry_alone_registers_every_builtin_encoder():
+  """No encoder depends on another module's import side effect: a fresh interpreter that imports only
+  the registry sees them all (lean_mlp included)."""
+  code = (
+      "import sys; from nexus_jax.models.tabular import registry; "
+      "assert 'nexus_jax.models.tabular.nexus_former' not in sys.modules; "
+      "print(','.join(registry.encoder_names()))"
+  )
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  names = proc.stdout.strip().split(",")
+  assert {"lean_mlp", "mlp", "ft_transformer", "tabnet", "tabm", "resnet", "standard"} <= set(names)
+
+
+def test_encoder_kwargs_checks_and_normalises():
+  assert registry.encoder_fields("lean_mlp") == ("d_embedding", "d_layers", "dropout")
+  assert registry.encoder_kwargs("lean_mlp", {"d_layers": [8, 4], "dropout": 0.1}) == {
+      "d_layers": (8, 4),
+      "dropout": 0.1,
+  }
+  assert registry.encoder_kwargs("mlp", None) == {}
+  with pytest.raises(
+      ValueError,
+      match=r"^where: encoder 'lean_mlp' \(LeanMLP\) has no hyperparameter\(s\) \['d_layer', "
+      r"'num_numeric'\]; it accepts: d_embedding, d_layers, dropout\.$",
+  ):
+    registry.encoder_kwargs("lean_mlp", {"d_layer": (8,), "num_numeric": 3}, "where")
+  with pytest.raises(KeyError, match="unknown encoder 'nope'"):
+    registry.encoder_kwargs("nope", {})
 
 
 def test_unknown_encoder_error_lists_known_names():
@@ -71,23 +105,9 @@ def test_encoder_for_table(make):
     registry.encoder_for_table(make({"planes": "tabnet"}), "airports")
 
 
-def test_prepare_features_checks_and_cleans():
-  x_num = jnp.array([[1.0, jnp.nan], [3.0, 4.0]])
-  xn, xc, miss, lead = prepare_features(x_num, None, None, 2, 0)
-  assert lead == (2,) and xc.shape == (2, 0) and xc.dtype == jnp.int32
-  np.testing.assert_array_equal(xn, [[1.0, 0.0], [3.0, 4.0]])
-  np.testing.assert_array_equal(miss, [[False, True], [False, False]])
-  _, _, miss2, _ = prepare_features(x_num, None, jnp.array([[True, False], [False, False]]), 2, 0)
-  np.testing.assert_array_equal(miss2, [[True, True], [False, False]])
-  _, xc3, _, lead3 = prepare_features(None, jnp.ones((2, 3, 1), jnp.int32), None, 0, 1)
-  assert lead3 == (2, 3)
-  with pytest.raises(ValueError, match=r"x_num \[\.\.\., 3\]"):
-    prepare_features(x_num, None, None, 3, 0)
-  with pytest.raises(ValueError, match="at least one feature"):
-    prepare_features(None, None, None, 0, 0)
-
-
-@pytest.mark.parametrize("name", ["ft_transformer", "tabnet", "tabm", "mlp", "resnet", "standard"])
+@pytest.mark.parametrize(
+    "name", ["ft_transformer", "tabnet", "tabm", "mlp", "resnet", "standard", "lean_mlp"]
+)
 def test_every_param_has_distinct_logical_axis_names(name):
   """All params are boxed with logical names (for train/sharding.py), none repeats a name."""
   import jax
@@ -100,6 +120,7 @@ def test_every_param_has_distinct_logical_axis_names(name):
       "mlp": dict(d_layers=(8,)),
       "resnet": dict(d_main=8),
       "standard": dict(d_model=8, n_heads=2),
+      "lean_mlp": dict(d_layers=(8,)),
   }[name]
   model = cls(num_numeric=2, cat_cardinalities=(4,), d_out=4, **small)
   shape = (3, 2, 2) if cls.pools_rows else (3, 2)

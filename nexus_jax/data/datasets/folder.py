@@ -24,7 +24,8 @@ SCHEMA_FILE = "schema.json"
 _SUFFIXES = (".csv", ".csv.gz", ".csv.zip", ".parquet")
 
 
-def _read(path: pathlib.Path, table: str) -> pd.DataFrame:
+def read_table(path: pathlib.Path, table: str) -> pd.DataFrame:
+  """One table file (CSV, TSV or Parquet) as a DataFrame; SchemaError naming `table` otherwise."""
   name = path.name.lower()
   if name.endswith(".parquet") or name.endswith(".pq"):
     try:
@@ -86,7 +87,7 @@ def load_folder(
     )
   schema = Schema.from_json(folder / SCHEMA_FILE)
   tables = {
-      name: _read(table_path(folder, name, spec.file), name) for name, spec in schema.tables.items()
+      name: read_table(table_path(folder, name, spec.file), name) for name, spec in schema.tables.items()
   }
   tables = sample_target_rows(tables, schema, max_target_rows, seed)
   schema.validate(tables, require_target=True)

@@ -1,7 +1,10 @@
-"""Tabular models: row encoders (FT-Transformer, TabNet, MLP/ResNet/TabM), the "standard" set encoder
-over one-to-many contexts, and their registry. See `registry.py` for the shared call convention."""
+"""Tabular models: row encoders (FT-Transformer, TabNet, MLP/ResNet/TabM, LeanMLP), the "standard" set
+encoder over one-to-many contexts, and their registry. See `registry.py` for the shared call convention;
+`common.py` holds the shared layers and `token_attention.py` the attention every tabular model uses.
+"""
 
 from nexus_jax.models.tabular.ft_transformer import FT_TRANSFORMER_PRESETS, FTTransformer
+from nexus_jax.models.tabular.lean_mlp import LeanMLP
 from nexus_jax.models.tabular.mlp import MLP, ResNetMLP, TabM
 from nexus_jax.models.tabular.registry import encoder_for_table, encoder_names, get_encoder, register_encoder
 from nexus_jax.models.tabular.set_encoder import SetEncoder, StandardEncoder
@@ -11,6 +14,7 @@ __all__ = [
     "FT_TRANSFORMER_PRESETS",
     "FTTransformer",
     "GhostBatchNorm",
+    "LeanMLP",
     "MLP",
     "ResNetMLP",
     "SetEncoder",

@@ -3,9 +3,9 @@ cross-table transformer block.
 
 - `ContextPooling`: rows [B, M, d] of one history context -> one token [B, d] (masked attention with a
   target-conditioned query, recency features of the rows' ages, set statistics, learned empty token).
-- `CrossTableBlock`: pre-norm transformer block over tokens [B, T, d] with a key mask; attention
-  q/k/v are plain Dense layers [d, d] (heads split after the matmul).
-- `CrossTableRefiner`: R shared-weight applications of one `CrossTableBlock` with recycling and
+- `cross_table_block`: the shared pre-norm `TransformerBlock` of `token_attention.py` (the
+  FT-Transformer's attention and ReGLU FFN) configured for table tokens [B, T, d] with a key mask.
+- `CrossTableRefiner`: R shared-weight applications of one such block with recycling and
   per-example convergence stopping at inference.
 """
 
@@ -18,38 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nexus_jax.models.tabular.ft_transformer import logical_init
+from nexus_jax.models.tabular.common import MASK_VALUE, dense, layer_norm, logical_init
 from nexus_jax.models.tabular.set_encoder import recency_features
+from nexus_jax.models.tabular.token_attention import TransformerBlock
 
 Array = jax.Array
-
-
-def _norm(name: str, dtype: Any, param_dtype: Any) -> nn.LayerNorm:
-  return nn.LayerNorm(
-      dtype=dtype,
-      param_dtype=param_dtype,
-      name=name,
-      scale_init=logical_init(("embed",), nn.initializers.ones),
-      bias_init=logical_init(("embed",), nn.initializers.zeros),
-  )
-
-
-def _dense(
-    features: int,
-    axes: tuple[str | None, str | None],
-    name: str,
-    dtype: Any,
-    param_dtype: Any,
-    init=None,
-) -> nn.Dense:
-  return nn.Dense(
-      features,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      name=name,
-      kernel_init=logical_init(axes, init or nn.initializers.lecun_normal()),
-      bias_init=logical_init((axes[1],), nn.initializers.zeros),
-  )
 
 
 class ContextPooling(nn.Module):
@@ -78,13 +51,13 @@ class ContextPooling(nn.Module):
     ages = jnp.where(mask, jnp.maximum(ages.astype(jnp.float32), 0.0), 0.0)
     recency = recency_features(ages, self.n_age_frequencies).astype(dt)  # [B, M, 1 + 2K]
     # Keys = values = rows + recency, split into heads: no per-row projection (rows are many).
-    keys = jnp.where(mask[..., None], rows.astype(dt), 0) + _dense(
+    keys = jnp.where(mask[..., None], rows.astype(dt), 0) + dense(
         d, ("feature", "embed"), "recency", dt, pdt
     )(recency)
     k = keys.reshape(b, m, self.n_heads, hd)
-    q = _dense(d, ("embed", "mlp"), "query", dt, pdt)(query.astype(dt)).reshape(b, self.n_heads, hd)
+    q = dense(d, ("embed", "mlp"), "query", dt, pdt)(query.astype(dt)).reshape(b, self.n_heads, hd)
     logits = jnp.einsum("bhd,bmhd->bhm", q, k).astype(jnp.float32) / np.sqrt(hd)
-    logits = jnp.where(mask[:, None, :], logits, -1e30)
+    logits = jnp.where(mask[:, None, :], logits, MASK_VALUE)
     probs = jnp.where(mask[:, None, :], jax.nn.softmax(logits, axis=-1), 0.0)  # [B, H, M]
     pooled = jnp.einsum("bhm,bmhd->bhd", probs.astype(dt), k).reshape(b, d)
     # Set statistics: share of slots filled, mean / min / max of log1p(age) over valid rows.
@@ -96,7 +69,7 @@ class ContextPooling(nn.Module):
     stats = jnp.concatenate(
         [n / m, mean_t, jnp.where(n > 0, min_t, 0.0), jnp.where(n > 0, max_t, 0.0)], -1
     )
-    pooled = _dense(d, ("embed", "mlp"), "out", dt, pdt)(pooled) + _dense(
+    pooled = dense(d, ("embed", "mlp"), "out", dt, pdt)(pooled) + dense(
         d, ("feature", "mlp"), "stats", dt, pdt
     )(stats.astype(dt))
     empty = self.param("empty", logical_init(("embed",), nn.initializers.normal(0.02)), (d,), pdt)
@@ -104,49 +77,39 @@ class ContextPooling(nn.Module):
     return pooled, jnp.mean(probs, axis=1)
 
 
-class CrossTableBlock(nn.Module):
-  """Pre-norm transformer block: x [B, T, d], key mask bool [B, T] -> (x [B, T, d], probs f32[B, H, T, T]).
+def cross_table_block(
+    n_heads: int,
+    d_ffn: int,
+    attention_dropout: float = 0.0,
+    dropout: float = 0.0,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    name: str | None = None,
+) -> TransformerBlock:
+  """The cross-table block: `TransformerBlock` with pre-norm attention, ReGLU FFN of width `d_ffn`,
+  `attention_dropout` on the attention probabilities and `dropout` on the FFN hidden units and both
+  residual branches.
 
-  x = x + Drop(MHA(LN(x))); x = x + Drop(FFN(LN(x))), FFN = Dense(2 * d_ffn) -> ReGLU -> Drop -> Dense(d).
+  block(x [B, T, d], kv_mask bool [B, T], deterministic=...) -> (x [B, T, d], probs f32[B, H, T, T]).
   Masked keys get zero attention weight; every query needs one unmasked key (the target token).
+  Params: attention_norm, attention/{query, key, value, out}, ffn_norm, ffn/{wi, wo}.
   """
-
-  n_heads: int
-  d_ffn: int
-  attention_dropout: float = 0.0
-  dropout: float = 0.0
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(
-      self, x: Array, kv_mask: Array, *, deterministic: bool = True
-  ) -> tuple[Array, Array]:
-    b, t, d = x.shape
-    if d % self.n_heads:
-      raise ValueError(f"CrossTableBlock: d_model={d} is not divisible by n_heads={self.n_heads}.")
-    hd, dt, pdt = d // self.n_heads, self.dtype, self.param_dtype
-    h = _norm("attention_norm", dt, pdt)(x)
-    q, k, v = (
-        _dense(d, ("embed", "kv"), name, dt, pdt)(h).reshape(b, t, self.n_heads, hd)
-        for name in ("query", "key", "value")
-    )
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(hd)
-    logits = jnp.where(kv_mask[:, None, None, :], logits, -1e30)
-    probs = jax.nn.softmax(logits, axis=-1)
-    dropped = nn.Dropout(self.attention_dropout)(probs, deterministic=deterministic)
-    a = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(dt), v).reshape(b, t, d)
-    a = _dense(d, ("kv", "embed"), "out", dt, pdt)(a)
-    x = x + nn.Dropout(self.dropout)(a, deterministic=deterministic)
-    f = _dense(2 * self.d_ffn, ("embed", "mlp"), "ffn_in", dt, pdt)(_norm("ffn_norm", dt, pdt)(x))
-    f1, f2 = jnp.split(f, 2, axis=-1)
-    f = nn.Dropout(self.dropout)(f1 * jax.nn.relu(f2), deterministic=deterministic)
-    f = _dense(d, ("mlp", "embed"), "ffn_out", dt, pdt)(f)
-    return x + nn.Dropout(self.dropout)(f, deterministic=deterministic), probs
+  return TransformerBlock(
+      n_heads,
+      d_ffn,
+      "reglu",
+      attention_dropout=attention_dropout,
+      ffn_dropout=dropout,
+      residual_dropout=dropout,
+      attention_norm=True,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      name=name,
+  )
 
 
 class CrossTableRefiner(nn.Module):
-  """R shared-weight iterations of a `CrossTableBlock` over tokens x0 [B, T, d] with key mask [B, T].
+  """R shared-weight iterations of one `cross_table_block` over tokens x0 [B, T, d] with key mask [B, T].
 
   __call__(x0, token_mask, deterministic) -> (x [B, T, d], probs f32[B, heads, T, T], iterations
   i32[B], change f32[B]). Training (or init) runs exactly `iterations` steps. At inference with
@@ -167,7 +130,7 @@ class CrossTableRefiner(nn.Module):
   param_dtype: Any = jnp.float32
 
   def setup(self):
-    self.block = CrossTableBlock(
+    self.block = cross_table_block(
         self.n_heads,
         self.d_ffn,
         self.attention_dropout,
@@ -175,8 +138,8 @@ class CrossTableRefiner(nn.Module):
         dtype=self.dtype,
         param_dtype=self.param_dtype,
     )
-    self.recycle_norm = _norm("recycle_norm", self.dtype, self.param_dtype)
-    self.recycle = _dense(
+    self.recycle_norm = layer_norm("recycle_norm", self.dtype, self.param_dtype)
+    self.recycle = dense(
         self.d_model,
         ("embed", "mlp"),
         "recycle",

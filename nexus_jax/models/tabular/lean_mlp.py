@@ -22,8 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nexus_jax.models.tabular.ft_transformer import logical_init, prepare_features
-from nexus_jax.models.tabular.registry import register_encoder
+from nexus_jax.models.tabular.common import dense, logical_init, prepare_features
 
 Array = jax.Array
 
@@ -72,26 +71,8 @@ class LeanMLP(nn.Module):
       parts.append(emb.reshape(*lead, len(cards) * self.d_embedding).astype(self.dtype))
     x = jnp.concatenate(parts, axis=-1)
     for i, width in enumerate(self.d_layers):
-      x = nn.Dense(
-          width,
-          dtype=self.dtype,
-          param_dtype=self.param_dtype,
-          name=f"layer{i}",
-          kernel_init=logical_init(
-              ("feature" if i == 0 else "embed", "mlp"), nn.initializers.lecun_normal()
-          ),
-          bias_init=logical_init(("mlp",), nn.initializers.zeros),
-      )(x)
+      axes = ("feature" if i == 0 else "embed", "mlp")
+      x = dense(width, axes, f"layer{i}", self.dtype, self.param_dtype)(x)
       x = nn.Dropout(self.dropout)(jax.nn.relu(x), deterministic=deterministic)
-    out = nn.Dense(
-        self.d_out,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        name="head",
-        kernel_init=logical_init(("mlp", "embed"), nn.initializers.lecun_normal()),
-        bias_init=logical_init(("embed",), nn.initializers.zeros),
-    )(x)
+    out = dense(self.d_out, ("mlp", "embed"), "head", self.dtype, self.param_dtype)(x)
     return out, {}
-
-
-register_encoder("lean_mlp", LeanMLP)

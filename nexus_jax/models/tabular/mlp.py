@@ -29,22 +29,9 @@ import jax
 import jax.numpy as jnp
 
 from nexus_jax.models.tabular.feature_tokenizer import FeatureTokenizer
-from nexus_jax.models.tabular.ft_transformer import logical_init, prepare_features
+from nexus_jax.models.tabular.common import dense, layer_norm, logical_init, prepare_features
 
 Array = jax.Array
-
-
-def _dense(
-    features: int, axes: tuple[str, str], name: str, dtype: Any, param_dtype: Any
-) -> nn.Dense:
-  return nn.Dense(
-      features,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      name=name,
-      kernel_init=logical_init(axes, nn.initializers.lecun_normal()),
-      bias_init=logical_init((axes[1],), nn.initializers.zeros),
-  )
 
 
 def _row_features(module: nn.Module, x_num, x_cat, num_missing) -> tuple[Array, tuple[int, ...]]:
@@ -99,9 +86,9 @@ class MLP(nn.Module):
     x, lead = _row_features(self, x_num, x_cat, num_missing)
     for i, width in enumerate(self.d_layers):
       axes = ("feature" if i == 0 else "embed", "mlp")
-      x = jax.nn.relu(_dense(width, axes, f"layer{i}", self.dtype, self.param_dtype)(x))
+      x = jax.nn.relu(dense(width, axes, f"layer{i}", self.dtype, self.param_dtype)(x))
       x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
-    out = _dense(self.d_out, ("mlp", "embed"), "head", self.dtype, self.param_dtype)(x)
+    out = dense(self.d_out, ("mlp", "embed"), "head", self.dtype, self.param_dtype)(x)
     return out.reshape(*lead, self.d_out), {}
 
 
@@ -128,15 +115,6 @@ class ResNetMLP(nn.Module):
 
   pools_rows: ClassVar[bool] = False
 
-  def _norm(self, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        name=name,
-        scale_init=logical_init(("embed",), nn.initializers.ones),
-        bias_init=logical_init(("embed",), nn.initializers.zeros),
-    )
-
   @nn.compact
   def __call__(
       self,
@@ -148,16 +126,16 @@ class ResNetMLP(nn.Module):
       deterministic: bool = True,
   ) -> tuple[Array, dict[str, Array]]:
     x, lead = _row_features(self, x_num, x_cat, num_missing)
-    x = _dense(self.d_main, ("feature", "embed"), "first", self.dtype, self.param_dtype)(x)
+    x = dense(self.d_main, ("feature", "embed"), "first", self.dtype, self.param_dtype)(x)
     d_hidden = int(self.d_main * self.d_hidden_factor)
     for i in range(self.n_blocks):
-      h = self._norm(f"block{i}_norm")(x)
-      h = _dense(d_hidden, ("embed", "mlp"), f"block{i}_fc1", self.dtype, self.param_dtype)(h)
+      h = layer_norm(f"block{i}_norm", self.dtype, self.param_dtype)(x)
+      h = dense(d_hidden, ("embed", "mlp"), f"block{i}_fc1", self.dtype, self.param_dtype)(h)
       h = nn.Dropout(self.dropout_first)(jax.nn.relu(h), deterministic=deterministic)
-      h = _dense(self.d_main, ("mlp", "embed"), f"block{i}_fc2", self.dtype, self.param_dtype)(h)
+      h = dense(self.d_main, ("mlp", "embed"), f"block{i}_fc2", self.dtype, self.param_dtype)(h)
       x = x + nn.Dropout(self.dropout_second)(h, deterministic=deterministic)
-    x = jax.nn.relu(self._norm("head_norm")(x))
-    out = _dense(self.d_out, ("embed", "mlp"), "head", self.dtype, self.param_dtype)(x)
+    x = jax.nn.relu(layer_norm("head_norm", self.dtype, self.param_dtype)(x))
+    out = dense(self.d_out, ("embed", "mlp"), "head", self.dtype, self.param_dtype)(x)
     return out.reshape(*lead, self.d_out), {}
 
 

@@ -50,10 +50,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nexus_jax.models.tabular.cross_table import ContextPooling, CrossTableRefiner, _dense, _norm
-from nexus_jax.models.tabular.ft_transformer import logical_init
-from nexus_jax.models.tabular.lean_mlp import LeanMLP  # noqa: F401  (registers "lean_mlp")
-from nexus_jax.models.tabular.registry import get_encoder
+from nexus_jax.models.tabular.common import dense, layer_norm, logical_init
+from nexus_jax.models.tabular.cross_table import ContextPooling, CrossTableRefiner
+from nexus_jax.models.tabular.registry import encoder_kwargs, get_encoder
 
 Array = jax.Array
 ROW_KEYS = ("numeric", "numeric_missing", "categorical")
@@ -80,8 +79,9 @@ class NexusFormer(nn.Module):
     target_features / context_features: feature layouts (one per context, in `context_names` order).
     context_names / context_tables: the contexts and the table each reads.
     target_encoder / context_encoders: registered encoder names (one per context).
-    target_encoder_kwargs / context_encoder_kwargs: hyperparameters passed to the encoders (keys an
-      encoder class does not have are ignored, so one dict can serve several encoder kinds).
+    target_encoder_kwargs / context_encoder_kwargs: hyperparameters of the encoders (checked by
+      `registry.encoder_kwargs`: a key the encoder does not have raises ValueError naming it);
+      context_encoder_kwargs is one mapping for every context encoder or one per context.
     d_model: token width. n_heads: cross-table heads. pool_heads: heads of `ContextPooling`.
     ffn_factor: FFN hidden width of the cross-table block / d_model.
     refine_iterations: R at training. max_inference_iterations: cap at inference (0 = R).
@@ -101,7 +101,7 @@ class NexusFormer(nn.Module):
   target_encoder: str = "mlp"
   context_encoders: Sequence[str] | None = None  # None: "mlp" for every context
   target_encoder_kwargs: Mapping[str, Any] | None = None
-  context_encoder_kwargs: Mapping[str, Any] | None = None
+  context_encoder_kwargs: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None
   d_model: int = 64
   n_heads: int = 4
   pool_heads: int = 2
@@ -121,32 +121,33 @@ class NexusFormer(nn.Module):
   param_dtype: Any = jnp.float32
 
   def _encoder(
-      self, kind: str, features: TableFeatures, kwargs: Mapping[str, Any] | None, name: str
+      self, kind: str, features: TableFeatures, kwargs: Mapping[str, Any], name: str
   ) -> nn.Module:
-    cls = get_encoder(kind)
-    accepted = {f.name for f in dataclasses.fields(cls)} - {
-        "num_numeric",
-        "cat_cardinalities",
-        "d_out",
-        "dtype",
-        "param_dtype",
-        "name",
-        "parent",
-    }
-    extra = {
-        k: (tuple(v) if isinstance(v, list) else v)
-        for k, v in dict(kwargs or {}).items()
-        if k in accepted
-    }
-    return cls(
+    return get_encoder(kind)(
         num_numeric=features.num_numeric,
         cat_cardinalities=tuple(features.cat_cardinalities),
         d_out=self.d_model,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         name=name,
-        **extra,
+        **kwargs,
     )
+
+  def _context_kwargs(self, kinds: Sequence[str]) -> list[dict[str, Any]]:
+    """`context_encoder_kwargs` checked against each context's encoder: one dict per context."""
+    given = self.context_encoder_kwargs
+    c = len(self.context_names)
+    if not isinstance(given, (list, tuple)):  # None or one mapping for every context
+      given = [given] * c
+    elif len(given) != c:
+      raise ValueError(
+          f"NexusFormer.context_encoder_kwargs has {len(given)} entries for {c} contexts "
+          f"{list(self.context_names)}; give one mapping for all or one per context."
+      )
+    return [
+        encoder_kwargs(kind, kw, f"NexusFormer.context_encoder_kwargs (context {name!r})")
+        for name, kind, kw in zip(self.context_names, kinds, given)
+    ]
 
   def _check(self, target: Mapping[str, Array], contexts: Mapping[str, Mapping[str, Array]]) -> int:
     c = len(self.context_names)
@@ -236,27 +237,31 @@ class NexusFormer(nn.Module):
     target_layout, row = self.target_features, target
     if self.join_context_rows:
       target_layout, row = self._joined_target(target, contexts)
-    t0, _ = self._encoder(
-        self.target_encoder, target_layout, self.target_encoder_kwargs, "target_encoder"
-    )(row["numeric"], row["categorical"], row["numeric_missing"], deterministic=det)
-    t0 = _norm("target_norm", dt, pdt)(t0.astype(dt))
+    target_kwargs = encoder_kwargs(
+        self.target_encoder, self.target_encoder_kwargs, "NexusFormer.target_encoder_kwargs"
+    )
+    t0, _ = self._encoder(self.target_encoder, target_layout, target_kwargs, "target_encoder")(
+        row["numeric"], row["categorical"], row["numeric_missing"], deterministic=det
+    )
+    t0 = layer_norm("target_norm", dt, pdt)(t0.astype(dt))
     encoders: dict[Any, nn.Module] = {}
     kinds = self.context_encoders or ("mlp",) * len(self.context_names)
     tokens, present, pool_attention = [], [], {}
-    for name, table, feats, kind in zip(
-        self.context_names, self.context_tables, self.context_features, kinds
+    for name, table, feats, kind, kwargs in zip(
+        self.context_names,
+        self.context_tables,
+        self.context_features,
+        kinds,
+        self._context_kwargs(kinds),
     ):
       ctx = contexts[name]
-      key = (table, feats, kind) if self.share_table_encoders else name
-      if (
-          key not in encoders
-      ):  # first encoder of a table: "encoder_<table>", later ones get a number
+      key = (
+          (table, feats, kind, repr(sorted(kwargs.items()))) if self.share_table_encoders else name
+      )
+      if key not in encoders:  # first encoder of a table: "encoder_<table>", later ones numbered
         taken = sum(n.startswith(f"encoder_{table}") for n in (e.name for e in encoders.values()))
         encoders[key] = self._encoder(
-            kind,
-            feats,
-            self.context_encoder_kwargs,
-            f"encoder_{table}" + (f"_{taken}" if taken else ""),
+            kind, feats, kwargs, f"encoder_{table}" + (f"_{taken}" if taken else "")
         )
       encoder, mask = encoders[key], ctx["mask"].astype(bool)
       if getattr(type(encoder), "pools_rows", False):
@@ -279,7 +284,7 @@ class NexusFormer(nn.Module):
           token, pool_attention[name] = ContextPooling(
               d, self.pool_heads, dtype=dt, param_dtype=pdt, name=f"pool_{len(tokens)}"
           )(rows, mask, ctx["ages"], t0)
-      tokens.append(_norm(f"context_norm_{len(tokens)}", dt, pdt)(token.astype(dt)))
+      tokens.append(layer_norm(f"context_norm_{len(tokens)}", dt, pdt)(token.astype(dt)))
       present.append(jnp.any(mask, axis=1))
     n_ctx = len(tokens)
     ctx_tokens = jnp.stack(tokens, axis=1) if n_ctx else jnp.zeros((b, 0, d), dt)  # [B, C, d]
@@ -294,8 +299,8 @@ class NexusFormer(nn.Module):
     selected = present
     # The scorer exists whatever top_k_contexts is, so params never depend on it (unused -> compiled away).
     score = (
-        _dense(1, ("embed", None), "context_score", jnp.float32, pdt)(
-            _norm("score_norm", jnp.float32, pdt)(ctx_tokens.astype(jnp.float32))
+        dense(1, ("embed", None), "context_score", jnp.float32, pdt)(
+            layer_norm("score_norm", jnp.float32, pdt)(ctx_tokens.astype(jnp.float32))
         )[..., 0]
         + log_prior
     )
@@ -330,20 +335,20 @@ class NexusFormer(nn.Module):
     )(x0, token_mask, deterministic=det)
     h_t, h_c = x[:, 0], x[:, 1:]
     gate_in = jnp.concatenate([jnp.broadcast_to(h_t[:, None], h_c.shape), h_c], axis=-1)
-    gate_logit = _dense(1, ("mlp", None), "fusion_gate", jnp.float32, pdt)(
+    gate_logit = dense(1, ("mlp", None), "fusion_gate", jnp.float32, pdt)(
         gate_in.astype(jnp.float32)
     )[..., 0]
     gates = jax.nn.sigmoid(gate_logit + log_prior) * selected
     summary = jnp.sum(gates[..., None].astype(dt) * h_c, axis=1) / jnp.maximum(
         jnp.sum(selected, axis=1, keepdims=True), 1
     ).astype(dt)
-    fused = h_t + _dense(d, ("mlp", "embed"), "fusion", dt, pdt)(summary)
-    h = _norm("head_norm", jnp.float32, pdt)(fused.astype(jnp.float32))
+    fused = h_t + dense(d, ("mlp", "embed"), "fusion", dt, pdt)(summary)
+    h = layer_norm("head_norm", jnp.float32, pdt)(fused.astype(jnp.float32))
     h = nn.Dropout(self.dropout)(
-        jax.nn.relu(_dense(self.d_head, ("embed", "mlp"), "head_hidden", jnp.float32, pdt)(h)),
+        jax.nn.relu(dense(self.d_head, ("embed", "mlp"), "head_hidden", jnp.float32, pdt)(h)),
         deterministic=det,
     )
-    out = _dense(self.n_outputs, ("mlp", None), "head", jnp.float32, pdt)(h)
+    out = dense(self.n_outputs, ("mlp", None), "head", jnp.float32, pdt)(h)
     aux = {
         "context_attention": jnp.mean(probs[:, :, 0, 1:], axis=1),
         "fusion_gates": gates,

@@ -5,28 +5,43 @@ Every registered class is a Flax Linen module constructed as
 `(x_num [..., Fn], x_cat [..., Fc], num_missing=None, row_mask=None, *, deterministic)`.
 Its class attribute `pools_rows` says what it returns:
 
-- False (row encoders: "ft_transformer", "tabnet", "tabm", "mlp", "resnet"): one representation per
-  row, `(out [..., d_out], aux)`; leading dims are [batch] or [batch, rows].
+- False (row encoders: "ft_transformer", "tabnet", "tabm", "mlp", "resnet", "lean_mlp"): one
+  representation per row, `(out [..., d_out], aux)`; leading dims are [batch] or [batch, rows].
 - True ("standard"): one representation per context, `(pooled [batch, d_out], aux)` from inputs
   [batch, rows, F]; it also takes `ages=[batch, rows]`, and `aux["rows"]` is [batch, rows, d_out].
 
 The config names an encoder per table, e.g. `encoders.default = "ft_transformer"`,
-`encoders.planes = "tabnet"`; `encoder_for_table` resolves it.
+`encoders.planes = "tabnet"`; `encoder_for_table` resolves it. The other hyperparameters of an
+encoder are its dataclass fields (`encoder_fields`); `encoder_kwargs` checks a dict of them, so a
+misspelt key fails instead of being dropped. Every built-in encoder is registered at the bottom of
+this module (encoder modules never import the registry).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
 
 from nexus_jax.models.tabular.ft_transformer import FTTransformer
+from nexus_jax.models.tabular.lean_mlp import LeanMLP
 from nexus_jax.models.tabular.mlp import MLP, ResNetMLP, TabM
 from nexus_jax.models.tabular.set_encoder import StandardEncoder
 from nexus_jax.models.tabular.tabnet import TabNet
 
 _ENCODERS: dict[str, type[nn.Module]] = {}
 DEFAULT_KEY = "default"
+# Fields the caller of an encoder sets itself (feature layout, width, dtypes, Flax bookkeeping).
+CALLER_FIELDS = (
+    "num_numeric",
+    "cat_cardinalities",
+    "d_out",
+    "dtype",
+    "param_dtype",
+    "name",
+    "parent",
+)
 
 
 def register_encoder(
@@ -64,6 +79,29 @@ def encoder_names() -> list[str]:
   return sorted(_ENCODERS)
 
 
+def encoder_fields(name: str) -> tuple[str, ...]:
+  """Hyperparameters the encoder `name` accepts: its dataclass fields less `CALLER_FIELDS`, sorted."""
+  cls = get_encoder(name)
+  return tuple(sorted(f.name for f in dataclasses.fields(cls) if f.name not in CALLER_FIELDS))
+
+
+def encoder_kwargs(name: str, kwargs: Mapping[str, Any] | None, where: str = "") -> dict[str, Any]:
+  """`kwargs` checked against `encoder_fields(name)`: a plain dict, lists turned into tuples.
+
+  Raises ValueError naming every key the encoder does not accept, the encoder and its accepted
+  fields; `where` (e.g. "NexusFormer.target_encoder_kwargs") starts the message.
+  """
+  accepted = encoder_fields(name)
+  kwargs = dict(kwargs or {})
+  unknown = sorted(k for k in kwargs if k not in accepted)
+  if unknown:
+    raise ValueError(
+        f"{where + ': ' if where else ''}encoder {name!r} ({get_encoder(name).__name__}) has no "
+        f"hyperparameter(s) {unknown}; it accepts: {', '.join(accepted)}."
+    )
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+
+
 def encoder_for_table(encoders_config: Mapping[str, str] | Any, table: str) -> str:
   """Encoder name for `table`: `encoders_config[table]` if set, else `encoders_config["default"]`.
 
@@ -94,5 +132,6 @@ for _name, _cls in (
     ("mlp", MLP),
     ("resnet", ResNetMLP),
     ("standard", StandardEncoder),
+    ("lean_mlp", LeanMLP),
 ):
   register_encoder(_name, _cls)

@@ -12,7 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nexus_jax.models.tabular.registry import get_encoder
+from nexus_jax.models.tabular.common import dense
+from nexus_jax.models.tabular import registry
 
 
 class RowPredictor(nn.Module):
@@ -21,7 +22,8 @@ class RowPredictor(nn.Module):
   cat_cardinalities: Sequence[int]
   n_outputs: int = 1
   d_hidden: int = 64  # encoder output width
-  encoder_kwargs: Mapping[str, Any] | None = None  # extra hyperparameters of the encoder
+  # Extra hyperparameters of the encoder, checked by `registry.encoder_kwargs` (unknown keys raise).
+  encoder_kwargs: Mapping[str, Any] | None = None
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -33,22 +35,18 @@ class RowPredictor(nn.Module):
       *,
       train: bool = False,
   ) -> tuple[jax.Array, dict[str, Any]]:
-    cls = get_encoder(self.encoder)
-    encoder = cls(
+    kwargs = registry.encoder_kwargs(
+        self.encoder, self.encoder_kwargs, "RowPredictor.encoder_kwargs"
+    )
+    encoder = registry.get_encoder(self.encoder)(
         num_numeric=self.num_numeric,
         cat_cardinalities=tuple(self.cat_cardinalities),
         d_out=self.d_hidden,
         dtype=self.dtype,
-        **dict(self.encoder_kwargs or {}),
         name="encoder",
+        **kwargs,
     )
     h, aux = encoder(x_num, x_cat, num_missing, deterministic=not train)
     h = jax.nn.relu(h)
-    out = nn.Dense(
-        self.n_outputs,
-        dtype=jnp.float32,
-        name="head",
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
-    )(h.astype(jnp.float32))
+    out = dense(self.n_outputs, ("embed", None), "head", jnp.float32)(h.astype(jnp.float32))
     return out, aux

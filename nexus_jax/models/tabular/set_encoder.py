@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from nexus_jax.models.tabular.feature_tokenizer import FeatureTokenizer
-from nexus_jax.models.tabular.ft_transformer import TransformerBlock, logical_init, prepare_features
+from nexus_jax.models.tabular.common import dense, layer_norm, logical_init, prepare_features
+from nexus_jax.models.tabular.token_attention import TransformerBlock
 
 Array = jax.Array
 
@@ -73,14 +74,7 @@ class SetEncoder(nn.Module):
     chex.assert_shape(row_mask, (b, m))
     row_mask = row_mask.astype(bool)
     rows = jnp.where(row_mask[..., None], rows, 0).astype(self.dtype)
-    x = nn.Dense(
-        self.d_model,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        name="in_proj",
-        kernel_init=logical_init(("mlp", "embed"), nn.initializers.lecun_normal()),
-        bias_init=logical_init(("embed",), nn.initializers.zeros),
-    )(rows)
+    x = dense(self.d_model, ("mlp", "embed"), "in_proj", self.dtype, self.param_dtype)(rows)
     if self.use_ages:  # params exist whether or not this call has ages, so one init serves both
       n_rec = 1 + 2 * self.n_age_frequencies
       w_rec = self.param(
@@ -126,21 +120,8 @@ class SetEncoder(nn.Module):
           param_dtype=self.param_dtype,
           name=f"block{i}",
       )(x, kv_mask, deterministic=deterministic)
-    x = nn.LayerNorm(
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        name="final_norm",
-        scale_init=logical_init(("embed",), nn.initializers.ones),
-        bias_init=logical_init(("embed",), nn.initializers.zeros),
-    )(x)
-    y = nn.Dense(
-        self.d_out,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        name="out_proj",
-        kernel_init=logical_init(("embed", "mlp"), nn.initializers.lecun_normal()),
-        bias_init=logical_init(("mlp",), nn.initializers.zeros),
-    )(x)
+    x = layer_norm("final_norm", self.dtype, self.param_dtype)(x)
+    y = dense(self.d_out, ("embed", "mlp"), "out_proj", self.dtype, self.param_dtype)(x)
     aux = {
         "rows": jnp.where(row_mask[..., None], y[:, 1:], 0),
         "attention": jnp.mean(probs[:, :, 0, 1:], axis=1) if self.n_blocks else jnp.zeros((b, m)),
@@ -214,14 +195,9 @@ class StandardEncoder(nn.Module):
         name="tokenizer",
     )(x_num, x_cat, num_missing)
     rows = jax.nn.relu(
-        nn.Dense(
-            self.d_model,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="row_proj",
-            kernel_init=logical_init(("feature", "mlp"), nn.initializers.lecun_normal()),
-            bias_init=logical_init(("mlp",), nn.initializers.zeros),
-        )(tokens.reshape(b, m, -1).astype(self.dtype))
+        dense(self.d_model, ("feature", "mlp"), "row_proj", self.dtype, self.param_dtype)(
+            tokens.reshape(b, m, -1).astype(self.dtype)
+        )
     )
     return SetEncoder(
         self.d_model,

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nexus_jax.models.tabular.ft_transformer import prepare_features
+from nexus_jax.models.tabular.common import dense, prepare_features
 
 Array = jax.Array
 
@@ -186,25 +186,6 @@ class GhostBatchNorm(nn.Module):
     return y.astype(self.dtype)
 
 
-def _dense(
-    features: int,
-    axes: tuple[str, str],
-    name: str,
-    dtype: Any,
-    param_dtype: Any,
-    use_bias: bool = False,
-) -> nn.Dense:
-  return nn.Dense(
-      features,
-      use_bias=use_bias,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
-      name=name,
-  )
-
-
 def feature_groups(
     num_numeric: int, cat_cardinalities: Sequence[int], cat_embed_dim: int, missing_indicators: bool
 ) -> list[int]:
@@ -271,7 +252,14 @@ class TabNet(nn.Module):
     """Shared then step-specific GLU layers, [N, D_in] -> [N, n_d + n_a]; residual * sqrt(0.5)."""
     width = self.n_d + self.n_a
     fcs = list(shared) + [
-        _dense(2 * width, ("embed", "mlp"), f"step{step}_fc{i}", self.dtype, self.param_dtype)
+        dense(
+            2 * width,
+            ("embed", "mlp"),
+            f"step{step}_fc{i}",
+            self.dtype,
+            self.param_dtype,
+            use_bias=False,
+        )
         for i in range(self.n_independent)
     ]
     h = x
@@ -337,7 +325,14 @@ class TabNet(nn.Module):
     x = self._gbn("input_bn", train, vbs=None)(x, use_running_average=not train, weights=w)
     width = self.n_d + self.n_a
     shared = [
-        _dense(2 * width, ("embed", "mlp"), f"shared_fc{i}", self.dtype, self.param_dtype)
+        dense(
+            2 * width,
+            ("embed", "mlp"),
+            f"shared_fc{i}",
+            self.dtype,
+            self.param_dtype,
+            use_bias=False,
+        )
         for i in range(self.n_shared)
     ]
     a = self._feature_transformer(x, shared, 0, train, w)[:, self.n_d :]
@@ -347,8 +342,13 @@ class TabNet(nn.Module):
     importance = jnp.zeros((n, n_feat), jnp.float32)
     masks = []
     for step in range(1, self.n_steps + 1):
-      logits = _dense(
-          n_feat, ("mlp", "feature"), f"step{step}_attentive_fc", self.dtype, self.param_dtype
+      logits = dense(
+          n_feat,
+          ("mlp", "feature"),
+          f"step{step}_attentive_fc",
+          self.dtype,
+          self.param_dtype,
+          use_bias=False,
       )(a)
       logits = self._gbn(f"step{step}_attentive_bn", train)(
           logits, use_running_average=not train, weights=w
@@ -366,7 +366,7 @@ class TabNet(nn.Module):
         masks_all, None if row_mask is None else row_mask.reshape(n), self.epsilon
     )
     self.sow("aux_loss", "tabnet_sparsity", self.sparsity_coef * entropy)
-    out = _dense(self.d_out, ("mlp", "embed"), "out", self.dtype, self.param_dtype, use_bias=True)(
+    out = dense(self.d_out, ("mlp", "embed"), "out", self.dtype, self.param_dtype)(
         decision.astype(self.dtype)
     )
     importance = importance / jnp.maximum(jnp.sum(importance, -1, keepdims=True), 1e-12)
