@@ -11,7 +11,10 @@ For `n_train` training rows:
   optimiser has taken enough steps to learn anything;
 - warmup: `optim.warmup_steps`, capped at 10% of the steps (a warmup as long as the run trains at a
   learning rate near 0 throughout);
-- evaluation: `train.eval_every_steps` when > 0, else min(one epoch, a quarter of the run).
+- evaluation: `train.eval_every_steps` when > 0, else min(one epoch, a quarter of the run);
+- early stopping: a patience (in evaluations) of at least a quarter of the run's evaluations, so a
+  small table evaluated every epoch is not stopped by the noise of its first epochs (a small
+  validation split's AUC dips while the warmup ends); 0 (never stop) stays 0.
 
 Raises ValueError naming the field when the result would train nothing (no training rows, zero
 steps, epochs = 0 without num_steps).
@@ -19,10 +22,12 @@ steps, epochs = 0 without num_steps).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 MIN_BATCH = 8
 MAX_WARMUP_FRACTION = 0.1
+MIN_PATIENCE_FRACTION = 0.25  # of the run's evaluations
 
 
 def scale_schedule(config: Any, n_train: int) -> dict[str, int]:
@@ -49,12 +54,17 @@ def scale_schedule(config: Any, n_train: int) -> dict[str, int]:
     steps = max(int(tc.num_epochs) * steps_per_epoch, int(tc.get("min_steps", 0)))
   warmup = int(min(int(oc.warmup_steps), int(steps * MAX_WARMUP_FRACTION)))
   every = int(tc.eval_every_steps) or min(steps_per_epoch, max(steps // 4, 1))
+  patience = int(tc.early_stopping.patience)
+  if patience > 0:
+    patience = max(patience, math.ceil(MIN_PATIENCE_FRACTION * steps / every))
   with config.unlocked():
     tc.batch_size, tc.num_steps, oc.warmup_steps, tc.eval_every_steps = batch, steps, warmup, every
+    tc.early_stopping.patience = patience
   return {
       "batch_size": batch,
       "num_steps": steps,
       "warmup_steps": warmup,
       "eval_every_steps": every,
+      "early_stopping_patience": patience,
       "steps_per_epoch": steps_per_epoch,
   }

