@@ -28,6 +28,7 @@ Backends:
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -41,6 +42,10 @@ from nexus_jax.layers.kernels import fourier_mixing as fourier_lib
 
 BACKENDS = ("xla", "chunked", "pallas", "fourier")
 _PAD_SEGMENT = -1  # kv segment id given to padded keys; user segment ids are >= 0.
+
+log = logging.getLogger(__name__)
+# Configurations cuDNN rejected (already logged once each): (q shape, k shape, dtype, causal).
+_CUDNN_REJECTED: set[tuple[Any, ...]] = set()
 
 
 def _check_broadcastable(name: str, x, target: tuple[int, ...]):
@@ -170,17 +175,38 @@ def reference_attention(
   return jnp.einsum("bhts,bshd->bthd", p, rep(v)).astype(q.dtype)
 
 
+def _cudnn_usable(q) -> bool:
+  """cuDNN flash attention is tried on GPU for 16-bit inputs."""
+  return jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+
+
+def _cudnn_attention(q, k, v, scale, causal):
+  return jax.nn.dot_product_attention(
+      q, k, v, scale=scale, is_causal=causal, implementation="cudnn"
+  )
+
+
 def _xla_attention(q, k, v, causal, mask, segment_ids, bias, scale):
   b, t, h, _ = q.shape
   s = k.shape[1]
   plain = mask is None and segment_ids is None and bias is None
-  if plain and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+  if plain and _cudnn_usable(q):
     try:  # cuDNN flash attention; it rejects unsupported configurations at trace time.
-      return jax.nn.dot_product_attention(
-          q, k, v, scale=scale, is_causal=causal, implementation="cudnn"
-      )
-    except (ValueError, NotImplementedError, RuntimeError):
-      pass
+      return _cudnn_attention(q, k, v, scale, causal)
+    except (ValueError, NotImplementedError, RuntimeError) as err:
+      config = (tuple(q.shape), tuple(k.shape), jnp.dtype(q.dtype).name, bool(causal))
+      if config not in _CUDNN_REJECTED:
+        _CUDNN_REJECTED.add(config)
+        log.warning(
+            "cuDNN attention rejected q %s, k/v %s, %s, causal=%s (%s: %s); using the XLA "
+            "implementation for this configuration.",
+            list(config[0]),
+            list(config[1]),
+            config[2],
+            config[3],
+            type(err).__name__,
+            str(err).splitlines()[0] if str(err) else "",
+        )
   full = None
   if mask is not None or segment_ids is not None:
     full = dense_mask(t, s, causal=causal, segment_ids=segment_ids, mask=mask, batch=b)

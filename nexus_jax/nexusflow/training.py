@@ -177,5 +177,7 @@ def _train_one(
       variables=best.variables(),
       fit=result,
       target_scale=scale,
-      early_stopping=(metric, mode),
+      early_stopping=tuple(
+          result.early_stopping
+      ),  # what selected the checkpoint (NaN fallback incl.)
   )

@@ -1,4 +1,4 @@
-"""Orbax checkpoints: latest N plus the best, atomic, checked against the model before restore.
+"""Orbax checkpoints: the latest N plus the caller's best step, atomic, checked before restore.
 
 Layout: `workdir/checkpoints/<step>/{state, meta}`. `state` holds the TrainState arrays (Orbax
 StandardSave; no pickle), `meta` is JSON: the loop's host state (early stopping, epoch), the
@@ -9,8 +9,13 @@ that looks finished.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import logging
 import pathlib
-from typing import Any
+import sys
+import traceback
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -19,7 +24,67 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 
 class CheckpointError(RuntimeError):
-  """A checkpoint folder cannot be used for this run (corrupted, or written by another model)."""
+  """A checkpoint folder cannot be used for this run (corrupted, or written by another model).
+
+  For an unreadable checkpoint, `.original` holds the storage library's own exception (for
+  debugging; it is not chained, so the user sees one short message).
+  """
+
+  original: BaseException | None = None
+
+
+# Loggers that print internal errors and tracebacks while Orbax / tensorstore fail to read a folder.
+_LIBRARY_LOGGERS = ("absl", "asyncio", "orbax")
+
+
+def _is_stale_loop_callback(unraisable: Any) -> bool:
+  """An array read that finished after Orbax closed its event loop (harmless, nothing to report)."""
+  tb = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+  return (
+      unraisable.exc_type is RuntimeError
+      and str(unraisable.exc_value) == "Event loop is closed"
+      and any(frame.name == "call_soon_threadsafe" for frame in tb)
+  )
+
+
+class _DropStaleLoopCallbacks:
+  """`sys.unraisablehook` that drops `_is_stale_loop_callback` errors and forwards the rest."""
+
+  def __init__(self, previous: Callable[[Any], Any]):
+    self.previous = previous
+
+  def __call__(self, unraisable: Any) -> None:
+    if not _is_stale_loop_callback(unraisable):
+      self.previous(unraisable)
+
+
+@contextlib.contextmanager
+def _quiet_library_errors():
+  """Keeps a failing Orbax restore from printing library-internal errors and tracebacks.
+
+  Orbax's (absl) and asyncio's loggers are raised to CRITICAL for the duration. When a restore
+  fails, the array reads still in flight finish on tensorstore threads after Orbax has closed its
+  event loop and each reports "RuntimeError: Event loop is closed" through `sys.unraisablehook`
+  (dozens of tracebacks on stderr); a hook that drops exactly those is installed for the
+  duration, and left in place after a failure (the reads may finish later). The library's own
+  error stays available as `CheckpointError.original`.
+  """
+  loggers = [logging.getLogger(name) for name in _LIBRARY_LOGGERS]
+  levels = [logger.level for logger in loggers]
+  for logger in loggers:
+    logger.setLevel(logging.CRITICAL)
+  previous_hook = sys.unraisablehook
+  if not isinstance(previous_hook, _DropStaleLoopCallbacks):
+    sys.unraisablehook = _DropStaleLoopCallbacks(previous_hook)
+  failed = True
+  try:
+    yield
+    failed = False
+  finally:
+    if not failed:
+      sys.unraisablehook = previous_hook
+    for logger, level in zip(loggers, levels):
+      logger.setLevel(level)
 
 
 def fingerprint(params: Any) -> dict[str, str]:
@@ -48,36 +113,35 @@ def _describe_mismatch(saved: dict[str, str], current: dict[str, str]) -> str:
   return "; ".join(parts)
 
 
+@dataclasses.dataclass
+class _KeepStep:
+  """Orbax preservation policy: keeps the checkpoint of `step` (the loop's best step), if any."""
+
+  step: int | None = None
+
+  def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+    return [self.step is not None and int(c.step) == self.step for c in checkpoints]
+
+
 class Checkpointer:
-  """Keeps the latest `keep` checkpoints and the best one by `best_metric`.
+  """Keeps the latest `keep` checkpoints and the one the caller names as best.
+
+  There is one source of truth for "the best checkpoint": the caller (the training loop's early
+  stopping) passes `best_step` to every `save`, and exactly that step is preserved besides the
+  latest ones, ties included. The checkpointer never ranks metrics itself.
 
   Args:
     directory: checkpoint folder (created if missing).
     keep: how many of the most recent checkpoints to keep.
-    best_metric / best_mode: validation metric (name in the `metrics` passed to `save`) and
-      "max" | "min"; the best checkpoint is kept in addition to the latest ones.
   """
 
-  def __init__(
-      self,
-      directory: str | pathlib.Path,
-      keep: int = 2,
-      best_metric: str | None = None,
-      best_mode: str = "min",
-  ):
+  def __init__(self, directory: str | pathlib.Path, keep: int = 2):
     self.directory = pathlib.Path(directory).absolute()
-    preserve: list[Any] = [policies.LatestN(n=max(int(keep), 1))]
-    if best_metric:
-      preserve.append(
-          policies.BestN(
-              get_metric_fn=lambda m: m[best_metric],
-              reverse=best_mode == "min",
-              n=1,
-              keep_checkpoints_without_metrics=False,
-          )
-      )
+    self._best = _KeepStep()
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policies.AnyPreservationPolicy(preserve),
+        preservation_policy=policies.AnyPreservationPolicy(
+            [policies.LatestN(n=max(int(keep), 1)), self._best]
+        ),
         enable_async_checkpointing=False,
         create=True,
     )
@@ -94,36 +158,65 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, state: Any, meta: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
+  def save(
+      self,
+      state: Any,
+      meta: dict[str, Any],
+      metrics: dict[str, float] | None = None,
+      best_step: int | None = None,
+  ) -> None:
+    """Writes the checkpoint of `state.step`; keeps the latest `keep` and `best_step` (if any).
+
+    `best_step` is the caller's best step so far (it may be this step); every other step older
+    than the latest `keep` is deleted.
+    """
     step = int(jax.device_get(state.step))
     meta = {**meta, "step": step, "fingerprint": fingerprint(state.params)}
     if metrics is not None:
       meta["metrics"] = {k: float(v) for k, v in metrics.items()}
+    self._best.step = None if best_step is None else int(best_step)
     self._manager.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(_arrays(state)), meta=ocp.args.JsonSave(meta)
         ),
-        metrics=None if metrics is None else meta["metrics"],
         force=True,
     )
     self._manager.wait_until_finished()
 
-  def read_meta(self, step: int) -> dict[str, Any]:
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    except Exception as err:  # Orbax raises many types for unreadable folders.
+  def _restore(self, step: int, args: Any) -> Any:
+    """`manager.restore`, with a short CheckpointError (original error as `.original`)."""
+    if step not in self.all_steps():
       raise CheckpointError(
-          f"checkpoint {self.directory / str(step)} is corrupted or unreadable ({type(err).__name__}: "
-          f"{err}). It was left untouched; delete it or use a fresh --workdir."
-      ) from err
+          f"checkpoint step {step} is not in {self.directory} (it holds steps "
+          f"{sorted(self.all_steps())})."
+      )
+    try:
+      with _quiet_library_errors():
+        return self._manager.restore(step, args=args)
+    except Exception as err:  # Orbax raises many types for unreadable folders.
+      reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+      if len(reason) > 60:
+        reason = reason[:57] + "..."
+      error = CheckpointError(
+          f"checkpoint {self.directory / str(step)} is corrupted or unreadable ({reason}).\n"
+          "Left untouched: delete it to resume from the previous checkpoint, or use a fresh "
+          "--workdir."
+      )
+      error.original = err
+    raise error from None
+
+  def read_meta(self, step: int) -> dict[str, Any]:
+    """The JSON meta of `step`; CheckpointError (short, naming the folder) if unreadable."""
+    restored = self._restore(step, ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return dict(restored["meta"])
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """Restores `step` into the structure/shardings of `abstract_state`; returns (state, meta).
 
-    Raises CheckpointError (naming the folder) if the checkpoint is unreadable or was written by
-    a model with different parameters; nothing on disk is changed.
+    Raises CheckpointError (naming the folder, one or two short lines; the library's own error is
+    kept as `.original`) if the checkpoint is unreadable or was written by a model with different
+    parameters; nothing on disk is changed.
     """
     meta = self.read_meta(step)
     current = fingerprint(abstract_state.params)
@@ -138,15 +231,7 @@ class Checkpointer:
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
         _arrays(abstract_state),
     )
-    try:
-      restored = self._manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-      )
-    except Exception as err:
-      raise CheckpointError(
-          f"checkpoint {self.directory / str(step)} is corrupted or unreadable ({type(err).__name__}: "
-          f"{err}). It was left untouched; delete it or use a fresh --workdir."
-      ) from err
+    restored = self._restore(step, ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     arrays = restored["state"]
     state = abstract_state.replace(
         step=arrays["step"],

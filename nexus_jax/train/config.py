@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+from typing import Any
+
 import ml_collections
 
 from nexus_jax.train.sharding import DEFAULT_LOGICAL_AXIS_RULES
@@ -54,3 +58,65 @@ def base_config() -> ml_collections.ConfigDict:
   # logical axis name -> mesh axes; see nexus_jax/train/sharding.py
   c.sharding.logical_axis_rules = [list(rule) for rule in DEFAULT_LOGICAL_AXIS_RULES]
   return c
+
+
+# (dotted field, lowest allowed value, must be an integer, must be strictly above the bound)
+_BOUNDS = (
+    ("optim.learning_rate", 0.0, False, True),
+    ("train.batch_size", 1, True, False),
+    ("train.num_steps", 0, True, False),
+    ("train.num_epochs", 0, True, False),
+    ("train.min_steps", 0, True, False),
+    ("train.eval_every_steps", 0, True, False),
+    ("train.stop_after_steps", 0, True, False),
+    ("optim.warmup_steps", 0, True, False),
+    ("optim.grad_accum_steps", 1, True, False),
+    ("optim.clip_norm", 0.0, False, False),
+    ("optim.weight_decay", 0.0, False, False),
+)
+
+
+def _get(config: Any, path: str) -> Any:
+  node = config
+  for key in path.split("."):
+    if node is None or key not in node:
+      return None
+    node = node[key]
+  return node
+
+
+def validate_train_config(config: Any) -> None:
+  """Checks the training fields of `config` (see `base_config`) before anything is built.
+
+  Checks that optim.learning_rate is a finite number > 0; train.batch_size, optim.grad_accum_steps
+  >= 1; train.num_steps, train.num_epochs, train.min_steps, train.eval_every_steps,
+  train.stop_after_steps, optim.warmup_steps >= 0 (integers); optim.clip_norm, optim.weight_decay
+  finite and >= 0; not both train.num_steps and train.num_epochs 0 (nothing would be trained);
+  train.early_stopping.mode "min" | "max". Fields a config does not have are skipped.
+
+  Raises:
+    ValueError naming every offending field (`config.optim.learning_rate=nan: ...`), one per line.
+  """
+  problems = []
+  for path, low, integer, strict in _BOUNDS:
+    value = _get(config, path)
+    if value is None:
+      continue
+    kind = "an integer" if integer else "a finite number"
+    bound = f"> {low}" if strict else f">= {low}"
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and (not integer or float(value).is_integer())
+    ok = ok and (value > low if strict else value >= low)
+    if not ok:
+      problems.append(f"config.{path}={value!r}: must be {kind} {bound}.")
+  steps, epochs = _get(config, "train.num_steps"), _get(config, "train.num_epochs")
+  if steps == 0 and epochs == 0:
+    problems.append(
+        "config.train.num_steps=0 and config.train.num_epochs=0: nothing would be trained; set "
+        "train.num_epochs >= 1 or train.num_steps >= 1."
+    )
+  mode = _get(config, "train.early_stopping.mode")
+  if mode is not None and mode not in ("min", "max"):
+    problems.append(f"config.train.early_stopping.mode={mode!r}: must be 'min' or 'max'.")
+  if problems:
+    raise ValueError("invalid training config:\n  " + "\n  ".join(problems))

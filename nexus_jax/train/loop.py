@@ -31,15 +31,20 @@ from tqdm.auto import tqdm
 
 from nexus_jax.train import sharding as sharding_lib
 from nexus_jax.train.checkpoint import Checkpointer
+from nexus_jax.train.config import validate_train_config
 from nexus_jax.train.data import ArrayDataset
 from nexus_jax.train.metrics import EarlyStopping, MetricWriter
-from nexus_jax.train.optim import build_optimizer
+from nexus_jax.train.optim import build_optimizer, learning_rate_schedule
 from nexus_jax.train.state import TrainState
 from nexus_jax.train.steps import TRANSIENT_COLLECTIONS, Objective, make_eval_step, make_train_step
 
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or inf; the last good checkpoint is left in place."""
+
+
+class UntrainedError(ValueError):
+  """The run's learning rate would be 0 on every optimizer update: nothing would be trained."""
 
 
 @dataclasses.dataclass
@@ -54,6 +59,9 @@ class FitResult:
   checkpointer: Checkpointer
   trainer: "Trainer"  # evaluates further splits: `result.trainer.evaluate(state, data)`
   history: list[dict[str, float]]  # validation metrics of this call, with "step"
+  # (metric, mode) that selected `best_step`: the configured one, or ("loss", "min") after a
+  # fallback because the configured metric could not be computed on the validation rows
+  early_stopping: tuple[str, str]
 
 
 class Trainer:
@@ -115,7 +123,7 @@ class Trainer:
       )
       self._init = jax.jit(init_state, out_shardings=self.state_shardings)
       self._train_step = jax.jit(
-          make_train_step(objective, self.schedule),
+          make_train_step(objective, self.schedule, int(config.optim.get("grad_accum_steps", 1))),
           in_shardings=(self.state_shardings, self.batch_sharding),
           out_shardings=(self.state_shardings, repl),
           donate_argnums=(0,),
@@ -176,6 +184,26 @@ def _check_finite(metrics: dict[str, float], step: int, checkpointer: Checkpoint
     )
 
 
+def _check_trains(optim_config: Any, total_steps: int, steps_note: str) -> None:
+  """UntrainedError unless some optimizer update of the run has a learning rate > 0."""
+  accum = int(optim_config.get("grad_accum_steps", 1))
+  updates = total_steps // accum
+  if updates < 1:
+    raise UntrainedError(
+        f"config.optim.grad_accum_steps={accum} is more than the {total_steps} steps of this run "
+        f"({steps_note}): no optimizer update would be applied, so nothing would be trained. "
+        "Lower optim.grad_accum_steps or train for more steps."
+    )
+  lr = np.asarray(learning_rate_schedule(optim_config, updates)(np.arange(updates)))
+  if not np.any(lr > 0):
+    raise UntrainedError(
+        f"the learning rate would be 0 on all {updates} optimizer update(s) of this run "
+        f"(config.optim.warmup_steps={int(optim_config.warmup_steps)}, {steps_note}, "
+        f"optim.grad_accum_steps={accum}): nothing would be trained. Lower optim.warmup_steps "
+        "(at most ~10% of the steps) or raise train.num_steps / train.num_epochs."
+    )
+
+
 def fit(
     objective: Objective,
     train_data: ArrayDataset,
@@ -186,14 +214,29 @@ def fit(
 ) -> FitResult:
   """Trains (or resumes) in `workdir`; evaluates on `valid_data` and early-stops on its metric.
 
-  `devices` (default: all) are the devices the mesh is built from.
+  `devices` (default: all) are the devices the mesh is built from. The config is validated
+  (`validate_train_config`) before anything is built or compiled.
+
+  Raises:
+    ValueError naming the config field for invalid settings or a run of zero steps;
+    UntrainedError when the learning rate would be 0 on every optimizer update (e.g.
+      optim.warmup_steps >= train.num_steps); NonFiniteLossError; CheckpointError.
   """
+  validate_train_config(config)
   workdir = pathlib.Path(workdir)
   tc = config.train
   steps_per_epoch = train_data.steps_per_epoch
-  total_steps = (
-      int(tc.num_steps) if tc.get("num_steps", 0) else int(tc.num_epochs) * steps_per_epoch
-  )
+  if tc.get("num_steps", 0):
+    total_steps, steps_note = int(tc.num_steps), f"train.num_steps={int(tc.num_steps)}"
+  else:
+    total_steps = int(tc.num_epochs) * steps_per_epoch
+    steps_note = (
+        f"train.num_steps=0, train.num_epochs={int(tc.num_epochs)} x {steps_per_epoch} steps "
+        "per epoch"
+    )
+  if total_steps < 1:
+    raise ValueError(f"this run has 0 training steps ({steps_note}): nothing would be trained.")
+  _check_trains(config.optim, total_steps, steps_note)
   eval_every = int(tc.get("eval_every_steps", 0)) or steps_per_epoch
   log_every = max(int(tc.get("log_every_steps", 50)), 1)
   es_cfg = tc.early_stopping
@@ -204,12 +247,7 @@ def fit(
       min_delta=float(es_cfg.get("min_delta", 0.0)),
   )
   trainer = Trainer(objective, config, workdir, total_steps, train_data.train_batch(0), devices)
-  checkpointer = Checkpointer(
-      workdir / "checkpoints",
-      keep=int(tc.get("checkpoint_keep", 2)),
-      best_metric=es_cfg.metric if valid_data is not None else None,
-      best_mode=es_cfg.mode,
-  )
+  checkpointer = Checkpointer(workdir / "checkpoints", keep=int(tc.get("checkpoint_keep", 2)))
   state = trainer.init(int(config.seed))
   stopped_early = False
   latest = checkpointer.latest_step()
@@ -238,8 +276,12 @@ def fit(
 
   def save(metrics=None):
     nonlocal last_saved
+    # The step early stopping chose is the one the checkpointer preserves (one source of truth).
     checkpointer.save(
-        state, {"early_stopping": early.state_dict(), "stopped_early": stopped_early}, metrics
+        state,
+        {"early_stopping": early.state_dict(), "stopped_early": stopped_early},
+        metrics,
+        best_step=early.best_step,
     )
     last_saved = step
 
@@ -291,6 +333,7 @@ def fit(
       checkpointer=checkpointer,
       trainer=trainer,
       history=history,
+      early_stopping=(early.metric, early.mode),
   )
 
 
@@ -302,4 +345,12 @@ def restore_best(result: FitResult) -> TrainState:
   return state
 
 
-__all__ = ["Objective", "Trainer", "FitResult", "fit", "restore_best", "NonFiniteLossError"]
+__all__ = [
+    "Objective",
+    "Trainer",
+    "FitResult",
+    "fit",
+    "restore_best",
+    "NonFiniteLossError",
+    "UntrainedError",
+]

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
@@ -54,20 +55,33 @@ def read_metrics(workdir: str | pathlib.Path, split: str | None = None) -> list[
 class EarlyStopping:
   """Stops when `metric` has not improved by `min_delta` for `patience` evaluations.
 
+  The best step is the first evaluation reaching the best value: a later tie (within `min_delta`)
+  is not an improvement. `best_step` is the one source of truth for "the best checkpoint" (the loop
+  passes it to `Checkpointer.save`, which preserves exactly that step).
+
+  A metric that cannot be computed on the validation rows (NaN or inf at the first evaluation,
+  e.g. AUC when they hold a single class) makes it warn once, naming the metric, and select on
+  `fallback_metric` (mode "min", the validation loss by default) for the rest of the run; a
+  non-finite value at a later evaluation counts as an evaluation without improvement.
+
   Attributes:
     metric: name of the validation metric, e.g. "auc" or "loss".
     mode: "max" or "min".
     patience: evaluations without improvement before stopping (0 disables stopping).
-    best_value / best_step / bad_evals: running state (serialisable with `state_dict`).
+    fallback_metric: minimised instead of `metric` when that cannot be computed.
+    best_value / best_step / bad_evals / fallback_from: running state (serialisable with
+      `state_dict`); `fallback_from` is the configured metric after a fallback, else None.
   """
 
   metric: str = "loss"
   mode: str = "min"
   patience: int = 0
   min_delta: float = 0.0
+  fallback_metric: str = "loss"
   best_value: float | None = None
   best_step: int | None = None
   bad_evals: int = 0
+  fallback_from: str | None = None
 
   def __post_init__(self):
     if self.mode not in ("min", "max"):
@@ -88,9 +102,22 @@ class EarlyStopping:
           f"{sorted(metrics)}; set config.train.early_stopping.metric to one of them."
       )
     value = float(metrics[self.metric])
-    if math.isnan(value):
-      self.bad_evals += 1
-    elif self.is_improvement(value):
+    if (
+        not math.isfinite(value)
+        and self.best_step is None
+        and self.metric != self.fallback_metric
+        and self.fallback_metric in metrics
+    ):
+      warnings.warn(
+          f"validation metric {self.metric!r} is {value} at step {step}: it cannot be computed "
+          "on the validation rows (e.g. AUC when they hold a single class). Early stopping and "
+          f"the best checkpoint use the validation {self.fallback_metric!r} (min) instead.",
+          RuntimeWarning,
+          stacklevel=2,
+      )
+      self.fallback_from, self.metric, self.mode = self.metric, self.fallback_metric, "min"
+      value = float(metrics[self.metric])
+    if math.isfinite(value) and self.is_improvement(value):
       self.best_value, self.best_step, self.bad_evals = value, int(step), 0
     else:
       self.bad_evals += 1
@@ -100,6 +127,9 @@ class EarlyStopping:
     return dataclasses.asdict(self)
 
   def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    """Restores the running state; a fallback recorded for this same metric is restored too."""
     for field in ("best_value", "best_step", "bad_evals"):
       setattr(self, field, state.get(field))
     self.bad_evals = int(self.bad_evals or 0)
+    if state.get("fallback_from") is not None and state["fallback_from"] == self.metric:
+      self.fallback_from, self.metric, self.mode = self.metric, state["metric"], state["mode"]

@@ -71,9 +71,15 @@ def collect_aux_losses(sown: Mapping[str, Any]) -> dict[str, jax.Array]:
 
 
 def make_train_step(
-    objective: Objective, schedule: optax.Schedule
+    objective: Objective, schedule: optax.Schedule, grad_accum_steps: int = 1
 ) -> Callable[[TrainState, Any], Any]:
-  """`(state, batch) -> (state, metrics)`; metrics are device scalars."""
+  """`(state, batch) -> (state, metrics)`; metrics are device scalars.
+
+  `schedule` counts optimizer updates (as `train/optim.py` builds it); under gradient accumulation
+  (`grad_accum_steps` micro-steps per update, `optax.MultiSteps`) micro-step s belongs to update
+  s // grad_accum_steps, so the logged "learning_rate" is `schedule(s // grad_accum_steps)`: the
+  rate applied at the end of that accumulation window.
+  """
 
   def train_step(state: TrainState, batch: Any):
     step_rng = jax.random.fold_in(state.rng, state.step)
@@ -104,7 +110,7 @@ def make_train_step(
         "grad_norm": optax.tree.norm(grads),
         "param_norm": optax.tree.norm(new_state.params),
         "update_norm": optax.tree.norm(applied),
-        "learning_rate": schedule(state.step),
+        "learning_rate": schedule(state.step // grad_accum_steps),
     }
     return new_state, out
 

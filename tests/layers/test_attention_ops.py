@@ -209,3 +209,32 @@ def test_fnet_rejects_cross_lengths_and_bad_modes():
     fourier_mixing.fourier_mixing(q, k, v)
   with pytest.raises(ValueError, match="fourier_modes must be >= 1"):
     fourier_mixing.fourier_mixing(q, k, v, modes=0)
+
+
+def test_cudnn_rejection_falls_back_to_xla_and_logs_once_per_configuration(monkeypatch, caplog):
+  calls = []
+
+  def rejecting_cudnn(q, k, v, scale, causal):
+    calls.append(q.shape)
+    raise ValueError("cuDNN does not support head_dim=4\nsecond line")
+
+  monkeypatch.setattr(attention_ops, "_cudnn_usable", lambda q: True)
+  monkeypatch.setattr(attention_ops, "_cudnn_attention", rejecting_cudnn)
+  monkeypatch.setattr(attention_ops, "_CUDNN_REJECTED", set())
+  rng = np.random.default_rng(0)
+  make = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+  q, k, v = make(2, 8, 2, 4), make(2, 8, 2, 4), make(2, 8, 2, 4)
+  with caplog.at_level("WARNING", logger=attention_ops.__name__):
+    outs = [attention_ops.dot_product_attention(q, k, v, causal=True) for _ in range(3)]
+    attention_ops.dot_product_attention(q, k, v, causal=False)  # another configuration
+  assert len(calls) == 4  # cuDNN was tried every time, and rejected
+  messages = [r.getMessage() for r in caplog.records if r.name == attention_ops.__name__]
+  assert len(messages) == 2, messages  # once per configuration
+  assert "[2, 8, 2, 4]" in messages[0] and "bfloat16" in messages[0]
+  assert "causal=True" in messages[0] and "causal=False" in messages[1]
+  assert "head_dim=4" in messages[0] and "second line" not in messages[0]
+  ref = attention_ops.reference_attention(q, k, v, causal=True)
+  for out in outs:  # the XLA fallback still computes attention
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2, rtol=2e-2
+    )

@@ -87,7 +87,8 @@ def load_folder(
     )
   schema = Schema.from_json(folder / SCHEMA_FILE)
   tables = {
-      name: read_table(table_path(folder, name, spec.file), name) for name, spec in schema.tables.items()
+      name: read_table(table_path(folder, name, spec.file), name)
+      for name, spec in schema.tables.items()
   }
   tables = sample_target_rows(tables, schema, max_target_rows, seed)
   schema.validate(tables, require_target=True)
