@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import pathlib
 import time
 from typing import Any
@@ -24,9 +24,10 @@ from nexus_jax.models.tabular.row_predictor import RowPredictor
 from nexus_jax.nexusflow.config import DEFAULT_MAX_CATEGORIES
 from nexus_jax.nexusflow.model_spec import compute_dtype, config_encoder_kwargs
 from nexus_jax.nexusflow.objectives import tabular_objective
+from nexus_jax.nexusflow.schedule import scale_schedule
 from nexus_jax.train.data import ArrayDataset
+from nexus_jax.train.config import validate_train_config
 from nexus_jax.train.loop import fit, restore_best
-from nexus_jax.train.plots import plot_learning_curves
 
 DATASETS = ("nycflights13",)
 SPLITS = ("train", "valid", "test")
@@ -81,42 +82,42 @@ def build_row_model(config: Any, pre: TabularPreprocessor) -> RowPredictor:
   )
 
 
-def run_flat(config: Any, workdir: pathlib.Path, preset_changes: dict[str, Any]) -> dict[str, Any]:
+@dataclasses.dataclass
+class RowRun:
+  """A trained (or resumed) flat row model and what the experiment reports about it."""
+
+  result: Any  # train/loop.FitResult
+  best: Any  # TrainState of the best validation checkpoint
+  test_metrics: dict[str, float]
+  rows: dict[str, int]  # rows per split
+  schedule: dict[str, int]  # as applied by nexusflow/schedule.py
+  parameters: int
+  data_seconds: float
+
+
+def train_row_model(config: Any, workdir: pathlib.Path) -> RowRun:
+  """Feature set A -> RowPredictor trained with the generic loop in `workdir` (resumes when rerun),
+  the schedule scaled to the training rows as for NexusFormer; the best checkpoint scored on test.
+  """
+  validate_train_config(config)
   t0 = time.perf_counter()
   splits, pre = load_flat_splits(config.data)
   data_seconds = time.perf_counter() - t0
-  pre.save(workdir / "preprocessor")
+  pre.save(pathlib.Path(workdir) / "preprocessor")
   model = build_row_model(config, pre)
-  objective = tabular_objective(model, "binary")
+  schedule = scale_schedule(config, len(splits["train"]["y"]))
   bs = int(config.train.batch_size)
   train = ArrayDataset(splits["train"], bs, seed=int(config.seed))
   valid, test = ArrayDataset(splits["valid"], bs), ArrayDataset(splits["test"], bs)
-
-  result = fit(objective, train, valid, config, workdir)
+  result = fit(tabular_objective(model, "binary"), train, valid, config, workdir)
   best = restore_best(result)
   test_metrics, _ = result.trainer.evaluate(best, test)
-  valid_metrics = result.best_metrics or {}
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(best.params))
-  results = {
-      "task": "nycflights13 delayed > 15 min (feature set A, flat)",
-      "preset": config.preset,
-      "preset_changes": {k: str(v) for k, v in preset_changes.items()},
-      "test": {k: test_metrics[k] for k in ("auc", "log_loss", "accuracy")},
-      "valid_at_best": {k: valid_metrics.get(k) for k in ("auc", "log_loss", "accuracy")},
-      "best_step": result.best_step,
-      "stopped_early": result.stopped_early,
-      "model": {"name": "row", "encoder": config.model.row.encoder, "parameters": n_params},
-      "rows": {name: int(len(splits[name]["y"])) for name in SPLITS},
-      "train_seconds_this_call": round(result.train_seconds, 2),
-      "train_rows_per_second": round(result.rows_per_second, 1),
-      "data_seconds": round(data_seconds, 2),
-      "wall_seconds": round(time.perf_counter() - t0, 2),
-      "baselines_test_auc": {k: v["test_auc"] for k, v in nycflights13.BASELINES.items()},
-      "beats_lightgbm_set_a": bool(
-          test_metrics["auc"] > nycflights13.BASELINES["lightgbm_set_a"]["test_auc"]
-      ),
-      "device": f"{jax.devices()[0].platform} x{jax.device_count()}",
-  }
-  (workdir / "results.json").write_text(json.dumps(results, indent=2))
-  plot_learning_curves(workdir, valid_metric=config.train.early_stopping.metric)
-  return results
+  return RowRun(
+      result=result,
+      best=best,
+      test_metrics=test_metrics,
+      rows={name: int(len(splits[name]["y"])) for name in SPLITS},
+      schedule=schedule,
+      parameters=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(best.params)),
+      data_seconds=data_seconds,
+  )

@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from experiments.hybrid import apply_preset, build_model
+from experiments.hybrid import build_model
 from experiments.run import run_experiment
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -19,14 +19,7 @@ def _config():
   return module.get_config()
 
 
-def test_presets_and_bad_config():
-  c = _config()
-  c.preset = "full"
-  full = apply_preset(c)
-  assert full.train.num_steps == c.full.train.num_steps and full.data.seq_len == c.full.data.seq_len
-  c.preset = "huge"
-  with pytest.raises(ValueError, match="config.preset='huge'"):
-    apply_preset(c)
+def test_bad_model_config():  # presets: tests/train/test_presets.py
   c = _config()
   lm, model = build_model(c.model, c.jepa, 128)
   assert model is lm and lm.d_model == 128 and lm.num_blocks == 2  # tiny, no JEPA wrapper

@@ -6,9 +6,8 @@ import lzma
 import pathlib
 
 import numpy as np
-import pytest
 
-from experiments.lm import apply_preset, xz_bits_per_byte
+from nexus_jax.data.datasets.byte_lm import xz_bits_per_byte
 from experiments.run import run_experiment
 from nexus_jax.data.datasets import text
 
@@ -40,18 +39,12 @@ def test_stdlib_split_is_deterministic_file_level_and_disjoint(tmp_path):
   np.testing.assert_array_equal(w[1, 0], w[0, -1])  # stride length - 1: each target once
 
 
-def test_xz_matches_lzma_and_presets():
+def test_xz_matches_lzma():
   data = b"def f(x):\n    return x + 1\n" * 50
   assert xz_bits_per_byte(data) == 8 * len(
       lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)
   ) / len(data)
-  c = _config()
-  c.preset = "full"
-  full = apply_preset(c)
-  assert full.train.num_steps == c.full.num_steps and full.model.embed_dim == c.full.embed_dim
-  c.preset = "huge"
-  with pytest.raises(ValueError, match="config.preset='huge'"):
-    apply_preset(c)
+  # presets: tests/train/test_presets.py (one mechanism for every config file)
 
 
 def test_lm_experiment_end_to_end(tmp_path):
