@@ -195,6 +195,60 @@ class SortedHistory:
     counts = np.where(self.t_codes >= 0, self.end - self.start, 0)
     return (counts - (exclude_self & (self.t_codes >= 0))).astype(np.int64)
 
+  def summaries(self, values: np.ndarray) -> dict[str, np.ndarray]:
+    """Aggregates of per-row `values` over each target row's visible rows, without the M cap.
+
+    Args:
+      values: f64 `[C]` or `[C, F]`, one value per candidate row (table order); NaN = missing.
+    Returns:
+      {"count": `[N]` visible rows; "mean", "min", "max" over their non-missing values and "last"
+      (the most recent visible row's value, NaN if it is missing): `[N, F]` float64}; NaN where a
+      target row sees no value. A self-history without a time cut must not use this (each row
+      would see itself).
+    """
+    v = np.asarray(values, np.float64)
+    v = v[:, None] if v.ndim == 1 else v
+    sv = v[self.sorted_rows]  # [S, F], each target row's visible rows are [start, end)
+    valid = ~np.isnan(sv)
+    start = np.where(self.t_codes >= 0, self.start, 0)
+    end = np.where(self.t_codes >= 0, self.end, 0)
+    zero = np.zeros((1, sv.shape[1]))
+    sums = np.concatenate([zero, np.cumsum(np.where(valid, sv, 0.0), axis=0)])
+    counts = np.concatenate([zero, np.cumsum(valid, axis=0)])
+    n_valid = counts[end] - counts[start]
+    has = n_valid > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+      mean = np.where(has, (sums[end] - sums[start]) / n_valid, np.nan)
+    out = {
+        "count": (end - start).astype(np.float64),
+        "mean": mean,
+        "min": np.where(
+            has, self._range_reduce(np.where(valid, sv, np.inf), start, end, np.minimum), np.nan
+        ),
+        "max": np.where(
+            has, self._range_reduce(np.where(valid, sv, -np.inf), start, end, np.maximum), np.nan
+        ),
+    }
+    last = np.concatenate([sv, np.full((1, sv.shape[1]), np.nan)])[
+        np.where(end > start, end - 1, -1)
+    ]
+    out["last"] = last
+    return out
+
+  @staticmethod
+  def _range_reduce(sv: np.ndarray, start: np.ndarray, end: np.ndarray, ufunc) -> np.ndarray:
+    """`ufunc.reduce(sv[start_i:end_i])` for every i (empty ranges give garbage, masked by the
+    caller). Ranges are visited in start order, so the gaps between them add at most S work."""
+    if len(start) == 0:
+      return np.zeros((0, sv.shape[1]))
+    order = np.argsort(start, kind="stable")
+    padded = np.concatenate([sv, sv[:1] if len(sv) else np.zeros((1, sv.shape[1]))])
+    pairs = np.stack([start[order], np.maximum(end[order], start[order] + 1)], axis=1).ravel()
+    reduced = ufunc.reduceat(padded, np.minimum(pairs, len(padded) - 1), axis=0)[::2]
+    out = np.empty_like(reduced)
+    out[order] = reduced
+    return out
+
 
 def key_counts(
     target_keys: pd.Series, cand_keys: pd.Series, exclude_self: bool = False

@@ -30,6 +30,12 @@ without times get the count of all their rows (``count[<context>,all]``). These 
 the target row (appended after the preprocessor's); they are stateless, so predict time recomputes them
 from the tables it is given.
 
+**Summaries** (``summaries``, optional): the same blind spot for values -- pooling sees the M most recent
+rows only -- so every history context (except a target-table history without times) can also give the
+target row aggregates of its related rows' numeric features over *all* visible rows: ``count``
+(``log1p`` of the rows), ``mean``, ``min``, ``max`` (``<agg>[<context>,<feature>]``, of the preprocessed
+features; missing when no visible row has a value). Like the counts they are stateless.
+
 Use::
 
     builder = ContextSetBuilder(schema, max_history={"flights.tailnum=tailnum": 8}, contexts=None)
@@ -58,6 +64,7 @@ from nexus_jax.data.schema import Schema, SchemaError, SchemaWarning, Validation
 from nexus_jax.data.splits import assign_split
 
 BUILDER_FILE = "context_set_builder.json"
+SUMMARIES = ("count", "mean", "min", "max")
 
 
 def discover_contexts(
@@ -148,6 +155,8 @@ class ContextSetBuilder:
     table_preprocessors: table name -> keyword arguments overriding `preprocessor` for that table.
     count_windows: trailing windows (hours for datetimes, raw units for numeric times) of the
       window-count features of every history context (see the module docstring); () = none.
+    summaries: aggregates over all visible rows of every history context, a subset of
+      `SUMMARIES` (see the module docstring); () = none.
   """
 
   def __init__(
@@ -158,8 +167,12 @@ class ContextSetBuilder:
       preprocessor: Mapping | None = None,
       table_preprocessors: Mapping[str, Mapping] | None = None,
       count_windows: Sequence[float] = (),
+      summaries: Sequence[str] = (),
   ):
     self.schema = schema
+    unknown_summaries = sorted(set(summaries) - set(SUMMARIES))
+    if unknown_summaries:
+      raise ValueError(f"summaries: unknown {unknown_summaries}; choose from {list(SUMMARIES)}")
     available = discover_contexts(schema, max_history)
     names = [s.name for s in available]
     if isinstance(max_history, Mapping):
@@ -187,6 +200,7 @@ class ContextSetBuilder:
         "preprocessor": dict(preprocessor or {}),
         "table_preprocessors": {k: dict(v) for k, v in (table_preprocessors or {}).items()},
         "count_windows": windows,
+        "summaries": [a for a in SUMMARIES if a in set(summaries)],
     }
     self.preprocessors: dict[str, TabularPreprocessor] = {}
     self.classes: tuple | None = None
@@ -301,15 +315,20 @@ class ContextSetBuilder:
         names, values = self._window_counts(spec, history, t_is_dt)
         count_names += names
         counts.append(values)
+      if self.config.get("summaries") and history is not None:
+        names, values = self._summaries(spec, history, feats[spec.table])
+        count_names += names
+        counts.append(values)
     has_labels = schema.target.column in target_df.columns
     own = {k: v[:-1] for k, v in feats[target].items()}
     info = self.preprocessors[target].get_feature_info()
     if counts:
       counts = np.concatenate(counts, axis=1)
-      own["numeric"] = np.concatenate([own["numeric"], _signed_log1p(counts)], axis=1)
-      own["numeric_missing"] = np.concatenate(
-          [own["numeric_missing"], np.zeros(counts.shape, bool)], axis=1
+      missing = np.isnan(counts)
+      own["numeric"] = np.concatenate(
+          [own["numeric"], np.where(missing, 0.0, counts).astype(own["numeric"].dtype)], axis=1
       )
+      own["numeric_missing"] = np.concatenate([own["numeric_missing"], missing], axis=1)
       info = FeatureInfo(
           info.numeric_names + tuple(count_names),
           info.numeric_sources + tuple(count_names),
@@ -422,12 +441,36 @@ class ContextSetBuilder:
     """Names and counts `[N, W]` of the visible rows of history `spec` per trailing window; one
     ``all`` column without a time cut (then every row of the key is visible)."""
     if not history.use_time:
-      return [f"count[{spec.name},all]"], history.key_counts(self._sees_itself(spec, history))[
-          :, None
-      ]
+      counts = history.key_counts(self._sees_itself(spec, history))[:, None]
+      return [f"count[{spec.name},all]"], _signed_log1p(counts)
     windows = self.config["count_windows"]
     names = [f"count[{spec.name},{w:g}{'h' if t_is_dt else ''}]" for w in windows]
-    return names, history.window_counts(windows, is_datetime=t_is_dt)
+    return names, _signed_log1p(history.window_counts(windows, is_datetime=t_is_dt))
+
+  def _summaries(
+      self, spec: ContextSpec, history: ci.SortedHistory, feats: Mapping[str, np.ndarray]
+  ) -> tuple[list[str], np.ndarray]:
+    """Names and values `[N, S]` (NaN = missing) of the summaries of history `spec` over all its
+    visible rows (module docstring); none for a target-table history without times."""
+    if self._sees_itself(spec, history):
+      return [], np.zeros((len(history.t_codes), 0))
+    wanted = self.config["summaries"]
+    names, columns = [], []
+    if "count" in wanted:
+      names.append(f"count[{spec.name},rows]")
+      columns.append(np.log1p(history.key_counts())[:, None].astype(np.float64))
+    numeric = feats["numeric"][:-1].astype(np.float64)  # the last row is the padding row
+    values = np.where(feats["numeric_missing"][:-1], np.nan, numeric)
+    feature_names = self.preprocessors[spec.table].get_feature_info().numeric_names
+    aggregates = [a for a in wanted if a != "count"]
+    if aggregates and values.shape[1]:
+      agg = history.summaries(values)
+      for a in aggregates:
+        names += [f"{a}[{spec.name},{f}]" for f in feature_names]
+        columns.append(agg[a])
+    return names, (
+        np.concatenate(columns, axis=1) if columns else np.zeros((len(history.t_codes), 0))
+    )
 
   def fit_transform(self, tables: Mapping[str, pd.DataFrame]) -> RelationalData:
     return self.fit(tables).transform(tables)
@@ -461,6 +504,7 @@ class ContextSetBuilder:
         preprocessor=cfg["preprocessor"],
         table_preprocessors=cfg["table_preprocessors"],
         count_windows=cfg.get("count_windows", ()),
+        summaries=cfg.get("summaries", ()),
     )
     builder.classes = None if payload["classes"] is None else tuple(payload["classes"])
     builder.preprocessors = {

@@ -11,7 +11,8 @@
 (`pipeline.py`: prepare -> train -> score): it builds the leakage-safe context sets from the schema,
 scales the schedule to the training rows (`schedule.py`), trains NexusFormer on the schema's "train"
 split, early-stops on its "valid" split, and scores the "test" split once (if it has rows) into
-`fit_report_`, the same results dict the runner writes to results.json.
+`fit_report_`, the same results dict the runner writes to results.json (without the int8 / pruning
+report unless ``config_overrides={"eval.optimize": True}``: `optimize` measures that on demand).
 
 The config is the library default (`config.py`), then the preset's fields, then the constructor
 arguments and `config_overrides` ({"dotted.path": value}, any field of the config, e.g.
@@ -165,6 +166,9 @@ class _NexusFlowBase:
       c.seed = int(self.seed)
       c.train.progress = bool(self.verbose)
       c.train.tensorboard = False
+      # fit() does not evaluate int8 / pruned copies (the runner's report): call optimize(...,
+      # eval_tables=...) for that; config_overrides={"eval.optimize": True} restores it.
+      c.eval.optimize = False
       for arg, path in self._FIELDS.items():
         value = getattr(self, arg)
         if value is not None:

@@ -33,7 +33,7 @@ import pandas as pd
 from nexus_jax.data.context_sets import RelationalData
 from nexus_jax.data.datasets import load_dataset
 from nexus_jax.data.datasets.folder import sample_target_rows
-from nexus_jax.data.relational import ContextSetBuilder
+from nexus_jax.data.relational import SUMMARIES, ContextSetBuilder
 from nexus_jax.data.schema import Schema
 from nexus_jax.nexusflow.batch_inference import predict_arrays
 from nexus_jax.nexusflow.config import DEFAULT_MAX_CATEGORIES
@@ -45,7 +45,14 @@ from nexus_jax.nexusflow.training import TrainResult, train_nexus_former
 from nexus_jax.train.config import validate_train_config
 
 SPLITS = ("train", "valid", "test")
-BUILDER_ARGS = ("max_history", "contexts", "preprocessor", "table_preprocessors", "count_windows")
+BUILDER_ARGS = (
+    "max_history",
+    "contexts",
+    "preprocessor",
+    "table_preprocessors",
+    "count_windows",
+    "summaries",
+)
 AUX_KEYS = ("context_attention", "fusion_gates", "context_present", "iterations")
 EVAL_BATCH = 2048
 
@@ -99,6 +106,21 @@ def parse_count_windows(text: str) -> tuple[float, ...]:
   return windows
 
 
+def parse_summaries(text: str) -> tuple[str, ...]:
+  """'count,mean,max' -> ('count', 'mean', 'max'); 'none' -> (). Raises ValueError naming
+  `config.data.summaries` for an unknown aggregate."""
+  if text.strip().lower() == "none":
+    return ()
+  names = tuple(a.strip() for a in text.split(",") if a.strip())
+  unknown = sorted(set(names) - set(SUMMARIES))
+  if not names or unknown:
+    raise ValueError(
+        f"config.data.summaries={text!r}: unknown aggregate(s) {unknown}; choose from "
+        f"{list(SUMMARIES)} or 'none'"
+    )
+  return names
+
+
 def preprocessor_settings(dc: Any, recommended: Mapping[str, Any]) -> dict[str, Any]:
   """Preprocessor kwargs from `config.data` over the dataset's `recommended` ones: the config's
   numeric_transform always, datetime_parts when set, max_categories when > 0 (0 = the dataset's
@@ -145,6 +167,8 @@ def builder_settings(
     kwargs["max_history"] = int(dc.history_rows)
   if dc.count_windows:
     kwargs["count_windows"] = parse_count_windows(dc.count_windows)
+  if dc.summaries:
+    kwargs["summaries"] = parse_summaries(dc.summaries)
   kwargs["preprocessor"] = preprocessor_settings(dc, kwargs.get("preprocessor", {}))
   overrides = dict(overrides or {})
   if "preprocessor" in overrides:
@@ -253,6 +277,8 @@ def score(
       "schedule": dict(schedule),
       "data_seconds": round(prepared.seconds, 2),
       "train_seconds_this_call": round(result.fit.train_seconds, 2),
+      # first train step + first evaluation of this call (mostly XLA compilation), inside train_seconds
+      "compile_seconds": round(result.fit.compile_seconds, 2),
       "train_rows_per_second": round(result.fit.rows_per_second, 1),
       "device": f"{jax.devices()[0].platform} x{jax.device_count()}",
   }

@@ -11,7 +11,9 @@ For `n_train` training rows:
   optimiser has taken enough steps to learn anything;
 - warmup: `optim.warmup_steps`, capped at 10% of the steps (a warmup as long as the run trains at a
   learning rate near 0 throughout);
-- evaluation: `train.eval_every_steps` when > 0, else min(one epoch, a quarter of the run);
+- evaluation: `train.eval_every_steps` when > 0, else min(one epoch, a quarter of the run), but at
+  most `MAX_EVALUATIONS` per run (each evaluation also writes a checkpoint: a small table evaluated
+  every 4-step epoch spent most of its fit there);
 - early stopping: a patience (in evaluations) of at least a quarter of the run's evaluations, so a
   small table evaluated every epoch is not stopped by the noise of its first epochs (a small
   validation split's AUC dips while the warmup ends); 0 (never stop) stays 0.
@@ -28,6 +30,7 @@ from typing import Any
 MIN_BATCH = 8
 MAX_WARMUP_FRACTION = 0.1
 MIN_PATIENCE_FRACTION = 0.25  # of the run's evaluations
+MAX_EVALUATIONS = 20
 
 
 def scale_schedule(config: Any, n_train: int) -> dict[str, int]:
@@ -53,7 +56,9 @@ def scale_schedule(config: Any, n_train: int) -> dict[str, int]:
       )
     steps = max(int(tc.num_epochs) * steps_per_epoch, int(tc.get("min_steps", 0)))
   warmup = int(min(int(oc.warmup_steps), int(steps * MAX_WARMUP_FRACTION)))
-  every = int(tc.eval_every_steps) or min(steps_per_epoch, max(steps // 4, 1))
+  every = int(tc.eval_every_steps) or max(
+      min(steps_per_epoch, max(steps // 4, 1)), math.ceil(steps / MAX_EVALUATIONS)
+  )
   patience = int(tc.early_stopping.patience)
   if patience > 0:
     patience = max(patience, math.ceil(MIN_PATIENCE_FRACTION * steps / every))

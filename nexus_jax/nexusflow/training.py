@@ -124,6 +124,7 @@ def train_nexus_former(
       steps_run=sum(m.fit.steps_run for m in members),
       train_seconds=seconds,
       rows_per_second=rows / seconds if seconds > 0 else 0.0,
+      compile_seconds=sum(m.fit.compile_seconds for m in members),
       stopped_early=any(m.fit.stopped_early for m in members),
   )
   summary = [

@@ -55,6 +55,8 @@ class FitResult:
   steps_run: int  # steps taken in this call (0 when resuming a finished run)
   train_seconds: float  # wall time of the steps taken in this call
   rows_per_second: float
+  # wall time of this call's first train step and first evaluation (blocked): mostly XLA compilation
+  compile_seconds: float
   stopped_early: bool
   checkpointer: Checkpointer
   trainer: "Trainer"  # evaluates further splits: `result.trainer.evaluate(state, data)`
@@ -272,6 +274,7 @@ def fit(
       desc="train",
   )
   step, pending, t_start, t_log, steps_run = start, [], time.perf_counter(), time.perf_counter(), 0
+  compile_seconds, evaluated = 0.0, False
   last_saved = latest
 
   def save(metrics=None):
@@ -287,7 +290,11 @@ def fit(
 
   try:
     while step < stop_at and not stopped_early:
+      t_step = time.perf_counter()
       state, metrics = trainer.train_step(state, train_data.train_batch(step))
+      if steps_run == 0:
+        jax.block_until_ready(metrics)
+        compile_seconds += time.perf_counter() - t_step
       pending.append(metrics)
       step += 1
       steps_run += 1
@@ -304,7 +311,10 @@ def fit(
         bar.update(len(pending))
         pending, t_log = [], now
       if do_eval:
+        t_eval = time.perf_counter()
         valid_metrics, _ = trainer.evaluate(state, valid_data)
+        if not evaluated:
+          compile_seconds, evaluated = compile_seconds + time.perf_counter() - t_eval, True
         writer.write(step, "valid", valid_metrics)
         history.append({"step": step, **valid_metrics})
         stopped_early = early.update(step, valid_metrics)
@@ -329,6 +339,7 @@ def fit(
       steps_run=steps_run,
       train_seconds=seconds,
       rows_per_second=steps_run * train_data.batch_size / max(seconds, 1e-9),
+      compile_seconds=compile_seconds,
       stopped_early=stopped_early,
       checkpointer=checkpointer,
       trainer=trainer,
