@@ -201,7 +201,8 @@ class SortedHistory:
     Args:
       values: f64 `[C]` or `[C, F]`, one value per candidate row (table order); NaN = missing.
     Returns:
-      {"count": `[N]` visible rows; "mean", "min", "max" over their non-missing values and "last"
+      {"count": `[N]` visible rows; "n": `[N, F]` of them with a value; "mean", "min", "max" over
+      those values and "last"
       (the most recent visible row's value, NaN if it is missing): `[N, F]` float64}; NaN where a
       target row sees no value. A self-history without a time cut must not use this (each row
       would see itself).
@@ -221,6 +222,7 @@ class SortedHistory:
       mean = np.where(has, (sums[end] - sums[start]) / n_valid, np.nan)
     out = {
         "count": (end - start).astype(np.float64),
+        "n": n_valid,
         "mean": mean,
         "min": np.where(
             has, self._range_reduce(np.where(valid, sv, np.inf), start, end, np.minimum), np.nan

@@ -30,11 +30,11 @@ without times get the count of all their rows (``count[<context>,all]``). These 
 the target row (appended after the preprocessor's); they are stateless, so predict time recomputes them
 from the tables it is given.
 
-**Summaries** (``summaries``, optional): the same blind spot for values -- pooling sees the M most recent
-rows only -- so every history context (except a target-table history without times) can also give the
-target row aggregates of its related rows' numeric features over *all* visible rows: ``count``
-(``log1p`` of the rows), ``mean``, ``min``, ``max`` (``<agg>[<context>,<feature>]``, of the preprocessed
-features; missing when no visible row has a value). Like the counts they are stateless.
+**Summaries** (``summaries``, optional): the same blind spot for values -- pooling sees the M most
+recent rows only -- so the target row can also get aggregates over *all* visible rows of every history
+context (`data/summaries.py`: ``count``, ``mean``, ``min``, ``max``, ``sum``, ``last`` of the related
+table's numeric columns, ``levels`` = counts of its most frequent categories, fixed at fit). They are
+raw columns of the target row, preprocessed with its own features (quantile transform, missing flags).
 
 Use::
 
@@ -61,10 +61,11 @@ from nexus_jax.data import context_index as ci
 from nexus_jax.data.context_sets import AGE_FEATURE, ContextArrays, ContextSpec, RelationalData
 from nexus_jax.data.preprocess import FeatureInfo, TabularPreprocessor
 from nexus_jax.data.schema import Schema, SchemaError, SchemaWarning, ValidationReport, parse_cutoff, parse_time
+from nexus_jax.data import summaries as summaries_lib
 from nexus_jax.data.splits import assign_split
 
 BUILDER_FILE = "context_set_builder.json"
-SUMMARIES = ("count", "mean", "min", "max")
+SUMMARIES = summaries_lib.AGGREGATES
 
 
 def discover_contexts(
@@ -215,6 +216,32 @@ class ContextSetBuilder:
   def _features(self, table: str, df: pd.DataFrame) -> pd.DataFrame:
     return df[self.schema.feature_columns(table, df)]
 
+  def _target_features(self, tables: Mapping[str, pd.DataFrame], times) -> pd.DataFrame:
+    """The target table's feature columns plus the summaries of every history context."""
+    target = self.schema.target.table
+    own = self._features(target, tables[target])
+    wanted = self.config.get("summaries") or ()
+    if not wanted:
+      return own
+    t_ticks, _, _ = ci.time_ticks(times)
+    levels = self.config.setdefault("summary_levels", {})
+    extra: dict[str, np.ndarray] = {}
+    for spec in self.contexts:
+      if spec.kind != "history":
+        continue
+      if spec.name not in levels:  # fit: the most frequent values of the related table's categories
+        levels[spec.name] = summaries_lib.summary_levels(tables[spec.table], self.schema, spec)
+      extra.update(
+          summaries_lib.history_summaries(
+              tables, self.schema, spec, t_ticks, wanted, levels[spec.name]
+          )
+      )
+    names = self.config.setdefault("summary_columns", list(extra))  # fixed at fit
+    frame = pd.DataFrame(
+        {n: extra.get(n, np.full(len(own), np.nan)) for n in names}, index=own.index
+    )
+    return pd.concat([own, frame], axis=1)
+
   # ------------------------------------------------------------------ fit
   def fit(self, tables: Mapping[str, pd.DataFrame]) -> "ContextSetBuilder":
     """Validates `tables`, fits one preprocessor per used table on training-time rows, and the classes."""
@@ -226,10 +253,13 @@ class ContextSetBuilder:
     split = assign_split(schema, target_df, times)
     if not (split == "train").any():
       raise SchemaError(f"split: no training rows in table {target!r}; check the split settings")
+    self.config.pop("summary_levels", None)  # refit: chosen again from these tables
+    self.config.pop("summary_columns", None)
+    target_features = self._target_features(tables, times)
     for table in self.tables_used:
       df = tables[table]
       if table == target:
-        rows = df[split == "train"]
+        rows = target_features[split == "train"]
       elif schema.split.method == "time" and schema.tables[table].time_column is not None:
         column = schema.tables[table].time_column
         where = f"table {table!r} column {column!r}"
@@ -251,8 +281,11 @@ class ContextSetBuilder:
       kwargs = {**self.config["preprocessor"], **self.config["table_preprocessors"].get(table, {})}
       # Foreign keys are identities, never quantities: categorical unless the user says otherwise.
       fk_types = {c: "categorical" for c in schema.tables[table].foreign_keys if c in rows.columns}
+      if table == target:  # summaries are quantities, whatever their number of distinct values
+        fk_types.update({c: "numeric" for c in self.config.get("summary_columns", [])})
       kwargs["column_types"] = {**fk_types, **kwargs.get("column_types", {})}
-      self.preprocessors[table] = TabularPreprocessor(**kwargs).fit(self._features(table, rows))
+      features = rows if table == target else self._features(table, rows)
+      self.preprocessors[table] = TabularPreprocessor(**kwargs).fit(features)
     self.classes = _classes(target_df[schema.target.column], schema.target.task)
     return self
 
@@ -302,7 +335,12 @@ class ContextSetBuilder:
     for (
         table
     ) in self.tables_used:  # transform each table once; a zero row at the end is the padding
-      arrays = self.preprocessors[table].transform(self._features(table, tables[table]))
+      features = (
+          self._target_features(tables, times)
+          if table == target
+          else self._features(table, tables[table])
+      )
+      arrays = self.preprocessors[table].transform(features)
       feats[table] = {
           k: np.concatenate([v, np.zeros((1,) + v.shape[1:], v.dtype)]) for k, v in arrays.items()
       }
@@ -313,10 +351,6 @@ class ContextSetBuilder:
       )
       if self.config.get("count_windows") and history is not None:
         names, values = self._window_counts(spec, history, t_is_dt)
-        count_names += names
-        counts.append(values)
-      if self.config.get("summaries") and history is not None:
-        names, values = self._summaries(spec, history, feats[spec.table])
         count_names += names
         counts.append(values)
     has_labels = schema.target.column in target_df.columns
@@ -447,31 +481,6 @@ class ContextSetBuilder:
     names = [f"count[{spec.name},{w:g}{'h' if t_is_dt else ''}]" for w in windows]
     return names, _signed_log1p(history.window_counts(windows, is_datetime=t_is_dt))
 
-  def _summaries(
-      self, spec: ContextSpec, history: ci.SortedHistory, feats: Mapping[str, np.ndarray]
-  ) -> tuple[list[str], np.ndarray]:
-    """Names and values `[N, S]` (NaN = missing) of the summaries of history `spec` over all its
-    visible rows (module docstring); none for a target-table history without times."""
-    if self._sees_itself(spec, history):
-      return [], np.zeros((len(history.t_codes), 0))
-    wanted = self.config["summaries"]
-    names, columns = [], []
-    if "count" in wanted:
-      names.append(f"count[{spec.name},rows]")
-      columns.append(np.log1p(history.key_counts())[:, None].astype(np.float64))
-    numeric = feats["numeric"][:-1].astype(np.float64)  # the last row is the padding row
-    values = np.where(feats["numeric_missing"][:-1], np.nan, numeric)
-    feature_names = self.preprocessors[spec.table].get_feature_info().numeric_names
-    aggregates = [a for a in wanted if a != "count"]
-    if aggregates and values.shape[1]:
-      agg = history.summaries(values)
-      for a in aggregates:
-        names += [f"{a}[{spec.name},{f}]" for f in feature_names]
-        columns.append(agg[a])
-    return names, (
-        np.concatenate(columns, axis=1) if columns else np.zeros((len(history.t_codes), 0))
-    )
-
   def fit_transform(self, tables: Mapping[str, pd.DataFrame]) -> RelationalData:
     return self.fit(tables).transform(tables)
 
@@ -506,6 +515,9 @@ class ContextSetBuilder:
         count_windows=cfg.get("count_windows", ()),
         summaries=cfg.get("summaries", ()),
     )
+    for key in ("summary_levels", "summary_columns"):  # chosen at fit
+      if key in cfg:
+        builder.config[key] = cfg[key]
     builder.classes = None if payload["classes"] is None else tuple(payload["classes"])
     builder.preprocessors = {
         t: TabularPreprocessor.load(directory / f"preprocessor_{i}")

@@ -68,8 +68,8 @@ def tabular_config() -> ml_collections.ConfigDict:
   # "" = the dataset's recommendation (none for a data.path folder), "none" = no count features.
   c.data.count_windows = ""
   # Aggregates over ALL visible rows of every history context as target-row features (pooling sees
-  # only the M most recent): "count,mean,min,max" or a subset; "" = the dataset's recommendation
-  # (none for a data.path folder or the estimator), "none" = no summaries.
+  # only the M most recent; data/summaries.py): a subset of count,mean,min,max,sum,last,levels, or
+  # "all"; "" = the dataset's recommendation (none for a data.path folder), "none" = no summaries.
   c.data.summaries = ""
   # Parts of datetime columns used as features ("" = the dataset's default). Not "yearday" or "epoch":
   # under a time split no validation / test day of the year (or date) occurs in training.

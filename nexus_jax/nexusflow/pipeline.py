@@ -107,10 +107,13 @@ def parse_count_windows(text: str) -> tuple[float, ...]:
 
 
 def parse_summaries(text: str) -> tuple[str, ...]:
-  """'count,mean,max' -> ('count', 'mean', 'max'); 'none' -> (). Raises ValueError naming
+  """'count,mean,max' -> ('count', 'mean', 'max'); 'all' -> every aggregate; 'none' -> ().
+  Raises ValueError naming
   `config.data.summaries` for an unknown aggregate."""
   if text.strip().lower() == "none":
     return ()
+  if text.strip().lower() == "all":
+    return tuple(SUMMARIES)
   names = tuple(a.strip() for a in text.split(",") if a.strip())
   unknown = sorted(set(names) - set(SUMMARIES))
   if not names or unknown:

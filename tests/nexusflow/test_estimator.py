@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from relational_testing import SCHEMA, TINY, predict_tables
+from relational_testing import SCHEMA, TINY, make_tables, predict_tables
 from sklearn.base import clone
 
 from nexus_jax.data.schema import SchemaError
@@ -305,3 +305,12 @@ def test_deep_ensemble_averages_members_and_round_trips(tables, tmp_path):
   np.testing.assert_array_equal(loaded.predict_proba(new, history=history), proba)
   quant = loaded.optimize("int8", eval_tables=tables)
   assert quant["size_reduction"] > 0.3 and abs(quant["change"]["auc"]) < 0.02
+
+
+def test_a_table_without_feature_columns_still_trains():
+  """A parent table with only its key (or every column dropped) becomes a learned presence token."""
+  tables = make_tables(300)
+  tables["customers"] = tables["customers"][["customer_id"]]
+  est = NexusFlowClassifier(**TINY).fit(tables, SCHEMA)
+  proba = est.predict_proba(tables)
+  assert proba.shape == (len(tables["orders"]), 2) and np.isfinite(proba).all()

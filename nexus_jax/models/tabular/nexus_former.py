@@ -72,6 +72,10 @@ class TableFeatures:
     return cls(len(info.numeric_names), tuple(int(c) for c in info.categorical_cardinalities))
 
 
+def _featureless(features: "TableFeatures") -> bool:
+  return features.num_numeric == 0 and not features.cat_cardinalities
+
+
 class NexusFormer(nn.Module):
   """Target row + relational contexts -> prediction (see the module docstring for shapes).
 
@@ -119,6 +123,16 @@ class NexusFormer(nn.Module):
   attention_dropout: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+
+  def _constant_token(self, name: str, batch: int) -> Array:
+    """A learned `[B, d_model]` token for a row without features."""
+    value = self.param(
+        name,
+        logical_init(("embed",), nn.initializers.normal(0.02)),
+        (self.d_model,),
+        self.param_dtype,
+    )
+    return jnp.broadcast_to(value.astype(self.dtype), (batch, self.d_model))
 
   def _encoder(
       self, kind: str, features: TableFeatures, kwargs: Mapping[str, Any], name: str
@@ -240,9 +254,12 @@ class NexusFormer(nn.Module):
     target_kwargs = encoder_kwargs(
         self.target_encoder, self.target_encoder_kwargs, "NexusFormer.target_encoder_kwargs"
     )
-    t0, _ = self._encoder(self.target_encoder, target_layout, target_kwargs, "target_encoder")(
-        row["numeric"], row["categorical"], row["numeric_missing"], deterministic=det
-    )
+    if _featureless(target_layout):  # only keys and the label: a learned constant token
+      t0 = self._constant_token("target_token", b)
+    else:
+      t0, _ = self._encoder(self.target_encoder, target_layout, target_kwargs, "target_encoder")(
+          row["numeric"], row["categorical"], row["numeric_missing"], deterministic=det
+      )
     t0 = layer_norm("target_norm", dt, pdt)(t0.astype(dt))
     encoders: dict[Any, nn.Module] = {}
     kinds = self.context_encoders or ("mlp",) * len(self.context_names)
@@ -255,6 +272,12 @@ class NexusFormer(nn.Module):
         self._context_kwargs(kinds),
     ):
       ctx = contexts[name]
+      if _featureless(feats):  # a table with no feature columns: whether its row exists is all
+        mask = ctx["mask"].astype(bool)
+        token = self._constant_token(f"empty_context_{len(tokens)}", b)
+        tokens.append(layer_norm(f"context_norm_{len(tokens)}", dt, pdt)(token.astype(dt)))
+        present.append(jnp.any(mask, axis=1))
+        continue
       key = (
           (table, feats, kind, repr(sorted(kwargs.items()))) if self.share_table_encoders else name
       )
