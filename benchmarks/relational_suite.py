@@ -193,6 +193,32 @@ def summary_line(results: list[dict]) -> dict:
   return out
 
 
+def markdown_table(results: list[dict]) -> str:
+  """The README table of a run: one row per task, metric of each model, NexusFlow's interval vs
+  LightGBM and outcome, fit seconds (NexusFlow: total / compile)."""
+  lines = [
+      "| task | kind | train / valid / test rows | metric | NexusFlow | LightGBM | linear | "
+      "NexusFlow - LightGBM (95% CI) | outcome | fit s NexusFlow (compile) | fit s LightGBM | "
+      "fit s linear |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in results:
+    m, rows = r["metric"], r["rows"]
+    fit = {
+        k: np.mean([f["fit_seconds"] for f in r[k]["fits"]])
+        for k in ("nexusflow", "lightgbm", "linear")
+    }
+    compile_s = np.mean([f["compile_seconds"] or 0 for f in r["nexusflow"]["fits"]])
+    lo, hi = r["diff_vs_lightgbm_95"]["nexusflow"]
+    lines.append(
+        f"| {r['task']} | {r['kind']} | {rows['train']:,} / {rows['valid']:,} / {rows['test']:,} | "
+        f"{m} | {r['nexusflow'][m]:.4f} | {r['lightgbm'][m]:.4f} | {r['linear'][m]:.4f} | "
+        f"[{lo:+.4f}, {hi:+.4f}] | {r['outcome_vs_lightgbm']['nexusflow']} | "
+        f"{fit['nexusflow']:.0f} ({compile_s:.0f}) | {fit['lightgbm']:.1f} | {fit['linear']:.1f} |"
+    )
+  return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
   from nexus_jax.data.datasets.relational_tasks import TASKS
 
@@ -203,7 +229,16 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--seeds", default="0", help="comma-separated seeds")
   parser.add_argument("--override", action="append", default=[], help="config field=value")
   parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
+  parser.add_argument("--markdown", default="", help="also write the README table to this file")
+  parser.add_argument(
+      "--table-from", default="", help="only render --markdown from this file of JSON lines"
+  )
   args = parser.parse_args(argv)
+  if args.table_from:
+    with open(args.table_from) as f:
+      rows = [json.loads(l) for l in f if l.startswith('{"task"')]
+    print(markdown_table(rows))
+    return 0
   names = [t for t in args.tasks.split(",") if t] or list(TASKS)
   unknown = [t for t in names if t not in TASKS]
   if unknown:
@@ -219,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     results.append(result)
     print(json.dumps(result), flush=True)
   print(json.dumps(summary_line(results)), flush=True)
+  if args.markdown:
+    with open(args.markdown, "w") as f:
+      f.write(markdown_table(results) + "\n")
   return 0
 
 

@@ -153,6 +153,7 @@ class SortedHistory:
       self.end = np.searchsorted(self.composite, self.t_base, side="right")
     self.start = np.searchsorted(self.composite, self.t_base, side="left")
     self.sorted_rows = rows[order]
+    self.sorted_keys = keys[order]  # key code of each sorted row (its group)
 
   def index(self, max_rows: int, exclude_self: bool = False) -> np.ndarray:
     """`history_index`: int64 `[N, M]` positions, most recent first, -1 padding."""
@@ -225,10 +226,10 @@ class SortedHistory:
         "n": n_valid,
         "mean": mean,
         "min": np.where(
-            has, self._range_reduce(np.where(valid, sv, np.inf), start, end, np.minimum), np.nan
+            has, self._prefix_reduce(np.where(valid, sv, np.inf), end, "cummin"), np.nan
         ),
         "max": np.where(
-            has, self._range_reduce(np.where(valid, sv, -np.inf), start, end, np.maximum), np.nan
+            has, self._prefix_reduce(np.where(valid, sv, -np.inf), end, "cummax"), np.nan
         ),
     }
     last = np.concatenate([sv, np.full((1, sv.shape[1]), np.nan)])[
@@ -237,19 +238,15 @@ class SortedHistory:
     out["last"] = last
     return out
 
-  @staticmethod
-  def _range_reduce(sv: np.ndarray, start: np.ndarray, end: np.ndarray, ufunc) -> np.ndarray:
-    """`ufunc.reduce(sv[start_i:end_i])` for every i (empty ranges give garbage, masked by the
-    caller). Ranges are visited in start order, so the gaps between them add at most S work."""
-    if len(start) == 0:
-      return np.zeros((0, sv.shape[1]))
-    order = np.argsort(start, kind="stable")
-    padded = np.concatenate([sv, sv[:1] if len(sv) else np.zeros((1, sv.shape[1]))])
-    pairs = np.stack([start[order], np.maximum(end[order], start[order] + 1)], axis=1).ravel()
-    reduced = ufunc.reduceat(padded, np.minimum(pairs, len(padded) - 1), axis=0)[::2]
-    out = np.empty_like(reduced)
-    out[order] = reduced
-    return out
+  def _prefix_reduce(self, sv: np.ndarray, end: np.ndarray, how: str) -> np.ndarray:
+    """Running min / max (`how` = "cummin" / "cummax"; missing values passed as +-inf) of `sv` `[S, F]` within each
+    key group, read at each target row's last visible row: a visible range always starts at its key
+    group's first row, so this is the range's reduction in O(S) (garbage where a range is empty,
+    masked by the caller)."""
+    if len(sv) == 0:
+      return np.full((len(end), sv.shape[1]), np.nan)
+    running = getattr(pd.DataFrame(sv).groupby(self.sorted_keys, sort=False), how)().to_numpy()
+    return running[np.clip(end - 1, 0, len(sv) - 1)]
 
 
 def key_counts(
