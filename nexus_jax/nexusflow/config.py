@@ -22,6 +22,8 @@ import ml_collections
 from nexus_jax.train.config import base_config
 
 DEFAULT_MAX_CATEGORIES = 1000  # data.max_categories = 0 without a dataset recommendation
+# data.summaries = "" without a dataset recommendation (chosen on benchmarks/relational_suite.py)
+DEFAULT_SUMMARIES: tuple[str, ...] = ()
 
 # field path -> value, applied by apply_preset where the field still holds its QUICK value.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -69,7 +71,7 @@ def tabular_config() -> ml_collections.ConfigDict:
   c.data.count_windows = ""
   # Aggregates over ALL visible rows of every history context as target-row features (pooling sees
   # only the M most recent; data/summaries.py): a subset of count,mean,min,max,sum,last,levels, or
-  # "all"; "" = the dataset's recommendation (none for a data.path folder), "none" = no summaries.
+  # "all"; "" = the dataset's recommendation, else DEFAULT_SUMMARIES; "none" = no summaries.
   c.data.summaries = ""
   # Parts of datetime columns used as features ("" = the dataset's default). Not "yearday" or "epoch":
   # under a time split no validation / test day of the year (or date) occurs in training.

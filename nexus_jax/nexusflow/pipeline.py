@@ -36,7 +36,7 @@ from nexus_jax.data.datasets.folder import sample_target_rows
 from nexus_jax.data.relational import SUMMARIES, ContextSetBuilder
 from nexus_jax.data.schema import Schema
 from nexus_jax.nexusflow.batch_inference import predict_arrays
-from nexus_jax.nexusflow.config import DEFAULT_MAX_CATEGORIES
+from nexus_jax.nexusflow.config import DEFAULT_MAX_CATEGORIES, DEFAULT_SUMMARIES
 from nexus_jax.nexusflow.objectives import evaluation_metrics, relational_arrays
 from nexus_jax.nexusflow.optimization import optimization_report
 from nexus_jax.nexusflow.plots import context_importance
@@ -172,6 +172,8 @@ def builder_settings(
     kwargs["count_windows"] = parse_count_windows(dc.count_windows)
   if dc.summaries:
     kwargs["summaries"] = parse_summaries(dc.summaries)
+  elif "summaries" not in kwargs:  # no recommendation: the library default (any schema)
+    kwargs["summaries"] = DEFAULT_SUMMARIES
   kwargs["preprocessor"] = preprocessor_settings(dc, kwargs.get("preprocessor", {}))
   overrides = dict(overrides or {})
   if "preprocessor" in overrides:

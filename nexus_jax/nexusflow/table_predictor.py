@@ -136,9 +136,10 @@ class TabularPredictor:
         continue
       types = self.builder.preprocessors[table].get_feature_info().types
       target_col = schema.target.column if table == target else None
+      derived = set(self.builder.config.get("summary_columns", [])) if table == target else set()
       for column, kind in types.items():
-        if kind in ct.DROPPED_TYPES or column == target_col:
-          continue
+        if kind in ct.DROPPED_TYPES or column == target_col or column in derived:
+          continue  # summaries are computed from the related tables, not read
         if column not in df.columns:
           raise SchemaError(
               f"table {name!r}: column {column!r} (a {kind} feature at fit time) is missing"

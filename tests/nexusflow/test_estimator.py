@@ -314,3 +314,16 @@ def test_a_table_without_feature_columns_still_trains():
   est = NexusFlowClassifier(**TINY).fit(tables, SCHEMA)
   proba = est.predict_proba(tables)
   assert proba.shape == (len(tables["orders"]), 2) and np.isfinite(proba).all()
+
+
+def test_summaries_fit_predict_and_reload_identically(tmp_path):
+  """data.summaries: the target row's aggregate features are recomputed at predict time (they are
+  not columns of the user's table) and the reloaded artifact predicts the same."""
+  kw = dict(TINY, config_overrides={**TINY["config_overrides"], "data.summaries": "all"})
+  tables = make_tables(300)
+  est = NexusFlowClassifier(**kw).fit(tables, SCHEMA)
+  names = est.predictor_.builder.preprocessors["orders"].get_feature_info().numeric_names
+  assert "events.customer_id=customer_id.mean(value)" in names
+  proba = est.predict_proba(tables)
+  est.save(tmp_path / "m")
+  np.testing.assert_allclose(NexusFlowClassifier.load(tmp_path / "m").predict_proba(tables), proba)
