@@ -7,7 +7,9 @@
 
 1. `prepare`: validates the training settings (before anything is built or compiled), loads the
    tables (bundled `data.name`, a `data.path` folder, or the tables given), adds `data.drop_columns`
-   to the schema, fits the `ContextSetBuilder` on training-time rows and splits the context sets.
+   to the schema, fits the `ContextSetBuilder` on training-time rows and splits the context sets
+   (a split without validation rows gets 10% of the training rows carved off for early stopping:
+   the latest ones, whole groups, or random rows, like the split; `carve_validation`).
    Builder settings follow ONE precedence rule, `builder_settings` (later wins):
    library defaults < the dataset's recommendation < `config.data` fields that are set < explicit
    builder keyword arguments (the estimator's `builder_kwargs`).
@@ -34,7 +36,8 @@ from nexus_jax.data.context_sets import RelationalData
 from nexus_jax.data.datasets import load_dataset
 from nexus_jax.data.datasets.folder import sample_target_rows
 from nexus_jax.data.relational import SUMMARIES, ContextSetBuilder
-from nexus_jax.data.schema import Schema
+from nexus_jax.data import context_index
+from nexus_jax.data.schema import Schema, parse_time
 from nexus_jax.nexusflow.batch_inference import predict_arrays
 from nexus_jax.nexusflow.config import DEFAULT_MAX_CATEGORIES, DEFAULT_SUMMARIES
 from nexus_jax.nexusflow.objectives import evaluation_metrics, relational_arrays
@@ -55,6 +58,10 @@ BUILDER_ARGS = (
 )
 AUX_KEYS = ("context_attention", "fusion_gates", "context_present", "iterations")
 EVAL_BATCH = 2048
+# With no validation rows in the schema's split, this share of the training rows (at least
+# MIN_ROWS_TO_CARVE of them) becomes the validation split: early stopping needs held-out rows.
+CARVED_FRACTION = 0.1
+MIN_ROWS_TO_CARVE = 50
 
 
 @dataclasses.dataclass
@@ -68,6 +75,7 @@ class Prepared:
   splits: dict[str, RelationalData]  # "train" | "valid" | "test"
   baselines: dict[str, Any]  # reference test metrics of a bundled dataset ({} otherwise)
   seconds: float  # wall time of loading + building
+  carved_validation: int = 0  # validation rows carved from training rows (the split gave none)
 
 
 # ---------------------------------------------------------------------------------------- settings
@@ -216,9 +224,58 @@ def prepare(
   builder = ContextSetBuilder(schema, **kwargs).fit(tables)
   data = builder.transform(tables)
   splits = {s: data.subset(s) for s in SPLITS}
+  carved = 0
+  if splits["valid"].num_rows == 0 and splits["train"].num_rows >= MIN_ROWS_TO_CARVE:
+    splits["train"], splits["valid"] = carve_validation(
+        splits["train"], tables[schema.target.table], schema, int(config.seed)
+    )
+    carved = splits["valid"].num_rows
   return Prepared(
-      name, dict(tables), schema, builder, splits, dict(baselines), time.perf_counter() - t0
+      name,
+      dict(tables),
+      schema,
+      builder,
+      splits,
+      dict(baselines),
+      time.perf_counter() - t0,
+      carved,
   )
+
+
+def carve_validation(
+    train: RelationalData, target_df: pd.DataFrame, schema: Schema, seed: int
+) -> tuple[RelationalData, RelationalData]:
+  """(train, valid) with `CARVED_FRACTION` of the training rows moved to validation, for early
+  stopping when the schema's split gives no validation rows. The same kind of split as the
+  schema's: the latest rows (time), whole groups of the split key (group), else random rows.
+  """
+  n = train.num_rows
+  n_valid = max(1, int(round(CARVED_FRACTION * n)))
+  rng = np.random.default_rng(seed)
+  rows = target_df.iloc[train.row_index]
+  if schema.split.method == "time":
+    column = schema.target_table.time_column
+    ticks, _, _ = context_index.time_ticks(parse_time(rows[column], f"column {column!r}"))
+    valid = np.zeros(n, bool)
+    valid[np.argsort(ticks, kind="stable")[-n_valid:]] = True
+  elif schema.split.method == "group" and schema.split.key in rows.columns:
+    codes, uniques = pd.factorize(rows[schema.split.key], use_na_sentinel=False)
+    chosen, count = set(), 0
+    for g in rng.permutation(len(uniques)):
+      if count >= n_valid:
+        break
+      chosen.add(g)
+      count += int((codes == g).sum())
+    valid = np.isin(codes, list(chosen))
+  else:
+    valid = np.zeros(n, bool)
+    valid[rng.permutation(n)[:n_valid]] = True
+  if valid.all():  # one group holds every row: fall back to random rows
+    valid = np.zeros(n, bool)
+    valid[rng.permutation(n)[:n_valid]] = True
+  carved = train.take(valid)
+  carved.split = np.full(carved.num_rows, "valid", dtype=object)
+  return train.take(~valid), carved
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -279,6 +336,7 @@ def score(
           for i, n in enumerate(names)
       },
       "rows": {s: int(prepared.splits[s].num_rows) for s in SPLITS},
+      "validation_carved_from_train": int(prepared.carved_validation),
       "schedule": dict(schedule),
       "data_seconds": round(prepared.seconds, 2),
       "train_seconds_this_call": round(result.fit.train_seconds, 2),

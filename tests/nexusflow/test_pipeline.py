@@ -69,3 +69,34 @@ def test_drop_columns_and_count_windows_settings():
   for bad in ("1,x", "0", ","):
     with pytest.raises(ValueError, match="config.data.count_windows"):
       pipeline.parse_count_windows(bad)
+
+
+@pytest.mark.parametrize(
+    "split",
+    [
+        {"method": "time", "valid_start": "2024-03-16", "test_start": "2024-03-16"},
+        {"method": "group", "key": "customer_id", "valid_fraction": 0.0, "test_fraction": 0.2},
+        {"method": "random", "valid_fraction": 0.0, "test_fraction": 0.2},
+    ],
+)
+def test_a_split_without_validation_rows_carves_them_from_training(tables, split):
+  import copy
+
+  import numpy as np
+
+  schema = copy.deepcopy(SCHEMA)
+  schema["split"] = split
+  config = NexusFlowClassifier().make_config(schema)
+  prepared = pipeline.prepare(config, tables, schema)
+  train, valid = prepared.splits["train"], prepared.splits["valid"]
+  n = train.num_rows + valid.num_rows
+  assert prepared.carved_validation == valid.num_rows and 0.05 * n <= valid.num_rows <= 0.3 * n
+  assert not set(train.row_index) & set(valid.row_index)
+  orders = tables["orders"]
+  if split["method"] == "time":  # the latest training rows
+    assert orders["time"].iloc[valid.row_index].min() >= orders["time"].iloc[train.row_index].max()
+  if split["method"] == "group":  # whole customers
+    assert not set(orders["customer_id"].iloc[valid.row_index]) & set(
+        orders["customer_id"].iloc[train.row_index]
+    )
+  assert (valid.split == "valid").all() and np.isin(train.split, ["train"]).all()
