@@ -113,7 +113,7 @@ def tabular_config() -> ml_collections.ConfigDict:
   c.model.target_encoder_kwargs = ml_collections.ConfigDict()
   c.model.target_encoder_kwargs.d_layers = (128,)  # hidden widths (mlp, lean_mlp)
   c.model.target_encoder_kwargs.d_embedding = 8  # per-feature embedding width
-  c.model.target_encoder_kwargs.numeric_embedding = "plr"  # "plr" (periodic) | "linear"
+  c.model.target_encoder_kwargs.numeric_embedding = "plr"  # "plr" (periodic) | "plr_lite" | "linear"
   c.model.target_encoder_kwargs.dropout = 0.1  # encoder dropout (mlp, tabm, lean_mlp)
   # Hyperparameters of the context-row encoders, same rule as target_encoder_kwargs, per context
   # encoder: the default lean_mlp has no numeric_embedding / plr_frequencies, so those two defaults

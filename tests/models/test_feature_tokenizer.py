@@ -55,10 +55,11 @@ def test_linear_and_categorical_match_numpy_reference():
   np.testing.assert_allclose(tokens[:, 5:], ref_cat, rtol=1e-6, atol=1e-6)
 
 
-def test_plr_matches_numpy_reference():
+@pytest.mark.parametrize("kind", ["plr", "plr_lite"])
+def test_plr_matches_numpy_reference(kind):
   x_num, x_cat, _ = _inputs((2, 3))
   model = FeatureTokenizer(
-      5, CARDS, dim=4, numeric_embedding="plr", plr_frequencies=3, plr_sigma=0.5
+      5, CARDS, dim=4, numeric_embedding=kind, plr_frequencies=3, plr_sigma=0.5
   )
   p = nn.unbox(_init(model, x_num, x_cat))["params"]
   tokens = np.asarray(model.apply({"params": p}, x_num, x_cat))
@@ -68,7 +69,8 @@ def test_plr_matches_numpy_reference():
   for f in range(5):  # explicit per-feature reference, as written in the paper
     v = 2 * np.pi * c[f] * x[..., f, None]  # [2, 3, K]
     periodic = np.concatenate([np.cos(v), np.sin(v)], -1)
-    ref[..., f, :] = np.maximum(periodic @ w[f] + b[f], 0.0)
+    w_f = w if kind == "plr_lite" else w[f]  # lite: one linear shared by every feature
+    ref[..., f, :] = np.maximum(periodic @ w_f + b[f], 0.0)
   np.testing.assert_allclose(tokens[..., 1:6, :], ref, rtol=1e-5, atol=1e-5)
   assert np.abs(c).max() <= 3 * 0.5 + 1e-6  # truncated-normal init of the frequencies
 
