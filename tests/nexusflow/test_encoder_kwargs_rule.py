@@ -49,7 +49,8 @@ def test_default_config_drops_the_plr_defaults_lean_mlp_lacks():
   assert spec["target_encoder_kwargs"] == {
       "d_layers": [128],
       "d_embedding": 8,
-      "numeric_embedding": "plr",
+      "numeric_embedding": "plr_lite",
+      "plr_frequencies": 16,
       "dropout": 0.1,
   }
   for ctx in spec["contexts"]:  # lean_mlp: no numeric_embedding / plr_frequencies
@@ -59,7 +60,7 @@ def test_default_config_drops_the_plr_defaults_lean_mlp_lacks():
 
 def test_other_encoder_kind_keeps_only_what_it_accepts_and_builds():
   spec = spec_for(**{"encoders.target": "ft_transformer", "encoders.hist": "mlp"})
-  assert spec["target_encoder_kwargs"] == {"numeric_embedding": "plr"}
+  assert spec["target_encoder_kwargs"] == {"numeric_embedding": "plr_lite"}
   by_name = {c["name"]: c for c in spec["contexts"]}
   assert by_name["hist.k=k"]["encoder_kwargs"]["plr_frequencies"] == 16
   assert "plr_frequencies" not in by_name["k->parent"]["encoder_kwargs"]

