@@ -98,7 +98,7 @@ def _nexusflow(tables, schema, task: str, seed: int, overrides: dict, quiet: boo
 def run_task(name: str, seeds: list[int], max_entities: int | None, overrides: dict, n_boot: int):
   """One task: every model on the same split; returns the task's JSON-able result."""
   from nexus_jax.data.datasets.relational_tasks import TASKS
-  from nexus_jax.data.relational import _classes
+  from nexus_jax.data.relational import label_classes
   from nexus_jax.data.schema import Schema
   from nexus_jax.data.splits import assign_split
   from nexus_jax.nexusflow import baselines, comparison
@@ -118,7 +118,7 @@ def run_task(name: str, seeds: list[int], max_entities: int | None, overrides: d
 
     times = parse_time(target_df[schema.target_table.time_column], "target time")
   split = assign_split(schema, target_df, times)
-  classes = _classes(target_df[target.column], target.task)
+  classes = label_classes(target_df[target.column], target.task)
   y = _labels(target_df[target.column], target.task, classes)
   t0 = time.perf_counter()
   features = flat_join(tables, schema)

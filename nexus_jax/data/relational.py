@@ -127,7 +127,7 @@ def discover_contexts(
   return list(unique.values())
 
 
-def _classes(y: pd.Series, task: str) -> tuple | None:
+def label_classes(y: pd.Series, task: str) -> tuple | None:
   """Label vocabulary: None (regression), (0, 1) for 0/1 or bool binaries, else sorted values."""
   if task == "regression":
     return None
@@ -286,7 +286,7 @@ class ContextSetBuilder:
       kwargs["column_types"] = {**fk_types, **kwargs.get("column_types", {})}
       features = rows if table == target else self._features(table, rows)
       self.preprocessors[table] = TabularPreprocessor(**kwargs).fit(features)
-    self.classes = _classes(target_df[schema.target.column], schema.target.task)
+    self.classes = label_classes(target_df[schema.target.column], schema.target.task)
     return self
 
   def _target_times(self, target_df: pd.DataFrame) -> pd.Series | None:
