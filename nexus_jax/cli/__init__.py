@@ -1,0 +1,1 @@
+"""Console scripts: `nexusflow` (tabular) and `nexus-lm` (language models)."""
