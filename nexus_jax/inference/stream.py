@@ -93,7 +93,8 @@ def stream_tokens(
     prompt: token ids `[P]` (at least one).
     cache_len: static KV-cache length (default: the padded prompt + `max_new_tokens`); keep it
       fixed across calls to reuse the compiled steps.
-    pad_to_multiple: left-pad the prompt to a multiple of this (ignored for recurrent models).
+    pad_to_multiple: left-pad the prompt to a multiple of this, within the room `cache_len`
+      leaves (ignored for recurrent models).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}.")
@@ -107,6 +108,8 @@ def stream_tokens(
     rng = jax.random.PRNGKey(0)
   multiple = 1 if is_recurrent(model) else max(1, int(pad_to_multiple))
   padded = -(-ids.size // multiple) * multiple
+  if cache_len:  # never pad past the room the cache leaves
+    padded = max(ids.size, min(padded, int(cache_len) - int(max_new_tokens)))
   pad = padded - ids.size
   sm = step_model_for(model, int(cache_len or padded + max_new_tokens))
   decoding.check_fits(sm.cache_len, padded, max_new_tokens)
