@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.early_stopping.min_delta = 0.0  # smallest change that counts as an improvement
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.name = "adamw"  # "adamw" | "lion" | "sgd"
+  c.optim.name = "adamw"  # "adamw" | "adamw8bit" (8-bit moments) | "lion" | "sgd"
   c.optim.learning_rate = 1e-3  # peak learning rate
   c.optim.warmup_steps = 100  # linear warmup steps
   c.optim.schedule = "cosine"  # "constant" | "linear" | "cosine" decay after warmup
@@ -47,6 +47,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9  # first-moment decay (adamw, lion)
   c.optim.b2 = 0.999  # second-moment decay (adamw, lion)
   c.optim.momentum = 0.9  # sgd momentum
+  c.optim.adam8bit = ml_collections.ConfigDict()  # only read by name="adamw8bit"
+  c.optim.adam8bit.block_size = (
+      256  # block length along each param's last axis (largest divisor <=)
+  )
+  c.optim.adam8bit.min_size = 4096  # params with fewer elements keep float32 moments
+  c.optim.adam8bit.exclude = ("embed", "router")  # param-path regexes with float32 moments
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel devices; -1 = all remaining

@@ -1,7 +1,9 @@
 """Optax optimizers and learning-rate schedules built from a config.
 
 Config fields (`config.optim`):
-  name: "adamw" | "lion" | "sgd"
+  name: "adamw" | "adamw8bit" | "lion" | "sgd" ("adamw8bit": both moments as block-wise uint8
+    codes of a dynamic map, `train/adam8bit.py`; `adam8bit.block_size`, `adam8bit.min_size` and
+    `adam8bit.exclude` (param-path regexes kept in float32) configure it)
   learning_rate: peak learning rate after warmup.
   warmup_steps: linear warmup from 0 to `learning_rate`.
   schedule: "constant" | "linear" | "cosine" (decay after warmup, down to
@@ -22,8 +24,10 @@ import jax
 import optax
 from flax import traverse_util
 
+from nexus_jax.train.adam8bit import DEFAULT_BLOCK_SIZE, DEFAULT_EXCLUDE, DEFAULT_MIN_SIZE, adamw_8bit
+
 SCHEDULES = ("constant", "linear", "cosine")
-OPTIMIZERS = ("adamw", "lion", "sgd")
+OPTIMIZERS = ("adamw", "adamw8bit", "lion", "sgd")
 
 # Name parts that mark parameters without weight decay: norms, biases and embedding tables
 # (matched against the parts of every path component split at "_", trailing digits removed, so
@@ -105,6 +109,18 @@ def build_optimizer(
   b1, b2 = float(optim_config.get("b1", 0.9)), float(optim_config.get("b2", 0.999))
   if name == "adamw":
     opt = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=wd, mask=weight_decay_mask)
+  elif name == "adamw8bit":
+    q = optim_config.get("adam8bit", None) or {}
+    opt = adamw_8bit(
+        schedule,
+        b1=b1,
+        b2=b2,
+        weight_decay=wd,
+        mask=weight_decay_mask,
+        block_size=int(q.get("block_size", DEFAULT_BLOCK_SIZE)),
+        min_size=int(q.get("min_size", DEFAULT_MIN_SIZE)),
+        exclude=tuple(q.get("exclude", DEFAULT_EXCLUDE)),
+    )
   elif name == "lion":
     opt = optax.lion(schedule, b1=b1, b2=b2, weight_decay=wd, mask=weight_decay_mask)
   else:

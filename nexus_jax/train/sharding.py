@@ -143,16 +143,43 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def optimizer_shardings(
     tx: optax.GradientTransformation, abstract_params: Any, param_shardings: Any, mesh: Mesh
 ) -> Any:
-  """Shardings of `tx.init(params)`: moments follow their params, counters are replicated."""
+  """Shardings of `tx.init(params)`: state leaves follow their params, counters are replicated.
+
+  A state leaf belongs to the param whose dict-key path ends its own dict-key path (e.g.
+  `mu/dense/kernel`, or `inner_states/8bit/.../mu/dense/kernel/codes` for 8-bit moments). A leaf
+  of the param's shape takes the param's sharding; one with the param's leading dims (the 8-bit
+  moments' per-block absmax `[..., C / block]`) takes it on those dims, fitted to the last one.
+  Everything else (step counters, schedules) is replicated.
+  """
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  return optax.tree_map_params(
-      tx,
-      lambda _, sharding: sharding,
-      abstract_opt,
-      param_shardings,
-      transform_non_params=lambda _: replicated(mesh),
-      is_leaf=lambda x: isinstance(x, NamedSharding),
+  by_path = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+    by_path[_dict_keys(path)] = leaf.shape
+  shardings = dict(
+      (_dict_keys(path), s)
+      for path, s in jax.tree_util.tree_flatten_with_path(
+          param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)
+      )[0]
   )
+
+  def sharding_of(path, leaf):
+    keys = _dict_keys(path)
+    for start in range(len(keys)):
+      param = keys[start:]
+      if param in by_path:
+        shape, spec = by_path[param], shardings[param].spec
+        if tuple(leaf.shape) == tuple(shape):
+          return shardings[param]
+        if len(leaf.shape) == len(shape) and tuple(leaf.shape[:-1]) == tuple(shape[:-1]):
+          return NamedSharding(mesh, _fit_spec(spec, leaf.shape, mesh))
+        break
+    return replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(sharding_of, abstract_opt)
+
+
+def _dict_keys(path) -> tuple[str, ...]:
+  return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
