@@ -10,13 +10,14 @@ Optax has no quantised-state optimizer (`adamw(mu_dtype=...)` covers the first m
   shrinks as the fraction grows), signed for m, unsigned for v. Small moments keep relative
   precision; a *linear* map rounds every entry below `absmax / 510` to zero, and a zero second
   moment next to a non-zero first moment turns `m / (sqrt(v) + eps)` into `m / eps` (tested).
-- **Blocks along each param's last axis**: a weight `[..., C]` is cut into blocks of `b`
-  consecutive entries of that axis (`b` = the largest divisor of C that is <= `block_size`); each
-  block stores its float32 absmax. Codes have the param's own shape and the absmax its leading
-  dims, so the optimizer state can take the param's sharding (no flattening across axes).
+- **Blocks along each param's own trailing axes**: a weight `[..., C]` is cut into blocks of `b`
+  consecutive entries of its last axis (`b` = the largest divisor of C that is <= `block_size`;
+  when C < 32 the last axes are merged, `block_layout`); each block stores its float32 absmax.
+  Codes have the param's own shape and the absmax its leading dims, so the optimizer state takes
+  the param's sharding (no flattening across the leading axes).
 - Every step dequantises (code value x absmax), runs the float32 Adam update, and requantises to
   the nearest code -- all inside the jitted step. Params smaller than `min_size` elements, with
-  fewer than 2 dims, or whose last axis has no divisor >= `MIN_BLOCK` keep float32 moments (their
+  fewer than 2 dims, or whose trailing axes have no divisor >= `MIN_BLOCK` keep float32 moments (their
   state is negligible and the rounding of tiny tensors is not).
 - `exclude`: regexes on the "/"-joined param path (default: embeddings and MoE routers, the
   paper's "stable embedding" advice) whose moments stay float32, through `optax.multi_transform`.
@@ -76,18 +77,33 @@ def linear_map(signed: bool) -> np.ndarray:
   return np.linspace(-1.0 if signed else 0.0, 1.0, 256, dtype=np.float32)
 
 
-def block_size_for(shape: Sequence[int], block_size: int) -> int:
-  """The block length along the last axis: its largest divisor <= block_size (0 if < MIN_BLOCK)."""
+def block_layout(shape: Sequence[int], block_size: int) -> tuple[int, int]:
+  """(k, b): blocks of `b` consecutive entries of the last `k` axes merged (0, 0 = float32).
+
+  k is the fewest trailing axes holding >= MIN_BLOCK entries (at least one leading axis stays
+  whole), b the largest divisor of their size that is <= `block_size`; an attention kernel
+  `[E, H, D]` with a small head dim D is blocked over `H x D`. Vectors get (0, 0).
+  """
   if len(shape) < 2:
-    return 0
-  c = int(shape[-1])
-  best = max(d for d in range(1, min(c, block_size) + 1) if c % d == 0)
-  return best if best >= MIN_BLOCK else 0
+    return 0, 0
+  for k in range(1, len(shape)):
+    c = math.prod(int(d) for d in shape[-k:])
+    if c >= MIN_BLOCK or k == len(shape) - 1:
+      best = max(d for d in range(1, min(c, block_size) + 1) if c % d == 0)
+      return (k, best) if best >= MIN_BLOCK else (0, 0)
+  return 0, 0
 
 
-def quantize(x: jax.Array, code: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
-  """`x [..., C]` -> (codes u8 [..., C], absmax f32 [..., C / block]): nearest code of x / absmax."""
-  blocks = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+def quantize(
+    x: jax.Array, code: jax.Array, block: int, axes: int = 1
+) -> tuple[jax.Array, jax.Array]:
+  """`x [..., *T]` (T = the last `axes` axes) -> (codes u8 like x, absmax f32 [..., prod(T) / block]).
+
+  Each block of `block` consecutive entries of the flattened T is scaled by its absmax and
+  rounded to the nearest value of `code`.
+  """
+  lead = x.shape[: x.ndim - axes]
+  blocks = x.reshape(*lead, -1, block)
   absmax = jnp.max(jnp.abs(blocks), axis=-1)
   normed = blocks / jnp.where(absmax == 0, 1.0, absmax)[..., None]
   hi = jnp.clip(jnp.searchsorted(code, normed), 1, code.shape[0] - 1)
@@ -98,9 +114,8 @@ def quantize(x: jax.Array, code: jax.Array, block: int) -> tuple[jax.Array, jax.
 
 
 def dequantize(codes: jax.Array, absmax: jax.Array, code: jax.Array) -> jax.Array:
-  """Inverse of `quantize`: `code[codes] * absmax` per block, float32 `[..., C]`."""
-  block = codes.shape[-1] // absmax.shape[-1]
-  values = code[codes.astype(jnp.int32)].reshape(*absmax.shape, block)
+  """Inverse of `quantize` (the blocked axes follow from the ranks): float32 like `codes`."""
+  values = code[codes.astype(jnp.int32)].reshape(*absmax.shape, -1)
   return (values * absmax[..., None]).reshape(codes.shape)
 
 
@@ -134,16 +149,13 @@ def scale_by_adam_8bit(
   make = dynamic_map if map_kind == "dynamic" else linear_map
   signed_code, unsigned_code = make(True), make(False)
 
-  def block_of(p) -> int:
-    return block_size_for(p.shape, block_size) if p.size >= min_size else 0
-
   def init_moment(p):
-    b = block_of(p)
+    k, b = block_layout(p.shape, block_size) if p.size >= min_size else (0, 0)
     if not b:
       return jnp.zeros(p.shape, jnp.float32)
-    return QuantizedMoment(
-        jnp.zeros(p.shape, jnp.uint8), jnp.zeros((*p.shape[:-1], p.shape[-1] // b), jnp.float32)
-    )
+    lead = p.shape[: p.ndim - k]
+    blocks = math.prod(p.shape[p.ndim - k :]) // b
+    return QuantizedMoment(jnp.zeros(p.shape, jnp.uint8), jnp.zeros((*lead, blocks), jnp.float32))
 
   def init_fn(params):
     mu = jax.tree.map(init_moment, params)
@@ -170,10 +182,10 @@ def scale_by_adam_8bit(
       v_hat = v / (1 - b2 ** count.astype(jnp.float32))
       u = (m_hat / (jnp.sqrt(v_hat) + eps)).astype(g.dtype)
       if quantized:
-        block = m_state.codes.shape[-1] // m_state.absmax.shape[-1]
-        m, v = QuantizedMoment(*quantize(m, signed, block)), QuantizedMoment(
-            *quantize(v, unsigned, block)
-        )
+        axes = m_state.codes.ndim - m_state.absmax.ndim + 1
+        block = math.prod(m_state.codes.shape[-axes:]) // m_state.absmax.shape[-1]
+        m = QuantizedMoment(*quantize(m, signed, block, axes))
+        v = QuantizedMoment(*quantize(v, unsigned, block, axes))
       return u, m, v
 
     out = jax.tree.map(one, updates, state.mu, state.nu, is_leaf=is_q)

@@ -148,7 +148,8 @@ def optimizer_shardings(
   A state leaf belongs to the param whose dict-key path ends its own dict-key path (e.g.
   `mu/dense/kernel`, or `inner_states/8bit/.../mu/dense/kernel/codes` for 8-bit moments). A leaf
   of the param's shape takes the param's sharding; one with the param's leading dims (the 8-bit
-  moments' per-block absmax `[..., C / block]`) takes it on those dims, fitted to the last one.
+  moments' per-block absmax `[..., blocks]`) takes it on those dims (and on the last one when it
+  is the param's own last axis, where it divides).
   Everything else (step counters, schedules) is replicated.
   """
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
@@ -170,8 +171,11 @@ def optimizer_shardings(
         shape, spec = by_path[param], shardings[param].spec
         if tuple(leaf.shape) == tuple(shape):
           return shardings[param]
-        if len(leaf.shape) == len(shape) and tuple(leaf.shape[:-1]) == tuple(shape[:-1]):
-          return NamedSharding(mesh, _fit_spec(spec, leaf.shape, mesh))
+        n = len(leaf.shape)
+        if 0 < n <= len(shape) and tuple(leaf.shape[:-1]) == tuple(shape[: n - 1]):
+          dims = list(spec) + [None] * (len(shape) - len(spec))
+          last = dims[n - 1] if n == len(shape) else None  # merged trailing axes: replicated
+          return NamedSharding(mesh, _fit_spec(P(*dims[: n - 1], last), leaf.shape, mesh))
         break
     return replicated(mesh)
 

@@ -19,7 +19,7 @@ from nexus_jax.testing import toy_objective, toy_regression_data
 from nexus_jax.train.adam8bit import (
     QuantizedMoment,
     adamw_8bit,
-    block_size_for,
+    block_layout,
     dequantize,
     dynamic_map,
     quantize,
@@ -42,17 +42,23 @@ def test_dynamic_maps_span_seven_decades_with_zero_and_one():
   assert 0 < unsigned[1] < 1e-6  # small second moments keep a non-zero code
 
 
-def test_blocks_follow_the_last_axis():
-  assert block_size_for((64, 384), 256) == 192
-  assert block_size_for((8, 4, 512), 256) == 256
-  assert block_size_for((10, 97), 256) == 97  # the whole axis is one block
-  assert block_size_for((10, 526), 256) == 0  # 526 = 2 x 263: no divisor in [32, 256]
-  assert block_size_for((4096,), 256) == 0  # vectors stay float32
+def test_blocks_follow_the_trailing_axes():
+  assert block_layout((64, 384), 256) == (1, 192)
+  assert block_layout((8, 4, 512), 256) == (1, 256)
+  assert block_layout((10, 97), 256) == (1, 97)  # the whole axis is one block
+  assert block_layout((10, 526), 256) == (0, 0)  # 526 = 2 x 263: no divisor in [32, 256]
+  assert block_layout((96, 4, 24), 256) == (2, 96)  # small head dim: heads x head_dim merged
+  assert block_layout((64, 16), 256) == (0, 0)  # one leading axis stays whole
+  assert block_layout((4096,), 256) == (0, 0)  # vectors stay float32
   x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 5, 128)), jnp.float32)
-  codes, absmax = quantize(x, jnp.asarray(dynamic_map(True)), 64)
+  code = jnp.asarray(dynamic_map(True))
+  codes, absmax = quantize(x, code, 64)
   assert codes.dtype == jnp.uint8 and codes.shape == x.shape
   assert absmax.dtype == jnp.float32 and absmax.shape == (3, 5, 2)
   np.testing.assert_allclose(absmax, np.abs(np.asarray(x)).reshape(3, 5, 2, 64).max(-1))
+  codes, absmax = quantize(x, code, 128, axes=2)
+  assert absmax.shape == (3, 5) and dequantize(codes, absmax, code).shape == x.shape
+  np.testing.assert_allclose(absmax, np.abs(np.asarray(x)).max(-1))
 
 
 def test_quantisation_error_is_small_relative_to_each_value():
@@ -196,8 +202,10 @@ SHARDING_SCRIPT = textwrap.dedent("""
     from nexus_jax.train.sharding import optimizer_shardings
     mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"))
     params = {"dense": {"kernel": jax.ShapeDtypeStruct((64, 256), "float32")},
-              "embed": {"embedding": jax.ShapeDtypeStruct((256, 64), "float32")}}
+              "embed": {"embedding": jax.ShapeDtypeStruct((256, 64), "float32")},
+              "query": {"kernel": jax.ShapeDtypeStruct((64, 4, 24), "float32")}}
     shard = {"dense": {"kernel": NamedSharding(mesh, P("fsdp", "tensor"))},
+             "query": {"kernel": NamedSharding(mesh, P("fsdp", "tensor", None))},
              "embed": {"embedding": NamedSharding(mesh, P(None, "tensor"))}}
     tx = adamw_8bit(1e-3, block_size=32, min_size=0)
     out = optimizer_shardings(tx, params, shard, mesh)
@@ -216,11 +224,18 @@ def test_optimizer_state_shardings_follow_the_params_on_8_devices():
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   leaves = json.loads(proc.stdout.split("RESULT", 1)[1])
-  codes = [v for k, v in leaves.items() if "kernel" in k and "codes" in k]
-  absmax = [v for k, v in leaves.items() if "kernel" in k and "absmax" in k]
+  codes = [v for k, v in leaves.items() if "dense" in k and "codes" in k]
+  absmax = [v for k, v in leaves.items() if "dense" in k and "absmax" in k]
   embed = [v for k, v in leaves.items() if "embedding" in k]
   assert codes and all(v == ["uint8", [64, 256], "P('fsdp', 'tensor')"] for v in codes)
   assert absmax and all(v == ["float32", [64, 8], "P('fsdp', 'tensor')"] for v in absmax)
   assert embed and all(v[0] == "float32" and v[2] == "P(None, 'tensor')" for v in embed)
+  query = sorted(v for k, v in leaves.items() if "query" in k)
+  assert query == [
+      ["float32", [64, 1], "P('fsdp', None)"],
+      ["float32", [64, 1], "P('fsdp', None)"],
+      ["uint8", [64, 4, 24], "P('fsdp', 'tensor', None)"],
+      ["uint8", [64, 4, 24], "P('fsdp', 'tensor', None)"],
+  ]
   counts = [v for k, v in leaves.items() if "count" in k]
   assert counts and all(v[2] == "P()" for v in counts)
