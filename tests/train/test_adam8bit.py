@@ -232,8 +232,8 @@ def test_optimizer_state_shardings_follow_the_params_on_8_devices():
   assert embed and all(v[0] == "float32" and v[2] == "P(None, 'tensor')" for v in embed)
   query = sorted(v for k, v in leaves.items() if "query" in k)
   assert query == [
-      ["float32", [64, 1], "P('fsdp', None)"],
-      ["float32", [64, 1], "P('fsdp', None)"],
+      ["float32", [64, 3], "P('fsdp', None)"],
+      ["float32", [64, 3], "P('fsdp', None)"],
       ["uint8", [64, 4, 24], "P('fsdp', 'tensor', None)"],
       ["uint8", [64, 4, 24], "P('fsdp', 'tensor', None)"],
   ]
