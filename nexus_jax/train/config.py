@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
       256  # block length along each param's last axis (largest divisor <=)
   )
   c.optim.adam8bit.min_size = 4096  # params with fewer elements keep float32 moments
-  c.optim.adam8bit.exclude = ("embed", "router")  # param-path regexes with float32 moments
+  c.optim.adam8bit.exclude = ("router",)  # param-path regexes with float32 moments (+ "embed")
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel devices; -1 = all remaining

@@ -207,7 +207,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
     shard = {"dense": {"kernel": NamedSharding(mesh, P("fsdp", "tensor"))},
              "query": {"kernel": NamedSharding(mesh, P("fsdp", "tensor", None))},
              "embed": {"embedding": NamedSharding(mesh, P(None, "tensor"))}}
-    tx = adamw_8bit(1e-3, block_size=32, min_size=0)
+    tx = adamw_8bit(1e-3, block_size=32, min_size=0, exclude=("embed",))
     out = optimizer_shardings(tx, params, shard, mesh)
     state = jax.jit(tx.init, out_shardings=out)(
         jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), params))
