@@ -2,10 +2,24 @@
 
 Parses flags, picks the experiment named by `config.experiment` and calls its `run(config, workdir)`.
 All logic lives in the library so a notebook can call the same function (`run_experiment`).
+
+The console scripts run the same command as a function, on their own argument list (the process's
+absl flags are untouched):
+
+    results = train_command(["--config.train.num_steps=300", "--workdir", "runs/lm"],
+                            default_config="<installed configs>/lm.py")   # `nexus-lm train ...`
+    args = parse_train_args(argv, default_config)   # parsed + checked, nothing run yet
+    results = run_train_args(args)                  # {"workdir": ..., **the experiment's results}
+
+Both paths parse `--config FILE[:arg]`, `--config.a.b=v` / `--noconfig.a.b` overrides and
+`--workdir DIR` the same way, fail on a misspelt field naming it (`check_config_overrides`), resolve
+the config file's presets without touching the fields set on the command line, and turn the
+library's errors into one line (`NEXUS_DEBUG=1` re-raises them, with the traceback).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import difflib
 import importlib.util
@@ -14,6 +28,7 @@ import os
 import pathlib
 import sys
 from types import ModuleType
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -22,19 +37,17 @@ from experiments.registry import get_experiment
 from nexus_jax.train.checkpoint import CheckpointError
 from nexus_jax.train.presets import resolve_preset
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    None,
-    "Experiment config file, e.g. configs/tabular.py. Override fields with --config.a.b=v.",
-    lock_config=True,
+_CONFIG_HELP = (
+    "Experiment config file, e.g. configs/tabular.py. Override fields with --config.a.b=v."
 )
-_WORKDIR = flags.DEFINE_string(
-    "workdir",
-    None,
+_WORKDIR_HELP = (
     "Output folder (checkpoints, metrics, results). Default: a fresh folder under runs/. "
-    "Rerunning with the same folder resumes training.",
+    "Rerunning with the same folder resumes training."
 )
+_CONFIG = config_flags.DEFINE_config_file("config", None, _CONFIG_HELP, lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, _WORKDIR_HELP)
 flags.mark_flag_as_required("config")
+TRAIN_FLAGS = ("--config", "--workdir")
 
 
 def default_workdir(config_path: str) -> pathlib.Path:
@@ -142,27 +155,98 @@ def check_config_overrides(argv: list[str]) -> None:
       node, walked = node[key], walked + [key]
 
 
+@dataclasses.dataclass
+class TrainArgs:
+  """A parsed, checked training command: what `run_train_args` runs."""
+
+  config: Any  # ml_collections.ConfigDict, overrides applied, preset not yet resolved
+  config_file: str  # as given, e.g. "configs/tabular.py" or "configs/lm.py:small"
+  module: ModuleType  # the config file as a module (its PRESETS)
+  workdir: pathlib.Path
+  explicit: list[str]  # dotted paths set on the command line (the preset never changes them)
+
+
+def train_args(
+    config: Any, config_file: str, workdir: str | os.PathLike | None, explicit: list[str]
+) -> TrainArgs:
+  """Checks `config.experiment`, loads the config module, picks the default workdir."""
+  try:
+    get_experiment(config.experiment)
+  except ValueError as err:
+    raise SystemExit(str(err))
+  module = load_config_module(config_file.partition(":")[0])
+  workdir = pathlib.Path(workdir or default_workdir(config_file))
+  return TrainArgs(config, config_file, module, workdir, explicit)
+
+
+def parse_train_args(argv: list[str], default_config: str | os.PathLike | None = None) -> TrainArgs:
+  """Parses a training command line (no program name) like `python -m experiments.run` does.
+
+  Args:
+    argv: e.g. ["--config", "configs/tabular.py", "--config.train.num_steps=5", "--workdir", "w"].
+    default_config: the config file used when `argv` has no --config (None: --config required).
+  Raises:
+    SystemExit with a one-line message for a missing config file, a misspelt field, an unknown
+    flag, a value of the wrong type or an unknown experiment.
+  """
+  argv = [str(a) for a in argv]
+  if _config_path(argv) is None:
+    if default_config is None:
+      raise SystemExit("--config FILE is required, e.g. --config configs/tabular.py")
+    argv = [f"--config={default_config}", *argv]
+  check_config_overrides(argv)
+  from nexus_jax.cli.common import did_you_mean, one_line  # noqa: PLC0415 (no cycle at import)
+
+  prog = "train"
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+      "config", None, _CONFIG_HELP, flag_values=fv, lock_config=True, sys_argv=[prog, *argv]
+  )
+  flags.DEFINE_string("workdir", None, _WORKDIR_HELP, flag_values=fv)
+  try:
+    rest = fv([prog, *argv])
+  except flags.UnrecognizedFlagError as err:
+    flag = f"--{err.flagname}"
+    raise SystemExit(
+        f"unknown flag {flag!r}{did_you_mean(flag, TRAIN_FLAGS)}; training takes --config FILE, "
+        "--config.a.b=v overrides and --workdir DIR"
+    ) from None
+  except flags.Error as err:
+    raise SystemExit(one_line(err)) from None
+  if len(rest) > 1:
+    raise SystemExit(f"unexpected arguments {rest[1:]}; config fields are set as --config.a.b=v")
+  config_file = config_flags.get_config_filename(fv["config"])
+  return train_args(fv.config, config_file, fv.workdir, override_paths(argv))
+
+
+def run_train_args(args: TrainArgs) -> dict:
+  """Runs a parsed command; returns {"workdir": ..., **results}. One-line SystemExit on the
+  library's errors (they name the culprit) unless NEXUS_DEBUG is set."""
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO
+  try:
+    results = run_experiment(args.config, args.workdir, args.module, args.explicit)
+  except (ValueError, CheckpointError, FloatingPointError) as err:  # our errors name the culprit
+    if os.environ.get("NEXUS_DEBUG"):
+      raise
+    raise SystemExit(f"error: {err}") from None
+  return {"workdir": str(args.workdir), **results}
+
+
+def train_command(argv: list[str], default_config: str | os.PathLike | None = None) -> dict:
+  """`python -m experiments.run` as a function: parses `argv` (see `parse_train_args`), trains,
+  returns {"workdir": ..., **the experiment's results} (also in workdir/results.json)."""
+  return run_train_args(parse_train_args(argv, default_config))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(
         f"unexpected arguments {argv[1:]}; config fields are set as --config.a.b=v"
     )
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO
-  config = _CONFIG.value
-  try:
-    get_experiment(config.experiment)
-  except ValueError as err:
-    raise SystemExit(str(err))
   config_file = config_flags.get_config_filename(flags.FLAGS["config"])
-  workdir = _WORKDIR.value or default_workdir(config_file)
-  module = load_config_module(config_file.partition(":")[0])
-  try:
-    results = run_experiment(config, workdir, module, override_paths(sys.argv[1:]))
-  except (ValueError, CheckpointError, FloatingPointError) as err:  # our errors name the culprit
-    if os.environ.get("NEXUS_DEBUG"):
-      raise
-    raise SystemExit(f"error: {err}") from None
-  print(json.dumps({"workdir": str(workdir), **results}, indent=2, default=str))
+  args = train_args(_CONFIG.value, config_file, _WORKDIR.value, override_paths(sys.argv[1:]))
+  results = run_train_args(args)
+  print(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":

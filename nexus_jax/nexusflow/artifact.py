@@ -3,16 +3,21 @@
 Layout of an artifact folder::
 
     artifact.json    format version, task, classes, target scale, model spec, columns seen at fit,
-                     optimisation reports, parameter fingerprint
+                     optimisation reports, training-data summary, parameter fingerprint
     builder/         ContextSetBuilder: schema + per-table preprocessors (JSON + .npz, allow_pickle=False)
     params/          Orbax checkpoint of {"params": ..., **extra collections} (int8 + scales after
-                     int8 quantisation)
+                     int8 quantisation, packed int4 + group scales after int4)
     manifest.json    sha256 of every other file
 
 `load_artifact` refuses, with an `ArtifactError` naming the file, an artifact whose files were
 changed, removed or added after saving, one written by another format version, or params whose
 shapes do not match the model the spec describes. A reloaded predictor predicts exactly like the
 saved one.
+
+Format versions: 2 is every artifact without int4 leaves; 3 adds packed int4 params (same layout
+otherwise). An artifact is written with the lowest version that holds it, so a reader of version 2
+still loads float / int8 / pruned artifacts and names the version of an int4 one; this module reads
+both.
 """
 
 from __future__ import annotations
@@ -31,11 +36,14 @@ import orbax.checkpoint as ocp
 
 from nexus_jax.data.relational import ContextSetBuilder
 from nexus_jax.inference import dequantize
+from nexus_jax.nexusflow.optimization import QUANTIZED
 from nexus_jax.nexusflow.table_predictor import TabularPredictor
 from nexus_jax.train.checkpoint import fingerprint
 
 # 2: the cross-table block uses the shared tabular attention (models/tabular); 1 cannot be read.
-FORMAT_VERSION = 2
+# 3: version 2 + packed int4 params (`optimize("int4")`); written only for int4 artifacts.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 ARTIFACT_FILE, MANIFEST_FILE = "artifact.json", "manifest.json"
 
 
@@ -118,8 +126,9 @@ def save_artifact(
     tree = jax.device_get({"params": predictor.params_stored, **extra})
     with ocp.StandardCheckpointer() as ckpt:
       ckpt.save(tmp / "params", tree)
+    version = format_version_for(predictor.optimization)
     meta = {
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "kind": "nexus_former",
         "task": predictor.task,
         "classes": None if predictor.classes is None else list(predictor.classes),
@@ -128,13 +137,14 @@ def save_artifact(
         "spec": predictor.spec,
         "fit_columns": predictor.fit_columns,
         "optimization": predictor.optimization,
+        "training": predictor.training,
         "params_fingerprint": fingerprint(predictor.variables["params"]),
     }
     (tmp / ARTIFACT_FILE).write_text(json.dumps(meta, indent=1, default=json_default))
     for name, text in (extra_files or {}).items():
       (tmp / name).write_text(text)
     manifest = {
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "sha256": {f: sha256_file(tmp / f) for f in _files(tmp)},
     }
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
@@ -151,6 +161,11 @@ def save_artifact(
     if old is not None:
       shutil.rmtree(old, ignore_errors=True)
   return path
+
+
+def format_version_for(optimization: list[dict[str, Any]]) -> int:
+  """The lowest format version holding params optimised by `optimization` (3 with int4, else 2)."""
+  return 3 if any(o.get("method") == "int4" for o in optimization) else 2
 
 
 def verify_artifact(path: str | pathlib.Path) -> dict[str, Any]:
@@ -182,11 +197,11 @@ def verify_artifact(path: str | pathlib.Path) -> dict[str, Any]:
       )
   meta = json.loads((path / ARTIFACT_FILE).read_text())
   version = meta.get("format_version")
-  if version != FORMAT_VERSION:
+  if version not in READABLE_VERSIONS or isinstance(version, bool):
     newer = isinstance(version, int) and version > FORMAT_VERSION
     raise ArtifactError(
         f"{path / ARTIFACT_FILE}: artifact format version {version!r}, this nexus_jax reads "
-        f"version {FORMAT_VERSION}; "
+        f"version {' or '.join(map(str, READABLE_VERSIONS))}; "
         + ("upgrade nexus_jax to load it" if newer else "re-train or re-save it with this version")
     )
   return meta
@@ -204,7 +219,7 @@ def load_artifact(path: str | pathlib.Path) -> TabularPredictor:
   tree = jax.tree.map(np.asarray, tree)
   stored = tree.pop("params")
   params = (
-      dequantize(stored) if any(o["method"] == "int8" for o in meta["optimization"]) else stored
+      dequantize(stored) if any(o["method"] in QUANTIZED for o in meta["optimization"]) else stored
   )
   if fingerprint(params) != meta["params_fingerprint"]:
     raise ArtifactError(
@@ -219,6 +234,7 @@ def load_artifact(path: str | pathlib.Path) -> TabularPredictor:
       meta["compute_dtype"],
       params_stored=stored,
       optimization=meta["optimization"],
+      training=meta.get("training"),
   )
   expected = jax.eval_shape(
       lambda: nn.unbox(predictor.model.init(jax.random.key(0), *_example(predictor)))["params"]

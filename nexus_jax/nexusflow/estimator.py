@@ -39,9 +39,8 @@ import pandas as pd
 from nexus_jax.data.schema import Schema, SchemaError
 from nexus_jax.nexusflow import pipeline
 from nexus_jax.nexusflow.artifact import load_artifact, save_artifact
-from nexus_jax.nexusflow.batch_inference import predict_arrays
 from nexus_jax.nexusflow.config import PRESETS, tabular_config
-from nexus_jax.nexusflow.objectives import evaluation_metrics, relational_arrays
+from nexus_jax.nexusflow.scoring import score_tables
 from nexus_jax.nexusflow.table_predictor import TabularPredictor
 from nexus_jax.train.presets import get_path, resolve_preset, set_path
 
@@ -208,6 +207,7 @@ class _NexusFlowBase:
         **pipeline.score(prepared, result, config, schedule),
         "seconds": round(time.perf_counter() - t0, 2),
     }
+    self.predictor_.training["rows_per_split"] = dict(self.fit_report_["rows"])
     self.config_ = config
     self.classes_ = (
         None if prepared.builder.classes is None else np.asarray(prepared.builder.classes)
@@ -234,12 +234,14 @@ class _NexusFlowBase:
       method: str = "int8",
       amount: float = 0.5,
       eval_tables: Mapping[str, pd.DataFrame] | None = None,
+      group_size: int | None = None,
   ) -> dict[str, Any]:
-    """Int8 quantisation ("int8") or global magnitude pruning ("prune", `amount`); the saved artifact
-    reflects it. With labelled `eval_tables` the report holds the metrics before and after."""
+    """Int8 quantisation ("int8"), packed int4 ("int4", `group_size` rows per scale, default 64) or
+    global magnitude pruning ("prune", `amount`); the saved artifact reflects it. With labelled
+    `eval_tables` the report holds the metrics before and after."""
     predictor = self._require_fitted()
     before = self._score(eval_tables) if eval_tables is not None else None
-    report = predictor.optimize(method, amount=amount)
+    report = predictor.optimize(method, amount=amount, group_size=group_size)
     if before is not None:
       after = self._score(eval_tables)
       report = {
@@ -251,24 +253,7 @@ class _NexusFlowBase:
     return report
 
   def _score(self, tables: Mapping[str, pd.DataFrame]) -> dict[str, float]:
-    predictor = self._require_fitted()
-    target = predictor.schema.target
-    if target.column not in tables[target.table].columns:
-      raise SchemaError(
-          f"eval_tables: table {target.table!r} needs the target column {target.column!r} to score"
-      )
-    y_raw = tables[target.table][target.column]
-    data = predictor.relational_data(tables)
-    preds, _ = predict_arrays(
-        predictor.model, predictor.variables, relational_arrays(data), predictor.task
-    )
-    if predictor.task == "regression":
-      shift, scale = predictor.target_scale
-      return evaluation_metrics(
-          "regression", preds, (y_raw.to_numpy(np.float64) - shift) / scale, predictor.target_scale
-      )
-    y = predictor.builder._labels(y_raw)
-    return evaluation_metrics(predictor.task, preds, y.astype(np.int64))
+    return score_tables(self._require_fitted(), tables, where="eval_tables")
 
   def save(self, path: str | pathlib.Path, overwrite: bool = False) -> pathlib.Path:
     """Writes the artifact (see `artifact.py`) plus this estimator's parameters as JSON.

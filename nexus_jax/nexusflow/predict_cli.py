@@ -44,14 +44,27 @@ def predict_folder(
 ) -> pd.DataFrame:
   """Predictions as a DataFrame (see the module docstring for the columns)."""
   predictor = load_artifact(artifact)
+  return predict_tables(predictor, read_tables(data, predictor.schema), predict_from)
+
+
+def predict_tables(
+    predictor, tables: dict[str, pd.DataFrame], predict_from: str | None = None
+) -> pd.DataFrame:
+  """`predict_folder` on tables already read (the server's JSON rows, a notebook's DataFrames)."""
   schema = predictor.schema
-  tables = read_tables(data, schema)
+  tables = dict(tables)
   target = schema.target.table
+  if target not in tables:
+    raise SchemaError(
+        f"table {target!r} (the target table) is missing; it holds the rows to predict"
+    )
   rows, history = tables[target], None
   if predict_from:
     column = schema.target_table.time_column
     if column is None:
       raise SchemaError(f"--predict-from needs a time column on table {target!r}; it has none")
+    if column not in rows.columns:
+      raise SchemaError(f"table {target!r}: column {column!r} (its time column) is missing")
     where = f"table {target!r} column {column!r}"
     times = parse_time(rows[column], where)
     early = (times < parse_cutoff(predict_from, times, where)).to_numpy()
@@ -59,7 +72,7 @@ def predict_folder(
   tables[target] = rows
   out = pd.DataFrame(index=range(len(rows)))
   pk = schema.target_table.primary_key
-  if pk is not None:
+  if pk is not None and pk in rows.columns:
     out[pk] = rows[pk].to_numpy()
   if predictor.task == "regression":
     out["prediction"] = predictor.predict(tables, history)
@@ -100,14 +113,14 @@ def write_csv(frame: pd.DataFrame, path: pathlib.Path) -> None:
     raise
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      description=__doc__.split("\n")[0],
-      epilog="example: python -m nexus_jax.nexusflow.predict_cli --artifact runs/x/artifact "
-      "--data new_tables/ --output preds.csv",
-  )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """The flags of this command (shared with `nexusflow predict`)."""
   parser.add_argument(
-      "--artifact", required=True, help="folder written by save_artifact / estimator.save"
+      "--artifact",
+      "--model",
+      dest="artifact",
+      required=True,
+      help="folder written by save_artifact / estimator.save (--model is the same flag)",
   )
   parser.add_argument("--data", required=True, help="folder with one file per table")
   parser.add_argument("--output", required=True, help="CSV file to write")
@@ -115,16 +128,30 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument(
       "--predict-from", default=None, help="target-table rows before this time are history only"
   )
+
+
+def run(args: argparse.Namespace) -> int:
+  """Predicts and writes --output; raises ArtifactError / SchemaError naming the problem."""
+  output = check_output(args.output, args.overwrite)
+  out = predict_folder(args.artifact, args.data, args.predict_from)
+  write_csv(out, output)
+  print(f"wrote {len(out)} predictions to {output}")
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      description=__doc__.split("\n")[0],
+      epilog="example: python -m nexus_jax.nexusflow.predict_cli --artifact runs/x/artifact "
+      "--data new_tables/ --output preds.csv",
+  )
+  add_arguments(parser)
   args = parser.parse_args(argv)
   try:
-    output = check_output(args.output, args.overwrite)
-    out = predict_folder(args.artifact, args.data, args.predict_from)
-    write_csv(out, output)
+    return run(args)
   except (ArtifactError, SchemaError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
-  print(f"wrote {len(out)} predictions to {output}")
-  return 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     predictor.predict_proba(tables)                   # [n_rows, n_classes], one row per target-table row
     predictor.predict(tables, history=past_rows)      # labels / values; `history` rows are only looked at
-    predictor.optimize("int8") / optimize("prune", amount=0.5)   # -> report; changes the stored params
+    predictor.optimize("int8") / optimize("int4", group_size=64) / optimize("prune", amount=0.5)
+                                                      # -> report; changes the stored params
 
 `tables` maps every table of the schema to a DataFrame; the target table holds the rows to predict
 (its target column may be absent). Earlier target-table rows that histories should see (e.g. the
@@ -27,7 +28,7 @@ from nexus_jax.data.schema import SchemaError
 from nexus_jax.nexusflow.model_spec import build_nexus_former
 from nexus_jax.nexusflow.objectives import relational_arrays
 from nexus_jax.nexusflow.batch_inference import make_predict_fn, predict_arrays
-from nexus_jax.nexusflow.optimization import optimize_params
+from nexus_jax.nexusflow.optimization import QUANTIZED, optimize_params
 
 PREDICT_BATCH = 1024
 
@@ -42,8 +43,11 @@ class TabularPredictor:
     target_scale: (shift, scale) of regression targets.
     fit_columns: table -> columns seen at fit time (for the "not trained with" checks).
     compute_dtype: "float32" | "bfloat16".
-    params_stored: the params as stored (int8-quantised tree after `optimize("int8")`); default the float ones.
+    params_stored: the params as stored (the quantised tree after `optimize("int8" | "int4")`);
+      default the float ones.
     optimization: list of reports of the optimisations applied, oldest first.
+    training: what is known of the training data, e.g. {"table_rows": {table: rows},
+      "rows_per_split": {"train": n, ...}} (saved in artifact.json; model cards read it).
   """
 
   def __init__(
@@ -56,6 +60,7 @@ class TabularPredictor:
       compute_dtype: str = "float32",
       params_stored: Any = None,
       optimization: list[dict[str, Any]] | None = None,
+      training: Mapping[str, Any] | None = None,
   ):
     self.builder, self.spec = builder, dict(spec)
     self.variables = jax.device_get(dict(variables))
@@ -64,6 +69,7 @@ class TabularPredictor:
     self.compute_dtype = compute_dtype
     self.params_stored = self.variables["params"] if params_stored is None else params_stored
     self.optimization = list(optimization or [])
+    self.training = dict(training or {})
     self.model = build_nexus_former(self.spec, compute_dtype)
     self._predict_fn = None
 
@@ -79,6 +85,7 @@ class TabularPredictor:
         result.target_scale,
         {t: [str(c) for c in tables[t].columns] for t in builder.schema.tables},
         compute_dtype=config.train.compute_dtype,
+        training={"table_rows": {t: int(len(tables[t])) for t in builder.schema.tables}},
     )
 
   # ------------------------------------------------------------------ properties
@@ -203,21 +210,26 @@ class TabularPredictor:
 
   # ------------------------------------------------------------------ optimisation
   def optimize(
-      self, method: str = "int8", amount: float = 0.5, min_size: int = 256
+      self,
+      method: str = "int8",
+      amount: float = 0.5,
+      min_size: int = 256,
+      group_size: int | None = None,
   ) -> dict[str, Any]:
-    """Applies "int8" (weight-only quantisation) or "prune" (global magnitude pruning by `amount`).
+    """Applies "int8" (weight-only quantisation, per channel), "int4" (packed, one scale per
+    `group_size` rows; default 64) or "prune" (global magnitude pruning by `amount`).
 
     Prune before quantising (zeros survive quantisation); quantising twice is refused.
     Returns the report (also appended to `self.optimization` and saved with the artifact).
     """
-    done = [o["method"] for o in self.optimization]
-    if "int8" in done:
+    done = [o["method"] for o in self.optimization if o["method"] in QUANTIZED]
+    if done:
       raise ValueError(
-          f"optimize({method!r}): the params are already int8-quantised"
-          + (" (prune before quantising)" if method == "prune" else "")
+          f"optimize({method!r}): the params are already {done[0]}-quantised"
+          + (" (prune before quantising)" if method == "prune" else "; quantise the float model")
       )
     stored, params, report = optimize_params(
-        self.variables["params"], method, amount=amount, min_size=min_size
+        self.variables["params"], method, amount=amount, min_size=min_size, group_size=group_size
     )
     self.params_stored, self.variables = stored, {**self.variables, "params": params}
     self.optimization.append(report)
