@@ -1,9 +1,11 @@
-"""Byte-level hybrid attention/SSM language model (HybridLM) on the Python standard library's .py files.
+"""Hybrid attention/SSM language model (HybridLM; bytes or BPE tokens) on the stdlib's .py files.
 
 Run:  python -m experiments.run --config configs/hybrid.py --workdir runs/hybrid
       python -m experiments.run --config configs/hybrid.py --config.preset=full --workdir runs/hybrid_full
       python -m experiments.run --config configs/hybrid.py --config.jepa.weight=0.1   # + JEPA aux loss
       python -m experiments.run --config configs/hybrid.py --config.data.root=/path/to/text_folder
+      python -m experiments.run --config configs/hybrid.py --config.data.tokenizer=bpe \
+          --config.data.seq_len=19 --workdir runs/hybrid_bpe   # 4096 BPE tokens of ~3.4 bytes
 
 Trains `HybridLM` (the `model.preset` size, tiny by default: 16 layers, attention : SSM = 1 : 7)
 on the same file-level split and corpus loader as configs/lm.py, reports test bits/byte next to
@@ -27,7 +29,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.pattern = "*.py"  # file glob inside a folder
   c.data.valid_fraction = 0.05  # files (by path hash) in the validation split
   c.data.test_fraction = 0.05  # files (by path hash) in the test split
-  c.data.seq_len = 64  # bytes of context per training window
+  # "byte": 256 tokens, one per byte. "bpe": a byte-level BPE trained on the train split
+  # (nexus_jax/data/tokenizer.py), saved as workdir/tokenizer.json; bits/byte stay comparable.
+  c.data.tokenizer = "byte"
+  c.data.vocab_size = 0  # tokens incl. the 256 bytes; 0 = default (byte 256, bpe 4096); byte: 0|256
+  c.data.seq_len = 64  # TOKENS of context per training window (bytes with the byte tokenizer)
   c.data.valid_bytes = 8_192  # validation bytes scored at each evaluation (from the split's start)
   c.data.test_bytes = 32_768  # test bytes scored by the model and by xz; 0 = the whole split
 

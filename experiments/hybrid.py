@@ -1,13 +1,15 @@
-"""Byte-level language modelling with the hybrid attention/SSM model vs xz -9e.
+"""Language modelling (bytes or BPE tokens) with the hybrid attention/SSM model vs xz -9e.
 
 `run(config, workdir)` (config: configs/hybrid.py):
-  1. read the corpus with the LM experiment's loader (stdlib .py files by default, split by
-     file-path hash);
-  2. train `HybridLM` (optionally wrapped in `HybridJEPA` when `jepa.weight > 0`) with
-     `train.loop.fit` and `lm_objective`, selecting the best validation checkpoint
-     (rerunning resumes);
-  3. score `data.test_bytes` test bytes: bits/byte of the model and of lzma preset 9|EXTREME
-     (`experiments.lm.xz_bits_per_byte`) on exactly those bytes;
+  1. read and tokenize the corpus with the LM experiment's loader (stdlib .py files by default,
+     split by file-path hash; `data.tokenizer` "byte" or "bpe" trained on the training split,
+     saved as workdir/tokenizer.json and reused on a rerun);
+  2. train `HybridLM` with the tokenizer's vocab_size (wrapped in `HybridJEPA` when
+     `jepa.weight > 0`) with `train.loop.fit` and `lm_objective`, selecting the best validation
+     checkpoint (rerunning resumes);
+  3. score the `data.test_bytes` test bytes: bits/byte of the model (total test nats / (log 2 *
+     bytes scored)) and of lzma preset 9|EXTREME (`byte_lm.xz_bits_per_byte`) on exactly
+     those bytes;
   4. sample text with incremental decoding (KV + SSM caches); write results.json and
      hybrid_curves.png.
 """
@@ -15,13 +17,11 @@
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 from typing import Any
 
-
 from experiments.lm import sample_and_corpus_report
-from nexus_jax.data.datasets.byte_lm import load_byte_lm_data, xz_bits_per_byte
+from nexus_jax.data.datasets.byte_lm import load_lm_data, xz_bits_per_byte
 from nexus_jax.models import hybrid
 from nexus_jax.models.hybrid import HybridLM
 from nexus_jax.models.hybrid_jepa import HybridJEPA
@@ -31,8 +31,9 @@ from nexus_jax.train.metrics import read_metrics
 from nexus_jax.train.plots import plot_learning_curves
 
 
-def build_model(mc, jc, seq_len: int):
-  """`HybridLM` from `config.model` (wrapped in `HybridJEPA` when `config.jepa.weight > 0`)."""
+def build_model(mc, jc, seq_len: int, vocab_size: int = 256):
+  """(`HybridLM` from `config.model` with `vocab_size` tokens, the trained model: that LM wrapped
+  in `HybridJEPA` when `config.jepa.weight > 0`, else the LM itself)."""
   if mc.preset not in hybrid.PRESETS:
     raise ValueError(f"config.model.preset={mc.preset!r}; choose one of {list(hybrid.PRESETS)}.")
   if jc.weight < 0:
@@ -40,7 +41,7 @@ def build_model(mc, jc, seq_len: int):
   sizes = {k: int(mc[k]) for k in ("d_model", "num_heads", "num_blocks") if mc[k] > 0}
   lm = HybridLM.from_preset(
       mc.preset,
-      vocab_size=256,
+      vocab_size=int(vocab_size),
       **sizes,
       layers_per_block=int(mc.layers_per_block),
       attention_index=None if mc.attention_index < 0 else int(mc.attention_index),
@@ -72,22 +73,26 @@ def build_model(mc, jc, seq_len: int):
 
 def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   workdir = pathlib.Path(workdir)
-  splits, files, train, valid, test, test_bytes, data_seconds = load_byte_lm_data(config)
+  data = load_lm_data(config, workdir, [workdir])
   seq = int(config.data.seq_len)
 
-  lm, model = build_model(config.model, config.jepa, seq)
-  fit_result = fit(lm_objective(model), train, valid, config, workdir)
+  lm, model = build_model(config.model, config.jepa, seq, data.tokenizer.vocab_size)
+  fit_result = fit(lm_objective(model), data.train, data.valid, config, workdir)
   state = restore_best(fit_result)
-  metrics, _ = fit_result.trainer.evaluate(state, test)
   lm_params = state.params["lm"] if model is not lm else state.params
+  # The final model: `lm` with `lm_params` (best validation checkpoint) and its tokenizer file
+  # `data.tokenizer.path` (workdir/tokenizer.json).
   results: dict[str, Any] = {
       "test_bits_per_byte": {
-          "hybrid": metrics["loss"] / math.log(2.0),
-          "xz_9e": xz_bits_per_byte(test_bytes),
+          "hybrid": data.test_bits_per_byte(
+              lambda d: fit_result.trainer.evaluate(state, d)[0]["loss"]
+          ),
+          "xz_9e": xz_bits_per_byte(data.test_bytes[1:]),
       },
       "params": hybrid.count_params(lm_params),
       "model": {
           "preset": config.model.preset,
+          "vocab_size": lm.vocab_size,
           "d_model": lm.d_model,
           "num_heads": lm.num_heads,
           "num_blocks": lm.num_blocks,
@@ -100,8 +105,12 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
           "best_step": fit_result.best_step,
           "steps_run": fit_result.steps_run,
           "train_seconds": round(fit_result.train_seconds, 1),
-          "bytes_per_second": round(fit_result.rows_per_second * seq, 1),
+          "bytes_per_second": round(
+              fit_result.rows_per_second * seq * data.bytes_per_token["train"], 1
+          ),
+          "tokens_per_second": round(fit_result.rows_per_second * seq, 1),
       },
+      "tokenizer": data.tokenizer_report(),
   }
   train_log = read_metrics(workdir, "train")
   if config.jepa.weight > 0 and train_log:
@@ -109,12 +118,7 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
 
   results.update(
       sample_and_corpus_report(
-          config,
-          lambda *args, **kw: hybrid.generate(lm, lm_params, *args, **kw),
-          files,
-          splits,
-          test_bytes,
-          data_seconds,
+          config, lambda *args, **kw: hybrid.generate(lm, lm_params, *args, **kw), data
       )
   )
   results["plot"] = str(plot_learning_curves(workdir, "bits_per_token", "hybrid_curves.png"))

@@ -1,12 +1,16 @@
-"""Byte-level language modelling: MoE LM vs a dense LM with equal active params vs xz -9e.
+"""Language modelling (bytes or BPE tokens): MoE LM vs a dense LM of equal active params vs xz -9e.
 
 `run(config, workdir)` (config: configs/lm.py):
   1. read the corpus (stdlib .py files by default), split by file-path hash;
-  2. train the MoE `LanguageModel` and, with the same batches, its `dense_equivalent`
-     (workdir/moe, workdir/dense; rerunning resumes), selecting the best validation checkpoint;
-  3. score `data.test_bytes` test bytes: bits/byte of each model and of lzma preset 9|EXTREME
-     (what `xz -9e` does) on exactly those bytes;
-  4. sample text from the MoE model; write results.json and lm_curves.png.
+  2. tokenize it with `data.tokenizer` ("byte", or "bpe" with `data.vocab_size` tokens trained on
+     the training split); the tokenizer is saved as workdir/tokenizer.json and reused on a rerun;
+  3. train the MoE `LanguageModel` (vocab_size = the tokenizer's) and, with the same batches, its
+     `dense_equivalent` (workdir/moe, workdir/dense; rerunning resumes), selecting the best
+     validation checkpoint;
+  4. score the `data.test_bytes` test bytes: bits/byte of each model (total test nats / (log 2 *
+     bytes scored), so byte-level and BPE runs compare) and of lzma preset 9|EXTREME (what
+     `xz -9e` does) on exactly those bytes (`nexus_jax/data/datasets/byte_lm.py`);
+  5. sample text from the MoE model; write results.json and lm_curves.png.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 import jax
 
 from nexus_jax.data.datasets import text
-from nexus_jax.data.datasets.byte_lm import load_byte_lm_data, xz_bits_per_byte
+from nexus_jax.data.datasets.byte_lm import LMData, load_lm_data, xz_bits_per_byte
 from nexus_jax.inference.generate import Sampling, generate
 from nexus_jax.models.lm import active_params, count_params, dense_equivalent, lm_from_config
 from nexus_jax.models.seq_objectives import lm_objective
@@ -28,7 +32,10 @@ from nexus_jax.train.loop import fit, restore_best
 from nexus_jax.train.metrics import read_metrics
 
 
-def _plot(workdir: pathlib.Path, runs: dict[str, pathlib.Path], xz: float) -> pathlib.Path:
+def _plot(
+    workdir: pathlib.Path, runs: dict[str, pathlib.Path], xz: float, bytes_per_token: dict
+) -> pathlib.Path:
+  """Train / valid bits per byte (logged bits per token / the split's bytes per token)."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -36,21 +43,16 @@ def _plot(workdir: pathlib.Path, runs: dict[str, pathlib.Path], xz: float) -> pa
 
   fig, ax = plt.subplots(figsize=(6, 4))
   for i, (name, path) in enumerate(runs.items()):
-    train, valid = read_metrics(path, "train"), read_metrics(path, "valid")
-    ax.plot(
-        [r["step"] for r in train],
-        [r["bits_per_token"] for r in train],
-        color=f"C{i}",
-        alpha=0.5,
-        label=f"{name} train",
-    )
-    ax.plot(
-        [r["step"] for r in valid],
-        [r["bits_per_token"] for r in valid],
-        "o-",
-        color=f"C{i}",
-        label=f"{name} valid",
-    )
+    for split, style in (("train", "-"), ("valid", "o-")):
+      rows = read_metrics(path, split)
+      ax.plot(
+          [r["step"] for r in rows],
+          [r["bits_per_token"] / bytes_per_token[split] for r in rows],
+          style,
+          color=f"C{i}",
+          alpha=0.5 if split == "train" else 1.0,
+          label=f"{name} {split}",
+      )
   ax.axhline(xz, color="k", ls="--", label="xz -9e (test bytes)")
   ax.set_xlabel("step"), ax.set_ylabel("bits / byte"), ax.grid(alpha=0.3), ax.legend()
   fig.tight_layout()
@@ -60,33 +62,40 @@ def _plot(workdir: pathlib.Path, runs: dict[str, pathlib.Path], xz: float) -> pa
   return out
 
 
-def sample_and_corpus_report(
-    config: Any, generate_fn: Any, files: dict, splits: dict, test_bytes: Any, data_seconds: float
-) -> dict[str, Any]:
+def sample_and_corpus_report(config: Any, generate_fn: Any, data: LMData) -> dict[str, Any]:
   """A text sample from `generate_fn(prompts, max_new_tokens=, rng=, sampling=)` plus corpus facts.
 
-  Shared by the byte-level LM experiments (lm, hybrid); keys: sample, sample_seconds, corpus, preset.
+  Shared by the LM experiments (lm, hybrid); keys: sample, sample_seconds, corpus, preset. The
+  prompt is encoded and the sample decoded by `data.tokenizer`; `sample.num_bytes` bytes are
+  generated (with BPE: num_bytes / the test bytes per token tokens, cut to num_bytes bytes).
   """
   t1 = time.perf_counter()
-  prompt = list(config.sample.prompt.encode())
+  tok = data.tokenizer
+  prompt_bytes = config.sample.prompt.encode()
+  if not prompt_bytes:
+    raise ValueError("config.sample.prompt is empty: the sample needs a prompt to continue.")
+  num_bytes = int(config.sample.num_bytes)
   out = generate_fn(
-      [prompt],
-      max_new_tokens=int(config.sample.num_bytes),
+      [tok.encode(prompt_bytes).tolist()],
+      max_new_tokens=max(1, math.ceil(num_bytes / data.bytes_per_token["test"])),
       rng=jax.random.PRNGKey(int(config.seed)),
       sampling=Sampling(
           temperature=float(config.sample.temperature), top_p=float(config.sample.top_p)
       ),
   )
-  sample = bytes(prompt + out.tokens[0, : out.lengths[0]].tolist()).decode("utf-8", "replace")
+  continuation = tok.decode(out.tokens[0, : out.lengths[0]])[:num_bytes]
   return {
-      "sample": sample,
+      "sample": (prompt_bytes + continuation).decode("utf-8", "replace"),
       "sample_seconds": round(time.perf_counter() - t1, 2),
       "corpus": {
           "root": config.data.root or str(text.stdlib_dir()),
-          "files": {s: len(f) for s, f in files.items()},
-          "bytes": {s: int(len(d)) for s, d in splits.items()},
-          "test_bytes_scored": len(test_bytes) - 1,
-          "data_seconds": round(data_seconds, 2),
+          "files": {s: len(f) for s, f in data.files.items()},
+          "bytes": {s: int(len(d)) for s, d in data.splits.items()},
+          "test_bytes_scored": len(data.test_bytes) - 1,
+          "test_tokens_scored": data.test_tokens,
+          "bytes_per_token": {k: round(v, 4) for k, v in data.bytes_per_token.items()},
+          "data_seconds": round(sum(data.seconds.values()), 2),
+          "tokenizer_train_seconds": round(data.seconds["tokenizer"], 2),
       },
       "preset": config.preset,
   }
@@ -94,43 +103,45 @@ def sample_and_corpus_report(
 
 def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   workdir = pathlib.Path(workdir)
-  splits, files, train, valid, test, test_bytes, data_seconds = load_byte_lm_data(config)
+  names = ["moe", "dense"] if config.model.train_dense_baseline else ["moe"]
+  data = load_lm_data(config, workdir, [workdir / n for n in names])
   seq = int(config.data.seq_len)
+  train_bpt = data.bytes_per_token["train"]
 
-  moe = lm_from_config(config.model)
+  moe = lm_from_config(config.model).clone(vocab_size=data.tokenizer.vocab_size)
   models = {"moe": moe}
   if config.model.train_dense_baseline:
     models["dense"] = dense_equivalent(moe)
   results: dict[str, Any] = {"test_bits_per_byte": {}, "params": {}, "train": {}}
   states = {}
   for name, model in models.items():
-    fit_result = fit(lm_objective(model), train, valid, config, workdir / name)
+    fit_result = fit(lm_objective(model), data.train, data.valid, config, workdir / name)
     state = restore_best(fit_result)
     states[name] = state
-    metrics, _ = fit_result.trainer.evaluate(state, test)
-    results["test_bits_per_byte"][name] = metrics["loss"] / math.log(2.0)
+    results["test_bits_per_byte"][name] = data.test_bits_per_byte(
+        lambda d: fit_result.trainer.evaluate(state, d)[0]["loss"]
+    )
     results["params"][name] = {
         "total": count_params(state.params),
-        "active_per_byte": active_params(model, state.params),
+        "active_per_byte": active_params(model, state.params),  # per token with BPE
     }
     results["train"][name] = {
         "best_step": fit_result.best_step,
         "train_seconds": round(fit_result.train_seconds, 1),
-        "bytes_per_second": round(fit_result.rows_per_second * seq, 1),
+        "bytes_per_second": round(fit_result.rows_per_second * seq * train_bpt, 1),
+        "tokens_per_second": round(fit_result.rows_per_second * seq, 1),
     }
-  xz = xz_bits_per_byte(test_bytes)
+  # The final models: `models[name]` with `states[name].params` (best validation checkpoint) for
+  # each name, and their tokenizer file `data.tokenizer.path` (workdir/tokenizer.json).
+  xz = xz_bits_per_byte(data.test_bytes[1:])
   results["test_bits_per_byte"]["xz_9e"] = xz
+  results["tokenizer"] = data.tokenizer_report()
 
   results.update(
       sample_and_corpus_report(
-          config,
-          lambda *args, **kw: generate(moe, states["moe"].params, *args, **kw),
-          files,
-          splits,
-          test_bytes,
-          data_seconds,
+          config, lambda *args, **kw: generate(moe, states["moe"].params, *args, **kw), data
       )
   )
-  results["plot"] = str(_plot(workdir, {n: workdir / n for n in models}, xz))
+  results["plot"] = str(_plot(workdir, {n: workdir / n for n in models}, xz, data.bytes_per_token))
   (workdir / "results.json").write_text(json.dumps(results, indent=2))
   return results

@@ -1,13 +1,17 @@
-"""End to end: the hybrid byte-level LM experiment (with the JEPA auxiliary loss) on a tiny slice."""
+"""End to end: the hybrid LM experiment, byte-level with the JEPA auxiliary loss on a tiny slice of
+the stdlib and with a BPE tokenizer on a tiny text folder."""
 
 import importlib.util
 import json
 import pathlib
+import shutil
 
 import pytest
 
 from experiments.hybrid import build_model
 from experiments.run import run_experiment
+from nexus_jax.data.datasets import text
+from nexus_jax.data.tokenizer import TokenizerError
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -19,10 +23,21 @@ def _config():
   return module.get_config()
 
 
+def text_folder(root: pathlib.Path, count: int = 40) -> pathlib.Path:
+  """`count` stdlib .py files of 2-20 KB (the first in path order) copied under `root`."""
+  stdlib = text.stdlib_dir()
+  picked = [f for f in text.list_files(stdlib) if 2_000 < (stdlib / f).stat().st_size < 20_000]
+  for rel in picked[:count]:
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(stdlib / rel, root / rel)
+  return root
+
+
 def test_bad_model_config():  # presets: tests/train/test_presets.py
   c = _config()
   lm, model = build_model(c.model, c.jepa, 128)
   assert model is lm and lm.d_model == 128 and lm.num_blocks == 2  # tiny, no JEPA wrapper
+  assert lm.vocab_size == 256 and build_model(c.model, c.jepa, 128, 1000)[0].vocab_size == 1000
   c.model.preset = "medium"
   with pytest.raises(ValueError, match="config.model.preset='medium'"):
     build_model(c.model, c.jepa, 128)
@@ -62,3 +77,40 @@ def test_hybrid_experiment_end_to_end_with_jepa(tmp_path):
   # The EMA target encoder is part of the checkpointed state (collection jepa_target).
   logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert any("aux/jepa" in r for r in logged if r["split"] == "train")
+
+
+def test_hybrid_experiment_bpe_and_a_mismatching_resume(tmp_path):
+  c = _config()
+  c.data.update(
+      root=str(text_folder(tmp_path / "corpus")),
+      valid_fraction=0.2,
+      test_fraction=0.2,
+      tokenizer="bpe",
+      vocab_size=400,
+      seq_len=16,
+      valid_bytes=1024,
+      test_bytes=2048,
+  )
+  c.model.update(d_model=32, num_heads=2, num_blocks=1, layers_per_block=2, ssm_state_dim=4)
+  c.train.update(
+      batch_size=4,
+      num_steps=4,
+      eval_every_steps=2,
+      log_every_steps=2,
+      progress=False,
+      tensorboard=False,
+  )
+  c.optim.warmup_steps = 1
+  c.sample.num_bytes = 12
+  work = tmp_path / "run"
+  results = run_experiment(c, work)
+  saved = json.loads((work / "results.json").read_text())
+  assert saved["tokenizer"]["kind"] == "bpe" and saved["tokenizer"]["vocab_size"] == 400
+  assert saved["tokenizer"]["file"] == str(work / "tokenizer.json")
+  assert saved["model"]["vocab_size"] == 400 and (work / "tokenizer.json").exists()
+  assert 0 < saved["test_bits_per_byte"]["hybrid"] < 8.0
+  assert saved["corpus"]["test_bytes_scored"] == 2047
+  assert results["sample"].startswith("def ")
+  c.data.update(tokenizer="byte", vocab_size=0)
+  with pytest.raises(TokenizerError, match="is a bpe tokenizer with 400 tokens but config.data"):
+    run_experiment(c, work)

@@ -1,15 +1,25 @@
-"""End to end: the byte-level LM experiment on a tiny slice of the stdlib, plus the corpus split."""
+"""End to end: the LM experiment (byte-level and BPE) on tiny corpora, the corpus split, and the
+bits/byte accounting that keeps byte-level and BPE models comparable."""
 
 import importlib.util
 import json
 import lzma
+import math
 import pathlib
+import shutil
 
+import jax
 import numpy as np
+import optax
+import pytest
 
-from nexus_jax.data.datasets.byte_lm import xz_bits_per_byte
 from experiments.run import run_experiment
 from nexus_jax.data.datasets import text
+from nexus_jax.data.datasets.byte_lm import load_lm_data, workdir_tokenizer, xz_bits_per_byte
+from nexus_jax.data.tokenizer import TokenizerError, load_tokenizer
+from nexus_jax.models.lm import lm_from_config
+from nexus_jax.models.seq_objectives import lm_objective
+from nexus_jax.train.loop import Trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -19,6 +29,32 @@ def _config():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def text_folder(root: pathlib.Path, count: int = 40) -> pathlib.Path:
+  """`count` stdlib .py files of 2-20 KB (the first in path order) copied under `root`."""
+  stdlib = text.stdlib_dir()
+  picked = [f for f in text.list_files(stdlib) if 2_000 < (stdlib / f).stat().st_size < 20_000]
+  for rel in picked[:count]:
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(stdlib / rel, root / rel)
+  return root
+
+
+def _tiny(c, folder, **data):
+  c.data.update(root=str(folder), valid_fraction=0.2, test_fraction=0.2, valid_bytes=2048, **data)
+  c.model.update(num_layers=1, embed_dim=32, num_heads=2, num_kv_heads=1, mlp_dim=32)
+  c.train.update(
+      batch_size=8,
+      num_steps=10,
+      eval_every_steps=5,
+      log_every_steps=5,
+      progress=False,
+      tensorboard=False,
+  )
+  c.optim.warmup_steps = 2
+  c.sample.num_bytes = 24
+  return c
 
 
 def test_stdlib_split_is_deterministic_file_level_and_disjoint(tmp_path):
@@ -71,3 +107,101 @@ def test_lm_experiment_end_to_end(tmp_path):
   assert abs(p["moe"]["active_per_byte"] - p["dense"]["total"]) < 0.02 * p["dense"]["total"]
   assert results["sample"].startswith("def ") and 4000 < saved["corpus"]["test_bytes_scored"] < 4096
   assert (tmp_path / "lm_curves.png").stat().st_size > 1000
+
+
+def _direct_bits_per_byte(model, params, data) -> float:
+  """Sum of -log p(target) over every masked target of `data.test`, all windows in one batch."""
+  tokens = np.concatenate([d.arrays["tokens"] for d in data.test])
+  mask = np.concatenate([d.arrays["mask"] for d in data.test])
+  logits, _ = jax.jit(model.apply)({"params": params}, tokens[:, :-1])
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+  nats = float(np.sum(np.asarray(nll, np.float64) * mask[:, 1:]))
+  return nats / (math.log(2.0) * (len(data.test_bytes) - 1))
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_test_bits_per_byte_accounting(tmp_path, kind):
+  folder = text_folder(tmp_path / "corpus")
+  c = _tiny(_config(), folder, tokenizer=kind, vocab_size=300 * (kind == "bpe"), seq_len=16)
+  c.data.test_bytes = 1000
+  data = load_lm_data(c, tmp_path / "run")
+  tok = data.tokenizer
+  assert (
+      tok.path == tmp_path / "run" / "tokenizer.json"
+      and tok.vocab_size == (300, 256)[kind == "byte"]
+  )
+  # Every test token after the first is a target exactly once and they spell test_bytes[1:].
+  targets = np.concatenate(
+      [d.arrays["tokens"][:, 1:][d.arrays["mask"][:, 1:] > 0] for d in data.test]
+  )
+  assert len(targets) == data.test_tokens and tok.decode(targets) == data.test_bytes[1:]
+  assert len(data.test_bytes) == 1000 and len(data.test) == 2  # full windows + a tail window
+  if kind == "byte":
+    assert data.test_tokens == 999 and data.bytes_per_token["test"] == 1.0
+  # Toy model: each token costs one nat per byte it spells -> exactly 1 / log 2 bits per byte.
+  costs = np.array([len(tok.token_bytes(i)) for i in range(tok.vocab_size)], np.float64)
+
+  def toy(d):
+    m = d.arrays["mask"][:, 1:]
+    return float(np.sum(costs[d.arrays["tokens"][:, 1:]] * m) / np.sum(m))
+
+  assert data.test_bits_per_byte(toy) == pytest.approx(1 / math.log(2.0), rel=1e-12)
+  if kind == "byte":
+    return
+  # A real (untrained) model: the trainer's batched evaluation == a direct sum over the windows.
+  model = lm_from_config(c.model).clone(vocab_size=tok.vocab_size)
+  trainer = Trainer(lm_objective(model), c, tmp_path / "t", 1, data.train.train_batch(0))
+  state = trainer.init(0)
+  got = data.test_bits_per_byte(lambda d: trainer.evaluate(state, d)[0]["loss"])
+  assert got == pytest.approx(_direct_bits_per_byte(model, state.params, data), rel=1e-5)
+
+
+def test_workdir_tokenizer_refuses_a_byte_level_run_and_bad_settings(tmp_path):
+  c = _config()
+  (tmp_path / "moe").mkdir()
+  (tmp_path / "moe" / "metrics.jsonl").write_text("{}\n")  # a run from before tokenizers
+  train = np.frombuffer(b"def f(x):\n    return x\n" * 50, np.uint8)
+  c.data.tokenizer = "bpe"
+  with pytest.raises(TokenizerError, match="holds a run trained before tokenizers"):
+    workdir_tokenizer(c.data, tmp_path, train, [tmp_path / "moe"])
+  c.data.tokenizer = "byte"
+  tok, seconds = workdir_tokenizer(c.data, tmp_path, train, [tmp_path / "moe"])
+  assert tok.kind == "byte" and load_tokenizer(tmp_path / "tokenizer.json").kind == "byte"
+  c.data.vocab_size = 4096
+  with pytest.raises(
+      TokenizerError, match="config.data.tokenizer='byte', config.data.vocab_size=4096: a byte"
+  ):
+    load_lm_data(c, tmp_path / "other")  # fails before reading the corpus
+  c.data.update(tokenizer="sentencepiece", vocab_size=0)
+  with pytest.raises(TokenizerError, match="unknown tokenizer kind 'sentencepiece'"):
+    load_lm_data(c, tmp_path / "other")
+
+
+def test_lm_experiment_bpe_end_to_end_and_resume(tmp_path):
+  folder = text_folder(tmp_path / "corpus")
+  c = _tiny(_config(), folder, tokenizer="bpe", vocab_size=512, seq_len=16, test_bytes=4096)
+  c.model.train_dense_baseline = False
+  work = tmp_path / "run"
+  results = run_experiment(c, work)
+  saved = json.loads((work / "results.json").read_text())
+  tok_file = work / "tokenizer.json"
+  info = saved["tokenizer"]
+  assert info["kind"] == "bpe" and info["vocab_size"] == 512 and info["file"] == str(tok_file)
+  assert 1.5 < info["bytes_per_token"] < 5
+  assert load_tokenizer(tok_file).vocab_size == 512
+  bpb = saved["test_bits_per_byte"]
+  assert set(bpb) == {"moe", "xz_9e"} and 0 < bpb["moe"] < 8.0 and 0 < bpb["xz_9e"] < 8.0
+  assert saved["corpus"]["test_bytes_scored"] == 4095
+  assert 4095 / 5 < saved["corpus"]["test_tokens_scored"] < 4095 / 1.5
+  # The embedding has one row per tokenizer token.
+  assert saved["params"]["moe"]["total"] > 512 * 32
+  assert results["sample"].startswith("def ") and len(results["sample"].encode()) >= 4
+  # Resume: the saved tokenizer is reused (not retrained) and the finished run restored.
+  before = tok_file.read_bytes(), tok_file.stat().st_mtime_ns
+  again = run_experiment(c, work)
+  assert (tok_file.read_bytes(), tok_file.stat().st_mtime_ns) == before
+  assert again["test_bits_per_byte"]["moe"] == pytest.approx(bpb["moe"], rel=1e-6)
+  assert again["corpus"]["tokenizer_train_seconds"] == 0
+  c.data.vocab_size = 1024
+  with pytest.raises(TokenizerError, match="is a bpe tokenizer with 512 tokens but config.data"):
+    run_experiment(c, work)
