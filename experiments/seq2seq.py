@@ -10,7 +10,10 @@
      encoder run once, cached cross-attention);
   4. score chrF (character n-grams 1..6, beta 2, corpus level) and exact match next to a
      nearest-neighbour baseline (TF-IDF of the source's character 3-5-grams, cosine; the nearest
-     training function's summary); results.json + seq2seq.png.
+     training function's summary); results.json + seq2seq.png;
+  5. save the selected checkpoint's model to `workdir/model` (`models/saving.py`; metadata: the
+     byte vocabulary's PAD / BOS / EOS ids, the source / target lengths and the test scores),
+     recorded as `results["model_dir"]`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 
 from nexus_jax.data.datasets import text
 from nexus_jax.inference.generate import beam_search, generate
+from nexus_jax.models.saving import save_model
 from nexus_jax.models.seq_objectives import seq2seq_objective
 from nexus_jax.models.transformer import EncoderDecoder
 from nexus_jax.train.data import ArrayDataset
@@ -193,6 +197,18 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
           for r, h, n in list(zip(test_refs, hyps, nn_hyps))[:8]
       ],
   }
+  metadata = {
+      "experiment": "seq2seq",
+      "best_step": result.best_step,
+      "tokens": {"pad": PAD, "bos": BOS, "eos": EOS},
+      "source_bytes": int(dc.source_bytes),
+      "max_target_bytes": int(dc.max_target_bytes),
+      "test": results["test"],
+  }
+  model_dir = save_model(
+      workdir / "model", model, state.variables(), metadata=metadata, overwrite=True
+  )
+  results["model_dir"] = str(model_dir)
   plot_learning_curves(workdir, valid_metric="accuracy", filename="seq2seq.png")
   (workdir / "results.json").write_text(json.dumps(results, indent=2))
   return results

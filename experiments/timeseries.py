@@ -14,7 +14,10 @@
      (`train.early_stopping.metric`);
   4. test forecasts run the decoder incrementally (encoder once, KV cache; autoregressive: each
      prediction fed back), scored by MAE next to seasonal-naive (24 h), persistence and a ridge
-     regression on the lags (alpha picked on valid); results.json + timeseries.png.
+     regression on the lags (alpha picked on valid); results.json + timeseries.png;
+  5. the selected checkpoint's model is saved to `workdir/model` (`models/saving.py`; metadata:
+     the variables, origins, window lengths, training mean / std per variable, the decoder mode
+     and the test MAE), recorded as `results["model_dir"]`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from nexus_jax.models import decoding
+from nexus_jax.models.saving import save_model
 from nexus_jax.models.seq_objectives import seq2seq_objective
 from nexus_jax.models.transformer import EncoderDecoder
 from nexus_jax.train.data import ArrayDataset
@@ -314,6 +318,23 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
       "best_step": result.best_step,
       "train_seconds": round(result.train_seconds, 1),
   }
+  metadata = {
+      "experiment": "timeseries",
+      "best_step": result.best_step,
+      "variables": list(VARIABLES),
+      "origins": list(ORIGINS),
+      "past_hours": int(config.data.past_hours),
+      "horizon_hours": horizon,
+      "mean": mean.tolist(),
+      "std": std.tolist(),
+      "autoregressive": autoregressive,
+      "residual_on": results["transformer"]["residual_on"],
+      "test_mae_standardized": mae["transformer"],
+  }
+  model_dir = save_model(
+      workdir / "model", model, state.variables(), metadata=metadata, overwrite=True
+  )
+  results["model_dir"] = str(model_dir)
   _plot(workdir, test, preds, std)
   (workdir / "results.json").write_text(json.dumps(results, indent=2))
   return results

@@ -3,7 +3,8 @@
 `TransformerBlock`: self-attention, optional cross-attention, then a dense MLP or an MoE, each a
 residual sublayer with dropout, in pre-norm (`x + f(norm(x))`) or post-norm
 (`norm(x + f(x))`) placement. Returns `(x, aux)`: aux holds the MoE statistics (empty dict for a
-dense block).
+dense block). With an adaptive `norm` ("adaptive_rms" / "adaptive_layer", `layers/norms.py`) every
+norm takes its scale and shift from the `condition [B, C]` argument (the last of the call).
 
 `TransformerStack(block=TransformerBlock(...), num_layers=L)` repeats a block template:
 - `scan_layers=True`: `nn.scan` over layers; params get a leading `[L]` axis (logical name None)
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 from nexus_jax.layers.attention import Attention
 from nexus_jax.layers.feedforward import MLP
 from nexus_jax.layers.moe import MoE
-from nexus_jax.layers.norms import make_norm
+from nexus_jax.layers.norms import apply_norm, make_norm
 
 Dtype = Any
 
@@ -48,7 +49,7 @@ class TransformerBlock(nn.Module):
   head_dim: int | None = None
   causal: bool = False
   cross_attention: bool = False  # add a cross-attention sublayer over `context`
-  norm: str = "rms"  # "rms" | "layer"
+  norm: str = "rms"  # "rms" | "layer" | "adaptive_rms" | "adaptive_layer" (needs `condition`)
   norm_placement: str = "pre"  # "pre" | "post"
   activation: str = "swiglu"
   dropout_rate: float = 0.0  # on each sublayer's output, before the residual add
@@ -68,9 +69,12 @@ class TransformerBlock(nn.Module):
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
-  def _residual(self, name, x, fn, deterministic):
+  def _residual(self, name, x, fn, deterministic, condition=None):
     """One sublayer in the configured norm placement; fn returns (y, aux)."""
-    norm = make_norm(self.norm, dtype=self.dtype, param_dtype=self.param_dtype, name=f"{name}_norm")
+    module = make_norm(
+        self.norm, dtype=self.dtype, param_dtype=self.param_dtype, name=f"{name}_norm"
+    )
+    norm = lambda h: apply_norm(module, h, condition)
     drop = nn.Dropout(self.dropout_rate, name=f"{name}_dropout")
     if self.norm_placement == "pre":
       y, aux = fn(norm(x))
@@ -88,10 +92,12 @@ class TransformerBlock(nn.Module):
       mask=None,
       context_mask=None,
       deterministic: bool = True,
+      condition=None,
   ):
     """x `[B, T, E]`; context `[B, S, E_ctx]` for cross-attention; mask/segment_ids/positions
     as in `Attention` (mask on self-attention keys; a `[B, T]` mask is also the MoE token mask,
-    except while decoding); context_mask `[B, S]` on cross-attention keys."""
+    except while decoding); context_mask `[B, S]` on cross-attention keys; condition `[B, C]`
+    for adaptive norms."""
     if self.norm_placement not in ("pre", "post"):
       raise ValueError(f"norm_placement must be 'pre' or 'post'; got {self.norm_placement!r}.")
     if self.cross_attention and context is None and not self.decode:
@@ -120,6 +126,7 @@ class TransformerBlock(nn.Module):
         x,
         lambda h: (self_attn(h, mask=mask, segment_ids=segment_ids, positions=positions), None),
         deterministic,
+        condition,
     )
     if self.cross_attention:
       cross = Attention(cross_attention=True, name="cross_attention", **attn_kw)
@@ -128,6 +135,7 @@ class TransformerBlock(nn.Module):
           x,
           lambda h: (cross(h, context, mask=context_mask), None),
           deterministic,
+          condition,
       )
     if self.num_experts > 0:
       moe = MoE(
@@ -146,7 +154,9 @@ class TransformerBlock(nn.Module):
       # A [B, T] key-padding mask doubles as the token mask. While decoding, masks index cache
       # slots ([B, cache_len]), not the step's tokens, so every step token is routed.
       token_mask = mask if (mask is not None and mask.ndim == 2 and not self.decode) else None
-      x, aux = self._residual("mlp", x, lambda h: moe(h, token_mask, deterministic), deterministic)
+      x, aux = self._residual(
+          "mlp", x, lambda h: moe(h, token_mask, deterministic), deterministic, condition
+      )
     else:
       mlp = MLP(
           self.mlp_dim,
@@ -155,7 +165,9 @@ class TransformerBlock(nn.Module):
           param_dtype=self.param_dtype,
           name="mlp",
       )
-      x, _ = self._residual("mlp", x, lambda h: (mlp(h, deterministic), None), deterministic)
+      x, _ = self._residual(
+          "mlp", x, lambda h: (mlp(h, deterministic), None), deterministic, condition
+      )
       aux = {}
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), aux
 
@@ -188,7 +200,9 @@ class TransformerStack(nn.Module):
       mask=None,
       context_mask=None,
       deterministic: bool = True,
+      condition=None,
   ):
+    """Same arguments as `TransformerBlock`; `condition [B, C]` also feeds the final norm."""
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(
           f"Unknown remat_policy {self.remat_policy!r}; choose one of " f"{sorted(REMAT_POLICIES)}."
@@ -205,7 +219,7 @@ class TransformerStack(nn.Module):
           prevent_cse=not scanned,
           static_argnums=(7,),
       )  # self=0, ..., deterministic=7
-    args = (context, segment_ids, positions, mask, context_mask, deterministic)
+    args = (context, segment_ids, positions, mask, context_mask, deterministic, condition)
     if scanned:
       per_layer = {"cache": 0, "aux_loss": 0, "intermediates": 0}
       if self.share_layers:
@@ -231,10 +245,11 @@ class TransformerStack(nn.Module):
         auxes.append(aux)
       aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
     if self.final_norm:
-      x = make_norm(
+      norm = make_norm(
           self.block.norm,
           dtype=self.block.dtype,
           param_dtype=self.block.param_dtype,
           name="final_norm",
-      )(x)
+      )
+      x = apply_norm(norm, x, condition)
     return x, aux

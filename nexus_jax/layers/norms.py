@@ -1,5 +1,9 @@
 """Normalisation layers: LayerNorm, RMSNorm and AdaptiveNorm (scale/shift from a condition).
 
+`make_norm(kind)` builds any of them by name: "layer", "rms", or "adaptive_layer" /
+"adaptive_rms" (an `AdaptiveNorm` over that base norm, called as `norm(x, condition)`);
+`apply_norm(norm, x, condition)` calls either kind.
+
 Statistics are always computed in float32 and the result is cast to `dtype` (default: the input
 dtype), so bfloat16 activations normalise stably. Scale/bias params carry the logical axis
 `param_axis` ("embed" for hidden states, "kv" when normalising per head as in qk-norm).
@@ -16,6 +20,7 @@ import jax.numpy as jnp
 
 Dtype = Any
 NORMS = ("layer", "rms")
+ADAPTIVE_NORMS = ("adaptive_layer", "adaptive_rms")
 
 
 def _param(module: nn.Module, name: str, init, size: int):
@@ -67,12 +72,24 @@ class LayerNorm(nn.Module):
 
 
 def make_norm(kind: str, **kwargs) -> nn.Module:
-  """`"layer"` -> LayerNorm, `"rms"` -> RMSNorm; kwargs go to the constructor."""
+  """`"layer"` -> LayerNorm, `"rms"` -> RMSNorm, `"adaptive_layer"` / `"adaptive_rms"` ->
+  AdaptiveNorm over that norm; kwargs go to the constructor."""
   if kind == "layer":
     return LayerNorm(**kwargs)
   if kind == "rms":
     return RMSNorm(**kwargs)
-  raise ValueError(f"Unknown norm {kind!r}; choose one of {NORMS}.")
+  if kind in ADAPTIVE_NORMS:
+    return AdaptiveNorm(norm=kind.removeprefix("adaptive_"), **kwargs)
+  raise ValueError(f"Unknown norm {kind!r}; choose one of {NORMS + ADAPTIVE_NORMS}.")
+
+
+def apply_norm(norm: nn.Module, x, condition=None):
+  """`norm(x)`, or `norm(x, condition)` for an AdaptiveNorm (`condition [B, C]` required)."""
+  if isinstance(norm, AdaptiveNorm):
+    if condition is None:
+      raise ValueError("an adaptive norm needs `condition` [batch, cond_dim]; got None.")
+    return norm(x, condition)
+  return norm(x)
 
 
 class AdaptiveNorm(nn.Module):

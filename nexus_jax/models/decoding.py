@@ -1,4 +1,4 @@
-"""Incremental decoding for `Decoder` / `EncoderDecoder` (and `lm.MoELanguageModel`).
+"""Incremental decoding for `Decoder` / `EncoderDecoder` (and `lm.LanguageModel`).
 
 The decoding state is the Flax `cache` collection of the model with `decode=True`: per layer
 `cached_key`/`cached_value [B, cache_len, K, D]` and `cache_index` (self-attention) and the
@@ -12,8 +12,10 @@ jitted step serves every position.
 For an `EncoderDecoder`, `encode(model, params, source)` runs the encoder once; pass
 `encoded=` on the first `decode_step` (it fills the cross-attention cache) and omit it later.
 `cache_mask [B, L]` marks valid cache slots (left-padded prompts), `positions [B, T]` the RoPE
-positions (default: cache index onwards). Writing past `cache_len` is not checked inside jit;
-`check_fits` is the host-side check the generation functions run.
+(or learned) positions (default: cache index onwards). A model with an adaptive norm takes
+`condition [B, condition_dim]` on `encode` and on every `decode_step`. Writing past `cache_len` is
+not checked inside jit; `check_fits` is the host-side check the generation functions run, and a
+`cache_len` above the model's `max_len` is refused by `init_cache`.
 """
 
 from __future__ import annotations
@@ -68,16 +70,24 @@ def init_cache(
   _check_model(model)
   if batch_size < 1 or cache_len < 1:
     raise ValueError(f"batch_size ({batch_size}) and cache_len ({cache_len}) must be >= 1.")
+  if model.max_len and cache_len > model.max_len:
+    raise ValueError(
+        f"cache_len {cache_len} exceeds the model's max_len {model.max_len}; decode at most "
+        f"{model.max_len} positions."
+    )
   dec = model.clone(decode=True)
   targets = _dummy(model.vocab_size, batch_size, cache_len, num_features)
+  kw = {}
+  if model.adaptive_norm:
+    kw["condition"] = jnp.zeros((batch_size, model.condition_dim), jnp.float32)
   if isinstance(model, EncoderDecoder):
     if source_len < 1:
       raise ValueError("init_cache(EncoderDecoder) needs source_len >= 1 (encoder length).")
     src_vocab = model.vocab_size if model.source_vocab_size is None else model.source_vocab_size
     source = _dummy(src_vocab, batch_size, source_len, source_features)
-    shapes = jax.eval_shape(lambda: dec.init(jax.random.PRNGKey(0), source, targets))
+    shapes = jax.eval_shape(lambda: dec.init(jax.random.PRNGKey(0), source, targets, **kw))
   else:
-    shapes = jax.eval_shape(lambda: dec.init(jax.random.PRNGKey(0), targets))
+    shapes = jax.eval_shape(lambda: dec.init(jax.random.PRNGKey(0), targets, **kw))
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
 
 
@@ -90,20 +100,32 @@ def cache_length(cache: Any) -> int:
   raise ValueError("no self-attention KV cache found in `cache`.")
 
 
-def encode(model: EncoderDecoder, params, source, source_mask=None):
+def encode(model: EncoderDecoder, params, source, source_mask=None, condition=None):
   """Runs the encoder once: `source [B, S] | [B, S, F]` -> `encoded [B, S, E]`."""
   if not isinstance(model, EncoderDecoder):
     raise TypeError(f"encode needs an EncoderDecoder; got {type(model).__name__}.")
-  encoded, _ = model.apply({"params": params}, source, source_mask, method="encode")
+  encoded, _ = model.apply(
+      {"params": params}, source, source_mask, condition=condition, method="encode"
+  )
   return encoded
 
 
 def decode_step(
-    model, params, cache, inputs, *, positions=None, cache_mask=None, encoded=None, source_mask=None
+    model,
+    params,
+    cache,
+    inputs,
+    *,
+    positions=None,
+    cache_mask=None,
+    encoded=None,
+    source_mask=None,
+    condition=None,
 ):
   """Feeds `inputs [B, T] | [B, T, F]` at the cache index; returns `(outputs [B, T, ...], cache)`.
 
-  outputs are the model head's (LM logits `[B, T, V]` float32). jit it with `model` static.
+  outputs are the model head's (LM logits `[B, T, V]` float32); `condition [B, C]` for adaptive
+  norms. jit it with `model` static.
   """
   _check_model(model)
   dec = model.clone(decode=True)
@@ -116,12 +138,18 @@ def decode_step(
         source_mask,
         cache_mask,
         positions,
+        condition=condition,
         method="decode_targets",
         mutable=["cache"],
     )
   else:
     (outputs, _), state = dec.apply(
-        variables, inputs, mask=cache_mask, positions=positions, mutable=["cache"]
+        variables,
+        inputs,
+        mask=cache_mask,
+        positions=positions,
+        condition=condition,
+        mutable=["cache"],
     )
   return outputs, state["cache"]
 

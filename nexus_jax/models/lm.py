@@ -13,6 +13,16 @@ Presets (per-expert `mlp_dim`; with `moe_top_k=2` a token sees 2 experts):
   small 4 layers,  d 128, 4 heads / 2 kv,  8 experts
   base  8 layers,  d 512, 8 heads / 2 kv,  8 experts
   large 16 layers, d 1024, 16 heads / 4 kv, 16 experts
+and the NeuralFlex-MoE specification (d 2048, 32 heads / 8 kv, 16 experts with 2 active, a
+65,536-token vocabulary, 32K context as `max_len=32768`; byte-level runs override `vocab_size`):
+  3b    20 layers, mlp 1280 per expert   2,995,537,920 params, 793,528,320 active per token
+  7b    32 layers, mlp 2048 per expert   7,047,677,952 params, 1,410,533,376 active
+  13b   44 layers, mlp 2816 per expert  12,911,757,312 params, 2,254,030,848 active
+"3B" counts every parameter (embedding, untied head with bias, all experts); "active" counts what
+one token uses (all but the `num_experts - moe_top_k` unused experts of each MoE layer).
+`preset_param_counts(name)` measures both with `jax.eval_shape` (nothing allocated) and
+`analytic_param_counts(model)` computes them from the fields; `python -m nexus_jax.models.lm`
+prints every preset's counts.
 """
 
 from __future__ import annotations
@@ -22,8 +32,11 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from nexus_jax.layers.feedforward import get_activation
+from nexus_jax.layers.norms import ADAPTIVE_NORMS
 from nexus_jax.models.transformer import Decoder
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -39,6 +52,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "large": dict(
         num_layers=16, embed_dim=1024, num_heads=16, num_kv_heads=4, mlp_dim=2048, num_experts=16
     ),
+    **{
+        name: dict(
+            num_layers=layers,
+            embed_dim=2048,
+            num_heads=32,
+            num_kv_heads=8,
+            mlp_dim=mlp,
+            num_experts=16,
+            moe_top_k=2,
+            vocab_size=65_536,
+            max_len=32_768,
+        )
+        for name, layers, mlp in (("3b", 20, 1280), ("7b", 32, 2048), ("13b", 44, 2816))
+    },
 }
 
 
@@ -64,7 +91,7 @@ class LanguageModel(Decoder):
 
   @classmethod
   def from_preset(cls, preset: str, **overrides) -> "LanguageModel":
-    """The named preset (tiny | small | base | large) with field overrides."""
+    """The named preset (tiny | small | base | large | 3b | 7b | 13b) with field overrides."""
     if preset not in PRESETS:
       raise ValueError(f"unknown LanguageModel preset {preset!r}; choose one of {sorted(PRESETS)}.")
     return cls(**{**PRESETS[preset], **overrides})
@@ -100,6 +127,54 @@ def active_params(model: Decoder, params: Any) -> int:
   return int(total - round(expert * unused))
 
 
+def preset_param_counts(preset: str, **overrides) -> dict[str, int]:
+  """`{"total", "active"}` parameters of a preset, from `jax.eval_shape` (nothing allocated)."""
+  model = LanguageModel.from_preset(preset, **overrides)
+  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  shapes = jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t), tokens)["params"]
+  return {"total": count_params(shapes), "active": active_params(model, shapes)}
+
+
+def _norm_params(model: Decoder) -> int:
+  e = model.embed_dim
+  if model.norm in ADAPTIVE_NORMS:  # scale and shift projections [C, E] + [E] each
+    return 2 * (model.condition_dim * e + e)
+  return 2 * e if model.norm == "layer" else e
+
+
+def analytic_param_counts(model: Decoder) -> dict[str, int]:
+  """`{"total", "active"}` parameters of a token-input, LM-head `Decoder` from its fields.
+
+  Per block: attention `E*H*D` (query) + `2*E*K*D` (key, value) + `H*D*E` (out) (+ `2*D` with
+  qk-norm), two norms, and either a dense MLP (`3*E*F` gated, `2*E*F` otherwise) or an MoE
+  (router `E*X` + X experts of that size); blocks are grouped as in `MoEGroup` and stored once
+  with `share_layers`. Plus the embedding `V*E`, the learned positions `max_len*E`, the final
+  norm and the untied head `E*V + V`. Active = total minus the `X - top_k` unused experts of
+  each stored MoE block.
+  """
+  if model.cross_attention or model.head != "lm" or model.vocab_size < 1:
+    raise ValueError(
+        "analytic_param_counts covers token-input Decoders with head='lm' and no "
+        "cross-attention."
+    )
+  e, h, x, f = model.embed_dim, model.num_heads, model.num_experts, model.mlp_dim
+  k, d = model.num_kv_heads or h, model.head_dim or model.embed_dim // model.num_heads
+  norm = _norm_params(model)
+  attention = 2 * e * h * d + 2 * e * k * d + (2 * d if model.qk_norm else 0)
+  ffn = (3 if get_activation(model.activation)[1] else 2) * e * f
+  dense_block = attention + 2 * norm + ffn
+  moe_block = attention + 2 * norm + e * x + x * ffn
+  per_unit = model.moe_every if (x > 0 and model.moe_every > 1) else 1
+  unit = (per_unit - 1) * dense_block + moe_block if x > 0 else dense_block
+  units = 1 if model.share_layers else model.num_layers // per_unit
+  total = units * unit + model.vocab_size * e
+  total += model.max_len * e if model.position_embedding == "learned" else 0
+  total += norm if model.final_norm else 0
+  total += 0 if model.tie_embeddings else e * model.vocab_size + model.vocab_size
+  active = total - (units * (x - model.moe_top_k) * ffn if x > 0 else 0)
+  return {"total": total, "active": active}
+
+
 def bits_per_token(nats: float) -> float:
   """Cross-entropy in nats -> bits (per token; per byte for byte-level models)."""
   return nats / math.log(2.0)
@@ -120,3 +195,23 @@ def lm_from_config(mc: Any) -> "LanguageModel":
       dropout_rate=mc.dropout_rate,
       attention_backend=mc.attention_backend,
   )
+
+
+def main() -> None:
+  """Prints one JSON object: the layout and parameter counts of every preset (from eval_shape)."""
+  import json
+
+  out = {}
+  for name, preset in PRESETS.items():
+    model = LanguageModel.from_preset(name)
+    out[name] = {
+        **preset,
+        "vocab_size": model.vocab_size,
+        "max_len": model.max_len,
+        **preset_param_counts(name),
+    }
+  print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+  main()

@@ -2,8 +2,22 @@
 
 Input is either token ids `[B, T]` int (when `vocab_size > 0`: an embedding `[vocab, embed]`, whose
 transpose can be the tied LM output) or feature vectors `[B, T, F]` float (when `vocab_size == 0`:
-a linear projection; for time series and sensor data). Positions come from RoPE inside attention
-(`rotary_fraction`), so there is no absolute position table and no maximum length.
+a linear projection; for time series and sensor data).
+
+Positions (`position_embedding`): "rope" (default) rotates `rotary_fraction` of each head's dims
+inside attention, with no position table; "learned" adds a learned absolute table
+`[max_len, embed]` to the input embedding and turns RoPE off. `max_len` (0: unbounded, RoPE only)
+bounds the sequence length: longer inputs, concrete `positions` outside `[0, max_len)` and
+decoding caches longer than `max_len` are errors (under jit a traced out-of-range position reads
+NaN from the learned table). While decoding with a KV cache, learned positions default to the
+cache index onwards (a `cache_index` of the model's own, rewound by `decoding.set_cache_index`).
+
+Norms (`norm`): "rms" | "layer", or "adaptive_rms" | "adaptive_layer": every norm (each
+sublayer's and the final one) is an `AdaptiveNorm` whose scale and shift are linear in a
+conditioning vector, passed to every call as `condition [B, condition_dim]` (a class, a style,
+a diffusion time embedding; adaLN-Zero: the projections start at 0, so at init the output does
+not depend on it). `use_final_norm` (None: only for pre-norm stacks, whose last block ends in a
+residual add) puts a norm after the last block or leaves it out.
 
 Heads (`head`):
 - "lm": per-token logits `[B, T, vocab_size]` (tied to the input embedding with `tie_embeddings`);
@@ -17,7 +31,8 @@ Every option of the core blocks is a field: norm type/placement, activation (gat
 attention backend, GQA, qk-norm, MoE every `moe_every`-th layer, remat, shared layers and
 `nn.scan` over layers. Calls return `(outputs, aux)`; `aux["moe"]` holds the stacked router
 statistics when the model has experts. `decode=True` turns on the KV caches (see
-`models/decoding.py` for `init_cache` and one-step decoding).
+`models/decoding.py` for `init_cache` and one-step decoding). `models/saving.py` saves and
+reloads any of the three with its fields.
 """
 
 from __future__ import annotations
@@ -33,10 +48,13 @@ import numpy as np
 
 from nexus_jax.layers.blocks import REMAT_POLICIES, TransformerBlock, TransformerStack
 from nexus_jax.layers.moe import MoE
+from nexus_jax.layers.norms import ADAPTIVE_NORMS, NORMS
 
 Dtype = Any
 HEADS = ("lm", "classification", "regression", "token_regression", "none")
 POOLINGS = ("mean", "first", "last")
+NORM_KINDS = NORMS + ADAPTIVE_NORMS
+POSITION_EMBEDDINGS = ("rope", "learned")
 
 
 class MoEGroup(TransformerBlock):
@@ -58,6 +76,7 @@ class MoEGroup(TransformerBlock):
       mask=None,
       context_mask=None,
       deterministic: bool = True,
+      condition=None,
   ):
     kw = {
         f: getattr(self, f)
@@ -67,7 +86,7 @@ class MoEGroup(TransformerBlock):
     for i in range(self.moe_every):
       experts = self.num_experts if i == self.moe_every - 1 else 0
       x, aux = TransformerBlock(**{**kw, "num_experts": experts}, name=f"block_{i}")(
-          x, context, segment_ids, positions, mask, context_mask, deterministic
+          x, context, segment_ids, positions, mask, context_mask, deterministic, condition
       )
     return x, aux
 
@@ -97,10 +116,14 @@ class _Transformer(nn.Module):
   pooling: str = "mean"  # mean | first | last (classification / regression heads)
   tie_embeddings: bool = False  # lm head = input embedding transposed
   zero_init_head: bool = False  # untied head kernel starts at 0 (outputs = bias = 0 at init)
-  norm: str = "rms"  # rms | layer
+  norm: str = "rms"  # rms | layer | adaptive_rms | adaptive_layer (scale/shift from `condition`)
+  condition_dim: int = 0  # width C of `condition [B, C]` (adaptive norms only)
   norm_placement: str = "pre"  # pre | post
+  use_final_norm: bool | None = None  # norm after the last block; None: pre-norm stacks only
   activation: str = "swiglu"  # gelu | relu | swish | swiglu | geglu | reglu
   dropout_rate: float = 0.0
+  position_embedding: str = "rope"  # rope | learned (absolute table [max_len, embed], no RoPE)
+  max_len: int = 0  # longest sequence (learned table rows); 0: unbounded (rope only)
   rotary_fraction: float = 1.0  # fraction of head dims rotated by RoPE
   rope_theta: float = 10000.0
   qk_norm: bool = False
@@ -126,6 +149,17 @@ class _Transformer(nn.Module):
   @property
   def output_dim(self) -> int:
     return self.vocab_size if self.head == "lm" else self.num_outputs
+
+  @property
+  def adaptive_norm(self) -> bool:
+    return self.norm in ADAPTIVE_NORMS
+
+  @property
+  def final_norm(self) -> bool:
+    """Whether a norm follows the last block (`use_final_norm`; None: pre-norm only)."""
+    if self.use_final_norm is None:
+      return self.norm_placement == "pre"
+    return bool(self.use_final_norm)
 
   def validate(self):
     """Raises ValueError naming the field for inconsistent hyperparameters."""
@@ -170,13 +204,106 @@ class _Transformer(nn.Module):
             0.0 <= self.dropout_rate < 1.0,
             f"dropout_rate must be in [0, 1); got {self.dropout_rate}.",
         ),
+        (self.norm in NORM_KINDS, f"norm={self.norm!r}; choose one of {NORM_KINDS}."),
+        (
+            not self.adaptive_norm or self.condition_dim >= 1,
+            f"norm={self.norm!r} needs condition_dim >= 1 (the width of `condition`); "
+            f"got {self.condition_dim}.",
+        ),
+        (
+            self.position_embedding in POSITION_EMBEDDINGS,
+            f"position_embedding={self.position_embedding!r}; choose one of "
+            f"{POSITION_EMBEDDINGS}.",
+        ),
+        (self.max_len >= 0, f"max_len must be >= 0 (0: unbounded); got {self.max_len}."),
+        (
+            self.position_embedding != "learned" or self.max_len >= 1,
+            "position_embedding='learned' needs max_len >= 1 (the rows of the position table).",
+        ),
     ]
     for ok, message in checks:
       if not ok:
         raise ValueError(f"{type(self).__name__}: {message}")
 
-  def embed_inputs(self, inputs, name: str, vocab_size: int):
-    """tokens `[B, T]` int -> `[B, T, E]`, or features `[B, T, F]` -> `[B, T, E]`."""
+  def check_condition(self, condition, batch: int):
+    """Raises ValueError unless `condition` is `[batch, condition_dim]` exactly when the norm
+    is adaptive (and None otherwise)."""
+    name = type(self).__name__
+    if not self.adaptive_norm:
+      if condition is not None:
+        raise ValueError(
+            f"{name}: `condition` was given but norm={self.norm!r} is not adaptive; use "
+            f"norm='adaptive_{self.norm}' (with condition_dim) to condition the model."
+        )
+      return
+    if condition is None:
+      raise ValueError(
+          f"{name}: norm={self.norm!r} needs `condition` [batch, {self.condition_dim}]."
+      )
+    if condition.shape != (batch, self.condition_dim):
+      raise ValueError(
+          f"{name}: condition must be [batch, condition_dim] = {[batch, self.condition_dim]}; "
+          f"got {list(condition.shape)}."
+      )
+
+  def check_positions(self, positions, length: int, name: str):
+    """Raises ValueError if the sequence (or concrete `positions`) exceed `max_len`."""
+    if not self.max_len:
+      return
+    if length > self.max_len:
+      raise ValueError(
+          f"{name}: sequence length {length} exceeds max_len {self.max_len} "
+          f"({self.position_embedding} positions)."
+      )
+    if positions is not None and not isinstance(positions, jax.core.Tracer):
+      values = np.asarray(positions)
+      if values.size and (values.min() < 0 or values.max() >= self.max_len):
+        raise ValueError(
+            f"{name}: positions must lie in [0, {self.max_len}) (max_len); got values in "
+            f"[{values.min()}, {values.max()}]."
+        )
+
+  def token_positions(self, batch: int, length: int, positions):
+    """`[B, T]` positions of this call's tokens: `positions` if given, else 0..T-1, or while
+    decoding with learned positions, the model's cache index onwards (the index advances by T)."""
+    if not (self.decode and self.position_embedding == "learned"):
+      return positions
+    initialised = self.has_variable("cache", "cache_index")
+    index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    if not initialised:
+      return positions
+    if positions is None:
+      positions = index.value + jnp.broadcast_to(
+          jnp.arange(length, dtype=jnp.int32), (batch, length)
+      )
+    index.value = index.value + length
+    return positions
+
+  def add_positions(self, x, positions, name: str):
+    """`x [B, T, E]` plus the learned position rows `positions [B, T]` (default 0..T-1)."""
+    if self.position_embedding != "learned":
+      return x
+    b, t = x.shape[:2]
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    table = nn.Embed(
+        self.max_len,
+        self.embed_dim,
+        dtype=x.dtype,
+        param_dtype=self.param_dtype,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+        name=f"{name}_position_embed",
+    )
+    return x + table(positions.astype(jnp.int32)).astype(x.dtype)
+
+  def embed_inputs(self, inputs, name: str, vocab_size: int, positions=None):
+    """tokens `[B, T]` int -> `[B, T, E]`, or features `[B, T, F]` -> `[B, T, E]`; learned
+    position rows (`positions [B, T]`, default 0..T-1) added when configured."""
+    x, embed = self._embed(inputs, name, vocab_size)
+    self.check_positions(positions, x.shape[1], name)
+    return self.add_positions(x, positions, name), embed
+
+  def _embed(self, inputs, name: str, vocab_size: int):
     dtype = self.dtype or jnp.float32
     if vocab_size > 0:
       if inputs.ndim != 2 or not jnp.issubdtype(inputs.dtype, jnp.integer):
@@ -223,7 +350,7 @@ class _Transformer(nn.Module):
         norm_placement=self.norm_placement,
         activation=self.activation,
         dropout_rate=self.dropout_rate,
-        rotary_fraction=self.rotary_fraction,
+        rotary_fraction=0.0 if self.position_embedding == "learned" else self.rotary_fraction,
         rope_theta=self.rope_theta,
         qk_norm=self.qk_norm,
         attention_backend=self.attention_backend,
@@ -245,7 +372,7 @@ class _Transformer(nn.Module):
         scan_layers=self.scan_layers,
         share_layers=self.share_layers,
         remat_policy=self.remat_policy,
-        final_norm=self.norm_placement == "pre",
+        final_norm=self.final_norm,
         name=name,
     )
 
@@ -259,8 +386,9 @@ class _Transformer(nn.Module):
       mask=None,
       context_mask=None,
       deterministic=True,
+      condition=None,
   ):
-    args = (x, context, None, positions, mask, context_mask, deterministic)
+    args = (x, context, None, positions, mask, context_mask, deterministic, condition)
     with contextlib.ExitStack() as ctx:
       if self.decode and mask is not None and self.num_experts > 0:
         ctx.enter_context(nn.intercept_methods(_drop_cache_mask_from_moe))
@@ -325,14 +453,16 @@ def pool(x_BTE, mask_BT, pooling: str):
 
 
 class Encoder(_Transformer):
-  """Bidirectional encoder. `inputs [B, T] | [B, T, F]`, `mask [B, T]` -> `(outputs, aux)`."""
+  """Bidirectional encoder. `inputs [B, T] | [B, T, F]`, `mask [B, T]` -> `(outputs, aux)`;
+  `condition [B, condition_dim]` with an adaptive norm."""
 
   @nn.compact
-  def __call__(self, inputs, mask=None, deterministic: bool = True):
+  def __call__(self, inputs, mask=None, deterministic: bool = True, condition=None):
     self.validate()
+    self.check_condition(condition, inputs.shape[0])
     x, embed = self.embed_inputs(inputs, "input", self.vocab_size)
     stack = self.stack(self.num_layers, causal=False, cross=False, name="encoder")
-    x, aux = self.run_stack(stack, x, mask=mask, deterministic=deterministic)
+    x, aux = self.run_stack(stack, x, mask=mask, deterministic=deterministic, condition=condition)
     return self.apply_head(x, embed, mask), aux
 
 
@@ -343,6 +473,7 @@ class Decoder(_Transformer):
   with `decode=True` it is instead a `[B, cache_len]` mask over cache slots, and `positions
   [B, T]` (default: cache index onwards) place the chunk. Set `cross_attention=True` for a
   decoder that reads an encoder's output (`context_mask [B, S]` marks its valid positions).
+  `condition [B, condition_dim]` feeds adaptive norms (on every decoding step too).
   """
 
   cross_attention: bool = False
@@ -356,11 +487,14 @@ class Decoder(_Transformer):
       context_mask=None,
       positions=None,
       deterministic: bool = True,
+      condition=None,
   ):
     self.validate()
     if self.cross_attention and context is None and not self.decode:
       raise ValueError("Decoder(cross_attention=True) needs `context` (the encoder output).")
-    x, embed = self.embed_inputs(inputs, "input", self.vocab_size)
+    self.check_condition(condition, inputs.shape[0])
+    positions = self.token_positions(inputs.shape[0], inputs.shape[1], positions)
+    x, embed = self.embed_inputs(inputs, "input", self.vocab_size, positions)
     stack = self.stack(self.num_layers, causal=True, cross=self.cross_attention, name="decoder")
     x, aux = self.run_stack(
         stack,
@@ -370,6 +504,7 @@ class Decoder(_Transformer):
         mask=mask,
         context_mask=context_mask,
         deterministic=deterministic,
+        condition=condition,
     )
     return self.apply_head(x, embed, None if self.decode else mask), aux
 
@@ -382,6 +517,8 @@ class EncoderDecoder(_Transformer):
   `encode(source, source_mask) -> (encoded [B, S, E], aux)` and `decode_targets(targets, encoded,
   ...)` split the pass for incremental decoding: encode once; with `decode=True` the
   cross-attention keys/values are cached on the first decoder call and `encoded=None` afterwards.
+  With an adaptive norm every call takes `condition [B, condition_dim]` (encoder and decoder
+  share it).
   """
 
   num_encoder_layers: int | None = None  # None: num_layers
@@ -410,9 +547,9 @@ class EncoderDecoder(_Transformer):
     )
     self.decoder = Decoder(**shared, cross_attention=True)
 
-  def encode(self, source, source_mask=None, deterministic: bool = True):
+  def encode(self, source, source_mask=None, deterministic: bool = True, condition=None):
     """`source [B, S] | [B, S, F]` -> `(encoded [B, S, E], aux)`."""
-    return self.encoder(source, source_mask, deterministic)
+    return self.encoder(source, source_mask, deterministic, condition)
 
   def decode_targets(
       self,
@@ -422,6 +559,7 @@ class EncoderDecoder(_Transformer):
       target_mask=None,
       positions=None,
       deterministic: bool = True,
+      condition=None,
   ):
     """`targets [B, T] | [B, T, F]`, `encoded [B, S, E]` -> `(outputs, aux)`."""
     if encoded is None and not self.decode:
@@ -429,14 +567,22 @@ class EncoderDecoder(_Transformer):
           "decode_targets needs `encoded` (from `encode`) unless decoding with a "
           "cache whose cross-attention keys are already filled."
       )
-    return self.decoder(targets, encoded, target_mask, source_mask, positions, deterministic)
+    return self.decoder(
+        targets, encoded, target_mask, source_mask, positions, deterministic, condition
+    )
 
   def __call__(
-      self, source, targets, source_mask=None, target_mask=None, deterministic: bool = True
+      self,
+      source,
+      targets,
+      source_mask=None,
+      target_mask=None,
+      deterministic: bool = True,
+      condition=None,
   ):
-    encoded, enc_aux = self.encode(source, source_mask, deterministic)
+    encoded, enc_aux = self.encode(source, source_mask, deterministic, condition)
     outputs, aux = self.decode_targets(
-        targets, encoded, source_mask, target_mask, deterministic=deterministic
+        targets, encoded, source_mask, target_mask, deterministic=deterministic, condition=condition
     )
     if enc_aux:
       aux = {**aux, "encoder_moe": enc_aux["moe"]}

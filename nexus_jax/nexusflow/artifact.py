@@ -22,23 +22,21 @@ both.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pathlib
-import shutil
-import tempfile
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from nexus_jax.data.relational import ContextSetBuilder
 from nexus_jax.inference import dequantize
 from nexus_jax.nexusflow.optimization import QUANTIZED
 from nexus_jax.nexusflow.table_predictor import TabularPredictor
 from nexus_jax.train.checkpoint import fingerprint
+from nexus_jax.train import integrity
+from nexus_jax.train.integrity import sha256_file  # noqa: F401 (re-exported)
 
 # 2: the cross-table block uses the shared tabular attention (models/tabular); 1 cannot be read.
 # 3: version 2 + packed int4 params (`optimize("int4")`); written only for int4 artifacts.
@@ -49,20 +47,6 @@ ARTIFACT_FILE, MANIFEST_FILE = "artifact.json", "manifest.json"
 
 class ArtifactError(ValueError):
   """The artifact folder cannot be loaded (tampered, incomplete, other format version, wrong params)."""
-
-
-def sha256_file(path: pathlib.Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
-def _files(root: pathlib.Path) -> list[str]:
-  return sorted(
-      str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_FILE
-  )
 
 
 def json_default(x: Any) -> Any:
@@ -117,15 +101,11 @@ def save_artifact(
   old folder as it was. `extra_files` ({name: text}) are added and listed in the manifest.
   """
   path = check_save_target(path, overwrite)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.writing-", dir=path.parent))
-  old = None
-  try:
+  with integrity.atomic_folder(path) as tmp:
     predictor.builder.save(tmp / "builder")
     extra = {k: v for k, v in predictor.variables.items() if k != "params"}
-    tree = jax.device_get({"params": predictor.params_stored, **extra})
-    with ocp.StandardCheckpointer() as ckpt:
-      ckpt.save(tmp / "params", tree)
+    tree = {"params": predictor.params_stored, **extra}
+    integrity.save_tree(tmp / "params", tree)
     version = format_version_for(predictor.optimization)
     meta = {
         "format_version": version,
@@ -143,23 +123,7 @@ def save_artifact(
     (tmp / ARTIFACT_FILE).write_text(json.dumps(meta, indent=1, default=json_default))
     for name, text in (extra_files or {}).items():
       (tmp / name).write_text(text)
-    manifest = {
-        "format_version": version,
-        "sha256": {f: sha256_file(tmp / f) for f in _files(tmp)},
-    }
-    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
-    if path.exists():
-      old = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-      path.rename(old / "artifact")
-    tmp.rename(path)
-  except BaseException:
-    if old is not None and not path.exists():
-      (old / "artifact").rename(path)  # put the previous folder back
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  finally:
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
+    integrity.write_manifest(tmp, MANIFEST_FILE, format_version=version)
   return path
 
 
@@ -171,30 +135,7 @@ def format_version_for(optimization: list[dict[str, Any]]) -> int:
 def verify_artifact(path: str | pathlib.Path) -> dict[str, Any]:
   """Checks the manifest against the files; returns artifact.json. Raises ArtifactError naming the file."""
   path = pathlib.Path(path)
-  if not (path / MANIFEST_FILE).is_file():
-    raise ArtifactError(
-        f"{path}: no {MANIFEST_FILE}; not a nexus_jax artifact (or an incomplete one)"
-    )
-  try:
-    manifest = json.loads((path / MANIFEST_FILE).read_text())
-    expected = dict(manifest["sha256"])
-  except (json.JSONDecodeError, KeyError, TypeError) as err:
-    raise ArtifactError(f"{path / MANIFEST_FILE}: unreadable manifest ({err})") from None
-  present = set(_files(path))
-  missing = sorted(set(expected) - present)
-  if missing:
-    raise ArtifactError(f"{path}: file(s) {missing[:3]} listed in {MANIFEST_FILE} are missing")
-  added = sorted(present - set(expected))
-  if added:
-    raise ArtifactError(
-        f"{path}: file(s) {added[:3]} were added after saving (not in {MANIFEST_FILE})"
-    )
-  for name, digest in expected.items():
-    if sha256_file(path / name) != digest:
-      raise ArtifactError(
-          f"{path / name}: contents changed after saving (sha256 mismatch); "
-          "the artifact was tampered with or corrupted"
-      )
+  integrity.verify_manifest(path, ArtifactError, "artifact", MANIFEST_FILE)
   meta = json.loads((path / ARTIFACT_FILE).read_text())
   version = meta.get("format_version")
   if version not in READABLE_VERSIONS or isinstance(version, bool):
@@ -214,9 +155,7 @@ def load_artifact(path: str | pathlib.Path) -> TabularPredictor:
   if meta.get("kind") != "nexus_former":
     raise ArtifactError(f"{path / ARTIFACT_FILE}: kind {meta.get('kind')!r} is not 'nexus_former'")
   builder = ContextSetBuilder.load(path / "builder")
-  with ocp.StandardCheckpointer() as ckpt:
-    tree = ckpt.restore(path / "params")
-  tree = jax.tree.map(np.asarray, tree)
+  tree = integrity.restore_tree(path / "params")
   stored = tree.pop("params")
   params = (
       dequantize(stored) if any(o["method"] in QUANTIZED for o in meta["optimization"]) else stored

@@ -1,4 +1,5 @@
-"""Function -> docstring seq2seq: pair extraction, chrF, and the experiment end to end (tiny)."""
+"""Function -> docstring seq2seq: pair extraction, chrF, and the experiment end to end (tiny),
+including the saved model reproducing the test summaries."""
 
 import importlib.util
 import json
@@ -7,7 +8,8 @@ import pathlib
 import pytest
 
 from experiments.run import run_experiment
-from experiments.seq2seq import chrf, function_pairs
+from experiments.seq2seq import chrf, encode, function_pairs, load_pairs, model_summaries
+from nexus_jax.models.saving import load_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -87,3 +89,12 @@ def test_seq2seq_experiment_end_to_end(tmp_path):
     assert 0 <= saved["test"][name]["chrf"] <= 100 and 0 <= saved["test"][name]["exact_match"] <= 1
   assert saved["pairs"]["train"] > saved["pairs"]["test"] > 0
   assert (tmp_path / "seq2seq.png").stat().st_size > 1000
+
+  model_dir = pathlib.Path(saved["model_dir"])  # the saved model writes the same summaries
+  assert model_dir == tmp_path.absolute() / "model"
+  loaded = load_model(model_dir, family="encoder_decoder")
+  assert loaded.metadata["test"] == saved["test"] and loaded.metadata["tokens"]["eos"] == 258
+  examples = saved["examples"]
+  test = encode(load_pairs(c.data)["test"][: len(examples)], 64, 24)
+  hyps = model_summaries(loaded.model, loaded.variables["params"], test, c)
+  assert hyps == [e["transformer"] for e in examples]

@@ -1,4 +1,5 @@
-"""End to end: the weather forecasting experiment on a tiny config; window construction."""
+"""End to end: the weather forecasting experiment on a tiny config (its saved model reproduces the
+test forecasts); window construction."""
 
 import importlib.util
 import json
@@ -7,7 +8,8 @@ import pathlib
 import numpy as np
 
 from experiments.run import run_experiment
-from experiments.timeseries import calendar, make_windows
+from experiments.timeseries import calendar, make_windows, model_forecasts, split_windows
+from nexus_jax.models.saving import load_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -64,3 +66,9 @@ def test_timeseries_experiment_end_to_end(tmp_path):
   assert 0.3 < mae["ridge_lags"] < mae["persistence"] < mae["seasonal_naive_24h"] < 1.0
   assert saved["windows"]["train"] > 10 * saved["windows"]["test"] > 0
   assert (tmp_path / "timeseries.png").stat().st_size > 1000
+
+  loaded = load_model(saved["model_dir"], family="encoder_decoder")
+  assert loaded.metadata["autoregressive"] and len(loaded.metadata["std"]) == 7
+  test = split_windows(c)[0]["test"]
+  preds = model_forecasts(loaded.model, True, loaded.variables["params"], test, None, 32)
+  assert np.abs(preds - test["future"]).mean() == mae["transformer"]  # the same forecasts

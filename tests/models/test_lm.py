@@ -1,16 +1,20 @@
-"""MoE LanguageModel: presets, active parameters vs the dense equivalent, sown aux losses."""
+"""MoE LanguageModel: presets (counts from eval_shape = the analytic formula), active parameters
+vs the dense equivalent, sown aux losses."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nexus_jax.models import decoding
 from nexus_jax.models.lm import (
     PRESETS,
     LanguageModel,
     active_params,
+    analytic_param_counts,
     count_params,
     dense_equivalent,
+    preset_param_counts,
 )
 
 TOKENS = jnp.zeros((2, 8), jnp.int32)
@@ -60,3 +64,40 @@ def test_lm_config_errors():
     jax.eval_shape(
         LanguageModel(head="regression", num_outputs=1).init, jax.random.PRNGKey(0), TOKENS
     )
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_preset_counts_from_eval_shape_equal_the_analytic_formula(preset):
+  counts = preset_param_counts(preset)
+  assert counts == analytic_param_counts(LanguageModel.from_preset(preset))
+  assert 0 < counts["active"] < counts["total"]
+
+
+@pytest.mark.parametrize("preset, target", [("3b", 3e9), ("7b", 7e9), ("13b", 13e9)])
+def test_neuralflex_presets_follow_the_seed_spec(preset, target):
+  model = LanguageModel.from_preset(preset)
+  spec = (model.embed_dim, model.num_heads, model.num_kv_heads, model.num_experts, model.moe_top_k)
+  assert spec == (2048, 32, 8, 16, 2)
+  assert model.vocab_size == 65_536 and model.max_len == 32_768
+  assert abs(preset_param_counts(preset)["total"] - target) / target < 0.01
+  with pytest.raises(ValueError, match="cache_len 32769 exceeds the model's max_len 32768"):
+    decoding.init_cache(model, 1, 32_769)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(num_experts=0),
+        dict(tie_embeddings=True, qk_norm=True, norm="layer", activation="gelu"),
+        dict(moe_every=2, num_layers=4, share_layers=True),
+        dict(moe_every=2, num_layers=4, position_embedding="learned", max_len=16),
+        dict(norm="adaptive_rms", condition_dim=3, head_dim=8, num_kv_heads=1),
+        dict(norm_placement="post", use_final_norm=False, moe_top_k=1),
+    ],
+)
+def test_analytic_formula_covers_the_options(overrides):
+  model = LanguageModel.from_preset("tiny", vocab_size=32, **overrides)
+  kw = {"condition": jnp.zeros((2, 3))} if model.adaptive_norm else {}
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), TOKENS, **kw)["params"]
+  expected = {"total": count_params(shapes), "active": active_params(model, shapes)}
+  assert analytic_param_counts(model) == expected
