@@ -20,7 +20,7 @@ import json
 import pathlib
 from typing import Any
 
-from experiments.lm import sample_and_corpus_report
+from experiments.lm import sample_and_corpus_report, save_trained_lm
 from nexus_jax.data.datasets.byte_lm import load_lm_data, xz_bits_per_byte
 from nexus_jax.models import hybrid
 from nexus_jax.models.hybrid import HybridLM
@@ -80,8 +80,6 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   fit_result = fit(lm_objective(model), data.train, data.valid, config, workdir)
   state = restore_best(fit_result)
   lm_params = state.params["lm"] if model is not lm else state.params
-  # The final model: `lm` with `lm_params` (best validation checkpoint) and its tokenizer file
-  # `data.tokenizer.path` (workdir/tokenizer.json).
   results: dict[str, Any] = {
       "test_bits_per_byte": {
           "hybrid": data.test_bits_per_byte(
@@ -112,6 +110,10 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
       },
       "tokenizer": data.tokenizer_report(),
   }
+  # The LM (without the JEPA wrapper), best validation checkpoint, with its tokenizer.
+  results["model_dir"] = save_trained_lm(
+      workdir / "model", lm, lm_params, data, config, results["test_bits_per_byte"]["hybrid"]
+  )
   train_log = read_metrics(workdir, "train")
   if config.jepa.weight > 0 and train_log:
     results["train"]["final_aux_jepa"] = train_log[-1].get("aux/jepa")

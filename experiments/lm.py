@@ -27,6 +27,7 @@ from nexus_jax.data.datasets import text
 from nexus_jax.data.datasets.byte_lm import LMData, load_lm_data, xz_bits_per_byte
 from nexus_jax.inference.generate import Sampling, generate
 from nexus_jax.models.lm import active_params, count_params, dense_equivalent, lm_from_config
+from nexus_jax.models.saving import save_model
 from nexus_jax.models.seq_objectives import lm_objective
 from nexus_jax.train.loop import fit, restore_best
 from nexus_jax.train.metrics import read_metrics
@@ -101,6 +102,28 @@ def sample_and_corpus_report(config: Any, generate_fn: Any, data: LMData) -> dic
   }
 
 
+def save_trained_lm(
+    path: pathlib.Path, model: Any, params: Any, data: LMData, config: Any, bits_per_byte: float
+) -> str:
+  """Writes the trained LM with its tokenizer (`models.saving.save_model`, what `nexus-lm` loads).
+
+  Rerunning in the same workdir replaces a model saved there before (never another folder).
+  """
+  tokenizer = data.tokenizer
+  assets = {"tokenizer.json": tokenizer.path} if tokenizer.kind != "byte" else {}
+  metadata = {
+      "experiment": config.experiment,
+      "test_bits_per_byte": bits_per_byte,
+      "tokenizer": tokenizer.kind,
+      "seq_len": int(config.data.seq_len),
+      "config": json.loads(config.to_json_best_effort()),
+  }
+  saved = save_model(
+      path, model, {"params": params}, metadata=metadata, assets=assets, overwrite=True
+  )
+  return str(saved)
+
+
 def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   workdir = pathlib.Path(workdir)
   names = ["moe", "dense"] if config.model.train_dense_baseline else ["moe"]
@@ -131,8 +154,15 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
         "bytes_per_second": round(fit_result.rows_per_second * seq * train_bpt, 1),
         "tokens_per_second": round(fit_result.rows_per_second * seq, 1),
     }
-  # The final models: `models[name]` with `states[name].params` (best validation checkpoint) for
-  # each name, and their tokenizer file `data.tokenizer.path` (workdir/tokenizer.json).
+  # The MoE model (best validation checkpoint) with its tokenizer, for `nexus-lm generate / chat`.
+  results["model_dir"] = save_trained_lm(
+      workdir / "model",
+      moe,
+      states["moe"].params,
+      data,
+      config,
+      results["test_bits_per_byte"]["moe"],
+  )
   xz = xz_bits_per_byte(data.test_bytes[1:])
   results["test_bits_per_byte"]["xz_9e"] = xz
   results["tokenizer"] = data.tokenizer_report()

@@ -6,6 +6,8 @@ dropout, an optional BatchNorm (`batch_stats` collection) and a sown auxiliary l
 
 from __future__ import annotations
 
+import pathlib
+import shutil
 from typing import Any
 
 import flax.linen as nn
@@ -74,3 +76,16 @@ def toy_objective(**model_kwargs: Any) -> Objective:
       loss=mse_loss,
       inputs=lambda batch, train: {"x": batch["x"], "train": train},
   )
+
+
+def stdlib_text_folder(root: pathlib.Path, count: int = 40) -> pathlib.Path:
+  """`count` standard-library .py files of 2-20 KB (the first in path order) copied under `root`:
+  a small real text corpus for the language-model experiments' tests."""
+  from nexus_jax.data.datasets import text
+
+  stdlib = text.stdlib_dir()
+  picked = [f for f in text.list_files(stdlib) if 2_000 < (stdlib / f).stat().st_size < 20_000]
+  for rel in picked[:count]:
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(stdlib / rel, root / rel)
+  return root

@@ -10,14 +10,19 @@ failing; the KV cache has the static length `context`, so every turn reuses the 
 
 Commands: `/reset` forgets the conversation, `/quit` (or Ctrl-D) ends it, `/help` lists them.
 Ctrl-C while a reply streams stops that reply (its text so far stays in the transcript); Ctrl-C at
-the prompt only prints a reminder.
+the prompt only prints a reminder. While a reply streams, SIGINT only sets a flag that the loop
+reads after each token: a KeyboardInterrupt raised inside a running XLA computation can leave the
+runtime unable to shut down cleanly (we saw the process segfault at exit).
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
+import signal
 import sys
+import threading
 from typing import Any, Callable
 
 import jax
@@ -74,8 +79,16 @@ class ChatSession:
     ids = list(self.tokenizer.encode(self.transcript + turn))
     return ids[-(self.context - self.max_new_tokens) :]
 
-  def reply(self, user_text: str, write: Callable[[str], Any]) -> tuple[str, bool]:
-    """Streams the model's reply to `write` (text pieces); returns (reply text, interrupted)."""
+  def reply(
+      self,
+      user_text: str,
+      write: Callable[[str], Any],
+      stop_requested: Callable[[], bool] = lambda: False,
+  ) -> tuple[str, bool]:
+    """Streams the model's reply to `write` (text pieces); returns (reply text, interrupted).
+
+    `stop_requested()` is polled after every token (Ctrl-C sets it, see `sigint_flag`).
+    """
     turn = self.user_prefix + user_text.encode("utf-8") + b"\n" + self.reply_prefix
     ids = self.prompt_ids(user_text)
     rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), self.turns)
@@ -93,6 +106,9 @@ class ChatSession:
     )
     try:
       for token in tokens:
+        if stop_requested():
+          interrupted = True
+          break
         reply += self.tokenizer.token_bytes(token)
         if self.stop and self.stop in reply:
           reply = reply[: reply.index(self.stop)]
@@ -108,6 +124,21 @@ class ChatSession:
     self.transcript += turn + reply + (self.stop or b"\n")
     self.turns += 1
     return reply.decode("utf-8", "replace"), interrupted
+
+
+@contextlib.contextmanager
+def sigint_flag():
+  """While active, Ctrl-C (SIGINT) sets the yielded event instead of raising KeyboardInterrupt
+  (only in the main thread, where Python delivers signals; elsewhere the event is never set)."""
+  event = threading.Event()
+  if threading.current_thread() is not threading.main_thread():
+    yield event
+    return
+  previous = signal.signal(signal.SIGINT, lambda *_: event.set())
+  try:
+    yield event
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 def chat_loop(
@@ -150,5 +181,6 @@ def chat_loop(
     if not command:
       continue
     write("model> ")
-    _, interrupted = session.reply(line, write)
+    with sigint_flag() as stop:
+      _, interrupted = session.reply(line, write, stop.is_set)
     write(" [stopped]\n" if interrupted else "\n")

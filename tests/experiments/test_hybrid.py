@@ -4,14 +4,14 @@ the stdlib and with a BPE tokenizer on a tiny text folder."""
 import importlib.util
 import json
 import pathlib
-import shutil
 
 import pytest
 
 from experiments.hybrid import build_model
 from experiments.run import run_experiment
-from nexus_jax.data.datasets import text
 from nexus_jax.data.tokenizer import TokenizerError
+from nexus_jax.models.saving import load_model
+from nexus_jax.testing import stdlib_text_folder
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -21,16 +21,6 @@ def _config():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
-
-
-def text_folder(root: pathlib.Path, count: int = 40) -> pathlib.Path:
-  """`count` stdlib .py files of 2-20 KB (the first in path order) copied under `root`."""
-  stdlib = text.stdlib_dir()
-  picked = [f for f in text.list_files(stdlib) if 2_000 < (stdlib / f).stat().st_size < 20_000]
-  for rel in picked[:count]:
-    (root / rel).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(stdlib / rel, root / rel)
-  return root
 
 
 def test_bad_model_config():  # presets: tests/train/test_presets.py
@@ -74,6 +64,9 @@ def test_hybrid_experiment_end_to_end_with_jepa(tmp_path):
   assert saved["params"] > 0 and 1900 < saved["corpus"]["test_bytes_scored"] < 2048
   assert results["sample"].startswith("def ") and len(results["sample"].encode()) >= 4
   assert (tmp_path / "hybrid_curves.png").stat().st_size > 1000
+  # The hybrid LM itself (not the JEPA wrapper) is saved for `nexus-lm`.
+  loaded = load_model(saved["model_dir"], family="hybrid")
+  assert loaded.model.num_blocks == 1 and loaded.metadata["test_bits_per_byte"] == bpb["hybrid"]
   # The EMA target encoder is part of the checkpointed state (collection jepa_target).
   logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert any("aux/jepa" in r for r in logged if r["split"] == "train")
@@ -82,7 +75,7 @@ def test_hybrid_experiment_end_to_end_with_jepa(tmp_path):
 def test_hybrid_experiment_bpe_and_a_mismatching_resume(tmp_path):
   c = _config()
   c.data.update(
-      root=str(text_folder(tmp_path / "corpus")),
+      root=str(stdlib_text_folder(tmp_path / "corpus")),
       valid_fraction=0.2,
       test_fraction=0.2,
       tokenizer="bpe",

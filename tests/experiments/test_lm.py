@@ -6,7 +6,6 @@ import json
 import lzma
 import math
 import pathlib
-import shutil
 
 import jax
 import numpy as np
@@ -18,8 +17,10 @@ from nexus_jax.data.datasets import text
 from nexus_jax.data.datasets.byte_lm import load_lm_data, workdir_tokenizer, xz_bits_per_byte
 from nexus_jax.data.tokenizer import TokenizerError, load_tokenizer
 from nexus_jax.models.lm import lm_from_config
+from nexus_jax.models.saving import load_model
 from nexus_jax.models.seq_objectives import lm_objective
 from nexus_jax.train.loop import Trainer
+from nexus_jax.testing import stdlib_text_folder
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -29,16 +30,6 @@ def _config():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
-
-
-def text_folder(root: pathlib.Path, count: int = 40) -> pathlib.Path:
-  """`count` stdlib .py files of 2-20 KB (the first in path order) copied under `root`."""
-  stdlib = text.stdlib_dir()
-  picked = [f for f in text.list_files(stdlib) if 2_000 < (stdlib / f).stat().st_size < 20_000]
-  for rel in picked[:count]:
-    (root / rel).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(stdlib / rel, root / rel)
-  return root
 
 
 def _tiny(c, folder, **data):
@@ -107,6 +98,8 @@ def test_lm_experiment_end_to_end(tmp_path):
   assert abs(p["moe"]["active_per_byte"] - p["dense"]["total"]) < 0.02 * p["dense"]["total"]
   assert results["sample"].startswith("def ") and 4000 < saved["corpus"]["test_bytes_scored"] < 4096
   assert (tmp_path / "lm_curves.png").stat().st_size > 1000
+  loaded = load_model(saved["model_dir"], family="lm")
+  assert loaded.assets == {} and loaded.model.vocab_size == 256
 
 
 def _direct_bits_per_byte(model, params, data) -> float:
@@ -121,7 +114,7 @@ def _direct_bits_per_byte(model, params, data) -> float:
 
 @pytest.mark.parametrize("kind", ["byte", "bpe"])
 def test_test_bits_per_byte_accounting(tmp_path, kind):
-  folder = text_folder(tmp_path / "corpus")
+  folder = stdlib_text_folder(tmp_path / "corpus")
   c = _tiny(_config(), folder, tokenizer=kind, vocab_size=300 * (kind == "bpe"), seq_len=16)
   c.data.test_bytes = 1000
   data = load_lm_data(c, tmp_path / "run")
@@ -178,7 +171,7 @@ def test_workdir_tokenizer_refuses_a_byte_level_run_and_bad_settings(tmp_path):
 
 
 def test_lm_experiment_bpe_end_to_end_and_resume(tmp_path):
-  folder = text_folder(tmp_path / "corpus")
+  folder = stdlib_text_folder(tmp_path / "corpus")
   c = _tiny(_config(), folder, tokenizer="bpe", vocab_size=512, seq_len=16, test_bytes=4096)
   c.model.train_dense_baseline = False
   work = tmp_path / "run"
@@ -196,6 +189,12 @@ def test_lm_experiment_bpe_end_to_end_and_resume(tmp_path):
   # The embedding has one row per tokenizer token.
   assert saved["params"]["moe"]["total"] > 512 * 32
   assert results["sample"].startswith("def ") and len(results["sample"].encode()) >= 4
+  # The trained model is saved with its tokenizer, for `nexus-lm generate / chat`.
+  loaded = load_model(saved["model_dir"], family="lm")
+  assert loaded.model.vocab_size == 512 and loaded.assets["tokenizer.json"].read_bytes() == (
+      tok_file.read_bytes()
+  )
+  assert loaded.metadata["test_bits_per_byte"] == bpb["moe"]
   # Resume: the saved tokenizer is reused (not retrained) and the finished run restored.
   before = tok_file.read_bytes(), tok_file.stat().st_mtime_ns
   again = run_experiment(c, work)
