@@ -50,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.moe_load_balance_coef = 0.01  # Switch load-balancing loss weight
   c.model.dropout_rate = 0.0  # residual dropout
   c.model.attention_backend = "xla"  # xla | chunked | pallas
+  c.model.position_embedding = "rope"  # rope | learned (a [max_len, embed] table, RoPE off)
+  c.model.max_len = 0  # longest sequence (prompt + sample too); 0 = unbounded (rope only)
+  c.model.use_final_norm = True  # RMSNorm after the last block (pre-norm stack)
   c.model.train_dense_baseline = True  # also train the dense model with equal active params
 
   c.sample = ml_collections.ConfigDict()

@@ -194,6 +194,9 @@ def lm_from_config(mc: Any) -> "LanguageModel":
       moe_load_balance_coef=mc.moe_load_balance_coef,
       dropout_rate=mc.dropout_rate,
       attention_backend=mc.attention_backend,
+      position_embedding=mc.get("position_embedding", "rope"),
+      max_len=int(mc.get("max_len", 0)),
+      use_final_norm=mc.get("use_final_norm", None),
   )
 
 

@@ -101,3 +101,39 @@ def test_analytic_formula_covers_the_options(overrides):
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), TOKENS, **kw)["params"]
   expected = {"total": count_params(shapes), "active": active_params(model, shapes)}
   assert analytic_param_counts(model) == expected
+
+
+def test_lm_config_reaches_positions_and_final_norm():
+  import importlib.util
+  import pathlib
+
+  import jax
+  import jax.numpy as jnp
+
+  from nexus_jax.models.lm import lm_from_config
+
+  root = pathlib.Path(__file__).resolve().parents[2]
+  spec = importlib.util.spec_from_file_location("lm_config", root / "configs" / "lm.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  mc = module.get_config().model
+  mc.update(num_layers=1, embed_dim=16, num_heads=2, num_kv_heads=1, mlp_dim=16)
+  default = lm_from_config(mc)
+  mc.update(position_embedding="learned", max_len=64, use_final_norm=False)
+  learned = lm_from_config(mc)
+  assert (default.position_embedding, default.max_len) == ("rope", 0)
+  assert (learned.position_embedding, learned.max_len, learned.use_final_norm) == (
+      "learned",
+      64,
+      False,
+  )
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  paths = lambda m: {  # noqa: E731
+      jax.tree_util.keystr(p)
+      for p, _ in jax.tree_util.tree_flatten_with_path(
+          jax.eval_shape(m.init, jax.random.PRNGKey(0), tokens)["params"]
+      )[0]
+  }
+  added, removed = paths(learned) - paths(default), paths(default) - paths(learned)
+  assert any("position" in p for p in added)  # the learned table
+  assert removed and all("norm" in p for p in removed)  # no final norm
