@@ -48,6 +48,16 @@ def eval_windows(data: np.ndarray, num_bytes: int, seq_len: int, batch: int) -> 
   return ArrayDataset({"tokens": text.windows(data, seq_len + 1)}, batch)
 
 
+def corpus_splits(dc: Any) -> tuple[dict, dict]:
+  """(splits {name: uint8 bytes}, files {name: paths}) of a `config.data` section's corpus."""
+  return text.load_text_splits(
+      dc.root or None,
+      pattern=dc.pattern,
+      valid_fraction=dc.valid_fraction,
+      test_fraction=dc.test_fraction,
+  )
+
+
 def load_byte_lm_data(
     config: Any,
 ) -> tuple[dict, dict, ArrayDataset, ArrayDataset, ArrayDataset, bytes, float]:
@@ -59,12 +69,7 @@ def load_byte_lm_data(
   """
   dc, tc = config.data, config.train
   t0 = time.perf_counter()
-  splits, files = text.load_text_splits(
-      dc.root or None,
-      pattern=dc.pattern,
-      valid_fraction=dc.valid_fraction,
-      test_fraction=dc.test_fraction,
-  )
+  splits, files = corpus_splits(dc)
   seq, bs = int(dc.seq_len), int(tc.batch_size)
   train = ArrayDataset(
       {
@@ -192,12 +197,7 @@ def load_lm_data(config: Any, workdir: str | pathlib.Path, run_dirs: Sequence = 
   dc, tc = config.data, config.train
   tokenizer_settings(dc)  # a bad kind / vocab_size fails before the corpus is read
   t0 = time.perf_counter()
-  splits, files = text.load_text_splits(
-      dc.root or None,
-      pattern=dc.pattern,
-      valid_fraction=dc.valid_fraction,
-      test_fraction=dc.test_fraction,
-  )
+  splits, files = corpus_splits(dc)
   t1 = time.perf_counter()
   tok, tokenizer_seconds = workdir_tokenizer(dc, pathlib.Path(workdir), splits["train"], run_dirs)
   t2 = time.perf_counter()
