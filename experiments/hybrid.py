@@ -26,14 +26,15 @@ from nexus_jax.models import hybrid
 from nexus_jax.models.hybrid import HybridLM
 from nexus_jax.models.hybrid_jepa import HybridJEPA
 from nexus_jax.models.seq_objectives import lm_objective
+from nexus_jax.train.config import compute_dtype
 from nexus_jax.train.loop import fit, restore_best
 from nexus_jax.train.metrics import read_metrics
 from nexus_jax.train.plots import plot_learning_curves
 
 
-def build_model(mc, jc, seq_len: int, vocab_size: int = 256):
-  """(`HybridLM` from `config.model` with `vocab_size` tokens, the trained model: that LM wrapped
-  in `HybridJEPA` when `config.jepa.weight > 0`, else the LM itself)."""
+def build_model(mc, jc, seq_len: int, vocab_size: int = 256, dtype=None):
+  """(`HybridLM` from `config.model` with `vocab_size` tokens and compute `dtype`, the trained
+  model: that LM wrapped in `HybridJEPA` when `config.jepa.weight > 0`, else the LM itself)."""
   if mc.preset not in hybrid.PRESETS:
     raise ValueError(f"config.model.preset={mc.preset!r}; choose one of {list(hybrid.PRESETS)}.")
   if jc.weight < 0:
@@ -52,6 +53,7 @@ def build_model(mc, jc, seq_len: int, vocab_size: int = 256):
       ssm_scan_method=str(mc.ssm_scan_method),
       ssm_chunk_size=int(mc.ssm_chunk_size),
       dropout_rate=float(mc.dropout_rate),
+      dtype=dtype,
   )
   if jc.weight == 0:
     return lm, lm
@@ -76,7 +78,8 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   data = load_lm_data(config, workdir, [workdir])
   seq = int(config.data.seq_len)
 
-  lm, model = build_model(config.model, config.jepa, seq, data.tokenizer.vocab_size)
+  dtype = compute_dtype(config.train.compute_dtype)
+  lm, model = build_model(config.model, config.jepa, seq, data.tokenizer.vocab_size, dtype)
   fit_result = fit(lm_objective(model), data.train, data.valid, config, workdir)
   state = restore_best(fit_result)
   lm_params = state.params["lm"] if model is not lm else state.params

@@ -29,6 +29,7 @@ from nexus_jax.inference.generate import Sampling, generate
 from nexus_jax.models.lm import active_params, count_params, dense_equivalent, lm_from_config
 from nexus_jax.models.saving import save_model
 from nexus_jax.models.seq_objectives import lm_objective
+from nexus_jax.train.config import compute_dtype
 from nexus_jax.train.loop import fit, restore_best
 from nexus_jax.train.metrics import read_metrics
 
@@ -131,7 +132,8 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   seq = int(config.data.seq_len)
   train_bpt = data.bytes_per_token["train"]
 
-  moe = lm_from_config(config.model).clone(vocab_size=data.tokenizer.vocab_size)
+  dtype = compute_dtype(config.train.compute_dtype)
+  moe = lm_from_config(config.model, data.tokenizer.vocab_size, dtype)
   models = {"moe": moe}
   if config.model.train_dense_baseline:
     models["dense"] = dense_equivalent(moe)

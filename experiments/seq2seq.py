@@ -33,6 +33,7 @@ from nexus_jax.inference.generate import beam_search, generate
 from nexus_jax.models.saving import save_model
 from nexus_jax.models.seq_objectives import seq2seq_objective
 from nexus_jax.models.transformer import EncoderDecoder
+from nexus_jax.train.config import compute_dtype
 from nexus_jax.train.data import ArrayDataset
 from nexus_jax.train.loop import fit, restore_best
 from nexus_jax.train.plots import plot_learning_curves
@@ -160,12 +161,10 @@ def model_summaries(model, params, data, config) -> list[str]:
   return out
 
 
-def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
-  workdir = pathlib.Path(workdir)
-  dc, mc = config.data, config.model
-  pairs = load_pairs(dc)
-  arrays = {s: encode(p, int(dc.source_bytes), int(dc.max_target_bytes)) for s, p in pairs.items()}
-  model = EncoderDecoder(
+def build_model(mc, dtype=None) -> EncoderDecoder:
+  """The byte-level encoder-decoder of `config.model` with compute `dtype` (`train.compute_dtype`)."""
+  return EncoderDecoder(
+      dtype=dtype,
       vocab_size=VOCAB,
       num_layers=mc.num_decoder_layers,
       num_encoder_layers=mc.num_encoder_layers,
@@ -176,6 +175,14 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
       dropout_rate=mc.dropout_rate,
       tie_embeddings=True,
   )
+
+
+def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
+  workdir = pathlib.Path(workdir)
+  dc, mc = config.data, config.model
+  pairs = load_pairs(dc)
+  arrays = {s: encode(p, int(dc.source_bytes), int(dc.max_target_bytes)) for s, p in pairs.items()}
+  model = build_model(config.model, compute_dtype(config.train.compute_dtype))
   bs = int(config.train.batch_size)
   train = ArrayDataset(arrays["train"], bs, seed=int(config.seed))
   result = fit(seq2seq_objective(model), train, ArrayDataset(arrays["valid"], bs), config, workdir)

@@ -37,6 +37,7 @@ from nexus_jax.models import decoding
 from nexus_jax.models.saving import save_model
 from nexus_jax.models.seq_objectives import seq2seq_objective
 from nexus_jax.models.transformer import EncoderDecoder
+from nexus_jax.train.config import compute_dtype
 from nexus_jax.train.data import ArrayDataset
 from nexus_jax.train.loop import fit, restore_best
 from nexus_jax.train.steps import Objective
@@ -137,8 +138,10 @@ def split_windows(config) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray,
   return windows, mean, std
 
 
-def build_model(mc, num_vars: int) -> EncoderDecoder:
+def build_model(mc, num_vars: int, dtype=None) -> EncoderDecoder:
+  """The forecaster of `config.model` with compute `dtype` (`train.compute_dtype`)."""
   return EncoderDecoder(
+      dtype=dtype,
       vocab_size=0,
       source_vocab_size=0,
       head="token_regression",
@@ -281,7 +284,7 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
     for s, w in windows.items():
       w["targets"] = w["future"] - ridge[s]
   v = len(VARIABLES)
-  model = build_model(config.model, v)
+  model = build_model(config.model, v, compute_dtype(config.train.compute_dtype))
   keys = ("source", "decoder_inputs", "targets")
   bs = int(config.train.batch_size)
   train = ArrayDataset({k: windows["train"][k] for k in keys}, bs, seed=int(config.seed))

@@ -180,10 +180,12 @@ def bits_per_token(nats: float) -> float:
   return nats / math.log(2.0)
 
 
-def lm_from_config(mc: Any) -> "LanguageModel":
-  """`LanguageModel` (byte vocabulary) from a `config.model` section (configs/lm.py)."""
+def lm_from_config(mc: Any, vocab_size: int = 256, dtype: Any = None) -> "LanguageModel":
+  """`LanguageModel` from a `config.model` section (configs/lm.py); `dtype` is the compute dtype
+  (`train.compute_dtype`; params stay float32)."""
   return LanguageModel(
-      vocab_size=256,
+      vocab_size=int(vocab_size),
+      dtype=dtype,
       num_layers=mc.num_layers,
       embed_dim=mc.embed_dim,
       num_heads=mc.num_heads,

@@ -22,8 +22,8 @@ from nexus_jax.models.tabular.ensemble import MemberEnsemble
 from nexus_jax.models.tabular.nexus_former import NexusFormer, TableFeatures
 from nexus_jax.models.tabular.registry import encoder_fields, encoder_for_table, get_encoder
 from nexus_jax.nexusflow.config import PRESETS, tabular_config
+from nexus_jax.train.config import COMPUTE_DTYPES, compute_dtype  # noqa: F401 (re-exported)
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODEL_FIELDS = (
     "d_model",
     "n_heads",
@@ -41,15 +41,6 @@ MODEL_FIELDS = (
 )
 # Fields added after the first artifacts were written, with the value those artifacts were trained with.
 FIELD_DEFAULTS = {"join_context_rows": False}
-
-
-def compute_dtype(name: str) -> Any:
-  """`config.train.compute_dtype` -> jnp dtype; a clear error names the field."""
-  if name not in COMPUTE_DTYPES:
-    raise ValueError(
-        f"config.train.compute_dtype={name!r}; choose one of {sorted(COMPUTE_DTYPES)}."
-    )
-  return COMPUTE_DTYPES[name]
 
 
 def _plain(value: Any) -> Any:

@@ -6,9 +6,22 @@ import math
 import numbers
 from typing import Any
 
+import jax.numpy as jnp
 import ml_collections
 
 from nexus_jax.train.sharding import DEFAULT_LOGICAL_AXIS_RULES
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Any:
+  """`config.train.compute_dtype` -> jnp dtype (activations / matmuls; params stay float32);
+  a clear error names the field."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(
+        f"config.train.compute_dtype={name!r}; choose one of {sorted(COMPUTE_DTYPES)}."
+    )
+  return COMPUTE_DTYPES[name]
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -8,6 +8,7 @@ import math
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -174,6 +175,7 @@ def test_lm_experiment_bpe_end_to_end_and_resume(tmp_path):
   folder = stdlib_text_folder(tmp_path / "corpus")
   c = _tiny(_config(), folder, tokenizer="bpe", vocab_size=512, seq_len=16, test_bytes=4096)
   c.model.train_dense_baseline = False
+  c.train.compute_dtype = "bfloat16"  # every experiment honours it (test_compute_dtype.py)
   work = tmp_path / "run"
   results = run_experiment(c, work)
   saved = json.loads((work / "results.json").read_text())
@@ -195,6 +197,8 @@ def test_lm_experiment_bpe_end_to_end_and_resume(tmp_path):
       tok_file.read_bytes()
   )
   assert loaded.metadata["test_bits_per_byte"] == bpb["moe"]
+  assert loaded.model.dtype == jnp.bfloat16
+  assert {x.dtype for x in jax.tree.leaves(loaded.variables)} == {jnp.dtype("float32")}
   # Resume: the saved tokenizer is reused (not retrained) and the finished run restored.
   before = tok_file.read_bytes(), tok_file.stat().st_mtime_ns
   again = run_experiment(c, work)
