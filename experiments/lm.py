@@ -38,12 +38,10 @@ def _plot(
     workdir: pathlib.Path, runs: dict[str, pathlib.Path], xz: float, bytes_per_token: dict
 ) -> pathlib.Path:
   """Train / valid bits per byte (logged bits per token / the split's bytes per token)."""
-  import matplotlib
+  from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
   for i, (name, path) in enumerate(runs.items()):
     for split, style in (("train", "-"), ("valid", "o-")):
       rows = read_metrics(path, split)
@@ -60,7 +58,6 @@ def _plot(
   fig.tight_layout()
   out = workdir / "lm_curves.png"
   fig.savefig(out, dpi=110)
-  plt.close(fig)
   return out
 
 

@@ -250,13 +250,11 @@ def ridge_forecasts(windows, alphas) -> tuple[dict[str, np.ndarray], float]:
 
 
 def _plot(workdir, test, preds, std):
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
   i, var = len(test["future"]) // 2, VARIABLES.index("temp")
-  fig, ax = plt.subplots(figsize=(7, 4))
+  fig = Figure(figsize=(7, 4))
+  ax = fig.subplots()
   hist = test["history"][i, :, var] * std[var]
   ax.plot(range(-len(hist), 0), hist, color="k", label="past")
   ax.plot(range(24), test["future"][i, :, var] * std[var], "k--", label="actual")
@@ -265,7 +263,6 @@ def _plot(workdir, test, preds, std):
   ax.set_xlabel("hour"), ax.set_ylabel("temp (deviation from train mean, F)"), ax.legend()
   fig.tight_layout()
   fig.savefig(workdir / "timeseries.png", dpi=110)
-  plt.close(fig)
 
 
 def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pathlib
 from typing import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+# matplotlib.figure.Figure draws without pyplot or a backend: saving a plot never changes the
+# backend of the caller (a notebook keeps its inline plots).
+from matplotlib.figure import Figure
+import numpy as np
 
 
 def context_importance(
@@ -43,7 +42,8 @@ def plot_context_importance(
   """Horizontal bars per context: mean attention from the target row (left) and fusion gate (right)."""
   labels = [f"{n}  [{t}]" for n, t in zip(names, tables)]
   order = np.argsort(importance["attention"])
-  fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.8), sharey=True)
+  fig = Figure(figsize=(11, 0.45 * len(names) + 1.8))
+  axes = fig.subplots(1, 2, sharey=True)
   y = np.arange(len(names))
   axes[0].barh(y, importance["attention"][order], color="C0")
   axes[0].set_xlabel("mean attention of the target row (last refinement)")
@@ -56,5 +56,4 @@ def plot_context_importance(
   fig.tight_layout()
   path = pathlib.Path(path)
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pathlib
 
-import matplotlib
+# matplotlib.figure.Figure draws without pyplot or a backend: saving a plot never changes the
+# backend of the caller (a notebook keeps its inline plots).
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from nexus_jax.train.metrics import read_metrics  # noqa: E402
+from nexus_jax.train.metrics import read_metrics
 
 
 def plot_learning_curves(
@@ -21,7 +20,8 @@ def plot_learning_curves(
   workdir = pathlib.Path(workdir)
   train, valid = read_metrics(workdir, "train"), read_metrics(workdir, "valid")
   panels = 2 if valid_metric else 1
-  fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+  fig = Figure(figsize=(5.5 * panels, 4))
+  axes = fig.subplots(1, panels, squeeze=False)
   ax = axes[0, 0]
   ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", alpha=0.8)
   if valid:
@@ -35,5 +35,4 @@ def plot_learning_curves(
   fig.tight_layout()
   path = workdir / filename
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
