@@ -3,8 +3,9 @@
     python benchmarks/tokenizer_lm.py [--steps 300] [--batch 16] [--byte_seq_len 128]
                                       [--vocab_sizes 1024 4096] [--test_bytes 131072]
 
-Runs the `lm` experiment (`experiments/lm.py`: the `configs/lm.py` MoE `LanguageModel`, trained on
-the standard library's .py files, no dense baseline) once per tokenizer: bytes, then a byte-level
+Runs the `lm` experiment (`python -m experiments.run` in a subprocess, as a user runs it: the
+`configs/lm.py` MoE `LanguageModel`, trained on the standard library's .py files, no dense
+baseline) once per tokenizer: bytes, then a byte-level
 BPE with each of `--vocab_sizes` tokens trained on the training split. Compute is equalised by
 training BYTES: every variant takes the same optimizer steps at the same batch size, with
 `seq_len = round(byte_seq_len / bytes per token)` tokens (bytes per token of the trained BPE,
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,33 +32,54 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.attention_memory import machine_info  # noqa: E402
 from configs.lm import get_config  # noqa: E402
-from experiments.lm import run as run_lm  # noqa: E402
 from nexus_jax.data.datasets import text  # noqa: E402
 from nexus_jax.data.datasets.byte_lm import workdir_tokenizer  # noqa: E402
 
 SAMPLE_BYTES = 2_000_000  # of the training split, to measure bytes per token for seq_len
 
 
+def variant_overrides(args, kind: str, vocab_size: int, seq_len: int) -> dict:
+  """The `--config.<field>` values of one variant (the rest is configs/lm.py's default)."""
+  return {
+      "data.tokenizer": kind,
+      "data.vocab_size": vocab_size,
+      "data.seq_len": seq_len,
+      "data.test_bytes": args.test_bytes,
+      "data.valid_bytes": args.valid_bytes,
+      "model.train_dense_baseline": False,
+      "train.batch_size": args.batch,
+      "train.num_steps": args.steps,
+      "train.eval_every_steps": args.steps,
+      "train.log_every_steps": max(args.steps // 4, 1),
+      "train.progress": False,
+      "train.tensorboard": False,
+      "sample.num_bytes": 64,
+  }
+
+
 def variant_config(args, kind: str, vocab_size: int, seq_len: int):
   c = get_config()
-  c.data.update(
-      tokenizer=kind,
-      vocab_size=vocab_size,
-      seq_len=seq_len,
-      test_bytes=args.test_bytes,
-      valid_bytes=args.valid_bytes,
-  )
-  c.model.train_dense_baseline = False
-  c.train.update(
-      batch_size=args.batch,
-      num_steps=args.steps,
-      eval_every_steps=args.steps,
-      log_every_steps=max(args.steps // 4, 1),
-      progress=False,
-      tensorboard=False,
-  )
-  c.sample.num_bytes = 64
+  for path, value in variant_overrides(args, kind, vocab_size, seq_len).items():
+    section, field = path.split(".")
+    c[section][field] = value
   return c
+
+
+def run_lm(overrides: dict, workdir: str) -> dict:
+  """`python -m experiments.run --config configs/lm.py` with `overrides` in `workdir` (a separate
+  process, as a user runs it); its results.json."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  args = [f"--config.{k}={v}" for k, v in overrides.items()]
+  subprocess.run(
+      [sys.executable, "-m", "experiments.run", "--config", os.path.join(root, "configs", "lm.py")]
+      + args
+      + ["--workdir", workdir],
+      cwd=root,
+      check=True,
+      stdout=subprocess.DEVNULL,
+  )
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)
 
 
 def flops_per_step(c, params_active: int, vocab: int) -> float:
@@ -78,7 +101,7 @@ def run_variant(args, root: str, splits, kind: str, vocab_size: int) -> dict:
     seq = max(2, round(args.byte_seq_len * len(tok.encode(sample)) / len(sample)))
   c = variant_config(args, kind, vocab_size, seq)
   t0 = time.perf_counter()
-  r = run_lm(c, workdir)  # reuses workdir/tokenizer.json
+  r = run_lm(variant_overrides(args, kind, vocab_size, seq), workdir)  # reuses tokenizer.json
   bpt = r["tokenizer"]["bytes_per_token"]
   vocab = r["tokenizer"]["vocab_size"]
   active = r["params"]["moe"]["active_per_byte"]

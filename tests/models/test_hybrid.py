@@ -72,7 +72,7 @@ def test_bad_config_fails_clearly():
 
 def _readme_table() -> dict[str, int]:
   text = (ROOT / "README.md").read_text()
-  section = text.split("### Hybrid model", 1)[1].split("\n## ", 1)[0]
+  section = re.split(r"\n##+ ", text.split("### Hybrid model", 1)[1], maxsplit=1)[0]
   rows = re.findall(r"^\| `?(tiny|small|base|large|xl)`? \|.*\| ([\d,]+) \|$", section, re.M)
   return {name: int(count.replace(",", "")) for name, count in rows}
 
