@@ -211,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv and argv[0] == "train":
     return run_main("nexus-lm", lambda: run_train(argv[1:]))
+
   def run() -> int:
     args = build_parser().parse_args(argv)
     return {"generate": run_generate, "chat": run_chat}[args.command](args)
