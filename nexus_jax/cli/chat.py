@@ -73,10 +73,13 @@ class ChatSession:
   def reset(self) -> None:
     self.transcript, self.turns = b"", 0
 
+  def _turn(self, user_text: str) -> bytes:
+    """The bytes a user line adds to the transcript before the reply."""
+    return self.user_prefix + user_text.encode("utf-8") + b"\n" + self.reply_prefix
+
   def prompt_ids(self, user_text: str) -> list[int]:
     """Token ids of the transcript plus the new user turn, the oldest dropped to fit the cache."""
-    turn = self.user_prefix + user_text.encode("utf-8") + b"\n" + self.reply_prefix
-    ids = list(self.tokenizer.encode(self.transcript + turn))
+    ids = list(self.tokenizer.encode(self.transcript + self._turn(user_text)))
     return ids[-(self.context - self.max_new_tokens) :]
 
   def reply(
@@ -89,7 +92,7 @@ class ChatSession:
 
     `stop_requested()` is polled after every token (Ctrl-C sets it, see `sigint_flag`).
     """
-    turn = self.user_prefix + user_text.encode("utf-8") + b"\n" + self.reply_prefix
+    turn = self._turn(user_text)
     ids = self.prompt_ids(user_text)
     rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), self.turns)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -118,9 +118,7 @@ def run_generate(args) -> int:
   import jax
 
   from nexus_jax.inference.generate import beam_search, generate
-  from nexus_jax.inference.stream import stream_tokens
-  from nexus_jax.models.hybrid import HybridLM
-  from nexus_jax.models.hybrid import step_model as hybrid_step_model
+  from nexus_jax.inference.stream import step_model_for, stream_tokens
 
   model, params, tokenizer, _ = load_lm(args.model)
   sampling = _sampling(args)
@@ -132,7 +130,7 @@ def run_generate(args) -> int:
   n = args.max_new_tokens
   rng = jax.random.PRNGKey(args.seed)
   cache = len(prompt) + n
-  sm = hybrid_step_model(model, cache) if isinstance(model, HybridLM) else model
+  sm = step_model_for(model, cache)  # the hybrid LM needs its own step model
   if args.stream:
     if args.beam_width or args.num_samples != 1:
       raise ValueError("--stream prints one sample; drop --beam-width / --num-samples")
