@@ -89,3 +89,81 @@ def stdlib_text_folder(root: pathlib.Path, count: int = 40) -> pathlib.Path:
     (root / rel).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(stdlib / rel, root / rel)
   return root
+
+
+def tiny_lm_folder(path: pathlib.Path, *, num_experts: int = 0, seed: int = 0) -> pathlib.Path:
+  """A randomly initialised byte-level LanguageModel (2 layers, width 32) saved with
+  `models.saving.save_model` at `path`: what `nexus-lm` and the HTTP server load, in a second.
+
+  `num_experts > 0` makes its blocks MoE (top-2, dropless), else dense SwiGLU blocks.
+  """
+  import jax  # noqa: PLC0415
+
+  from nexus_jax.models.lm import LanguageModel  # noqa: PLC0415
+  from nexus_jax.models.saving import save_model  # noqa: PLC0415
+
+  model = LanguageModel(
+      vocab_size=256,
+      num_layers=2,
+      embed_dim=32,
+      num_heads=4,
+      num_kv_heads=2,
+      mlp_dim=64,
+      num_experts=num_experts,
+      moe_top_k=min(2, max(num_experts, 1)),
+  )
+  params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+  return save_model(path, model, {"params": params})
+
+
+THREE_TABLE_SCHEMA = {
+    "tables": {
+        "customers": {"primary_key": "customer_id"},
+        "orders": {
+            "primary_key": "order_id",
+            "time_column": "ordered_at",
+            "foreign_keys": {"customer_id": "customers"},
+        },
+        "visits": {"time_column": "visited_at", "foreign_keys": {"customer_id": "customers"}},
+    },
+    "target": {"table": "orders", "column": "returned", "task": "binary"},
+    "split": {"method": "time", "valid_start": "2024-05-01", "test_start": "2024-06-01"},
+}
+
+
+def three_table_frames(n_orders: int = 600, seed: int = 0) -> dict[str, Any]:
+  """customers (50) <- orders (`n_orders`, target `returned`) and visits (800, a time column):
+  a small relational folder (with `THREE_TABLE_SCHEMA`) whose target depends on a parent column.
+  """
+  import pandas as pd  # noqa: PLC0415
+
+  rng = np.random.default_rng(seed)
+  customers = pd.DataFrame(
+      {
+          "customer_id": np.arange(50),
+          "segment": rng.choice(["retail", "pro"], 50),
+          "age": rng.integers(18, 80, 50),
+      }
+  )
+  start = pd.Timestamp("2024-01-01")
+  hours = lambda n: pd.to_timedelta(np.sort(rng.uniform(0, 180 * 24, n)), unit="h")  # noqa: E731
+  visits = pd.DataFrame(
+      {
+          "customer_id": rng.integers(0, 50, 800),
+          "visited_at": start + hours(800),
+          "pages": rng.integers(1, 9, 800),
+      }
+  )
+  orders = pd.DataFrame(
+      {
+          "order_id": np.arange(n_orders),
+          "customer_id": rng.integers(0, 50, n_orders),
+          "ordered_at": start + hours(n_orders),
+          "price": rng.gamma(2.0, 30.0, n_orders).round(2),
+          "channel": rng.choice(["web", "app"], n_orders),
+      }
+  )
+  segment = orders["customer_id"].map(customers.set_index("customer_id")["segment"])
+  logit = 2.5 * segment.eq("pro").to_numpy() - 1.25 + 0.02 * (orders["price"].to_numpy() - 60)
+  orders["returned"] = (rng.random(n_orders) < 1 / (1 + np.exp(-logit))).astype(int)
+  return {"customers": customers, "orders": orders, "visits": visits}

@@ -21,20 +21,9 @@ from nexus_jax.nexusflow.artifact import load_artifact, sha256_file
 from nexus_jax.nexusflow.artifact_optimize import params_bytes
 from nexus_jax.nexusflow.package import PackageError, verify_package
 from nexus_jax.nexusflow.predict_cli import predict_folder, read_tables
+from nexus_jax.testing import THREE_TABLE_SCHEMA, three_table_frames
 
-SCHEMA = {
-    "tables": {
-        "customers": {"primary_key": "customer_id"},
-        "orders": {
-            "primary_key": "order_id",
-            "time_column": "ordered_at",
-            "foreign_keys": {"customer_id": "customers"},
-        },
-        "visits": {"time_column": "visited_at", "foreign_keys": {"customer_id": "customers"}},
-    },
-    "target": {"table": "orders", "column": "returned", "task": "binary"},
-    "split": {"method": "time", "valid_start": "2024-05-01", "test_start": "2024-06-01"},
-}
+SCHEMA = THREE_TABLE_SCHEMA
 # Wide enough (~175k params, ~0.7 MB of float32) that array bytes, not the ~50 kB of Orbax
 # metadata (and its write-to-write variation), decide the sizes on disk.
 SMALL = [
@@ -51,37 +40,7 @@ SMALL = [
 ]
 
 
-def make_tables(n_orders: int = 600, seed: int = 0) -> dict[str, pd.DataFrame]:
-  rng = np.random.default_rng(seed)
-  customers = pd.DataFrame(
-      {
-          "customer_id": np.arange(50),
-          "segment": rng.choice(["retail", "pro"], 50),
-          "age": rng.integers(18, 80, 50),
-      }
-  )
-  start = pd.Timestamp("2024-01-01")
-  hours = lambda n: pd.to_timedelta(np.sort(rng.uniform(0, 180 * 24, n)), unit="h")  # noqa: E731
-  visits = pd.DataFrame(
-      {
-          "customer_id": rng.integers(0, 50, 800),
-          "visited_at": start + hours(800),
-          "pages": rng.integers(1, 9, 800),
-      }
-  )
-  orders = pd.DataFrame(
-      {
-          "order_id": np.arange(n_orders),
-          "customer_id": rng.integers(0, 50, n_orders),
-          "ordered_at": start + hours(n_orders),
-          "price": rng.gamma(2.0, 30.0, n_orders).round(2),
-          "channel": rng.choice(["web", "app"], n_orders),
-      }
-  )
-  segment = orders["customer_id"].map(customers.set_index("customer_id")["segment"])
-  logit = 2.5 * segment.eq("pro").to_numpy() - 1.25 + 0.02 * (orders["price"].to_numpy() - 60)
-  orders["returned"] = (rng.random(n_orders) < 1 / (1 + np.exp(-logit))).astype(int)
-  return {"customers": customers, "orders": orders, "visits": visits}
+make_tables = three_table_frames
 
 
 @pytest.fixture(scope="module")
