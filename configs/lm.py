@@ -53,6 +53,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.position_embedding = "rope"  # rope | learned (a [max_len, embed] table, RoPE off)
   c.model.max_len = 0  # longest sequence (prompt + sample too); 0 = unbounded (rope only)
   c.model.use_final_norm = True  # RMSNorm after the last block (pre-norm stack)
+  c.model.norm_epsilon = 1e-6  # epsilon of every RMSNorm (Llama / Mistral / Mixtral use 1e-5)
+  c.model.rope_theta = 10000.0  # RoPE base (Mistral / Mixtral: 1e6)
+  c.model.tie_embeddings = False  # LM head = input embedding transposed (scaled by 1/sqrt(embed))
+  c.model.head_bias = True  # untied LM head has a bias (pretrained Llama / Mixtral: False)
+  c.model.moe_renormalize = True  # top-k router weights renormalised to sum to 1 (Mixtral: True)
   c.model.train_dense_baseline = True  # also train the dense model with equal active params
 
   c.sample = ml_collections.ConfigDict()
@@ -66,6 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_every_steps = 75
   c.train.log_every_steps = 50
   c.train.checkpoint_keep = 1
+  # A saved model folder (a run's <workdir>/model, or `nexus-lm import-hf --out DIR`) the MoE model
+  # starts from; its architecture and vocabulary must match config.model and the tokenizer.
+  c.train.init_from = ""
   c.train.early_stopping.metric = "loss"  # validation nats/byte
   c.train.early_stopping.mode = "min"
 

@@ -6,7 +6,8 @@
      the training split); the tokenizer is saved as workdir/tokenizer.json and reused on a rerun;
   3. train the MoE `LanguageModel` (vocab_size = the tokenizer's) and, with the same batches, its
      `dense_equivalent` (workdir/moe, workdir/dense; rerunning resumes), selecting the best
-     validation checkpoint;
+     validation checkpoint; with `train.init_from` the MoE model starts from a saved model
+     folder (`nexus_jax/train/init_from.py`: same architecture and vocabulary required);
   4. score the `data.test_bytes` test bytes: bits/byte of each model (total test nats / (log 2 *
      bytes scored), so byte-level and BPE runs compare) and of lzma preset 9|EXTREME (what
      `xz -9e` does) on exactly those bytes (`nexus_jax/data/datasets/byte_lm.py`);
@@ -30,6 +31,7 @@ from nexus_jax.models.lm import active_params, count_params, dense_equivalent, l
 from nexus_jax.models.saving import save_model
 from nexus_jax.models.seq_objectives import lm_objective
 from nexus_jax.train.config import compute_dtype
+from nexus_jax.train.init_from import init_from_saved
 from nexus_jax.train.loop import fit, restore_best
 from nexus_jax.train.metrics import read_metrics
 
@@ -131,13 +133,19 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
 
   dtype = compute_dtype(config.train.compute_dtype)
   moe = lm_from_config(config.model, data.tokenizer.vocab_size, dtype)
+  init_params = None
+  if config.train.get("init_from", ""):  # a saved model (e.g. `nexus-lm import-hf`): fine-tune it
+    moe, init_params = init_from_saved(config.train.init_from, moe)
   models = {"moe": moe}
   if config.model.train_dense_baseline:
     models["dense"] = dense_equivalent(moe)
   results: dict[str, Any] = {"test_bits_per_byte": {}, "params": {}, "train": {}}
   states = {}
   for name, model in models.items():
-    fit_result = fit(lm_objective(model), data.train, data.valid, config, workdir / name)
+    start = init_params if name == "moe" else None  # the dense baseline starts from scratch
+    fit_result = fit(
+        lm_objective(model), data.train, data.valid, config, workdir / name, init_params=start
+    )
     state = restore_best(fit_result)
     states[name] = state
     results["test_bits_per_byte"][name] = data.test_bits_per_byte(

@@ -3,12 +3,16 @@
     nexus-lm train --config configs/lm.py --config.train.num_steps=300 --workdir runs/lm
     nexus-lm generate --model runs/lm/model --prompt "def " --max-new-tokens 120 --temperature 0.8
     nexus-lm chat --model runs/lm/model --temperature 0.7 --top-p 0.9
+    nexus-lm import-hf --from path/to/Mixtral-8x7B --out runs/mixtral/model
+    nexus-lm export-hf --model runs/mixtral/model --out exported/mixtral
 
 `train` is `python -m experiments.run` (same config file, `--config.x=y` overrides, presets and
 resume); the lm and hybrid experiments write the trained model to `<workdir>/model` (`save_model`:
 config JSON + Orbax params + the tokenizer, integrity-checked). `generate` and `chat` load such a
-folder (`load_model`), with its tokenizer (byte-level when the folder has none). Errors are one
-line; `NEXUS_DEBUG=1` shows the traceback.
+folder (`load_model`), with its tokenizer (byte-level when the folder has none). `import-hf` turns
+a Hugging Face Llama / Mistral / Mixtral safetensors folder into such a folder and `export-hf`
+writes one back (`models/pretrained`); tokenizers are not converted: use the one the weights were
+trained with. Errors are one line; `NEXUS_DEBUG=1` shows the traceback.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ EXAMPLES = {
     "train": "nexus-lm train --config configs/lm.py --config.train.num_steps=300 --workdir runs/lm",
     "generate": 'nexus-lm generate --model runs/lm/model --prompt "def " --max-new-tokens 120',
     "chat": "nexus-lm chat --model runs/lm/model --temperature 0.7 --top-p 0.9",
+    "import-hf": "nexus-lm import-hf --from path/to/Mixtral-8x7B --out runs/mixtral/model",
+    "export-hf": "nexus-lm export-hf --model runs/mixtral/model --out exported/mixtral",
 }
 
 
@@ -77,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
       description="Train, sample from and chat with nexus_jax language models.",
       epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()),
   )
-  sub = parser.add_subparsers(dest="command", metavar="{train,generate,chat}", parser_class=Parser)
+  sub = parser.add_subparsers(
+      dest="command", metavar="{train,generate,chat,import-hf,export-hf}", parser_class=Parser
+  )
   sub.required = True
   sub.add_parser(
       "train",
@@ -111,7 +119,61 @@ def build_parser() -> argparse.ArgumentParser:
   chat.add_argument("--stop", default="\\n\\n", help="a reply ends at this text (escapes allowed)")
   chat.add_argument("--user-prefix", default="", help="text before each user line")
   chat.add_argument("--reply-prefix", default="", help="text before each reply")
+  imp = sub.add_parser(
+      "import-hf",
+      help="HF Llama / Mistral / Mixtral safetensors -> a saved model folder",
+      description="Reads config.json + safetensors (sharded or not) and writes our saved-model "
+      "folder. The tokenizer is not converted: use the one the weights were trained with.",
+      epilog=f"example:\n  {EXAMPLES['import-hf']}",
+  )
+  imp.add_argument("--from", dest="source", required=True, help="HF checkpoint folder")
+  imp.add_argument("--out", required=True, help="new folder for the saved model")
+  imp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="params")
+  imp.add_argument("--no-strict", action="store_true", help="initialise missing params, report")
+  imp.add_argument("--overwrite", action="store_true", help="replace a previous saved model")
+  exp = sub.add_parser(
+      "export-hf",
+      help="a saved model folder -> HF Llama / Mixtral safetensors",
+      description="Writes config.json + safetensors in HF Llama (dense) / Mixtral (MoE) naming.",
+      epilog=f"example:\n  {EXAMPLES['export-hf']}",
+  )
+  exp.add_argument("--model", required=True, help="a folder written by save_model")
+  exp.add_argument("--out", required=True, help="new folder for the HF checkpoint")
+  exp.add_argument("--max-shard-mb", type=int, default=4096, help="largest safetensors file")
+  exp.add_argument("--overwrite", action="store_true", help="replace a previous export")
   return parser
+
+
+def run_import_hf(args) -> int:
+  import jax.numpy as jnp
+
+  from nexus_jax.models.pretrained import import_hf
+
+  path, report = import_hf(
+      args.source,
+      args.out,
+      dtype=getattr(jnp, args.dtype),
+      strict=not args.no_strict,
+      overwrite=args.overwrite,
+  )
+  print(json.dumps({"model_dir": str(path), **report.summary()}, indent=2))
+  return 0
+
+
+def run_export_hf(args) -> int:
+  from nexus_jax.models.pretrained import export_safetensors
+  from nexus_jax.models.saving import load_model
+
+  saved = load_model(args.model, family=("lm", "decoder"))
+  path = export_safetensors(
+      saved.model,
+      saved.variables["params"],
+      args.out,
+      max_shard_bytes=args.max_shard_mb << 20,
+      overwrite=args.overwrite,
+  )
+  print(json.dumps({"exported": str(path), "files": sorted(p.name for p in path.iterdir())}))
+  return 0
 
 
 def run_generate(args) -> int:
@@ -212,7 +274,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   def run() -> int:
     args = build_parser().parse_args(argv)
-    return {"generate": run_generate, "chat": run_chat}[args.command](args)
+    commands = {
+        "generate": run_generate,
+        "chat": run_chat,
+        "import-hf": run_import_hf,
+        "export-hf": run_export_hf,
+    }
+    return commands[args.command](args)
 
   return run_main("nexus-lm", run)
 

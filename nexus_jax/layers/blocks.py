@@ -50,6 +50,7 @@ class TransformerBlock(nn.Module):
   causal: bool = False
   cross_attention: bool = False  # add a cross-attention sublayer over `context`
   norm: str = "rms"  # "rms" | "layer" | "adaptive_rms" | "adaptive_layer" (needs `condition`)
+  norm_epsilon: float = 1e-6  # epsilon of every norm (the final one included)
   norm_placement: str = "pre"  # "pre" | "post"
   activation: str = "swiglu"
   dropout_rate: float = 0.0  # on each sublayer's output, before the residual add
@@ -62,6 +63,7 @@ class TransformerBlock(nn.Module):
   num_experts: int = 0  # 0: dense MLP
   moe_top_k: int = 2
   moe_capacity_factor: float | None = None  # None: dropless
+  moe_renormalize: bool = True  # top-k router weights renormalised to sum to 1
   moe_load_balance_coef: float = 1e-2
   moe_z_loss_coef: float = 1e-3
   moe_router_jitter: float = 0.0
@@ -72,7 +74,11 @@ class TransformerBlock(nn.Module):
   def _residual(self, name, x, fn, deterministic, condition=None):
     """One sublayer in the configured norm placement; fn returns (y, aux)."""
     module = make_norm(
-        self.norm, dtype=self.dtype, param_dtype=self.param_dtype, name=f"{name}_norm"
+        self.norm,
+        epsilon=self.norm_epsilon,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=f"{name}_norm",
     )
     norm = lambda h: apply_norm(module, h, condition)
     drop = nn.Dropout(self.dropout_rate, name=f"{name}_dropout")
@@ -144,9 +150,11 @@ class TransformerBlock(nn.Module):
           top_k=self.moe_top_k,
           activation=self.activation,
           capacity_factor=self.moe_capacity_factor,
+          renormalize=self.moe_renormalize,
           load_balance_coef=self.moe_load_balance_coef,
           z_loss_coef=self.moe_z_loss_coef,
           router_jitter=self.moe_router_jitter,
+          decode=self.decode,  # dropless while decoding: rows stay independent
           dtype=self.dtype,
           param_dtype=self.param_dtype,
           name="moe",
@@ -247,6 +255,7 @@ class TransformerStack(nn.Module):
     if self.final_norm:
       norm = make_norm(
           self.block.norm,
+          epsilon=self.block.norm_epsilon,
           dtype=self.block.dtype,
           param_dtype=self.block.param_dtype,
           name="final_norm",

@@ -149,7 +149,7 @@ def analytic_param_counts(model: Decoder) -> dict[str, int]:
   qk-norm), two norms, and either a dense MLP (`3*E*F` gated, `2*E*F` otherwise) or an MoE
   (router `E*X` + X experts of that size); blocks are grouped as in `MoEGroup` and stored once
   with `share_layers`. Plus the embedding `V*E`, the learned positions `max_len*E`, the final
-  norm and the untied head `E*V + V`. Active = total minus the `X - top_k` unused experts of
+  norm and the untied head `E*V` (+ `V` with `head_bias`). Active = total minus the `X - top_k` unused experts of
   each stored MoE block.
   """
   if model.cross_attention or model.head != "lm" or model.vocab_size < 1:
@@ -170,7 +170,8 @@ def analytic_param_counts(model: Decoder) -> dict[str, int]:
   total = units * unit + model.vocab_size * e
   total += model.max_len * e if model.position_embedding == "learned" else 0
   total += norm if model.final_norm else 0
-  total += 0 if model.tie_embeddings else e * model.vocab_size + model.vocab_size
+  head_bias = model.vocab_size if model.head_bias else 0
+  total += 0 if model.tie_embeddings else e * model.vocab_size + head_bias
   active = total - (units * (x - model.moe_top_k) * ffn if x > 0 else 0)
   return {"total": total, "active": active}
 
@@ -199,6 +200,11 @@ def lm_from_config(mc: Any, vocab_size: int = 256, dtype: Any = None) -> "Langua
       position_embedding=mc.get("position_embedding", "rope"),
       max_len=int(mc.get("max_len", 0)),
       use_final_norm=mc.get("use_final_norm", None),
+      norm_epsilon=float(mc.get("norm_epsilon", 1e-6)),
+      rope_theta=float(mc.get("rope_theta", 10000.0)),
+      tie_embeddings=bool(mc.get("tie_embeddings", False)),
+      head_bias=bool(mc.get("head_bias", True)),
+      moe_renormalize=bool(mc.get("moe_renormalize", True)),
   )
 
 

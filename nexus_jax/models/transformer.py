@@ -116,8 +116,10 @@ class _Transformer(nn.Module):
   pooling: str = "mean"  # mean | first | last (classification / regression heads)
   tie_embeddings: bool = False  # lm head = input embedding transposed
   zero_init_head: bool = False  # untied head kernel starts at 0 (outputs = bias = 0 at init)
+  head_bias: bool = True  # untied head has a bias (pretrained Llama / Mistral / Mixtral: none)
   norm: str = "rms"  # rms | layer | adaptive_rms | adaptive_layer (scale/shift from `condition`)
   condition_dim: int = 0  # width C of `condition [B, C]` (adaptive norms only)
+  norm_epsilon: float = 1e-6  # epsilon of every norm (Llama / Mistral / Mixtral: 1e-5)
   norm_placement: str = "pre"  # pre | post
   use_final_norm: bool | None = None  # norm after the last block; None: pre-norm stacks only
   activation: str = "swiglu"  # gelu | relu | swish | swiglu | geglu | reglu
@@ -132,6 +134,7 @@ class _Transformer(nn.Module):
   moe_every: int = 1  # every moe_every-th layer is MoE (num_layers must be a multiple)
   moe_top_k: int = 2
   moe_capacity_factor: float | None = None  # None: dropless
+  moe_renormalize: bool = True  # top-k router weights sum to 1 (Mixtral: yes, Qwen-MoE: no)
   moe_load_balance_coef: float = 1e-2
   moe_z_loss_coef: float = 1e-3
   moe_router_jitter: float = 0.0
@@ -269,11 +272,11 @@ class _Transformer(nn.Module):
     if not (self.decode and self.position_embedding == "learned"):
       return positions
     initialised = self.has_variable("cache", "cache_index")
-    index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    index = self.variable("cache", "cache_index", lambda: jnp.zeros((batch,), jnp.int32))
     if not initialised:
       return positions
-    if positions is None:
-      positions = index.value + jnp.broadcast_to(
+    if positions is None:  # the index is [B] (one write position per row) or a scalar
+      positions = jnp.reshape(index.value, (-1, 1)) + jnp.broadcast_to(
           jnp.arange(length, dtype=jnp.int32), (batch, length)
       )
     index.value = index.value + length
@@ -347,6 +350,7 @@ class _Transformer(nn.Module):
         causal=causal,
         cross_attention=cross,
         norm=self.norm,
+        norm_epsilon=self.norm_epsilon,
         norm_placement=self.norm_placement,
         activation=self.activation,
         dropout_rate=self.dropout_rate,
@@ -357,6 +361,7 @@ class _Transformer(nn.Module):
         num_experts=self.num_experts,
         moe_top_k=self.moe_top_k,
         moe_capacity_factor=self.moe_capacity_factor,
+        moe_renormalize=self.moe_renormalize,
         moe_load_balance_coef=self.moe_load_balance_coef,
         moe_z_loss_coef=self.moe_z_loss_coef,
         moe_router_jitter=self.moe_router_jitter,
@@ -421,6 +426,7 @@ class _Transformer(nn.Module):
               nn.initializers.zeros if self.zero_init_head else nn.initializers.lecun_normal(),
               ("embed", axis),
           ),
+          use_bias=self.head_bias,
           bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis,)),
           name="head",
       )(x)

@@ -26,6 +26,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -140,9 +141,17 @@ class Trainer:
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       yield
 
-  def init(self, seed: int) -> TrainState:
+  def init(self, seed: int, params: Any = None) -> TrainState:
+    """The initial state; `params` (same tree, shapes and dtypes as the model's) replace the
+    initialised ones (placed with the param shardings; the optimizer state starts afresh)."""
     with self.context():
-      return self._init(jax.random.PRNGKey(seed))
+      state = self._init(jax.random.PRNGKey(seed))
+      if params is None:
+        return state
+      _check_same_params(params, state.params)
+      params = jax.device_put(params, self.state_shardings.params)
+      opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+      return state.replace(params=params, opt_state=opt_state)
 
   def put(self, batch: Any) -> Any:
     return jax.device_put(batch, self.batch_sharding)
@@ -169,6 +178,24 @@ class Trainer:
     if self.objective.host_metrics is not None:
       metrics.update(self.objective.host_metrics(predictions, data.arrays))
     return metrics, predictions
+
+
+def _check_same_params(given: Any, expected: Any) -> None:
+  """ValueError naming the first param path whose presence, shape or dtype differs."""
+  flat = lambda t: {
+      jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(t)[0]
+  }
+  have, want = flat(given), flat(expected)
+  for path in sorted(set(have) | set(want)):
+    if path not in have or path not in want:
+      side = "lack" if path not in have else "have an extra"
+      raise ValueError(f"init_params {side} param {path}; they must fit the objective's model")
+    a, b = have[path], want[path]
+    if tuple(a.shape) != tuple(b.shape) or jnp.dtype(a.dtype) != jnp.dtype(b.dtype):
+      raise ValueError(
+          f"init_params {path} is {jnp.dtype(a.dtype).name}{list(a.shape)}, the model builds "
+          f"{jnp.dtype(b.dtype).name}{list(b.shape)}"
+      )
 
 
 def _check_finite(metrics: dict[str, float], step: int, checkpointer: Checkpointer) -> None:
@@ -213,10 +240,13 @@ def fit(
     config: Any,
     workdir: str | pathlib.Path,
     devices: Any = None,
+    init_params: Any = None,
 ) -> FitResult:
   """Trains (or resumes) in `workdir`; evaluates on `valid_data` and early-stops on its metric.
 
-  `devices` (default: all) are the devices the mesh is built from. The config is validated
+  `devices` (default: all) are the devices the mesh is built from. `init_params` (e.g. a saved
+  or imported model's params) start a new run instead of the seeded init; a run that resumes
+  from its checkpoint ignores them. The config is validated
   (`validate_train_config`) before anything is built or compiled.
 
   Raises:
@@ -250,9 +280,9 @@ def fit(
   )
   trainer = Trainer(objective, config, workdir, total_steps, train_data.train_batch(0), devices)
   checkpointer = Checkpointer(workdir / "checkpoints", keep=int(tc.get("checkpoint_keep", 2)))
-  state = trainer.init(int(config.seed))
-  stopped_early = False
   latest = checkpointer.latest_step()
+  state = trainer.init(int(config.seed), None if latest is not None else init_params)
+  stopped_early = False
   if latest is not None:
     state, meta = checkpointer.restore(latest, state)
     early.load_state_dict(meta.get("early_stopping", {}))
