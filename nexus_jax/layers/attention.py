@@ -10,15 +10,19 @@ RoPE is applied to the first `rotary_fraction` of each head's dims of q and k in
 qk-norm (RMSNorm over head_dim, Dehghani et al. 2023).
 
 Incremental decoding (`decode=True`) keeps state in the `cache` collection:
-- self-attention: `cached_key`/`cached_value [B, L, K, D]` and `cache_index`. Initialise with an
-  input of the maximum length L (`model.init(rng, x_BLE)`), then call with
-  `mutable=["cache"]` on chunks `[B, T_step, E]` (a prompt, then one token at a time). Keys are
-  rotated at their absolute positions before caching, so RoPE stays correct. Decoding is causal
-  self-attention only; it runs the `chunked` backend when selected and `xla` otherwise (a
-  decode step's score matrix is small). A `[B, L]` mask over cache slots may be passed.
+- self-attention: `cached_key`/`cached_value [B, L, K, D]` and `cache_index [B]` int32, the
+  next write position of each row (rows may sit at different positions: continuous batching).
+  Initialise with an input of the maximum length L (`model.init(rng, x_BLE)`), then call with
+  `mutable=["cache"]` on chunks `[B, T_step, E]` (a prompt, then one token at a time): row b's
+  chunk is written at slots `cache_index[b] + 0..T-1` and its query i sees slots
+  `0..cache_index[b] + i`. Keys are rotated at their absolute positions (default: the row's
+  cache index onwards) before caching, so RoPE stays correct. Decoding is causal self-attention
+  only; it runs the `chunked` backend when selected and `xla` otherwise (a decode step's score
+  matrix is small). A `[B, L]` mask over cache slots may be passed.
 - cross-attention: the projected context keys/values are cached whenever `context` is given
   (at init and on the prefill call); later steps pass `context=None` and reuse them.
-The fourier backend has no KV cache. Cache overflow (writing past L) is not checked at runtime.
+The fourier backend has no KV cache. Writes past slot L - 1 are dropped (never wrapped onto
+earlier slots); the host-side `models.decoding.check_fits` and the engine refuse them first.
 
 Params: query `[embed, heads, kv]`, key/value `[embed, kv_heads_axis, kv]`, out
 `[heads, kv, embed]` (logical axis names).
@@ -31,7 +35,6 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from nexus_jax.layers import attention_ops
 from nexus_jax.layers import norms
@@ -150,9 +153,9 @@ class Attention(nn.Module):
       if decoding:
         if segment_ids is not None:
           raise ValueError("segment_ids are not supported while decoding with a KV cache.")
-        index = self.get_variable("cache", "cache_index")
+        index = jnp.broadcast_to(self.get_variable("cache", "cache_index"), (b,))
         if positions is None:
-          positions = index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+          positions = index[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
       if self.rotary_fraction > 0:
         q = rotary.apply_rope(
             q, positions, rotary_fraction=self.rotary_fraction, theta=self.rope_theta
@@ -220,30 +223,34 @@ class Attention(nn.Module):
     return k, v
 
   def _update_cache(self, k, v, mask):
-    """Writes `k/v [B, T, K, D]` at `cache_index`; returns the full cache and its mask.
+    """Writes `k/v [B, T, K, D]` at each row's `cache_index [B]`; returns the full cache and the
+    `[B, 1, T, L]` visibility mask (causal per row, and the `[B, L]` cache mask if given).
 
     At init (no cache yet) this creates a cache of length T and returns the inputs unchanged.
     """
     initialised = self.has_variable("cache", "cached_key")
+    b, t = k.shape[:2]
     ck = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
     cv = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-    ci = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    ci = self.variable("cache", "cache_index", lambda: jnp.zeros((b,), jnp.int32))
     if not initialised:
       return k, v, mask
-    b, t = k.shape[:2]
     max_len = ck.value.shape[1]
     if ck.value.shape[0] != b or ck.value.shape[2:] != k.shape[2:]:
       raise ValueError(
           f"decode input batch/heads {k.shape} do not match the cache "
           f"{ck.value.shape}; re-initialise the cache."
       )
-    index = ci.value
-    ck.value = lax.dynamic_update_slice_in_dim(ck.value, k.astype(ck.value.dtype), index, 1)
-    cv.value = lax.dynamic_update_slice_in_dim(cv.value, v.astype(cv.value.dtype), index, 1)
+    index = jnp.broadcast_to(ci.value, (b,)).astype(jnp.int32)  # a scalar index: every row
+    q_pos = index[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T] slots written
+    rows = jnp.arange(b)[:, None]
+    # Out-of-range slots are dropped, never clamped or wrapped onto earlier positions.
+    ck.value = ck.value.at[rows, q_pos].set(k.astype(ck.value.dtype), mode="drop")
+    cv.value = cv.value.at[rows, q_pos].set(v.astype(cv.value.dtype), mode="drop")
     ci.value = index + t
-    # Query i (absolute position index + i) sees cache slots 0..index + i.
-    q_pos = index + jnp.arange(t)
-    visible = (jnp.arange(max_len)[None, :] <= q_pos[:, None])[None, None]  # [1, 1, T, L]
+    # Row b's query i (absolute slot index[b] + i) sees cache slots 0..index[b] + i.
+    visible = jnp.arange(max_len)[None, None, :] <= q_pos[:, :, None]  # [B, T, L]
+    visible = visible[:, None]  # [B, 1, T, L]
     if mask is not None:
       if mask.shape != (b, max_len):
         raise ValueError(

@@ -171,6 +171,7 @@ class HybridBlock(nn.Module):
           capacity_factor=self.moe_capacity_factor,
           load_balance_coef=self.moe_load_balance_coef,
           z_loss_coef=self.moe_z_loss_coef,
+          decode=self.decode,  # dropless while decoding: rows stay independent
           dtype=self.dtype,
           param_dtype=self.param_dtype,
           name=f"{pre}_moe",

@@ -15,6 +15,12 @@
   `router_z_loss` (unweighted), `dropped_fraction` (0 for dropless).
 A `mask [B, T]` excludes padding tokens from routing statistics, capacity and the output (0).
 
+Decoding (`decode=True`, set by the blocks when the model decodes with a KV cache) always runs
+the dropless path, whatever `capacity_factor`: each token's output then depends on that token
+alone, so a prompt decodes to the same tokens alone or batched with other (padded, different
+length) prompts. Under a capacity limit the padding and the other rows' tokens would compete
+for expert slots. (A full forward pass with `capacity_factor` set still drops overflow tokens.)
+
 Expert weights are `[expert, embed, mlp]` / `[expert, mlp, embed]`, shardable on the `expert`
 mesh axis. The capacity path's einsums are partitioned by GSPMD (all-to-alls inserted by XLA).
 """
@@ -49,6 +55,11 @@ def router_statistics(logits_NE, expert_idx_NK, valid_N=None):
   return load_balance, z_loss, load
 
 
+def _next_pow2(n: int) -> int:
+  """The smallest power of two >= n (n >= 1)."""
+  return 1 << max(0, int(n) - 1).bit_length()
+
+
 def expert_init():
   return nn.initializers.variance_scaling(
       1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,)
@@ -69,6 +80,7 @@ class MoE(nn.Module):
   z_loss_coef: float = 1e-3
   gmm_impl: str = "auto"  # dropless grouped matmul: auto | ragged_dot | tiled
   gmm_tile: int = 128
+  decode: bool = False  # True: dropless whatever capacity_factor (batch-independent decoding)
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
   kernel_init: Callable = expert_init()
@@ -138,7 +150,7 @@ class MoE(nn.Module):
       self.sow("aux_loss", "router_z", self.z_loss_coef * z_loss)
 
     wi, wo = self._expert_params(d)
-    if self.capacity_factor is None:
+    if self.capacity_factor is None or self.decode:
       y, dropped = self._dropless(x.reshape(b * t, d), top_idx, top_w, valid, wi, wo), 0.0
     else:
       y, dropped = self._capacity(
@@ -168,8 +180,10 @@ class MoE(nn.Module):
     n, k = idx_NK.shape
     order, group_sizes = moe_dispatch.sort_assignments(idx_NK, self.num_experts, valid_N)
     xs = jnp.take(x_ND, order // k, axis=0)  # [N*K, D], expert-major
+    # A decode step routes few rows: smaller tiles waste less of the (E + rows/tile) tiles.
+    tile = min(self.gmm_tile, max(8, _next_pow2(n * k))) if self.decode else self.gmm_tile
     gmm = lambda a, w: moe_dispatch.grouped_matmul(
-        a, w.astype(a.dtype), group_sizes, impl=self.gmm_impl, tile=self.gmm_tile
+        a, w.astype(a.dtype), group_sizes, impl=self.gmm_impl, tile=tile
     )
     h = self._hidden([gmm(xs, w) for w in wi])
     ys = gmm(h, wo)  # [N*K, D]

@@ -298,3 +298,18 @@ def test_bad_inputs_get_clear_errors(lm):
     generate(model, params, [[1]], max_new_tokens=2, stop_tokens=(40,))
   with pytest.raises(ValueError, match="list of token-id sequences"):
     generate(model, params, [1, 2, 3], max_new_tokens=2)
+
+
+def test_capacity_factor_moe_decodes_each_prompt_as_alone():
+  """With `moe_capacity_factor` set, a batch's padding and other prompts could take a row's
+  expert slots; decoding is dropless, so every row generates exactly its tokens alone."""
+  model = LanguageModel.from_preset(
+      "tiny", vocab_size=32, embed_dim=32, mlp_dim=32, moe_capacity_factor=1.0
+  )
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(0, 32, n).tolist() for n in (3, 11)]
+  batch = generate(model, params, prompts, max_new_tokens=8, cache_len=24)
+  for i, p in enumerate(prompts):
+    alone = generate(model, params, [p], max_new_tokens=8, cache_len=24)
+    np.testing.assert_array_equal(batch.tokens[i], alone.tokens[0])

@@ -35,7 +35,30 @@ def test_cached_decoding_matches_full_causal_forward():
     cache = state["cache"]
     outs.append(y)
   np.testing.assert_allclose(np.concatenate(outs, axis=1), np.asarray(full), atol=1e-5)
-  assert int(cache["cache_index"]) == L
+  np.testing.assert_array_equal(cache["cache_index"], [L] * B)  # one index per row
+
+
+def test_rows_decode_at_their_own_cache_positions_and_overflow_is_dropped():
+  """A per-row `cache_index [B]`: each row writes, rotates (RoPE) and attends at its own
+  position, matching the full causal pass; a row at the end of the cache writes nothing."""
+  kw = dict(num_heads=4, num_kv_heads=2, causal=True, rotary_fraction=1.0)
+  x = _x(8)
+  params = jax.jit(Attention(**kw).init)(lt.key(1), x)["params"]
+  full = np.asarray(jax.jit(Attention(**kw).apply)({"params": params}, x))
+  dec = Attention(**kw, decode=True)
+  step = jax.jit(lambda c, xs: dec.apply({"params": params, "cache": c}, xs, mutable=["cache"]))
+  _, state = step(jax.jit(dec.init)(lt.key(1), x)["cache"], x[:, :5])
+  index = np.array([2, 4])  # rewind the rows to different positions; later slots are stale
+  cache = {**state["cache"], "cache_index": jnp.asarray(index, jnp.int32)}
+  for _ in range(2):
+    y, state = step(cache, x[np.arange(B), index][:, None])
+    np.testing.assert_allclose(y[:, 0], full[np.arange(B), index], atol=1e-5)
+    cache, index = state["cache"], index + 1
+  np.testing.assert_array_equal(cache["cache_index"], index)
+  full_cache = {**cache, "cache_index": jnp.array([L - 1, L], jnp.int32)}  # row 1 is full
+  _, state = step(full_cache, x[:, :1])
+  np.testing.assert_array_equal(state["cache"]["cached_key"][1], full_cache["cached_key"][1])
+  assert not np.array_equal(state["cache"]["cached_key"][0, L - 1], cache["cached_key"][0, L - 1])
 
 
 def test_cached_decoding_with_chunked_backend_and_padding_mask():

@@ -116,6 +116,23 @@ def test_dropless_and_capacity_match_per_token_loop():
     np.testing.assert_allclose(np.asarray(aux["expert_load"]).sum(), 1.0, rtol=1e-6)
 
 
+def test_decode_mode_is_dropless_whatever_the_capacity_factor():
+  """decode=True ignores capacity_factor (small tiles for few rows): nothing is dropped, so a
+  token's output never depends on the other tokens of the batch."""
+  x = lt.normal(3, (2, 5, 8))
+  moe = lambda **kw: moe_lib.MoE(num_experts=4, mlp_dim=16, top_k=2, **kw)
+  params = nn.unbox(jax.jit(moe().init)(lt.key(0), x))
+  idx, w = _routing(params, x, 2)
+  expected = _loop_reference(params, x, idx, w)
+  _, aux = jax.jit(moe(capacity_factor=0.5).apply)(params, x)
+  assert float(aux["dropped_fraction"]) > 0.0
+  y, aux = jax.jit(moe(capacity_factor=0.5, decode=True).apply)(params, x)
+  np.testing.assert_allclose(np.asarray(y), expected, atol=2e-5)
+  assert float(aux["dropped_fraction"]) == 0.0
+  one, _ = jax.jit(moe(capacity_factor=0.5, decode=True).apply)(params, x[:1, 2:3])
+  np.testing.assert_allclose(np.asarray(one[0, 0]), expected[0, 2], atol=2e-5)
+
+
 def test_grouped_matmul_tiled_matches_ragged_dot_values_and_grads():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(23, 6)), jnp.float32)
