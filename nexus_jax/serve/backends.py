@@ -5,7 +5,7 @@
     fut = backend.generate(GenerateJob(...))          # concurrent.futures.Future[Completion]
     backend.close()
 
-`LMBackend` hands every request to the continuous-batching scheduler (`inference.scheduler`),
+`LMBackend` hands every request to the continuous-batching `inference.scheduler.DecodeServer`,
 whose single engine thread does all of the model's JAX work; `TabularBackend` runs each
 prediction on a one-thread executor. Neither ever blocks the asyncio event loop: the app awaits
 their futures with `asyncio.wrap_future`.
@@ -156,7 +156,8 @@ class LMBackend(Backend):
 
   def _load(self) -> None:
     from nexus_jax.cli.nexus_lm import load_lm  # noqa: PLC0415 (imports jax)
-    from nexus_jax.inference.scheduler import Scheduler  # noqa: PLC0415
+    from nexus_jax.inference.engine import Engine, default_buckets  # noqa: PLC0415
+    from nexus_jax.inference.scheduler import DecodeServer  # noqa: PLC0415
     from nexus_jax.models.lm import count_params  # noqa: PLC0415
 
     model, params, tokenizer, saved = load_lm(str(self.path))
@@ -170,13 +171,25 @@ class LMBackend(Backend):
         "max_new_tokens_limit": self.options.max_new_tokens_limit,
         "sha256": manifest_sha256(self.path),
     }
-    self.scheduler = Scheduler.for_model(
-        model, params, num_slots=self.options.num_slots, max_len=self.cache_len
+    engine = Engine(
+        model,
+        params,
+        num_slots=self.options.num_slots,
+        max_len=self.cache_len,
+        prefill_buckets=default_buckets(self.max_prompt_tokens),
     )
-    self.scheduler.warmup()
-    self.scheduler.start()
+    self.scheduler = DecodeServer(engine)
+    # The engine thread compiles every prefill bucket and decode block, then serves; the first
+    # request's answer says that it is warm. All JAX work after loading runs on that thread.
+    self.scheduler.start(warmup=True)
+    self.scheduler.submit([0], max_new_tokens=1).result()
     if self.state == "closed":  # closed while warming
       self.scheduler.stop()
+
+  @property
+  def max_prompt_tokens(self) -> int:
+    """The longest prompt a request may have: the cache less the most tokens it may ask for."""
+    return self.cache_len - self.options.max_new_tokens_limit
 
   def encode(self, text: str) -> list[int]:
     return [int(t) for t in self.tokenizer.encode(text.encode("utf-8"))]
@@ -200,11 +213,8 @@ class LMBackend(Backend):
     )
 
   def cancel(self, future: concurrent.futures.Future) -> None:
-    cancel = getattr(self.scheduler, "cancel", None)
-    if cancel is not None:
-      cancel(future)
-    else:
-      future.cancel()
+    """Ends the request (its future resolves with finish_reason "cancelled")."""
+    self.scheduler.cancel(future)
 
   def close(self) -> None:
     super().close()

@@ -19,7 +19,6 @@ then `data: {"id", "finish_reason", "usage"}` and `data: [DONE]`; an error mid-s
 `data: {"error": ...}`.
 """
 
-
 import asyncio
 import codecs
 import concurrent.futures
@@ -29,9 +28,66 @@ import uuid
 from typing import Annotated, List, Literal, Optional, Union
 
 from nexus_jax.serve.backends import GenerateJob, LMBackend, ServeOptions
-from nexus_jax.serve.http import ERRORS, await_future, documented, error_response, one_line
+from nexus_jax.serve.http import ERRORS, await_future, documented, error_response, refuse_non_numbers
+from nexus_jax.serve.http import one_line
 from nexus_jax.serve.http import refuse_unless_ready
 from nexus_jax.serve.stop_strings import StopStrings
+
+_USAGE = {
+    "type": "object",
+    "properties": {"prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"}},
+    "required": ["prompt_tokens", "completion_tokens"],
+}
+# The JSON in the `data:` of one streamed event: a token, the final summary, or an error.
+SSE_DATA = {
+    "anyOf": [
+        {
+            "type": "object",
+            "properties": {
+                "token": {"type": "integer"},
+                "text": {"type": "string"},
+                "logprob": {"type": "number"},
+            },
+            "required": ["text"],
+            "additionalProperties": False,
+        },
+        {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string"},
+                "finish_reason": {"enum": ["stop", "length"]},
+                "usage": _USAGE,
+            },
+            "required": ["id", "finish_reason", "usage"],
+            "additionalProperties": False,
+        },
+        {
+            "type": "object",
+            "properties": {"error": {"type": "string"}},
+            "required": ["error"],
+            "additionalProperties": False,
+        },
+    ]
+}
+# One server-sent event (OpenAPI 3.2's item schema for text/event-stream): `data` is JSON
+# (SSE_DATA), or "[DONE]" at the end.
+SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "data": {
+            "anyOf": [
+                {"type": "string", "enum": ["[DONE]"]},
+                {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": SSE_DATA,
+                },
+            ]
+        },
+        "event": {"type": "string", "enum": ["message"]},
+    },
+    "required": ["data"],
+}
 
 
 class Collected:
@@ -46,32 +102,35 @@ class Collected:
 
 def request_models(backend: LMBackend, options: ServeOptions):
   """(GenerateRequest, GenerateResponse) pydantic models carrying this model's limits."""
-  from pydantic import BaseModel, ConfigDict, Field, StringConstraints  # noqa: PLC0415
+  from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool  # noqa: PLC0415
+  from pydantic import StringConstraints  # noqa: PLC0415
+
+  number = BeforeValidator(refuse_non_numbers)  # after Field: its bounds stay in the schema
 
   vocab, limit = backend.vocab_size, options.max_new_tokens_limit
-  room = backend.cache_len - limit
+  room = backend.max_prompt_tokens
   if room < 1:
     raise ValueError(
         f"max_new_tokens_limit={limit} leaves no room for a prompt in a KV cache of "
         f"{backend.cache_len} tokens; lower it or raise cache_len"
     )
-  TokenId = Annotated[int, Field(ge=0, lt=vocab)]
+  TokenId = Annotated[int, Field(ge=0, lt=vocab), number]
   Text = Annotated[str, StringConstraints(min_length=1, max_length=max(room // 4, 1))]
   Ids = Annotated[List[TokenId], Field(min_length=1, max_length=room)]
   Stop = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
   class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid")  # JSON types exactly: "16" is not 16, 0 not false
     prompt: Union[Text, Ids] = Field(description="text, or token ids of the model's tokenizer")
-    max_new_tokens: int = Field(min(16, limit), ge=1, le=limit)
-    temperature: float = Field(0.0, ge=0.0, le=100.0, allow_inf_nan=False)
-    top_k: int = Field(0, ge=0, le=vocab)
-    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    max_new_tokens: Annotated[int, Field(ge=1, le=limit), number] = min(16, limit)
+    temperature: Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False), number] = 0.0
+    top_k: Annotated[int, Field(ge=0, le=vocab), number] = 0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False), number] = 1.0
     stop: List[Stop] = Field([], max_length=options.max_stop)
     stop_token_ids: List[TokenId] = Field([], max_length=options.max_stop)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    logprobs: bool = False
-    stream: bool = False
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1), number] = 0
+    logprobs: StrictBool = False
+    stream: StrictBool = False
 
   class Usage(BaseModel):
     prompt_tokens: int
@@ -90,7 +149,7 @@ def request_models(backend: LMBackend, options: ServeOptions):
 
 
 def add_generate_route(app, backend: LMBackend, options: ServeOptions) -> None:
-  from fastapi.responses import StreamingResponse  # noqa: PLC0415
+  from fastapi.responses import JSONResponse, StreamingResponse  # noqa: PLC0415
 
   GenerateRequest, GenerateResponse = request_models(backend, options)
 
@@ -129,7 +188,7 @@ def add_generate_route(app, backend: LMBackend, options: ServeOptions) -> None:
 
   def outcome(future, seen: Collected, stops: StopStrings):
     """(tokens, logprobs, finish_reason) of a finished or stop-string-cancelled request."""
-    if future.cancelled() or (future.done() and getattr(future.result(), "cancelled", False)):
+    if future.cancelled() or future.result().finish_reason == "cancelled":
       tokens, logprobs, reason = seen.tokens, seen.logprobs, "stop"
     else:
       done = future.result()
@@ -141,17 +200,28 @@ def add_generate_route(app, backend: LMBackend, options: ServeOptions) -> None:
       "/v1/generate",
       response_model=GenerateResponse,
       responses={
-          **documented(503, 504, 413),
-          200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+          **documented(400, 413, 503, 504),
+          200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}},
       },
   )
   async def generate(body: GenerateRequest):
     if (refused := refuse_unless_ready(backend)) is not None:
       return refused
     rid = f"gen-{uuid.uuid4().hex[:16]}"
+    queue: asyncio.Queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    put = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)  # noqa: E731
+    try:
+      started = start(body, on_token=(lambda t, lp: put((t, lp))) if body.stream else None)
+    except ValueError as err:  # what the engine refuses beyond the schema (named field)
+      return JSONResponse(
+          status_code=422,
+          content={"detail": [{"loc": ["body"], "msg": one_line(err), "type": "value_error"}]},
+      )
     if body.stream:
-      return StreamingResponse(_events(body, rid), media_type="text/event-stream")
-    ids, future, seen, stops = start(body)
+      started[1].add_done_callback(lambda _: put(None))
+      return StreamingResponse(_events(body, rid, queue, *started), media_type="text/event-stream")
+    ids, future, seen, stops = started
     try:
       await await_future(future, options.request_timeout_s, backend.cancel)
     except asyncio.TimeoutError:
@@ -172,12 +242,9 @@ def add_generate_route(app, backend: LMBackend, options: ServeOptions) -> None:
         "logprobs": logprobs if body.logprobs else None,
     }
 
-  async def _events(body, rid):
+  async def _events(body, rid, queue, ids, future, seen, stops):
+    """Server-sent events of one streamed request (tokens arrive on `queue`; None = done)."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    put = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)  # noqa: E731
-    ids, future, seen, stops = start(body, on_token=lambda t, lp: put((t, lp)))
-    future.add_done_callback(lambda _: put(None))
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     deadline = loop.time() + options.request_timeout_s
     watch = StopStrings(body.stop, backend.token_bytes)

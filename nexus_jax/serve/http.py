@@ -12,11 +12,20 @@ import concurrent.futures
 from typing import Any, Callable
 
 ERRORS = {
-    400: "the model cannot use this input",
+    400: "a body that is not JSON, or (tabular) tables the model cannot use",
     413: "request body larger than the server's limit",
     503: "the model is still loading (or failed to load): see /readyz",
     504: "the request was not answered within the server's timeout; it was cancelled",
 }
+
+
+def refuse_non_numbers(value):
+  """A pydantic BeforeValidator for `int` / `float` fields that keeps JSON Schema's meaning: 2.0
+  is the integer 2, but "2" and true are refused (pydantic's lax mode would coerce them, its
+  strict mode would refuse 2.0). Use as `Annotated[int, NUMBER, Field(...)]`."""
+  if isinstance(value, (str, bytes, bool)):
+    raise ValueError(f"must be a JSON number, not {type(value).__name__}")
+  return value
 
 
 def one_line(text: Any) -> str:

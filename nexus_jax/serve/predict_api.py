@@ -8,7 +8,6 @@ numbers as `nexusflow predict` on the same rows. Tables the model cannot use (an
 missing table or column, values of the wrong type) get 400 naming the table and column.
 """
 
-
 import asyncio
 from typing import Dict, List, Optional, Union
 
@@ -25,7 +24,7 @@ def add_predict_route(app, backend: TabularBackend, options: ServeOptions) -> No
   Value = Union[bool, int, float, str, None]
 
   class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     tables: Dict[str, List[Dict[str, Value]]]
     predict_from: Optional[str] = None
 

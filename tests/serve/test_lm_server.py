@@ -22,6 +22,8 @@ from nexus_jax.models.saving import load_model
 from nexus_jax.testing import tiny_lm_folder
 from serve_testing import running_server
 
+pytestmark = pytest.mark.xdist_group("serve_lm")  # one server per module, on one worker
+
 LIMITS = ["--num-slots", "4", "--max-new-tokens-limit", "24", "--cache-len", "128"]
 
 
@@ -30,9 +32,27 @@ def lm_dir(tmp_path_factory):
   return tiny_lm_folder(tmp_path_factory.mktemp("serve") / "model", num_experts=4)
 
 
+WARMING = {}
+
+
 @pytest.fixture(scope="module")
 def server(lm_dir):
-  with running_server(lm_dir, *LIMITS) as server:
+  """The module's server. While it warms, /healthz is timed and /readyz and /v1/generate must
+  refuse with 503; the module ends with SIGTERM, which must exit with code 0."""
+  with running_server(lm_dir, *LIMITS, ready=False) as server:
+    times, refused = [], 0
+    while True:
+      t0 = time.perf_counter()
+      assert httpx.get(server.url + "/healthz", timeout=5).json()["status"] == "ok"
+      times.append(time.perf_counter() - t0)
+      ready = httpx.get(server.url + "/readyz", timeout=5)
+      if ready.status_code == 200:
+        break
+      assert ready.status_code == 503 and ready.json()["status"] == "loading", ready.text
+      early = httpx.post(server.url + "/v1/generate", json={"prompt": [1, 2]}, timeout=60)
+      refused += early.status_code == 503
+      time.sleep(0.05)
+    WARMING.update(healthz_seconds=times, refused=refused)
     yield server
   assert server.returncode == 0, server.output
 
@@ -47,24 +67,10 @@ def post(server, body, **kw):
   return httpx.post(server.url + "/v1/generate", json=body, timeout=120, **kw)
 
 
-def test_healthz_answers_while_warming_and_sigterm_exits_cleanly(lm_dir):
-  with running_server(lm_dir, *LIMITS, ready=False) as server:
-    times, warming = [], 0
-    while True:
-      t0 = time.perf_counter()
-      assert httpx.get(server.url + "/healthz", timeout=5).json() == {"status": "ok"}
-      times.append(time.perf_counter() - t0)
-      ready = httpx.get(server.url + "/readyz", timeout=5)
-      if ready.status_code == 200:
-        break
-      assert ready.status_code == 503 and ready.json()["status"] == "loading"
-      warming += 1
-      early = post(server, {"prompt": [1, 2, 3]})
-      assert early.status_code in (503, 200)  # 200 if it became ready in between
-      time.sleep(0.05)
-    assert max(times) < 1.0, times
-  assert warming > 0  # /healthz was asked while the model warmed
-  assert server.returncode == 0, server.output
+def test_healthz_answers_in_under_a_second_while_the_model_warms(server):
+  assert len(WARMING["healthz_seconds"]) > 1  # asked while loading, and once ready
+  assert max(WARMING["healthz_seconds"]) < 1.0, WARMING
+  assert WARMING["refused"] > 0  # /v1/generate got 503 before the model was warm
 
 
 def test_greedy_generate_equals_inference_generate(server, lm_dir):
@@ -192,7 +198,7 @@ def test_32_concurrent_clients_are_all_answered_while_healthz_stays_fast(server,
   assert len(health) > 10 and np.percentile(health, 99) < 0.2, np.percentile(health, 99)
 
 
-def test_schemathesis_finds_no_server_errors_or_schema_violations(server):
+def test_schemathesis_finds_no_server_errors_or_schema_violations(server, tmp_path):
   cmd = [
       sys.executable,
       "-m",
@@ -210,5 +216,5 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(server):
       "2",
       "--no-color",
   ]
-  done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+  done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
   assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]

@@ -21,6 +21,8 @@ from nexus_jax.nexusflow.predict_cli import predict_folder, read_tables
 from nexus_jax.testing import THREE_TABLE_SCHEMA, three_table_frames
 from serve_testing import running_server
 
+pytestmark = pytest.mark.xdist_group("serve_tabular")  # one server per module, on one worker
+
 TINY = dict(
     num_epochs=1,
     min_steps=20,
@@ -76,7 +78,7 @@ def test_tables_the_model_cannot_use_get_400_naming_them(server, trained):
   assert r.status_code == 422
 
 
-def test_schemathesis_finds_no_server_errors_or_schema_violations(server):
+def test_schemathesis_finds_no_server_errors_or_schema_violations(server, tmp_path):
   cmd = [
       sys.executable,
       "-m",
@@ -94,5 +96,5 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(server):
       "2",
       "--no-color",
   ]
-  done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+  done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
   assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
