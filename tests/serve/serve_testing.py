@@ -98,3 +98,15 @@ def running_server(artifact, *args: str, ready: bool = True):
     yield server
   finally:
     server.terminate()
+
+
+def run_schemathesis(server: Server, cwd, *, also_exclude: tuple[str, ...] = ()):
+  """schemathesis over the live OpenAPI: 50 examples per operation, every check but the auth /
+  resource-lifecycle ones (no auth, no stateful resources here). Returns the CompletedProcess."""
+  excluded = ("ignored_auth", "use_after_free", "ensure_resource_availability") + also_exclude
+  cmd = [
+      sys.executable, "-m", "schemathesis.cli", "run", server.url + "/openapi.json",
+      "--max-examples", "50", "--checks", "all", "--exclude-checks", ",".join(excluded),
+      "--generation-deterministic", "--workers", "2", "--no-color",
+  ]  # fmt: skip
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd)

@@ -9,8 +9,6 @@ schema violation; SIGTERM ends the process with exit code 0.
 
 import concurrent.futures
 import json
-import subprocess
-import sys
 import time
 
 import httpx
@@ -20,9 +18,7 @@ import pytest
 from nexus_jax.inference.generate import generate
 from nexus_jax.models.saving import load_model
 from nexus_jax.testing import tiny_lm_folder
-from serve_testing import running_server
-
-pytestmark = pytest.mark.xdist_group("serve_lm")  # one server per module, on one worker
+from serve_testing import run_schemathesis, running_server
 
 LIMITS = ["--num-slots", "4", "--max-new-tokens-limit", "24", "--cache-len", "128"]
 
@@ -199,22 +195,5 @@ def test_32_concurrent_clients_are_all_answered_while_healthz_stays_fast(server,
 
 
 def test_schemathesis_finds_no_server_errors_or_schema_violations(server, tmp_path):
-  cmd = [
-      sys.executable,
-      "-m",
-      "schemathesis.cli",
-      "run",
-      server.url + "/openapi.json",
-      "--max-examples",
-      "50",
-      "--checks",
-      "all",
-      "--exclude-checks",
-      "ignored_auth,use_after_free,ensure_resource_availability",
-      "--generation-deterministic",
-      "--workers",
-      "2",
-      "--no-color",
-  ]
-  done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+  done = run_schemathesis(server, tmp_path)
   assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
