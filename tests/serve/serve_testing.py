@@ -75,9 +75,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def running_server(artifact, *args: str, ready: bool = True):
-  """Yields a listening (and, with `ready`, warmed) `Server`; SIGTERMs it on exit."""
+def _start(artifact, args: tuple[str, ...]) -> Server:
   port = free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   if "NEXUS_TEST_COMPILATION_CACHE" in env:
@@ -90,9 +88,27 @@ def running_server(artifact, *args: str, ready: bool = True):
       text=True,
       env=env,
   )
-  server = Server(f"http://127.0.0.1:{port}", process)
+  return Server(f"http://127.0.0.1:{port}", process)
+
+
+@contextlib.contextmanager
+def running_server(artifact, *args: str, ready: bool = True, attempts: int = 5):
+  """Yields a listening (and, with `ready`, warmed) `Server`; SIGTERMs it on exit.
+
+  The free port is found before the server binds it, so another process (a parallel test worker's
+  server or client) can take it in between: a server that exits with "address already in use" is
+  restarted on a fresh port, up to `attempts` times.
+  """
+  for attempt in range(attempts):
+    server = _start(artifact, args)
+    try:
+      server.wait_listening()
+      break
+    except RuntimeError:
+      server.terminate()
+      if "address already in use" not in server.output or attempt == attempts - 1:
+        raise
   try:
-    server.wait_listening()
     if ready:
       server.wait_ready()
     yield server
