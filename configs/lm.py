@@ -58,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.tie_embeddings = False  # LM head = input embedding transposed (scaled by 1/sqrt(embed))
   c.model.head_bias = True  # untied LM head has a bias (pretrained Llama / Mixtral: False)
   c.model.moe_renormalize = True  # top-k router weights renormalised to sum to 1 (Mixtral: True)
+  # Dynamic experts (top-p routing, Huang et al. 2024): a byte takes experts until their router
+  # probability mass reaches p, at most moe_top_k of them; 0.0 = plain top-k routing.
+  c.model.moe_top_p = 0.0
   c.model.train_dense_baseline = True  # also train the dense model with equal active params
 
   c.sample = ml_collections.ConfigDict()

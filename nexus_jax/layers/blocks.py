@@ -64,6 +64,7 @@ class TransformerBlock(nn.Module):
   moe_top_k: int = 2
   moe_capacity_factor: float | None = None  # None: dropless
   moe_renormalize: bool = True  # top-k router weights renormalised to sum to 1
+  moe_top_p: float | None = None  # dynamic experts: until their mass reaches p (<= moe_top_k)
   moe_load_balance_coef: float = 1e-2
   moe_z_loss_coef: float = 1e-3
   moe_router_jitter: float = 0.0
@@ -151,6 +152,7 @@ class TransformerBlock(nn.Module):
           activation=self.activation,
           capacity_factor=self.moe_capacity_factor,
           renormalize=self.moe_renormalize,
+          top_p=self.moe_top_p,
           load_balance_coef=self.moe_load_balance_coef,
           z_loss_coef=self.moe_z_loss_coef,
           router_jitter=self.moe_router_jitter,

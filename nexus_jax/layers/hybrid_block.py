@@ -93,6 +93,8 @@ class HybridBlock(nn.Module):
   num_experts: int = 8
   moe_top_k: int = 2
   moe_capacity_factor: float | None = None  # None: dropless
+  moe_renormalize: bool = True  # top-k router weights sum to 1 (a lone expert keeps its prob.)
+  moe_top_p: float | None = None  # dynamic experts: until their mass reaches p (<= moe_top_k)
   moe_load_balance_coef: float = 1e-2
   moe_z_loss_coef: float = 1e-3
   use_memory: bool = False  # Titans memory sublayer in the attention layer
@@ -169,6 +171,8 @@ class HybridBlock(nn.Module):
           top_k=self.moe_top_k,
           activation=self.activation,
           capacity_factor=self.moe_capacity_factor,
+          renormalize=self.moe_renormalize,
+          top_p=self.moe_top_p,
           load_balance_coef=self.moe_load_balance_coef,
           z_loss_coef=self.moe_z_loss_coef,
           decode=self.decode,  # dropless while decoding: rows stay independent

@@ -3,7 +3,15 @@
 `MoE(num_experts=8, mlp_dim=256, top_k=2)(x) -> (y, aux)` with `x, y [B, T, D]`.
 
 - Router: float32 logits `x W_r`, optional multiplicative input jitter in training (Switch),
-  softmax over experts, top-k; the kept weights are renormalised to sum to 1 (`renormalize`).
+  softmax over experts, top-k; the kept weights are renormalised to sum to 1 (`renormalize`)
+  whenever a token keeps more than one expert. A token routed to a single expert (always with
+  `top_k=1`) keeps its router probability as the gate (Switch): renormalising one weight gives a
+  constant 1.0 and cuts the router off from the task loss.
+- Dynamic experts (`top_p`, Huang et al. 2024, "Harder tasks need more experts"): a token takes
+  experts in descending router probability until their mass reaches `top_p`, at most `top_k` of
+  them (`top_k=num_experts`: no cap), on the dropless path. The router-entropy loss of that paper
+  (`mean(-sum_e p_e log p_e)`, times `entropy_coef`) is sown so the router learns to be confident
+  where it can; aux `experts_per_token` is the mean number of experts a valid token used.
 - Aux losses, in float32, are `sow`n into the "aux_loss" collection already multiplied by their
   coefficients (the training loop adds them to the objective and logs them; they are not part of
   the reported main loss): Switch load balancing `E * sum_e f_e * P_e` (f_e: fraction of the
@@ -39,20 +47,51 @@ from nexus_jax.layers.feedforward import get_activation
 Dtype = Any
 
 
-def router_statistics(logits_NE, expert_idx_NK, valid_N=None):
-  """Float32 `(load_balance_loss, z_loss, expert_load [E])` over the valid tokens."""
+def router_statistics(logits_NE, expert_idx_NK, valid_N=None, kept_NK=None):
+  """Float32 `(load_balance_loss, z_loss, expert_load [E])` over the valid tokens.
+
+  `kept_NK` (bool) marks the assignments a token really uses (top-p routing keeps a prefix of its
+  top-k); the expert load is then the fraction of the kept assignments routed to each expert.
+  """
   n, e = logits_NE.shape
   k = expert_idx_NK.shape[1]
   logits = logits_NE.astype(jnp.float32)
   valid = jnp.ones((n,), jnp.float32) if valid_N is None else valid_N.astype(jnp.float32)
   count = jnp.maximum(valid.sum(), 1.0)
   probs = jax.nn.softmax(logits, axis=-1)
-  assigned = jax.nn.one_hot(expert_idx_NK, e, dtype=jnp.float32).sum(1)  # [N, E]
-  load = jnp.einsum("ne,n->e", assigned, valid) / (count * k)
+  onehot = jax.nn.one_hot(expert_idx_NK, e, dtype=jnp.float32)  # [N, K, E]
+  if kept_NK is None:
+    assignments = count * k
+  else:
+    onehot = onehot * kept_NK[..., None].astype(jnp.float32)
+    assignments = jnp.maximum(jnp.einsum("nk,n->", kept_NK.astype(jnp.float32), valid), 1.0)
+  load = jnp.einsum("ne,n->e", onehot.sum(1), valid) / assignments
   mean_prob = jnp.einsum("ne,n->e", probs, valid) / count
   load_balance = e * jnp.sum(load * mean_prob)
   z_loss = jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * valid) / count
   return load_balance, z_loss, load
+
+
+def routed_prefix(top_w_NK, top_p: float | None):
+  """Top-p routing: `[N, K]` bool keeping each token's experts (probabilities descending) until
+  their mass reaches `top_p`; the first expert is always kept. None (top-k routing) -> None."""
+  if top_p is None:
+    return None
+  mass_before = jnp.cumsum(top_w_NK, axis=-1) - top_w_NK
+  return mass_before < top_p
+
+
+def gate_weights(top_w_NK, kept_NK, renormalize: bool):
+  """The routing weights `[N, K]`: kept probabilities, renormalised to sum to 1 when
+  `renormalize` and the token keeps more than one expert. A lone expert's gate stays its router
+  probability (Switch) so the task loss reaches the router (renormalised it would be 1.0)."""
+  if kept_NK is not None:
+    top_w_NK = jnp.where(kept_NK, top_w_NK, 0.0)
+  if not renormalize:
+    return top_w_NK
+  count = top_w_NK.shape[-1] if kept_NK is None else jnp.sum(kept_NK, -1, keepdims=True)
+  total = jnp.sum(top_w_NK, axis=-1, keepdims=True)
+  return jnp.where(count > 1, top_w_NK / total, top_w_NK)
 
 
 def _next_pow2(n: int) -> int:
@@ -71,7 +110,9 @@ class MoE(nn.Module):
 
   num_experts: int
   mlp_dim: int  # hidden width of each expert
-  top_k: int = 2
+  top_k: int = 2  # experts per token (with top_p: the most a token may take)
+  top_p: float | None = None  # dynamic routing: experts until their probability mass reaches p
+  entropy_coef: float = 1e-4  # router-entropy loss weight (top_p routing only)
   activation: str = "swiglu"
   capacity_factor: float | None = None  # None: dropless
   renormalize: bool = True
@@ -95,6 +136,14 @@ class MoE(nn.Module):
       )
     if self.capacity_factor is not None and self.capacity_factor <= 0:
       raise ValueError(f"capacity_factor must be > 0 or None; got {self.capacity_factor}.")
+    if self.top_p is not None:
+      if not 0 < self.top_p <= 1:
+        raise ValueError(f"MoE top_p must be in (0, 1] (or None: top-k); got {self.top_p}.")
+      if self.capacity_factor is not None:
+        raise ValueError(
+            "MoE top_p routing runs on the dropless path: set capacity_factor=None (got "
+            f"capacity_factor={self.capacity_factor} with top_p={self.top_p})."
+        )
     if self.gmm_impl not in moe_dispatch.GMM_IMPLS:
       raise ValueError(
           f"Unknown gmm_impl {self.gmm_impl!r}; choose one of " f"{moe_dispatch.GMM_IMPLS}."
@@ -137,21 +186,32 @@ class MoE(nn.Module):
     )
     logits = router_in.reshape(b * t, d) @ w_router.astype(jnp.float32)  # [N, E]
     probs = jax.nn.softmax(logits, axis=-1)
-    top_w, top_idx = jax.lax.top_k(probs, self.top_k)  # [N, K]
-    if self.renormalize:
-      top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+    top_w, top_idx = jax.lax.top_k(probs, self.top_k)  # [N, K], descending
+    kept = routed_prefix(top_w, self.top_p)  # [N, K] bool, or None: all K
+    top_w = gate_weights(top_w, kept, self.renormalize)
     if valid is not None:
       top_w = top_w * valid[:, None]
 
-    load_balance, z_loss, load = router_statistics(logits, top_idx, valid)
+    load_balance, z_loss, load = router_statistics(logits, top_idx, valid, kept)
     if self.load_balance_coef:
       self.sow("aux_loss", "load_balance", self.load_balance_coef * load_balance)
     if self.z_loss_coef:
       self.sow("aux_loss", "router_z", self.z_loss_coef * z_loss)
+    token_weight = jnp.ones((b * t,), jnp.float32) if valid is None else valid.astype(jnp.float32)
+    tokens = jnp.maximum(token_weight.sum(), 1.0)
+    if self.top_p is not None and self.entropy_coef:
+      entropy = -jnp.sum(probs * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+      self.sow("aux_loss", "router_entropy", self.entropy_coef * (entropy @ token_weight) / tokens)
+    used = jnp.full((b * t,), self.top_k, jnp.float32) if kept is None else kept.sum(-1)
+    experts_per_token = (used.astype(jnp.float32) @ token_weight) / tokens
 
     wi, wo = self._expert_params(d)
     if self.capacity_factor is None or self.decode:
-      y, dropped = self._dropless(x.reshape(b * t, d), top_idx, top_w, valid, wi, wo), 0.0
+      assignment_valid = (
+          kept if valid is None else (valid if kept is None else kept & valid[:, None])
+      )
+      y = self._dropless(x.reshape(b * t, d), top_idx, top_w, assignment_valid, wi, wo)
+      dropped = 0.0
     else:
       y, dropped = self._capacity(
           x,
@@ -167,6 +227,7 @@ class MoE(nn.Module):
         "load_balance_loss": load_balance,
         "router_z_loss": z_loss,
         "dropped_fraction": jnp.asarray(dropped, jnp.float32),
+        "experts_per_token": experts_per_token,
     }
     y = nn.with_logical_constraint(y.reshape(b, t, d), ("batch", "length", "embed"))
     return y, aux
@@ -175,10 +236,14 @@ class MoE(nn.Module):
     act, gated = get_activation(self.activation)
     return act(h_parts[0]) * h_parts[1] if gated else act(h_parts[0])
 
-  def _dropless(self, x_ND, idx_NK, w_NK, valid_N, wi, wo):
-    """Sort assignments by expert, grouped matmuls, unsort, weight and sum over k."""
+  def _dropless(self, x_ND, idx_NK, w_NK, valid, wi, wo):
+    """Sort assignments by expert, grouped matmuls, unsort, weight and sum over k.
+
+    `valid` is None, `[N]` (token mask) or `[N, K]` (assignment mask); invalid assignments are
+    sorted last and take no expert rows.
+    """
     n, k = idx_NK.shape
-    order, group_sizes = moe_dispatch.sort_assignments(idx_NK, self.num_experts, valid_N)
+    order, group_sizes = moe_dispatch.sort_assignments(idx_NK, self.num_experts, valid)
     xs = jnp.take(x_ND, order // k, axis=0)  # [N*K, D], expert-major
     # A decode step routes few rows: smaller tiles waste less of the (E + rows/tile) tiles.
     tile = min(self.gmm_tile, max(8, _next_pow2(n * k))) if self.decode else self.gmm_tile

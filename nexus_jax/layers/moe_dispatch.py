@@ -65,16 +65,18 @@ def capacity_masks(expert_idx_GNK, weights_GNK, num_experts: int, capacity: int,
   return dispatch, combine, kept
 
 
-def sort_assignments(expert_idx_NK, num_experts: int, valid_N=None):
+def sort_assignments(expert_idx_NK, num_experts: int, valid=None):
   """Orders the N*K assignments by expert.
 
-  Returns `order [N*K]` (assignment indices, expert-major; invalid ones last) and
-  `group_sizes [E]` int32 (valid assignments per expert).
+  `valid` is None, a token mask `[N]` or an assignment mask `[N, K]`. Returns `order [N*K]`
+  (assignment indices, expert-major; invalid ones last) and `group_sizes [E]` int32 (valid
+  assignments per expert).
   """
   flat = expert_idx_NK.reshape(-1)
-  if valid_N is not None:
-    valid = jnp.repeat(valid_N, expert_idx_NK.shape[1])
-    flat = jnp.where(valid, flat, num_experts)
+  if valid is not None:
+    if valid.ndim == 1:
+      valid = jnp.repeat(valid, expert_idx_NK.shape[1])
+    flat = jnp.where(valid.reshape(-1), flat, num_experts)
   order = jnp.argsort(flat, stable=True)
   group_sizes = jnp.bincount(flat, length=num_experts + 1)[:num_experts].astype(jnp.int32)
   return order, group_sizes

@@ -59,6 +59,8 @@ BLOCK_FIELDS = (
     "num_experts",
     "moe_top_k",
     "moe_capacity_factor",
+    "moe_renormalize",
+    "moe_top_p",
     "moe_load_balance_coef",
     "use_memory",
     "memory_heads",
@@ -89,6 +91,8 @@ class HybridLM(nn.Module):
   num_experts: int = 8
   moe_top_k: int = 2
   moe_capacity_factor: float | None = None
+  moe_renormalize: bool = True  # top-k router weights sum to 1 (a lone expert keeps its prob.)
+  moe_top_p: float | None = None  # dynamic experts: until their mass reaches p (<= moe_top_k)
   moe_load_balance_coef: float = 1e-2
   use_memory: bool = False
   memory_heads: int = 4

@@ -205,6 +205,7 @@ def lm_from_config(mc: Any, vocab_size: int = 256, dtype: Any = None) -> "Langua
       tie_embeddings=bool(mc.get("tie_embeddings", False)),
       head_bias=bool(mc.get("head_bias", True)),
       moe_renormalize=bool(mc.get("moe_renormalize", True)),
+      moe_top_p=float(mc.get("moe_top_p", 0.0)) or None,
   )
 
 

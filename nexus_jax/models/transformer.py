@@ -135,6 +135,7 @@ class _Transformer(nn.Module):
   moe_top_k: int = 2
   moe_capacity_factor: float | None = None  # None: dropless
   moe_renormalize: bool = True  # top-k router weights sum to 1 (Mixtral: yes, Qwen-MoE: no)
+  moe_top_p: float | None = None  # dynamic experts (top-p routing, at most moe_top_k); dropless
   moe_load_balance_coef: float = 1e-2
   moe_z_loss_coef: float = 1e-3
   moe_router_jitter: float = 0.0
@@ -362,6 +363,7 @@ class _Transformer(nn.Module):
         moe_top_k=self.moe_top_k,
         moe_capacity_factor=self.moe_capacity_factor,
         moe_renormalize=self.moe_renormalize,
+        moe_top_p=self.moe_top_p,
         moe_load_balance_coef=self.moe_load_balance_coef,
         moe_z_loss_coef=self.moe_z_loss_coef,
         moe_router_jitter=self.moe_router_jitter,

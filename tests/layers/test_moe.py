@@ -79,7 +79,8 @@ def test_capacity_drops_exactly_the_overflow_tokens():
   y, aux = jax.jit(layer.apply)(params, x)
   np.testing.assert_array_equal(np.asarray(y[:, 2:]), 0.0)  # tokens 2..4 overflowed
   idx = jnp.zeros((10, 1), jnp.int32)
-  expected = _loop_reference(params, x, idx, jnp.ones((10, 1)), "gelu")
+  gate = jax.nn.softmax(x.reshape(10, 4) @ router)[:, :1]  # top-1 gate: the router prob (Switch)
+  expected = _loop_reference(params, x, idx, gate, "gelu")
   np.testing.assert_allclose(np.asarray(y[:, :2]), expected[:, :2], atol=1e-5)
   np.testing.assert_allclose(aux["dropped_fraction"], 3 / 5, rtol=1e-6)
 
@@ -196,9 +197,84 @@ def test_bf16_training_step_and_jitter():
         (dict(capacity_factor=0.0), "capacity_factor must be > 0"),
         (dict(gmm_impl="megablox"), "Unknown gmm_impl"),
         (dict(activation="tanh"), "Unknown activation"),
+        (dict(top_p=0.0), "top_p must be in"),
+        (dict(top_p=1.5), "top_p must be in"),
+        (dict(top_p=0.5, capacity_factor=1.0), "top_p routing runs on the dropless path"),
     ],
 )
 def test_bad_config_is_rejected(kwargs, match):
   layer = moe_lib.MoE(**{"num_experts": 4, "mlp_dim": 8, **kwargs})
   with pytest.raises(ValueError, match=match):
     layer.init(lt.key(0), jnp.zeros((1, 4, 8)))
+
+
+def _task_loss_router_grad(layer, x, target):
+  """Norm of d(task loss)/d(router) with every aux loss switched off."""
+  params = nn.unbox(jax.jit(layer.init)(lt.key(0), x))
+
+  def loss(p):
+    y, _ = layer.apply(p, x)
+    return jnp.mean(jnp.square(y - target))
+
+  return float(jnp.linalg.norm(jax.jit(jax.grad(loss))(params)["params"]["router"]))
+
+
+@pytest.mark.parametrize(
+    "top_k,renormalize,top_p",
+    [(k, r, None) for k in (1, 2, 4) for r in (True, False)] + [(4, True, 0.5), (4, False, 0.5)],
+)
+def test_task_loss_reaches_the_router(top_k, renormalize, top_p):
+  """The task loss alone (no load-balance / z / entropy loss) trains the router for every
+  (top_k, renormalize, top_p): top-1 gates by the router probability (Switch), not by 1.0."""
+  x, target = lt.normal(5, (2, 16, 8)), lt.normal(6, (2, 16, 8))
+  layer = moe_lib.MoE(
+      num_experts=4, mlp_dim=16, top_k=top_k, renormalize=renormalize, top_p=top_p,
+      load_balance_coef=0.0, z_loss_coef=0.0, entropy_coef=0.0,
+  )  # fmt: skip
+  grad = _task_loss_router_grad(layer, x, target)
+  # The renormalised top-1 router (gate == 1.0) measured 5.8e-6 here; others are 1e-2 or more.
+  assert grad > 1e-3, grad
+
+
+def test_top_p_routing_matches_per_token_reference():
+  """Each token takes experts in descending probability until their mass reaches p (at most
+  top_k), weights renormalised over the kept ones (a lone expert keeps its probability)."""
+  x = lt.normal(7, (2, 9, 8))
+  layer = moe_lib.MoE(num_experts=4, mlp_dim=16, top_k=4, top_p=0.6, gmm_impl="tiled", gmm_tile=4)
+  params = nn.unbox(jax.jit(layer.init)(lt.key(0), x))
+  # A sharper router so tokens differ in how many experts they need.
+  params = {"params": {**params["params"], "router": params["params"]["router"] * 60}}
+  logits = np.asarray(x.reshape(-1, 8) @ params["params"]["router"], np.float64)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  idx, w, counts = [], [], []
+  for p_n in probs:
+    order = np.argsort(-p_n)
+    kept = [order[0]]
+    while p_n[kept].sum() < 0.6:
+      kept.append(order[len(kept)])
+    weights = p_n[kept] / p_n[kept].sum() if len(kept) > 1 else p_n[kept]
+    idx.append(kept + [0] * (4 - len(kept)))
+    w.append(list(weights) + [0.0] * (4 - len(kept)))
+    counts.append(len(kept))
+  assert len(set(counts)) > 1, counts  # the test covers tokens with different expert counts
+  expected = _loop_reference(params, x, np.array(idx), np.array(w))
+  y, aux = jax.jit(layer.apply)(params, x)
+  np.testing.assert_allclose(np.asarray(y), expected, atol=3e-5)
+  np.testing.assert_allclose(float(aux["experts_per_token"]), np.mean(counts), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(aux["expert_load"]).sum(), 1.0, rtol=1e-6)
+  # top_p=1.0 with top_k=2 is plain top-2 routing.
+  dense, _ = jax.jit(moe_lib.MoE(num_experts=4, mlp_dim=16, top_k=2).apply)(params, x)
+  capped, aux = jax.jit(moe_lib.MoE(num_experts=4, mlp_dim=16, top_k=2, top_p=1.0).apply)(params, x)
+  np.testing.assert_allclose(np.asarray(capped), np.asarray(dense), atol=1e-5)
+  assert float(aux["experts_per_token"]) == 2.0
+
+
+def test_top_p_sows_the_router_entropy_loss():
+  x = lt.normal(8, (1, 6, 8))
+  layer = moe_lib.MoE(num_experts=4, mlp_dim=8, top_k=4, top_p=0.5, entropy_coef=0.1)
+  params = nn.unbox(jax.jit(layer.init)(lt.key(0), x))
+  _, sown = layer.apply(params, x, mutable=["aux_loss"])
+  logits = x.reshape(-1, 8) @ params["params"]["router"]
+  entropy = -jnp.sum(jax.nn.softmax(logits) * jax.nn.log_softmax(logits), -1).mean()
+  np.testing.assert_allclose(float(sown["aux_loss"]["router_entropy"][0]), 0.1 * entropy, rtol=1e-5)

@@ -137,3 +137,26 @@ def test_lm_config_reaches_positions_and_final_norm():
   added, removed = paths(learned) - paths(default), paths(default) - paths(learned)
   assert any("position" in p for p in added)  # the learned table
   assert removed and all("norm" in p for p in removed)  # no final norm
+
+
+def test_lm_config_moe_top_p_routes_by_probability_mass():
+  import importlib.util
+  import pathlib
+
+  from nexus_jax.models.lm import lm_from_config
+
+  root = pathlib.Path(__file__).resolve().parents[2]
+  spec = importlib.util.spec_from_file_location("lm_config", root / "configs" / "lm.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  mc = module.get_config().model
+  mc.update(num_layers=1, embed_dim=16, num_heads=2, num_kv_heads=1, mlp_dim=16, moe_top_k=4)
+  assert lm_from_config(mc).moe_top_p is None  # 0.0: top-k routing
+  mc.update(moe_top_p=0.3)
+  model = lm_from_config(mc)
+  assert model.moe_top_p == 0.3
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, 256)
+  params = model.init(jax.random.PRNGKey(0), tokens)
+  _, aux = model.apply(params, tokens)
+  used = float(aux["moe"]["experts_per_token"].mean())
+  assert 1.0 <= used < 4.0  # fewer than top_k=4 experts: the mass 0.3 is reached earlier
