@@ -27,6 +27,7 @@ import jax
 from nexus_jax.data.datasets import text
 from nexus_jax.data.datasets.byte_lm import LMData, load_lm_data, xz_bits_per_byte
 from nexus_jax.inference.generate import Sampling, generate
+from nexus_jax.models.anytime import anytime_lm_objective
 from nexus_jax.models.lm import active_params, count_params, dense_equivalent, lm_from_config
 from nexus_jax.models.saving import save_model
 from nexus_jax.models.seq_objectives import lm_objective
@@ -141,15 +142,16 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
     models["dense"] = dense_equivalent(moe)
   results: dict[str, Any] = {"test_bits_per_byte": {}, "params": {}, "train": {}}
   states = {}
+  anytime = bool(config.model.get("anytime_loss", False))  # CALM loss over layers (anytime.py)
+  test_metric = "last_layer_loss" if anytime else "loss"  # full-depth nats/token either way
   for name, model in models.items():
     start = init_params if name == "moe" else None  # the dense baseline starts from scratch
-    fit_result = fit(
-        lm_objective(model), data.train, data.valid, config, workdir / name, init_params=start
-    )
+    objective = anytime_lm_objective(model) if anytime else lm_objective(model)
+    fit_result = fit(objective, data.train, data.valid, config, workdir / name, init_params=start)
     state = restore_best(fit_result)
     states[name] = state
     results["test_bits_per_byte"][name] = data.test_bits_per_byte(
-        lambda d: fit_result.trainer.evaluate(state, d)[0]["loss"]
+        lambda d: fit_result.trainer.evaluate(state, d)[0][test_metric]
     )
     results["params"][name] = {
         "total": count_params(state.params),
