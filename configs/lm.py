@@ -61,7 +61,14 @@ def get_config() -> ml_collections.ConfigDict:
   # Dynamic experts (top-p routing, Huang et al. 2024): a byte takes experts until their router
   # probability mass reaches p, at most moe_top_k of them; 0.0 = plain top-k routing.
   c.model.moe_top_p = 0.0
+  # Mixture-of-Depths (Raposo et al. 2024): every mod_every-th block processes only the top
+  # ceil(mod_capacity * seq_len) bytes of each window (a router picks them); 1.0 = off.
+  c.model.mod_capacity = 1.0
+  c.model.mod_every = 2  # routed-block spacing (num_layers must be a multiple)
   c.model.train_dense_baseline = True  # also train the dense model with equal active params
+  # CALM anytime objective: loss at every layer through the final norm + head, weights l / sum(l)
+  # (nexus_jax/models/anytime.py); test bits/byte stay the last layer's. For early-exit decoding.
+  c.model.anytime_loss = False
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompt = "def "  # text the sample continues

@@ -28,9 +28,10 @@ Heads (`head`):
 Seq2seq is `EncoderDecoder` with an "lm" or "token_regression" head on the decoder.
 
 Every option of the core blocks is a field: norm type/placement, activation (gated or not),
-attention backend, GQA, qk-norm, MoE every `moe_every`-th layer, remat, shared layers and
-`nn.scan` over layers. Calls return `(outputs, aux)`; `aux["moe"]` holds the stacked router
-statistics when the model has experts. `decode=True` turns on the KV caches (see
+attention backend, GQA, qk-norm, MoE every `moe_every`-th layer, Mixture-of-Depths routing of
+every `mod_every`-th layer (`mod_capacity < 1`, `layers/mixture_of_depths.py`), remat, shared
+layers and `nn.scan` over layers. Calls return `(outputs, aux)`; `aux["moe"]` holds the stacked
+router statistics when the model has experts. `decode=True` turns on the KV caches (see
 `models/decoding.py` for `init_cache` and one-step decoding). `models/saving.py` saves and
 reloads any of the three with its fields.
 """
@@ -47,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nexus_jax.layers.blocks import REMAT_POLICIES, TransformerBlock, TransformerStack
+from nexus_jax.layers.mixture_of_depths import MoDGroup
 from nexus_jax.layers.moe import MoE
 from nexus_jax.layers.norms import ADAPTIVE_NORMS, NORMS
 
@@ -139,6 +141,9 @@ class _Transformer(nn.Module):
   moe_load_balance_coef: float = 1e-2
   moe_z_loss_coef: float = 1e-3
   moe_router_jitter: float = 0.0
+  mod_capacity: float = 1.0  # Mixture-of-Depths: fraction of tokens a routed block sees; 1.0 = off
+  mod_every: int = 2  # every mod_every-th block is routed (num_layers: a multiple of the group)
+  mod_predictor_coef: float = 0.01  # weight of the decode-time router predictor's BCE aux loss
   remat_policy: str = "none"  # none | full | dots | dots_with_no_batch_dims
   scan_layers: bool = True
   share_layers: bool = False
@@ -157,6 +162,11 @@ class _Transformer(nn.Module):
   @property
   def adaptive_norm(self) -> bool:
     return self.norm in ADAPTIVE_NORMS
+
+  @property
+  def mod_group_size(self) -> int:
+    """Blocks per Mixture-of-Depths scan unit (`MoDGroup.group_size`)."""
+    return math.lcm(max(self.mod_every, 1), self.moe_every if self.num_experts > 0 else 1)
 
   @property
   def final_norm(self) -> bool:
@@ -220,6 +230,16 @@ class _Transformer(nn.Module):
             f"{POSITION_EMBEDDINGS}.",
         ),
         (self.max_len >= 0, f"max_len must be >= 0 (0: unbounded); got {self.max_len}."),
+        (
+            0.0 < self.mod_capacity <= 1.0 and self.mod_every >= 1,
+            f"mod_capacity must be in (0, 1] (1.0 = no Mixture-of-Depths) and mod_every >= 1; "
+            f"got mod_capacity={self.mod_capacity}, mod_every={self.mod_every}.",
+        ),
+        (
+            self.mod_capacity == 1.0 or num_layers % self.mod_group_size == 0,
+            f"num_layers ({num_layers}) must be a multiple of {self.mod_group_size} (lcm of "
+            f"mod_every={self.mod_every} and moe_every) with mod_capacity < 1.",
+        ),
         (
             self.position_embedding != "learned" or self.max_len >= 1,
             "position_embedding='learned' needs max_len >= 1 (the rows of the position table).",
@@ -373,9 +393,18 @@ class _Transformer(nn.Module):
     )
     grouped = self.num_experts > 0 and self.moe_every > 1
     block = MoEGroup(**kw, moe_every=self.moe_every) if grouped else TransformerBlock(**kw)
+    if self.mod_capacity < 1.0:  # Mixture-of-Depths: the group holds mod_every (and moe_every)
+      block = MoDGroup(
+          **kw,
+          mod_every=self.mod_every,
+          mod_capacity=self.mod_capacity,
+          mod_predictor_coef=self.mod_predictor_coef,
+          moe_every=self.moe_every,
+      )
+      grouped = True
     return TransformerStack(
         block=block,
-        num_layers=num_layers // (self.moe_every if grouped else 1),
+        num_layers=num_layers // (getattr(block, "group_size", self.moe_every) if grouped else 1),
         scan_layers=self.scan_layers,
         share_layers=self.share_layers,
         remat_policy=self.remat_policy,
