@@ -14,6 +14,11 @@
   ends when all rows have stopped.
 - `beam_search` keeps `beam_width` hypotheses per prompt ranked by `log p / length **
   length_penalty` (0: raw log-probability; finished hypotheses keep their score and length).
+- `return_uncertainty=True` (or `abstain=`, a `uncertainty.ConformalAbstainer`) returns an
+  `uncertainty.UncertainOutput`: per-token log-probability, entropy, top-2 margin and max
+  probability of the processed distribution each token was drawn from (computed in the same
+  loop, no second pass; greedy decoding scores the transforms at temperature 1 or
+  `score_temperature`), sequence aggregates, and abstain flags per token and per sequence.
 - Everything runs in one `jax.jit` over a `StepModel`: `step_model(model, cache_len)` adapts a
   `Decoder` / `EncoderDecoder` / `LanguageModel` (pass `source=` for the encoder input); tests
   and tools may build a `StepModel` from any functions.
@@ -29,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nexus_jax.inference import uncertainty
 from nexus_jax.models import decoding
 from nexus_jax.models.transformer import EncoderDecoder, check_token_range
 
@@ -223,10 +229,30 @@ def generate(
     cache_len: int | None = None,
     source=None,
     source_mask=None,
-) -> GenerateOutput:
-  """Samples `max_new_tokens` per prompt (see the module docstring). model: module or StepModel."""
+    return_uncertainty: bool = False,
+    score_temperature: float | None = None,
+    abstain: uncertainty.ConformalAbstainer | None = None,
+) -> GenerateOutput | uncertainty.UncertainOutput:
+  """Samples `max_new_tokens` per prompt (see the module docstring). model: module or StepModel.
+
+  return_uncertainty / abstain: return an `UncertainOutput` (tokens and lengths as
+  GenerateOutput) instead. score_temperature: the temperature the scores use in place of the
+  sampling one (None: the sampling temperature, 1 when greedy); tokens are still drawn with
+  `sampling`.
+  """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}.")
+  if abstain is not None and not isinstance(abstain, uncertainty.ConformalAbstainer):
+    raise ValueError(
+        f"abstain must be an uncertainty.ConformalAbstainer (see calibrate_abstainer); got "
+        f"{type(abstain).__name__}."
+    )
+  if score_temperature is not None and not score_temperature > 0:
+    raise ValueError(f"score_temperature must be > 0 (or None); got {score_temperature}.")
+  score_sampling = None
+  if return_uncertainty or abstain is not None:
+    t = score_temperature or (sampling.temperature if sampling.temperature > 0 else 1.0)
+    score_sampling = dataclasses.replace(sampling, temperature=float(t))
   vocab = model.vocab_size
   tokens, lengths = prepare_prompts(prompts, vocab)
   sm = _as_step_model(model, cache_len, tokens.shape[1], max_new_tokens)
@@ -236,7 +262,7 @@ def generate(
     if sampling.temperature != 0:
       raise ValueError("sampling with temperature > 0 needs `rng`.")
     rng = jax.random.PRNGKey(0)
-  out, gen_len = _generate_jit(
+  out, gen_len, stats = _generate_jit(
       sm,
       sampling,
       int(max_new_tokens),
@@ -247,8 +273,11 @@ def generate(
       _source_arg(sm, source, source_mask),
       _stops(stop_tokens),
       jnp.int32(pad_id),
+      score_sampling=score_sampling,
   )
-  return GenerateOutput(np.asarray(out), np.asarray(gen_len))
+  if score_sampling is None:
+    return GenerateOutput(np.asarray(out), np.asarray(gen_len))
+  return uncertainty.uncertain_output(np.asarray(out), np.asarray(gen_len), stats, abstain)
 
 
 def _check_special(stop_tokens, pad_id, vocab_size):
@@ -262,13 +291,17 @@ def _stops(stop_tokens) -> jax.Array:
   return jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _generate_jit(sm, sampling, max_new, params, tokens, lengths, rng, source, stops, pad_id):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), static_argnames=("score_sampling",))
+def _generate_jit(
+    sm, sampling, max_new, params, tokens, lengths, rng, source, stops, pad_id, score_sampling=None
+):
   b = tokens.shape[0]
   state = sm.init(params, b, source)
   last, state, cache_mask = _prefill(sm, params, state, tokens, lengths)
   valid = jnp.arange(tokens.shape[1])[None, :] >= (tokens.shape[1] - lengths)[:, None]
   seen = jnp.any(jax.nn.one_hot(tokens, sm.vocab_size, dtype=bool) & valid[..., None], axis=1)
+
+  stat_names = () if score_sampling is None else ("logprob", "entropy", "margin", "max_prob")
 
   def cond(c):
     return (c["t"] < max_new) & ~jnp.all(c["done"])
@@ -276,12 +309,17 @@ def _generate_jit(sm, sampling, max_new, params, tokens, lengths, rng, source, s
   def body(c):
     rng, key = jax.random.split(c["rng"])
     tok = sample(key, c["last"], sampling, c["seen"])
+    stats = c["stats"]
+    if score_sampling is not None:  # scores of the distribution `tok` was drawn from
+      st = uncertainty.token_stats(process_logits(c["last"], score_sampling, c["seen"]), tok)
+      stats = {k: v.at[:, c["t"]].set(jnp.where(c["done"], 0.0, st[k])) for k, v in stats.items()}
     tok = jnp.where(c["done"], pad_id, tok)
     done = c["done"] | jnp.isin(tok, stops)
     logits, state = sm.apply(
         params, c["state"], tok[:, None], (lengths + c["t"])[:, None], cache_mask, False
     )
     return {
+        "stats": stats,
         "t": c["t"] + 1,
         "rng": rng,
         "state": state,
@@ -301,9 +339,10 @@ def _generate_jit(sm, sampling, max_new, params, tokens, lengths, rng, source, s
       "done": jnp.zeros((b,), bool),
       "out": jnp.full((b, max_new), pad_id, jnp.int32),
       "len": jnp.zeros((b,), jnp.int32),
+      "stats": {k: jnp.zeros((b, max_new), jnp.float32) for k in stat_names},
   }
   final = jax.lax.while_loop(cond, body, init)
-  return final["out"], final["len"]
+  return final["out"], final["len"], final["stats"]
 
 
 class BeamOutput(NamedTuple):
