@@ -25,10 +25,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.attention_memory import machine_info  # noqa: E402
+from benchmarks.lm_training import lm_optimizer, make_train_step  # noqa: E402
 from nexus_jax.data.datasets import text  # noqa: E402
 from nexus_jax.inference.early_exit import (  # noqa: E402
     CONFIDENCES,
@@ -46,26 +46,20 @@ LN2 = float(np.log(2.0))
 def train(model, windows, steps, batch, objective):
   """AdamW on `windows [steps * batch, seq + 1]`; objective "anytime" | "last". Returns params."""
   params = jax.jit(model.init)(jax.random.PRNGKey(0), windows[:1, :-1])["params"]
-  tx = optax.chain(
-      optax.clip_by_global_norm(1.0),
-      optax.adamw(optax.warmup_cosine_decay_schedule(0, 3e-3, min(30, steps // 4), steps), b2=0.98),
-  )
+  tx = lm_optimizer(steps)
 
-  @jax.jit
-  def step(params, opt, tokens):
-    def loss_fn(p):
-      inputs, targets = tokens[:, :-1], tokens[:, 1:]
-      weights = jnp.ones(targets.shape, jnp.float32)
-      if objective == "anytime":
-        states = anytime.layer_states(model, {"params": p}, inputs)
-        logits = anytime.layer_logits(model, p, states[1:])
-        return anytime.anytime_loss(logits, targets, weights)[0]
-      logits, _ = model.apply({"params": p}, inputs)
-      return anytime.anytime_loss(logits[None], targets, weights)[0]
+  def loss_fn(p, tokens):
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    weights = jnp.ones(targets.shape, jnp.float32)
+    if objective == "anytime":
+      states = anytime.layer_states(model, {"params": p}, inputs)
+      logits = anytime.layer_logits(model, p, states[1:])
+    else:
+      logits = model.apply({"params": p}, inputs)[0][None]
+    loss = anytime.anytime_loss(logits, targets, weights)[0]
+    return loss, loss
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt = tx.update(grads, opt, params)
-    return optax.apply_updates(params, updates), opt, loss
+  step = jax.jit(make_train_step(loss_fn, tx))
 
   opt = tx.init(params)
   for i in range(steps):

@@ -31,6 +31,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.attention_memory import machine_info  # noqa: E402
+from benchmarks.lm_training import lm_optimizer, make_train_step  # noqa: E402
 from nexus_jax.data.datasets import text  # noqa: E402
 from nexus_jax.layers.mixture_of_depths import routed_tokens  # noqa: E402
 from nexus_jax.models import decoding  # noqa: E402
@@ -73,28 +74,18 @@ def compiled_flops(fn, *args) -> float:
 
 
 def make_step(model, tx):
-  def step(params, opt, tokens):
-    def loss_fn(p):
-      logits, state = model.apply({"params": p}, tokens[:, :-1], mutable=["aux_loss"])
-      ce = token_cross_entropy(logits[0], tokens[:, 1:], jnp.ones(tokens[:, 1:].shape))[0]
-      aux = sum((jnp.sum(a) for a in jax.tree.leaves(state.get("aux_loss", {}))), jnp.zeros(()))
-      return ce + aux, ce
+  def loss_fn(p, tokens):
+    logits, state = model.apply({"params": p}, tokens[:, :-1], mutable=["aux_loss"])
+    ce = token_cross_entropy(logits[0], tokens[:, 1:], jnp.ones(tokens[:, 1:].shape))[0]
+    aux = sum((jnp.sum(a) for a in jax.tree.leaves(state.get("aux_loss", {}))), jnp.zeros(()))
+    return ce + aux, ce
 
-    (_, ce), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt = tx.update(grads, opt, params)
-    return optax.apply_updates(params, updates), opt, ce
-
-  return step
+  return make_train_step(loss_fn, tx)
 
 
 def train(model, data, steps, args):
   """AdamW on the seeded window stream; returns (params, step FLOPs, seconds, last losses)."""
-  tx = optax.chain(
-      optax.clip_by_global_norm(1.0),
-      optax.adamw(
-          optax.warmup_cosine_decay_schedule(0, args.lr, min(20, steps // 4), steps), b2=0.98
-      ),
-  )
+  tx = lm_optimizer(steps, lr=args.lr, warmup=20)
   windows = text.random_windows(data, args.seq + 1, steps * args.batch, 0).astype(np.int32)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.asarray(windows[:1, :-1]))["params"]
   opt = tx.init(params)

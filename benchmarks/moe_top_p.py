@@ -25,10 +25,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.attention_memory import machine_info  # noqa: E402
+from benchmarks.lm_training import lm_optimizer, make_train_step  # noqa: E402
 from nexus_jax.data.datasets import text  # noqa: E402
 from nexus_jax.models.lm import LanguageModel  # noqa: E402
 from nexus_jax.models.seq_objectives import token_cross_entropy  # noqa: E402
@@ -55,21 +55,14 @@ def sum_aux(sown) -> jax.Array:
 def train(model, windows, steps: int, batch: int, seed: int):
   """AdamW on the given windows with the sown aux losses; returns (params, last-20 bits/byte)."""
   params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), windows[:1, :-1]))["params"]
-  tx = optax.chain(
-      optax.clip_by_global_norm(1.0),
-      optax.adamw(optax.warmup_cosine_decay_schedule(0, 3e-3, min(30, steps // 4), steps), b2=0.98),
-  )
+  tx = lm_optimizer(steps)
 
-  @jax.jit
-  def step(params, opt, tokens):
-    def loss_fn(p):
-      (logits, _), sown = model.apply({"params": p}, tokens[:, :-1], mutable=["aux_loss"])
-      task = token_cross_entropy(logits, tokens[:, 1:], jnp.ones(tokens[:, 1:].shape))[0]
-      return task + sum_aux(sown), task
+  def loss_fn(p, tokens):
+    (logits, _), sown = model.apply({"params": p}, tokens[:, :-1], mutable=["aux_loss"])
+    task = token_cross_entropy(logits, tokens[:, 1:], jnp.ones(tokens[:, 1:].shape))[0]
+    return task + sum_aux(sown), task
 
-    (_, task), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt = tx.update(grads, opt, params)
-    return optax.apply_updates(params, updates), opt, task
+  step = jax.jit(make_train_step(loss_fn, tx))
 
   opt, losses = tx.init(params), []
   for i in range(steps):

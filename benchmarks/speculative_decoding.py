@@ -22,10 +22,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.attention_memory import machine_info  # noqa: E402
+from benchmarks.lm_training import lm_optimizer, make_train_step  # noqa: E402
 from nexus_jax.data.datasets import text  # noqa: E402
 from nexus_jax.inference.generate import Sampling, generate  # noqa: E402
 from nexus_jax.inference.speculative import speculative_generate  # noqa: E402
@@ -37,20 +37,14 @@ def train(model, data, steps, batch, seq, seed):
   """Plain jitted AdamW on random windows; returns (params, final mean loss in bits/byte)."""
   windows = jnp.asarray(text.random_windows(data, seq + 1, steps * batch, seed).astype(np.int32))
   params = jax.jit(model.init)(jax.random.PRNGKey(seed), windows[:1, :-1])["params"]
-  tx = optax.chain(
-      optax.clip_by_global_norm(1.0),
-      optax.adamw(optax.warmup_cosine_decay_schedule(0, 3e-3, 20, steps), b2=0.98),
-  )
+  tx = lm_optimizer(steps, warmup=20)
 
-  @jax.jit
-  def step(params, opt, tokens):
-    def loss_fn(p):
-      logits, _ = model.apply({"params": p}, tokens[:, :-1])
-      return token_cross_entropy(logits, tokens[:, 1:], jnp.ones(tokens[:, 1:].shape))[0]
+  def loss_fn(p, tokens):
+    logits, _ = model.apply({"params": p}, tokens[:, :-1])
+    loss = token_cross_entropy(logits, tokens[:, 1:], jnp.ones(tokens[:, 1:].shape))[0]
+    return loss, loss
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt = tx.update(grads, opt, params)
-    return optax.apply_updates(params, updates), opt, loss
+  step = jax.jit(make_train_step(loss_fn, tx))
 
   opt, losses = tx.init(params), []
   for i in range(steps):

@@ -33,10 +33,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.attention_memory import machine_info  # noqa: E402
+from benchmarks.lm_training import lm_optimizer, make_train_step  # noqa: E402
 from nexus_jax.data.datasets import text  # noqa: E402
 from nexus_jax.inference.generate import Sampling  # noqa: E402
 from nexus_jax.inference.refine import best_of_n, refine, refine_header  # noqa: E402
@@ -165,23 +165,14 @@ def train(model, data, sft, args):
   n_sft = int(round(args.batch * args.sft_fraction)) if len(sft[0]) else 0
   windows = text.random_windows(data, args.seq + 1, args.steps * args.batch, 0).astype(np.int32)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.asarray(windows[:1, :-1]))["params"]
-  tx = optax.chain(
-      optax.clip_by_global_norm(1.0),
-      optax.adamw(
-          optax.warmup_cosine_decay_schedule(0, args.lr, min(30, args.steps // 4), args.steps),
-          b2=0.98,
-      ),
-  )
+  tx = lm_optimizer(args.steps, lr=args.lr)
 
-  @jax.jit
-  def step(params, opt, tokens, mask):
-    def loss_fn(p):
-      logits, _ = model.apply({"params": p}, tokens[:, :-1])
-      return token_cross_entropy(logits, tokens[:, 1:], mask)[0]
+  def loss_fn(p, tokens, mask):
+    logits, _ = model.apply({"params": p}, tokens[:, :-1])
+    loss = token_cross_entropy(logits, tokens[:, 1:], mask)[0]
+    return loss, loss
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt = tx.update(grads, opt, params)
-    return optax.apply_updates(params, updates), opt, loss
+  step = jax.jit(make_train_step(loss_fn, tx))
 
   rng = np.random.default_rng(1)
   opt, losses = tx.init(params), []
