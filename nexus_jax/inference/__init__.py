@@ -1,4 +1,5 @@
-"""Inference: generation (KV cache, sampling, beam search, speculative decoding) and quantisation.
+"""Inference: generation (KV cache, sampling, beam search, speculative decoding, early exit,
+verified refinement, uncertainty and abstention) and quantisation.
 
 Serving many requests at once: `engine.Engine` (continuous batching: slots with their own cache
 positions, one jitted step for all) and `scheduler.DecodeServer` (FIFO queue, futures, streaming
