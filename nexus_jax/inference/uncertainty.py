@@ -381,11 +381,23 @@ def semantic_clusters(
     samples: Sequence[str], equivalent: Callable[[str, str], bool] = exact_match
 ) -> np.ndarray:
   """Cluster id per sample `[M]` int: each sample joins the first cluster whose first member it
-  is `equivalent` to, else starts a new one."""
+  is `equivalent` to, else starts a new one. An `equivalent` that raises, or returns something
+  other than a bool, is reported as a ValueError naming it and the two samples."""
+  name = getattr(equivalent, "__name__", repr(equivalent))
   reps, ids = [], []
   for s in samples:
     for i, r in enumerate(reps):
-      if equivalent(r, s):
+      try:
+        same = equivalent(r, s)
+      except Exception as e:  # a user's function: name it instead of a deep traceback
+        raise ValueError(
+            f"equivalent={name} raised {type(e).__name__}: {e} on samples {r!r} and {s!r}."
+        ) from e
+      if not isinstance(same, (bool, np.bool_)):
+        raise ValueError(
+            f"equivalent={name} must return a bool; got {type(same).__name__} for {r!r}, {s!r}."
+        )
+      if same:
         ids.append(i)
         break
     else:

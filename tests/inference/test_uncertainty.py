@@ -232,3 +232,13 @@ def test_bad_inputs_raise_clear_errors(lm):
     generate(model, params, PROMPTS, max_new_tokens=2, return_uncertainty=True, score_temperature=0)
   with pytest.raises(ValueError, match="abstain must be"):
     generate(model, params, PROMPTS, max_new_tokens=2, abstain=0.5)
+
+
+def test_an_equivalence_that_raises_or_returns_no_bool_is_named():
+  def broken(a, b):
+    raise KeyError("boom")
+
+  with pytest.raises(ValueError, match="equivalent=broken raised KeyError"):
+    U.semantic_entropy(["a", "b"], equivalent=broken)
+  with pytest.raises(ValueError, match="must return a bool"):
+    U.semantic_entropy(["a", "b"], equivalent=lambda a, b: "yes")
