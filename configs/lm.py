@@ -75,6 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample.num_bytes = 200  # bytes generated
   c.sample.temperature = 0.8  # sampling temperature
   c.sample.top_p = 0.95  # nucleus mass
+  # Score the sample inside the decoding loop (per-token log-prob / entropy under the processed
+  # distribution, inference/uncertainty.py): results.json gets "sample_uncertainty".
+  c.sample.uncertainty = True
 
   c.train.batch_size = 32
   c.train.num_steps = 150  # optimizer steps per model

@@ -77,6 +77,8 @@ def sample_and_corpus_report(config: Any, generate_fn: Any, data: LMData) -> dic
   if not prompt_bytes:
     raise ValueError("config.sample.prompt is empty: the sample needs a prompt to continue.")
   num_bytes = int(config.sample.num_bytes)
+  # The sample's own uncertainty (inference/uncertainty.py), scored inside the decoding loop.
+  scored = bool(config.sample.get("uncertainty", False))
   out = generate_fn(
       [tok.encode(prompt_bytes).tolist()],
       max_new_tokens=max(1, math.ceil(num_bytes / data.bytes_per_token["test"])),
@@ -84,9 +86,21 @@ def sample_and_corpus_report(config: Any, generate_fn: Any, data: LMData) -> dic
       sampling=Sampling(
           temperature=float(config.sample.temperature), top_p=float(config.sample.top_p)
       ),
+      **({"return_uncertainty": True} if scored else {}),
   )
   continuation = tok.decode(out.tokens[0, : out.lengths[0]])[:num_bytes]
+  report = {}
+  if scored:
+    seq = out.sequence
+    report["sample_uncertainty"] = {
+        "mean_nll_nats": round(float(seq.mean_nll[0]), 4),
+        "mean_entropy_nats": round(float(seq.mean_entropy[0]), 4),
+        "max_entropy_nats": round(float(seq.max_entropy[0]), 4),
+        "min_token_prob": round(float(seq.min_max_prob[0]), 4),
+        "tokens": int(seq.length[0]),
+    }
   return {
+      **report,
       "sample": (prompt_bytes + continuation).decode("utf-8", "replace"),
       "sample_seconds": round(time.perf_counter() - t1, 2),
       "corpus": {

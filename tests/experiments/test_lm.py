@@ -98,6 +98,9 @@ def test_lm_experiment_end_to_end(tmp_path):
   assert p["moe"]["total"] > p["moe"]["active_per_byte"]
   assert abs(p["moe"]["active_per_byte"] - p["dense"]["total"]) < 0.02 * p["dense"]["total"]
   assert results["sample"].startswith("def ") and 4000 < saved["corpus"]["test_bytes_scored"] < 4096
+  unc = saved["sample_uncertainty"]  # c.sample.uncertainty (on by default)
+  assert unc["tokens"] >= 1 and 0 <= unc["mean_nll_nats"] and 0 < unc["min_token_prob"] <= 1
+  assert 0 <= unc["mean_entropy_nats"] <= unc["max_entropy_nats"] <= math.log(256) + 1e-4
   assert (tmp_path / "lm_curves.png").stat().st_size > 1000
   loaded = load_model(saved["model_dir"], family="lm")
   assert loaded.assets == {} and loaded.model.vocab_size == 256
