@@ -69,6 +69,11 @@ def get_config() -> ml_collections.ConfigDict:
   # CALM anytime objective: loss at every layer through the final norm + head, weights l / sum(l)
   # (nexus_jax/models/anytime.py); test bits/byte stay the last layer's. For early-exit decoding.
   c.model.anytime_loss = False
+  # PonderNet adaptive depth (nexus_jax/models/ponder_lm.py): one more block shared over up to
+  # ponder_steps steps with per-byte halting, trained on the expected loss; 0 = off.
+  c.model.ponder_steps = 0
+  c.model.ponder_prior = 0.5  # lambda_p of the geometric prior over steps (mean 1 / prior)
+  c.model.ponder_beta = 0.01  # weight of the KL-to-prior aux loss
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompt = "def "  # text the sample continues

@@ -28,6 +28,7 @@ from nexus_jax.data.datasets import text
 from nexus_jax.data.datasets.byte_lm import LMData, load_lm_data, xz_bits_per_byte
 from nexus_jax.inference.generate import Sampling, generate
 from nexus_jax.models.anytime import anytime_lm_objective
+from nexus_jax.models.ponder_lm import ponder_lm_objective
 from nexus_jax.models.lm import active_params, count_params, dense_equivalent, lm_from_config
 from nexus_jax.models.saving import save_model
 from nexus_jax.models.seq_objectives import lm_objective
@@ -157,10 +158,19 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   results: dict[str, Any] = {"test_bits_per_byte": {}, "params": {}, "train": {}}
   states = {}
   anytime = bool(config.model.get("anytime_loss", False))  # CALM loss over layers (anytime.py)
-  test_metric = "last_layer_loss" if anytime else "loss"  # full-depth nats/token either way
+  ponder = moe.ponder_steps > 0  # PonderNet head: expected loss (ponder_lm.py)
+  if anytime and ponder:
+    raise ValueError(
+        "config.model.anytime_loss and config.model.ponder_steps > 0 exclude each other."
+    )
+  # Test nats/token of what generation uses: full depth, or each token's halting step.
+  test_metric = "last_layer_loss" if anytime else ("halt_loss" if ponder else "loss")
   for name, model in models.items():
     start = init_params if name == "moe" else None  # the dense baseline starts from scratch
-    objective = anytime_lm_objective(model) if anytime else lm_objective(model)
+    if anytime:
+      objective = anytime_lm_objective(model)
+    else:
+      objective = ponder_lm_objective(model) if ponder else lm_objective(model)
     fit_result = fit(objective, data.train, data.valid, config, workdir / name, init_params=start)
     state = restore_best(fit_result)
     states[name] = state

@@ -183,7 +183,7 @@ class PonderNet(nn.Module):
     scan = nn.scan(
         _PonderStep,
         variable_broadcast="params",
-        variable_axes={"aux_loss": 0, "intermediates": 0},
+        variable_axes={"aux_loss": 0, "intermediates": 0, "cache": 0},  # a KV cache per step
         split_rngs={"params": False, "dropout": True},
         in_axes=(nn.broadcast,) * (1 + len(step_args)),
         length=self.max_steps,

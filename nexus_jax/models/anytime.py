@@ -45,6 +45,7 @@ def check_supported(model, what: str = "anytime / early-exit") -> None:
       (not model.cross_attention, "cross_attention=False"),
       (not model.adaptive_norm, f"a non-adaptive norm (got norm={model.norm!r})"),
       (model.num_experts == 0 or model.moe_every == 1, "moe_every=1 (one block per layer)"),
+      (not getattr(model, "ponder_steps", 0), "ponder_steps=0 (no PonderNet head)"),
   ]
   for ok, need in checks:
     if not ok:

@@ -182,11 +182,17 @@ def set_cache_index(cache: Any, index) -> Any:
 
 def reorder_cache(model, cache: Any, index_B) -> Any:
   """Gathers the batch rows `index_B [B']` of every cache array (beam search reordering); the
-  write indices are kept (beam search moves every row in step), so `B'` must equal `B`."""
-  axis = 1 if (model.scan_layers or model.share_layers) else 0
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x: x if _is_index(p) else jnp.take(x, index_B, axis=axis), cache
-  )
+  write indices are kept (beam search moves every row in step), so `B'` must equal `B`.
+  A PonderNet head's caches (`ponder_steps > 0`) carry a leading step axis, like scanned layers."""
+  stacked = 1 if (model.scan_layers or model.share_layers) else 0
+
+  def take(path, x):
+    if _is_index(path):
+      return x
+    ponder = any(getattr(p, "key", None) == "ponder" for p in path)
+    return jnp.take(x, index_B, axis=1 if ponder else stacked)
+
+  return jax.tree_util.tree_map_with_path(take, cache)
 
 
 def check_fits(cache_len: int, prompt_len: int, new_tokens: int, extra: int = 0):

@@ -206,6 +206,9 @@ def lm_from_config(mc: Any, vocab_size: int = 256, dtype: Any = None) -> "Langua
       head_bias=bool(mc.get("head_bias", True)),
       moe_renormalize=bool(mc.get("moe_renormalize", True)),
       moe_top_p=float(mc.get("moe_top_p", 0.0)) or None,
+      ponder_steps=int(mc.get("ponder_steps", 0)),
+      ponder_prior=float(mc.get("ponder_prior", 0.5)),
+      ponder_beta=float(mc.get("ponder_beta", 0.01)),
       mod_capacity=float(mc.get("mod_capacity", 1.0)),
       mod_every=int(mc.get("mod_every", 2)),
   )

@@ -93,6 +93,20 @@ class MoEGroup(TransformerBlock):
     return x, aux
 
 
+def blocks_tracing_context():
+  """The context transformer blocks are traced in.
+
+  Workaround (see report): flax's DenseGeneral (used by Attention) applies the logical sharding
+  of its 3-d kernel to the flat 2-d kernel it draws (at init, and in the shape check it traces on
+  every apply), which fails whenever a mesh is set (as in train.loop.fit). The blocks are traced
+  without the mesh: their activation constraints are dropped, while params and batches keep the
+  trainer's shardings (GSPMD propagates).
+  """
+  if jax.sharding.get_abstract_mesh().empty:
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ()))
+
+
 def _drop_cache_mask_from_moe(next_fun, args, kwargs, context):
   """Workaround (see report): while decoding, `TransformerBlock` hands the `[B, cache_len]`
   cache-slot mask to the MoE as if it were a `[B, T]` token mask; drop it when shapes differ."""
@@ -362,8 +376,9 @@ class _Transformer(nn.Module):
     )
     return proj(inputs.astype(dtype)), None
 
-  def stack(self, num_layers: int, causal: bool, cross: bool, name: str) -> TransformerStack:
-    kw = dict(
+  def block_kwargs(self, causal: bool, cross: bool) -> dict[str, Any]:
+    """The `TransformerBlock` fields every block of this model's stacks is built with."""
+    return dict(
         num_heads=self.num_heads,
         mlp_dim=self.mlp_dim,
         num_kv_heads=self.num_kv_heads,
@@ -391,6 +406,9 @@ class _Transformer(nn.Module):
         dtype=self.dtype,
         param_dtype=self.param_dtype,
     )
+
+  def stack(self, num_layers: int, causal: bool, cross: bool, name: str) -> TransformerStack:
+    kw = self.block_kwargs(causal, cross)
     grouped = self.num_experts > 0 and self.moe_every > 1
     block = MoEGroup(**kw, moe_every=self.moe_every) if grouped else TransformerBlock(**kw)
     if self.mod_capacity < 1.0:  # Mixture-of-Depths: the group holds mod_every (and moe_every)
@@ -428,13 +446,7 @@ class _Transformer(nn.Module):
     with contextlib.ExitStack() as ctx:
       if self.decode and mask is not None and self.num_experts > 0:
         ctx.enter_context(nn.intercept_methods(_drop_cache_mask_from_moe))
-      if not jax.sharding.get_abstract_mesh().empty:
-        # Workaround (see report): flax's DenseGeneral (used by Attention) applies the logical
-        # sharding of its 3-d kernel to the flat 2-d kernel it draws (at init, and in the shape
-        # check it traces on every apply), which fails whenever a mesh is set (as in
-        # train.loop.fit). The blocks are traced without the mesh: their activation constraints
-        # are dropped, while params and batches keep the trainer's shardings (GSPMD propagates).
-        ctx.enter_context(jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())))
+      ctx.enter_context(blocks_tracing_context())
       x, aux = stack(*args)
     return x, ({"moe": aux} if self.num_experts > 0 else {})
 
@@ -514,6 +526,12 @@ class Decoder(_Transformer):
   """
 
   cross_attention: bool = False
+  # PonderNet on top of the stack (models/ponder_lm.py): one more causal block, shared over up to
+  # ponder_steps steps with per-token halting; 0 = off.
+  ponder_steps: int = 0
+  ponder_prior: float = 0.5  # lambda_p of the geometric prior (mean 1 / prior steps)
+  ponder_beta: float = 0.01  # weight of the KL-to-prior aux loss
+  ponder_threshold: float = 0.5  # halt at the first step whose cumulative probability >= this
 
   @nn.compact
   def __call__(
@@ -543,6 +561,10 @@ class Decoder(_Transformer):
         deterministic=deterministic,
         condition=condition,
     )
+    if self.ponder_steps:
+      from nexus_jax.models.ponder_lm import ponder_outputs  # noqa: PLC0415 (imports this module)
+
+      return ponder_outputs(self, x, embed, positions, mask, deterministic, aux)
     return self.apply_head(x, embed, None if self.decode else mask), aux
 
 

@@ -211,3 +211,25 @@ def test_lm_experiment_bpe_end_to_end_and_resume(tmp_path):
   c.data.vocab_size = 1024
   with pytest.raises(TokenizerError, match="is a bpe tokenizer with 512 tokens but config.data"):
     run_experiment(c, work)
+
+
+@pytest.mark.slow
+def test_lm_experiment_with_a_ponder_head(tmp_path):
+  """`--config.model.ponder_steps=2`: the expected-loss objective trains, test bits/byte are the
+  halting steps', the sample decodes with per-step caches and the saved model ponders."""
+  c = _config()
+  c.data.update(seq_len=32, valid_bytes=2048, test_bytes=4096)
+  c.model.update(
+      num_layers=1, embed_dim=32, num_heads=2, num_kv_heads=1, mlp_dim=32, ponder_steps=2
+  )
+  c.train.update(
+      batch_size=8, num_steps=20, eval_every_steps=10, log_every_steps=5, progress=False,
+      tensorboard=False,
+  )  # fmt: skip
+  c.model.train_dense_baseline = False
+  c.optim.warmup_steps = 2
+  c.sample.num_bytes = 16
+  results = run_experiment(c, tmp_path)
+  assert 0 < results["test_bits_per_byte"]["moe"] < 8.0
+  assert results["sample"].startswith("def ")
+  assert load_model(results["model_dir"], family="lm").model.ponder_steps == 2
