@@ -9,26 +9,31 @@
     # asyncio (an HTTP handler): completion = await asyncio.wrap_future(server.submit(...))
     # synchronous (tests, benchmarks): futs = [server.submit(...) ...]; server.run_until_idle()
 
-Every iteration (Orca's iteration-level scheduling): queued requests fill the free slots in
-arrival order (`Engine.prefill`, which samples the first token, + `insert`; a request that ends
-at its first token never takes a slot), then one engine call advances every active slot: k
-decode steps in one jitted call (`Engine.generate_steps`), k the largest power of two <=
-`max_steps_per_call` that no active request's remaining `max_new_tokens` is below, so no slot
-idles past its length. A request leaves at its first stop token (`finish_reason="stop"`, the
-stop token included; tokens its slot sampled after it in the same call are dropped) or after
-`max_new_tokens` (`"length"`), and its slot takes the next request at the next iteration.
-`max_steps_per_call=1` gives one step per call (tokens stream one by one; a new request waits
-at most one step for a free slot).
+Every iteration (Orca's iteration-level scheduling): free slots take prefilled requests in
+arrival order (one `Engine.insert_many` call); when a free slot finds none prefilled, the next
+queued requests, up to `prefill_batch` of them (default the engine's `max_prefill_batch`), are
+prefilled in one `Engine.prefill_batch` call, which samples each one's first token (a request
+that ends there never takes a slot); those that find no free slot wait, prefilled, for the next
+(JetStream's prefill queue: a batched prefill reads the weights once for all its prompts). Then
+one engine call advances every active slot by k decode steps (`Engine.generate_steps`, one
+compiled call for any k <= `max_steps_per_call`), k = the fewest tokens any active request
+still needs (at most `max_steps_per_call`), so no slot idles past its length. A request leaves
+at its first stop token (`finish_reason="stop"`, the stop token included; tokens its slot
+sampled after it in the same call are dropped) or after `max_new_tokens` (`"length"`), and its
+slot takes the next request at the next iteration. `max_steps_per_call=1` gives one step per
+call (tokens stream one by one; a new request waits at most one step for a free slot);
+`prefill_batch=1` prefills a request only when a slot is free for it.
 
 Threading: all JAX work runs on one thread -- the engine thread of `start()`, or the caller's in
 `run_until_idle()` (not both). `submit` may be called from any thread; it validates the request
 at once (ValueError naming the field) and returns a `concurrent.futures.Future[Completion]`.
 `on_token(token_id, logprob)` is called on the engine thread, in order, before the future
 resolves; if it raises, that request fails with the exception and the others go on. `cancel`
-drops a queued request or ends a running one (`finish_reason="cancelled"`). `stop()` (also
-`close()` and leaving the `with` block) ends the thread and fails every unfinished future with
-`ServerStopped`; `stop(drain=True)` first finishes what was submitted. If the engine itself
-fails, every unfinished future gets that exception and later submits raise RuntimeError.
+drops a queued request or ends a prefilled or running one (`finish_reason="cancelled"`).
+`stop()` (also `close()` and leaving the `with` block) ends the thread and fails every
+unfinished future with `ServerStopped`; `stop(drain=True)` first finishes what was submitted.
+If the engine itself fails, every unfinished future gets that exception and later submits
+raise RuntimeError.
 """
 
 from __future__ import annotations
@@ -92,14 +97,26 @@ def _float(value, name: str) -> float:
 class DecodeServer:
   """FIFO request queue over an `Engine`; see the module docstring."""
 
-  def __init__(self, engine: Engine, *, max_steps_per_call: int = 8):
-    """max_steps_per_call: the most decode steps one engine call may run (powers of two up to
-    it are compiled by `warmup`); 1 streams every token as soon as it is sampled."""
+  def __init__(
+      self, engine: Engine, *, max_steps_per_call: int = 8, prefill_batch: int | None = None
+  ):
+    """max_steps_per_call: the most decode steps one engine call may run (1 streams every token
+    as soon as it is sampled); prefill_batch: the most queued requests one prefill call takes
+    (default and at most `engine.max_prefill_batch`; 1: prefill only for a free slot)."""
     if max_steps_per_call < 1:
       raise ValueError(f"max_steps_per_call must be >= 1; got {max_steps_per_call}.")
+    prefill_batch = int(prefill_batch or engine.max_prefill_batch)
+    if not 1 <= prefill_batch <= engine.max_prefill_batch:
+      raise ValueError(
+          f"prefill_batch must be in [1, engine.max_prefill_batch={engine.max_prefill_batch}]; "
+          f"got {prefill_batch}."
+      )
     self.engine = engine
-    self.block_sizes = tuple(2**i for i in range(int(max_steps_per_call).bit_length()))
+    self.max_steps_per_call = int(max_steps_per_call)
+    self.capacity = 1 << (self.max_steps_per_call - 1).bit_length()  # the compiled call's steps
+    self.prefill_batch = prefill_batch
     self._queue: collections.deque[_Request] = collections.deque()
+    self._ready: collections.deque[tuple[_Request, object]] = collections.deque()  # prefilled
     self._slots: dict[int, _Request] = {}
     self._lock = threading.Condition()
     self._thread: threading.Thread | None = None
@@ -107,7 +124,14 @@ class DecodeServer:
     self._drain = False
     self._closed = False
     self._error: BaseException | None = None
-    self.stats = {"steps": 0, "calls": 0, "prefills": 0, "tokens": 0, "completed": 0}
+    self.stats = {
+        "steps": 0,
+        "calls": 0,
+        "prefills": 0,
+        "prefill_calls": 0,
+        "tokens": 0,
+        "completed": 0,
+    }
 
   # ----- client side (any thread) -----
 
@@ -146,11 +170,12 @@ class DecodeServer:
     return request.future
 
   def cancel(self, future: concurrent.futures.Future) -> bool:
-    """Drops a queued request, or ends a running one at the next step (finish "cancelled")."""
+    """Drops a queued request, or ends a prefilled or running one at the next iteration (finish
+    "cancelled")."""
     if future.cancel():
       return True
     with self._lock:
-      for request in self._slots.values():
+      for request in [*self._slots.values(), *(r for r, _ in self._ready)]:
         if request.future is future:
           request.cancelled = True
           return True
@@ -195,42 +220,62 @@ class DecodeServer:
 
   # ----- engine side (one thread) -----
 
-  def _admit(self):
-    """Prefills queued requests into the free slots, in arrival order. The prefill samples a
-    request's first token; a request that ends there never takes a slot."""
-    free = self.engine.free_slots()
-    while free:
+  def _prefill(self, want: int):
+    """Prefills up to `want` queued requests (arrival order) in one engine call; each records
+    its first token, and those it does not end wait in `_ready` for a slot."""
+    batch = []
+    while len(batch) < want:
       with self._lock:
         request = self._queue.popleft() if self._queue else None
       if request is None:
-        return
-      if not request.future.set_running_or_notify_cancel():
-        continue  # cancelled while queued
-      s = request.sampling
-      try:
-        prefix = self.engine.prefill(
-            request.prompt,
-            temperature=s.temperature,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            repetition_penalty=s.repetition_penalty,
-            seed=request.seed,
-        )
-      except Exception as e:  # validated at submit; should it still fail, only this request does
+        break
+      if request.future.set_running_or_notify_cancel():  # else: cancelled while queued
+        batch.append(request)
+    if not batch:
+      return
+    try:
+      prefixes = self.engine.prefill_batch(
+          [r.prompt for r in batch], [r.sampling for r in batch], [r.seed for r in batch]
+      )
+    except Exception as e:  # validated at submit; should it still fail, only these requests do
+      for request in batch:
         request.future.set_exception(e)
-        continue
-      self.stats["prefills"] += 1
-      slot = free[0]
-      with self._lock:
-        self._slots[slot] = request
-      if not self._emit(slot, request, prefix.token, prefix.logprob):
-        self.engine.insert(prefix, slot)
-        free.pop(0)
+      return
+    self.stats["prefills"] += len(batch)
+    self.stats["prefill_calls"] += 1
+    for request, prefix in zip(batch, prefixes):
+      ended = self._record(request, prefix.token, prefix.logprob)
+      if ended is None:
+        with self._lock:
+          self._ready.append((request, prefix))
+      else:
+        self._resolve(request, *ended)
 
-  def _finish(self, slot: int, reason: str | None = None, error: BaseException | None = None):
-    self.engine.free(slot)
-    with self._lock:
-      request = self._slots.pop(slot)
+  def _admit(self):
+    """Fills the free slots with prefilled requests in arrival order (prefilling the next
+    queued ones when none is ready), in one insert call per prefill call."""
+    free = self.engine.free_slots()
+    pairs = []
+    while free:
+      if not self._ready:
+        self._prefill(min(max(self.prefill_batch, len(free)), self.engine.max_prefill_batch))
+        if not self._ready:
+          if self._queue:
+            continue  # every prefilled request ended at its first token: prefill more
+          break
+      with self._lock:
+        request, prefix = self._ready.popleft()
+        if not request.cancelled:
+          self._slots[free[0]] = request
+      if request.cancelled:
+        self._resolve(request, "cancelled")
+        continue
+      pairs.append((prefix, free.pop(0)))
+    if pairs:
+      self.engine.insert_many(pairs)
+
+  def _resolve(self, request: _Request, reason: str, error: BaseException | None = None):
+    """Sets the future of a request that holds no slot (any more)."""
     if error is not None:
       request.future.set_exception(error)
       return
@@ -239,14 +284,20 @@ class DecodeServer:
         Completion(request.tokens, request.logprobs, reason, int(request.prompt.size))
     )
 
+  def _finish(self, slot: int, reason: str, error: BaseException | None = None):
+    self.engine.free(slot)
+    with self._lock:
+      request = self._slots.pop(slot)
+    self._resolve(request, reason, error)
+
   def warmup(self):
-    """Compiles every prefill bucket and each engine call size this server uses."""
-    self.engine.warmup(self.block_sizes)
+    """Compiles every prefill bucket and batch size and the engine call this server uses."""
+    self.engine.warmup((self.capacity,))
 
   def _num_steps(self) -> int:
-    """The largest compiled block no active request outruns (its `max_new_tokens`)."""
+    """The fewest tokens an active request still needs (its `max_new_tokens`), capped."""
     room = min(r.max_new_tokens - len(r.tokens) for r in self._slots.values())
-    return max(k for k in self.block_sizes if k <= room)
+    return max(1, min(room, self.max_steps_per_call))
 
   def step(self) -> bool:
     """One scheduler iteration: admit into free slots, then one engine call of up to
@@ -256,20 +307,29 @@ class DecodeServer:
     for slot, request in list(self._slots.items()):
       if request.cancelled:
         self._finish(slot, "cancelled")
+    with self._lock:
+      dropped = [r for r, _ in self._ready if r.cancelled]
+      if dropped:
+        self._ready = collections.deque((r, p) for r, p in self._ready if not r.cancelled)
+    for request in dropped:
+      self._resolve(request, "cancelled")
     if not self._slots:
-      return False
+      return bool(self._queue or self._ready)
     k = self._num_steps()
-    out = self.engine.generate_steps(k)
+    out = self.engine.generate_steps(k, self.capacity)
     self.stats["steps"] += k
     self.stats["calls"] += 1
+    tokens, logprobs = out.tokens.tolist(), out.logprobs.tolist()
     for slot, request in list(self._slots.items()):
       for i in range(k):
-        if self._emit(slot, request, int(out.tokens[i, slot]), float(out.logprobs[i, slot])):
+        ended = self._record(request, tokens[i][slot], logprobs[i][slot])
+        if ended is not None:
+          self._finish(slot, *ended)
           break
     return True
 
-  def _emit(self, slot: int, request: _Request, token: int, logprob: float) -> bool:
-    """Records one token of a running request; True when the request has ended."""
+  def _record(self, request: _Request, token: int, logprob: float):
+    """Records one token of a request; returns `(finish_reason, error)` when it has ended."""
     request.tokens.append(token)
     request.logprobs.append(logprob)
     self.stats["tokens"] += 1
@@ -277,15 +337,12 @@ class DecodeServer:
       try:
         request.on_token(token, logprob)
       except Exception as e:  # the callback's failure ends its own request only
-        self._finish(slot, error=e)
-        return True
+        return "error", e
     if token in request.stop_tokens:
-      self._finish(slot, "stop")
-      return True
+      return "stop", None
     if len(request.tokens) >= request.max_new_tokens:
-      self._finish(slot, "length")
-      return True
-    return False
+      return "length", None
+    return None
 
   def run_until_idle(self):
     """Runs iterations on the calling thread until the queue and every slot are empty."""
@@ -317,9 +374,10 @@ class DecodeServer:
         self.warmup()
       while True:
         with self._lock:
-          while not (self._queue or self._slots or self._stopping):
+          while not (self._queue or self._ready or self._slots or self._stopping):
             self._lock.wait()
-          if self._stopping and not (self._drain and (self._queue or self._slots)):
+          busy = self._queue or self._ready or self._slots
+          if self._stopping and not (self._drain and busy):
             return
         self.step()
     except BaseException as e:  # fail everything in flight; later submits raise
@@ -329,8 +387,9 @@ class DecodeServer:
 
   def _fail_all(self, error: BaseException):
     with self._lock:
-      pending = list(self._queue) + list(self._slots.values())
+      pending = [*self._queue, *(r for r, _ in self._ready), *self._slots.values()]
       self._queue.clear()
+      self._ready.clear()
       self._slots.clear()
     for request in pending:
       future = request.future

@@ -1,7 +1,9 @@
 """Continuous batching: per-row sampling == `process_logits`, the layer-unrolled decode model ==
 the scanned one, engine/scheduler tokens == `generate` on each request alone (dense and
-capacity-factor MoE LMs), stop tokens, streaming order, no recompilation after warm-up,
-request/overflow errors, futures across threads, stop() with pending requests."""
+capacity-factor MoE LMs, batched prefills), a batched prefill's rows == single prefills,
+prefilled requests waiting for slots (and cancelled there), stop tokens, streaming order, no
+recompilation after warm-up, request/overflow errors, futures across threads, stop() with
+pending requests."""
 
 import asyncio
 import threading
@@ -121,7 +123,78 @@ def test_every_request_equals_generate_alone(kind, dense):
     if "temperature" not in kw:
       assert done.logprobs == [0.0] * n
   assert server.stats["steps"] < sum(n for _, n, _ in reqs)  # slots really were shared
+  assert server.stats["prefill_calls"] < server.stats["prefills"] == len(reqs)  # batched
   assert engine.active_slots() == []
+
+
+def test_prefill_batch_rows_equal_single_prefills_and_insert_many(dense):
+  """One batched prefill of mixed lengths and settings gives each row the token and log-prob of
+  its own batch-1 prefill; `insert_many` puts rows into slots in one call; decoding then gives
+  `generate`'s tokens. Bad batches and slot lists raise naming the problem."""
+  model, params, engine = dense
+  engine.reset()
+  reqs = _requests(3, seed=5)
+  reqs[1] = (list(range(1, 14)), reqs[1][1], reqs[1][2])  # 13 tokens: the 24 bucket
+  settings = [
+      Sampling(
+          temperature=kw.get("temperature", 0.0),
+          **{k: v for k, v in kw.items() if k in ("top_k", "top_p")},
+      )
+      for _, _, kw in reqs
+  ]
+  seeds = [kw["seed"] for _, _, kw in reqs]
+  batch = engine.prefill_batch([p for p, _, _ in reqs], settings, seeds)
+  assert [p.row for p in batch] == [0, 1, 2] and {p.bucket for p in batch} == {24}
+  for prefix, (prompt, _, kw) in zip(batch, reqs):
+    alone = engine.prefill(prompt, **kw)
+    assert (prefix.token, prefix.length) == (alone.token, len(prompt))
+    np.testing.assert_allclose(prefix.logprob, alone.logprob, rtol=1e-5, atol=1e-6)
+  slots = [2, 0, 3]
+  engine.insert_many(list(zip(batch, slots)))
+  assert engine.active_slots() == [0, 2, 3]
+  steps = N_REF - 1
+  out = engine.generate_steps(steps, capacity=16)
+  for prefix, slot, (prompt, _, kw) in zip(batch, slots, reqs):
+    assert engine.position(slot) == len(prompt) + steps
+    got = [prefix.token] + out.tokens[:, slot].tolist()
+    assert got == _alone(model, params, prompt, N_REF, kw)
+  engine.reset()
+  with pytest.raises(ValueError, match="each slot at most once"):
+    engine.insert_many([(batch[0], 1), (batch[1], 1)])
+  with pytest.raises(ValueError, match="max_prefill_batch=4 prompts; got 5"):
+    engine.prefill_batch([[1]] * 5)
+  with pytest.raises(ValueError, match="3 prompts need 3 samplings and seeds"):
+    engine.prefill_batch([[1]] * 3, seeds=[0])
+  with pytest.raises(ValueError, match="prompt 1"):
+    engine.prefill_batch([[1], [V]])
+  with pytest.raises(ValueError, match="capacity \\(2\\) must be >= num_steps \\(3\\)"):
+    engine.generate_steps(3, capacity=2)
+
+
+def test_prefilled_requests_wait_for_a_slot_and_can_be_cancelled(dense):
+  """A free slot with nothing prefilled prefills the next queued requests together: the ones
+  that find no slot wait, prefilled; cancelling one of them resolves it at the next
+  iteration, and the others still equal `generate` alone."""
+  model, params, engine = dense
+  engine.reset()
+  server = DecodeServer(engine, max_steps_per_call=4)
+  first = [server.submit([1, 2, 3], max_new_tokens=2)]
+  first += [server.submit([4, 5, 6, 7], max_new_tokens=N_REF) for _ in range(SLOTS - 1)]
+  later = _requests(3, seed=3)
+  futures = [server.submit(p, max_new_tokens=n, **kw) for p, n, kw in later]
+  assert server.step()  # all slots taken by one prefill; one step ends the first request
+  assert first[0].done() and server.stats["prefill_calls"] == 1
+  assert server.step()  # one free slot: the 3 later requests are prefilled in one call
+  assert server.stats["prefill_calls"] == 2 and server.stats["prefills"] == SLOTS + 3
+  assert futures[1].running() and futures[2].running() and len(server._ready) == 2
+  assert server.cancel(futures[2])
+  assert server.step()
+  assert futures[2].result().finish_reason == "cancelled"
+  assert len(futures[2].result().tokens) == 1  # its first token, sampled by the prefill
+  server.run_until_idle()
+  for (prompt, n, kw), fut in zip(later[:2], futures[:2]):
+    assert fut.result().tokens == _alone(model, params, prompt, n, kw)
+  assert server.stats["prefill_calls"] == 2 and engine.active_slots() == []
 
 
 def test_stop_tokens_streaming_order_and_no_recompilation(dense):
