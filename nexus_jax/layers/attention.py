@@ -40,6 +40,7 @@ from nexus_jax.layers import attention_ops
 from nexus_jax.layers import norms
 from nexus_jax.layers import rotary
 from nexus_jax.layers.feedforward import default_kernel_init
+from nexus_jax.layers.projection import Projection
 
 Dtype = Any
 
@@ -92,14 +93,14 @@ class Attention(nn.Module):
   def _proj(self, x, heads: int, head_dim: int, axis_name, name: str):
     """`x [B, T, E] -> [B, T, heads, head_dim]`, as a matmul over the flattened `[B*T, E]`
     tokens (2-D operands keep the weight gradient a plain matmul; see `feedforward`)."""
-    y = nn.DenseGeneral(
+    y = Projection(
         (heads, head_dim),
+        kernel_axes=("embed", axis_name, "kv"),
         use_bias=self.use_bias,
         dtype=self.dtype or x.dtype,
         param_dtype=self.param_dtype,
+        kernel_init=self.kernel_init,
         name=name,
-        kernel_init=nn.with_logical_partitioning(self.kernel_init, ("embed", axis_name, "kv")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name, "kv")),
     )(x.reshape(-1, x.shape[-1]))
     return y.reshape(*x.shape[:-1], heads, head_dim)
 
@@ -188,15 +189,15 @@ class Attention(nn.Module):
         block_sizes=self.block_sizes,
         fourier_modes=self.fourier_modes,
     )
-    out = nn.DenseGeneral(
+    out = Projection(
         self.out_dim or e,
+        kernel_axes=("heads", "kv", "embed"),
         axis=(-2, -1),
         use_bias=self.use_bias,
         dtype=dtype,
         param_dtype=self.param_dtype,
+        kernel_init=self.kernel_init,
         name="out",
-        kernel_init=nn.with_logical_partitioning(self.kernel_init, ("heads", "kv", "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
     )(out.reshape(b * t, *out.shape[2:]))
     return nn.with_logical_constraint(out.reshape(b, t, -1), ("batch", "length", "embed"))
 

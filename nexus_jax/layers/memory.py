@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from nexus_jax.layers.feedforward import default_kernel_init
+from nexus_jax.layers.projection import Projection
 
 Dtype = Any
 
@@ -178,14 +179,15 @@ class NeuralMemory(nn.Module):
       )
 
   def _proj(self, x, features, names, name, bias_init=None, kernel_init=None):
-    return nn.DenseGeneral(
+    return Projection(
         features,
+        kernel_axes=names,
         use_bias=bias_init is not None,
         dtype=self.dtype or x.dtype,
         param_dtype=self.param_dtype,
+        kernel_init=kernel_init or self.kernel_init,
+        bias_init=bias_init or nn.initializers.zeros,
         name=name,
-        kernel_init=nn.with_logical_partitioning(kernel_init or self.kernel_init, names),
-        bias_init=nn.with_logical_partitioning(bias_init or nn.initializers.zeros, names[1:]),
     )(x)
 
   def _initial_weights(self, d: int):
@@ -282,13 +284,13 @@ class NeuralMemory(nn.Module):
     )
     y = (y * lax.rsqrt(jnp.mean(jnp.square(y), -1, keepdims=True) + 1e-6) * scale).astype(dtype)
     y = y * nn.silu(self._proj(x, (h, d), ("embed", "heads", "kv"), "gate"))
-    out = nn.DenseGeneral(
+    out = Projection(
         e,
+        kernel_axes=("heads", "kv", "embed"),
         axis=(-2, -1),
-        use_bias=False,
         dtype=dtype,
         param_dtype=self.param_dtype,
+        kernel_init=self.kernel_init,
         name="out",
-        kernel_init=nn.with_logical_partitioning(self.kernel_init, ("heads", "kv", "embed")),
     )(y)
     return nn.with_logical_constraint(out, ("batch", "length", "embed")), aux

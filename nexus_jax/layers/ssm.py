@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from nexus_jax.layers.feedforward import default_kernel_init
+from nexus_jax.layers.projection import Projection
 
 Dtype = Any
 SCAN_METHODS = ("chunked", "associative", "sequential")
@@ -218,14 +219,15 @@ class SelectiveSSM(nn.Module):
       )
 
   def _dense(self, features, names, name, use_bias, kernel_init=None, bias_init=None, dtype=None):
-    return nn.DenseGeneral(
+    return Projection(
         features,
+        kernel_axes=names,
         use_bias=use_bias,
         dtype=dtype or self.dtype,
         param_dtype=self.param_dtype,
+        kernel_init=kernel_init or self.kernel_init,
+        bias_init=bias_init or nn.initializers.zeros,
         name=name,
-        kernel_init=nn.with_logical_partitioning(kernel_init or self.kernel_init, names),
-        bias_init=nn.with_logical_partitioning(bias_init or nn.initializers.zeros, names[-1:]),
     )
 
   @nn.compact

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from nexus_jax.layers.feedforward import default_kernel_init
+from nexus_jax.layers.projection import Projection
 
 Dtype = Any
 TNORMS = ("product", "godel", "lukasiewicz")
@@ -103,14 +104,15 @@ class SymbolicReasoner(nn.Module):
     tnorm_fns(self.tnorm)
 
   def _dense(self, features, names, name, use_bias=False, bias_init=nn.initializers.zeros):
-    return nn.DenseGeneral(
+    return Projection(
         features,
+        kernel_axes=names,
         use_bias=use_bias,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
+        kernel_init=self.kernel_init,
+        bias_init=bias_init,
         name=name,
-        kernel_init=nn.with_logical_partitioning(self.kernel_init, names),
-        bias_init=nn.with_logical_partitioning(bias_init, names[1:]),
     )
 
   @nn.compact

@@ -21,7 +21,6 @@ length (left padding would run through the SSM state).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import Any
@@ -179,28 +178,23 @@ class HybridLM(nn.Module):
         for f in template.__dataclass_fields__
         if f not in ("parent", "name")
     }
-    with contextlib.ExitStack() as ctx:
-      if not jax.sharding.get_abstract_mesh().empty:
-        # Same workaround as transformer._Transformer.run_stack: DenseGeneral's 3-d kernels fail
-        # under a set mesh, so the blocks are traced without it (params keep their shardings).
-        ctx.enter_context(jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())))
-      if self.scan_blocks:
-        per_block = {"params": 0, "cache": 0, "memory": 0, "aux_loss": 0, "intermediates": 0}
-        stack = nn.scan(
-            cls,
-            variable_axes=per_block,
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-            length=self.num_blocks,
-            metadata_params={nn.PARTITION_NAME: None},
-        )(**kwargs, name="blocks")
-        x, layers = stack(x, positions, mask, deterministic)
-      else:
-        auxes = []
-        for i in range(self.num_blocks):
-          x, a = cls(**kwargs, name=f"blocks_{i}")(x, positions, mask, deterministic)
-          auxes.append(a)
-        layers = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+    if self.scan_blocks:
+      per_block = {"params": 0, "cache": 0, "memory": 0, "aux_loss": 0, "intermediates": 0}
+      stack = nn.scan(
+          cls,
+          variable_axes=per_block,
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+          length=self.num_blocks,
+          metadata_params={nn.PARTITION_NAME: None},
+      )(**kwargs, name="blocks")
+      x, layers = stack(x, positions, mask, deterministic)
+    else:
+      auxes = []
+      for i in range(self.num_blocks):
+        x, a = cls(**kwargs, name=f"blocks_{i}")(x, positions, mask, deterministic)
+        auxes.append(a)
+      layers = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
     x = RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x)
     logits = nn.Dense(
         self.vocab_size,

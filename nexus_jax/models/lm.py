@@ -195,6 +195,7 @@ def lm_from_config(mc: Any, vocab_size: int = 256, dtype: Any = None) -> "Langua
       num_experts=mc.num_experts,
       moe_top_k=mc.moe_top_k,
       moe_load_balance_coef=mc.moe_load_balance_coef,
+      moe_capacity_factor=float(mc.get("moe_capacity_factor", 0.0)) or None,
       dropout_rate=mc.dropout_rate,
       attention_backend=mc.attention_backend,
       position_embedding=mc.get("position_embedding", "rope"),

@@ -34,7 +34,6 @@ from nexus_jax.layers.blocks import TransformerBlock
 from nexus_jax.layers.norms import apply_norm, make_norm
 from nexus_jax.layers.pondernet import PonderNet, expected_loss
 from nexus_jax.models.seq_objectives import _row_weights
-from nexus_jax.models.transformer import blocks_tracing_context
 from nexus_jax.train.steps import Objective
 
 
@@ -73,8 +72,7 @@ def ponder_outputs(model, x_BTD, embed, positions, mask, deterministic: bool, au
   )
   token_mask = None if (model.decode or mask is None) else mask  # decoding: mask = cache slots
   # TransformerBlock(x, context, segment_ids, positions, mask, context_mask, deterministic)
-  with blocks_tracing_context():  # as the stack's blocks (transformer.blocks_tracing_context)
-    _, paux = net(x_BTD, None, None, positions, mask, None, deterministic, mask=token_mask)
+  _, paux = net(x_BTD, None, None, positions, mask, None, deterministic, mask=token_mask)
   norm = make_norm(
       model.norm,
       epsilon=model.norm_epsilon,

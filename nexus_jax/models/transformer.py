@@ -93,20 +93,6 @@ class MoEGroup(TransformerBlock):
     return x, aux
 
 
-def blocks_tracing_context():
-  """The context transformer blocks are traced in.
-
-  Workaround (see report): flax's DenseGeneral (used by Attention) applies the logical sharding
-  of its 3-d kernel to the flat 2-d kernel it draws (at init, and in the shape check it traces on
-  every apply), which fails whenever a mesh is set (as in train.loop.fit). The blocks are traced
-  without the mesh: their activation constraints are dropped, while params and batches keep the
-  trainer's shardings (GSPMD propagates).
-  """
-  if jax.sharding.get_abstract_mesh().empty:
-    return contextlib.nullcontext()
-  return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ()))
-
-
 def _drop_cache_mask_from_moe(next_fun, args, kwargs, context):
   """Workaround (see report): while decoding, `TransformerBlock` hands the `[B, cache_len]`
   cache-slot mask to the MoE as if it were a `[B, T]` token mask; drop it when shapes differ."""
@@ -446,7 +432,6 @@ class _Transformer(nn.Module):
     with contextlib.ExitStack() as ctx:
       if self.decode and mask is not None and self.num_experts > 0:
         ctx.enter_context(nn.intercept_methods(_drop_cache_mask_from_moe))
-      ctx.enter_context(blocks_tracing_context())
       x, aux = stack(*args)
     return x, ({"moe": aux} if self.num_experts > 0 else {})
 

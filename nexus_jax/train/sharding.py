@@ -3,8 +3,15 @@
 Layers name the axes of every parameter with `nn.with_logical_partitioning` (logical names
 `batch, length, embed, heads, kv, mlp, vocab, expert, table, feature`). The config maps those
 names to the mesh axes `data, fsdp, tensor, expert`; this module turns the mapping into
-`NamedSharding`s for params, optimizer state and batches. The same code runs on 1 CPU, 8 fake CPU
-devices (`XLA_FLAGS=--xla_force_host_platform_device_count=8`), a GPU or a TPU slice.
+`NamedSharding`s for params, optimizer state and batches; `train.loop.fit` traces the model under
+the mesh and the rules, so every activation `nn.with_logical_constraint` in the layers is live.
+The same code runs on 1 CPU, 8 fake CPU devices
+(`XLA_FLAGS=--xla_force_host_platform_device_count=8`), a GPU or a TPU slice
+(tests/train/test_sharded_training.py trains the LMs on such meshes).
+
+A param dimension that its mesh axes do not divide is an error naming the param, the dimension,
+its logical name and the axis (never a silent replication); a mesh axis of size 1 divides every
+dimension, so one device or a pure data-parallel mesh never fails.
 
 We build meshes with `AxisType.Auto` on purpose: `jax.make_mesh` defaults to Explicit axes in
 current jax, which would make sharding part of every array's type; our layers are written for
@@ -106,15 +113,45 @@ def strip_boxes(tree: Any) -> Any:
   )
 
 
+def _axis_names(axes) -> tuple[str, ...]:
+  return axes if isinstance(axes, tuple) else (axes,) if axes else ()
+
+
 def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
-  """Drops mesh axes from dimensions they do not divide (those dims are replicated instead)."""
+  """Drops mesh axes from dimensions they do not divide (those dims are replicated instead).
+
+  Only for leaves derived from params (8-bit optimizer moments' per-block scales): a param
+  itself must divide (`divisibility_problems`)."""
   dims = list(spec) + [None] * (len(shape) - len(spec))
   fitted = []
   for size, axes in zip(shape, dims):
-    names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
-    n = math.prod(mesh.shape[a] for a in names) if names else 1
+    n = math.prod(mesh.shape[a] for a in _axis_names(axes))
     fitted.append(axes if n > 1 and size % n == 0 else None)
   return P(*fitted)
+
+
+def divisibility_problems(
+    name: str, shape: tuple[int, ...], logical: Any, spec: P, mesh: Mesh
+) -> tuple[P, list[str]]:
+  """`(spec, problems)` for an array `name` of `shape`: `spec` with size-1 mesh axes written as
+  replicated, and one line per dimension that its mesh axes do not divide.
+
+  A mesh axis of size 1 divides everything, so a problem only arises where the mesh really
+  shards that dimension (e.g. a vocabulary of 257 with `vocab -> tensor` on a tensor axis of 2).
+  """
+  dims = list(spec) + [None] * (len(shape) - len(spec))
+  names = list(logical or ()) + [None] * (len(shape) - len(logical or ()))
+  fitted, problems = [], []
+  for i, (size, axes, logical_name) in enumerate(zip(shape, dims, names)):
+    n = math.prod(mesh.shape[a] for a in _axis_names(axes))
+    fitted.append(axes if n > 1 else None)
+    if n > 1 and size % n:
+      sizes = " x ".join(f"{a}={mesh.shape[a]}" for a in _axis_names(axes))
+      problems.append(
+          f"{name}: dimension {i} (size {size}, logical axis {logical_name!r}) of shape "
+          f"{tuple(shape)} is not divisible by mesh axis {axes!r} ({sizes} = {n} shards)"
+      )
+  return P(*fitted), problems
 
 
 def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
@@ -124,16 +161,37 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Sequence[tuple[str
     abstract_boxed: output of `jax.eval_shape(model.init, ...)` (boxed leaves carry names).
   Returns:
     A tree with the structure of `nn.unbox(abstract_boxed)` holding `NamedSharding`s.
+  Raises:
+    ValueError naming every param, dimension and mesh axis where a mesh axis that the rules
+    map a dimension to does not divide it (`divisibility_problems`), and the fixes.
   """
   logical_specs = nn.get_partition_spec(abstract_boxed)
   mesh_specs = nn.logical_to_mesh(logical_specs, rules)
   abstract = strip_boxes(abstract_boxed)
-  return jax.tree.map(
-      lambda a, s: NamedSharding(mesh, _fit_spec(s, a.shape, mesh)),
-      abstract,
-      mesh_specs,
-      is_leaf=lambda x: isinstance(x, P),
-  )
+  is_spec = lambda x: isinstance(x, P)
+  flat_logical = jax.tree.leaves(logical_specs, is_leaf=is_spec)
+  flat_mesh, treedef = jax.tree.flatten(mesh_specs, is_leaf=is_spec)
+  paths = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  if not len(paths) == len(flat_logical) == len(flat_mesh):
+    raise ValueError(f"{len(paths)} arrays but {len(flat_mesh)} partition specs.")
+  shardings, problems = [], []
+  for (path, a), logical, spec in zip(paths, flat_logical, flat_mesh):
+    fitted, bad = divisibility_problems(_path_name(path), a.shape, logical, spec, mesh)
+    shardings.append(NamedSharding(mesh, fitted))
+    problems += bad
+  if problems:
+    raise ValueError(
+        "the mesh cannot shard these dimensions evenly:\n  "
+        + "\n  ".join(problems)
+        + "\nMake each such dimension a multiple of its number of shards (e.g. pad the "
+        "vocabulary), or map its logical axis to None (replicated) or to another mesh axis in "
+        "config.sharding.logical_axis_rules, or shrink that mesh axis in config.mesh."
+    )
+  return jax.tree.unflatten(treedef, shardings)
+
+
+def _path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

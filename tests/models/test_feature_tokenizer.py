@@ -134,7 +134,7 @@ def test_logical_partitioning_names():
     expected |= {
         "cls": ("embed",),
         "missing": ("feature", "embed"),
-        "cat_embedding": ("vocab", "embed"),
+        "cat_embedding": (None, "embed"),  # rows = category counts: replicated
         "cat_bias": ("feature", "embed"),
     }
     assert {k: tuple(v) for k, v in specs.items()} == expected

@@ -200,8 +200,9 @@ class FeatureTokenizer(nn.Module):
     if self.cat_cardinalities:
       cards = np.asarray(self.cat_cardinalities, dtype=np.int32)
       offsets = np.concatenate([[0], np.cumsum(cards)[:-1]]).astype(np.int32)
+      # Rows: the data's category counts (no mesh axis would reliably divide them): replicated.
       table = self._param(
-          "cat_embedding", _uniform(1.0 / np.sqrt(d)), (int(cards.sum()), d), ("vocab", "embed")
+          "cat_embedding", _uniform(1.0 / np.sqrt(d)), (int(cards.sum()), d), (None, "embed")
       )
       bias = self._param(
           "cat_bias", _uniform(1.0 / np.sqrt(d)), (len(cards), d), ("feature", "embed")

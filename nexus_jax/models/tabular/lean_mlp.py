@@ -60,7 +60,8 @@ class LeanMLP(nn.Module):
       offsets = np.concatenate([[0], np.cumsum(cards)[:-1]]).astype(np.int32)
       table = self.param(
           "cat_embedding",
-          logical_init(("vocab", "embed"), nn.initializers.normal(0.1)),
+          # rows: the data's category counts (rarely divisible by a mesh axis): replicated
+          logical_init((None, "embed"), nn.initializers.normal(0.1)),
           (int(sum(cards)), self.d_embedding),
           self.param_dtype,
       )

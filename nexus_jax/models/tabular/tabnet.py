@@ -279,7 +279,8 @@ class TabNet(nn.Module):
     for j, card in enumerate(self.cat_cardinalities):
       table = self.param(
           f"cat_embedding_{j}",
-          nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+          # rows: the column's category count (rarely divisible by a mesh axis): replicated
+          nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
           (card, self.cat_embed_dim),
           self.param_dtype,
       )
