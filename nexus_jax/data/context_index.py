@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 NS_PER_HOUR = 3_600_000_000_000
+INDEX_BLOCK = 1 << 16  # target rows per block of `SortedHistory.index`
 
 
 def time_ticks(times: pd.Series | None) -> tuple[np.ndarray | None, np.ndarray | None, bool]:
@@ -155,23 +156,33 @@ class SortedHistory:
     self.sorted_rows = rows[order]
     self.sorted_keys = keys[order]  # key code of each sorted row (its group)
 
-  def index(self, max_rows: int, exclude_self: bool = False) -> np.ndarray:
-    """`history_index`: int64 `[N, M]` positions, most recent first, -1 padding."""
+  def index(self, max_rows: int, exclude_self: bool = False, dtype: type = np.int64) -> np.ndarray:
+    """`history_index`: `[N, M]` positions (`dtype`), most recent first, -1 padding.
+
+    Computed in blocks of `INDEX_BLOCK` target rows, so the temporaries stay small next to the
+    `[N, M]` result."""
     n, m = len(self.t_codes), int(max_rows)
-    start, end, sorted_rows = self.start, self.end, self.sorted_rows
+    out = np.empty((n, m), dtype)
+    for lo in range(0, n, INDEX_BLOCK):
+      hi = min(lo + INDEX_BLOCK, n)
+      out[lo:hi] = self._index_block(lo, hi, m, exclude_self)
+    return out
+
+  def _index_block(self, lo: int, hi: int, m: int, exclude_self: bool) -> np.ndarray:
+    start, end, sorted_rows = self.start[lo:hi], self.end[lo:hi], self.sorted_rows
     extra = 1 if exclude_self else 0
-    pos = end[:, None] - 1 - np.arange(m + extra)[None, :]  # [N, M(+1)]
-    ok = (pos >= start[:, None]) & (self.t_codes >= 0)[:, None]
+    pos = end[:, None] - 1 - np.arange(m + extra)[None, :]  # [B, M(+1)]
+    ok = (pos >= start[:, None]) & (self.t_codes[lo:hi] >= 0)[:, None]
     index = np.where(
         ok,
         sorted_rows[np.clip(pos, 0, max(len(sorted_rows) - 1, 0))] if len(sorted_rows) else -1,
         -1,
     )
     if exclude_self:
-      index = np.where(index == np.arange(n)[:, None], -1, index)
+      index = np.where(index == np.arange(lo, hi)[:, None], -1, index)
       # Compact: move the removed slot (at most one per row) to the end, keeping recency order.
       index = np.take_along_axis(index, np.argsort(index < 0, axis=1, kind="stable"), axis=1)[:, :m]
-    return index.astype(np.int64)
+    return index
 
   def window_counts(self, windows: Sequence[float], is_datetime: bool = True) -> np.ndarray:
     """`window_counts`: int64 `[N, W]` visible rows per trailing window (needs times)."""

@@ -40,11 +40,17 @@ Use::
 
     builder = ContextSetBuilder(schema, max_history={"flights.tailnum=tailnum": 8}, contexts=None)
     data = builder.fit(tables).transform(tables)        # -> context_sets.RelationalData
-    batch = data.subset("train").arrays()                # pytree of numpy arrays for a model
+    train = data.subset("train")                         # row indexes only; feature tables shared
+    batch = train.batch(np.arange(256))                  # pytree of numpy arrays for a model
+    dense = train.arrays()                               # every row materialised (small data)
     builder.save(d); ContextSetBuilder.load(d).transform(new_tables)   # predict-time, same features
 
 or `build_context_sets(tables, schema, ...)` for fit + transform in one call. Everything is
 vectorised (pandas factorize/merge logic + numpy searchsorted/take); see `context_index`.
+The result keeps one preprocessed `FeatureTable` per table and an int32 row index per context
+(`context_sets`): features are gathered per batch, never copied per row. With
+``engine="duckdb"`` the history indexes and window counts are computed by DuckDB out of core
+(`duckdb_index`; the ``[duckdb]`` extra), giving the numpy engine's rows exactly.
 """
 
 from __future__ import annotations
@@ -58,7 +64,13 @@ import numpy as np
 import pandas as pd
 
 from nexus_jax.data import context_index as ci
-from nexus_jax.data.context_sets import AGE_FEATURE, ContextArrays, ContextSpec, RelationalData
+from nexus_jax.data.context_sets import (
+    AGE_FEATURE,
+    ContextArrays,
+    ContextSpec,
+    FeatureTable,
+    RelationalData,
+)
 from nexus_jax.data.preprocess import FeatureInfo, TabularPreprocessor
 from nexus_jax.data.schema import Schema, SchemaError, SchemaWarning, ValidationReport, parse_cutoff, parse_time
 from nexus_jax.data import summaries as summaries_lib
@@ -66,6 +78,7 @@ from nexus_jax.data.splits import assign_split
 
 BUILDER_FILE = "context_set_builder.json"
 SUMMARIES = summaries_lib.AGGREGATES
+ENGINES = ("numpy", "duckdb")
 
 
 def discover_contexts(
@@ -158,6 +171,9 @@ class ContextSetBuilder:
       window-count features of every history context (see the module docstring); () = none.
     summaries: aggregates over all visible rows of every history context, a subset of
       `SUMMARIES` (see the module docstring); () = none.
+    engine: "numpy" (in memory, `context_index`) or "duckdb" (history indexes and window counts
+      out of core, `duckdb_index`; the same rows). A runtime choice: not saved with the builder.
+    engine_options: `duckdb_index.connect` options (memory_limit, threads, temp_directory).
   """
 
   def __init__(
@@ -169,8 +185,15 @@ class ContextSetBuilder:
       table_preprocessors: Mapping[str, Mapping] | None = None,
       count_windows: Sequence[float] = (),
       summaries: Sequence[str] = (),
+      engine: str = "numpy",
+      engine_options: Mapping | None = None,
   ):
     self.schema = schema
+    if engine not in ENGINES:
+      raise ValueError(f"engine={engine!r}; choose one of {ENGINES}")
+    if engine_options and engine != "duckdb":
+      raise ValueError(f"engine_options apply to engine='duckdb' only (engine={engine!r})")
+    self.engine, self.engine_options = engine, dict(engine_options or {})
     unknown_summaries = sorted(set(summaries) - set(SUMMARIES))
     if unknown_summaries:
       raise ValueError(f"summaries: unknown {unknown_summaries}; choose from {list(SUMMARIES)}")
@@ -340,10 +363,9 @@ class ContextSetBuilder:
           if table == target
           else self._features(table, tables[table])
       )
-      arrays = self.preprocessors[table].transform(features)
-      feats[table] = {
-          k: np.concatenate([v, np.zeros((1,) + v.shape[1:], v.dtype)]) for k, v in arrays.items()
-      }
+      feats[table] = self._feature_table(
+          table, self.preprocessors[table].transform(features), tables
+      )
     contexts, count_names, counts = {}, [], []
     for spec in self.contexts:
       contexts[spec.name], history = self._context(
@@ -353,16 +375,17 @@ class ContextSetBuilder:
         names, values = self._window_counts(spec, history, t_is_dt)
         count_names += names
         counts.append(values)
+      del history
     has_labels = schema.target.column in target_df.columns
-    own = {k: v[:-1] for k, v in feats[target].items()}
+    own = feats[target]
     info = self.preprocessors[target].get_feature_info()
+    n = len(target_df)
+    extra_numeric = np.zeros((n, 0), own.numeric.dtype)
+    extra_missing = np.zeros((n, 0), bool)
     if counts:
       counts = np.concatenate(counts, axis=1)
-      missing = np.isnan(counts)
-      own["numeric"] = np.concatenate(
-          [own["numeric"], np.where(missing, 0.0, counts).astype(own["numeric"].dtype)], axis=1
-      )
-      own["numeric_missing"] = np.concatenate([own["numeric_missing"], missing], axis=1)
+      extra_missing = np.isnan(counts)
+      extra_numeric = np.where(extra_missing, 0.0, counts).astype(own.numeric.dtype)
       info = FeatureInfo(
           info.numeric_names + tuple(count_names),
           info.numeric_sources + tuple(count_names),
@@ -374,76 +397,83 @@ class ContextSetBuilder:
         target_table=target,
         task=schema.target.task,
         feature_info=info,
-        numeric=own["numeric"],
-        numeric_missing=own["numeric_missing"],
-        categorical=own["categorical"],
+        own=own,
+        extra_numeric=extra_numeric,
+        extra_missing=extra_missing,
         labels=self._labels(target_df[schema.target.column])
         if has_labels and target_df[schema.target.column].notna().all()
         else None,
         classes=self.classes,
         split=assign_split(schema, target_df, times),
-        row_index=np.arange(len(target_df), dtype=np.int64),
+        row_index=np.arange(n, dtype=np.int64),
         contexts=contexts,
     )
 
+  def _table_ticks(self, table: str, df: pd.DataFrame):
+    """(ticks, valid, is_datetime) of `table`'s time column (None, None, False without one)."""
+    column = self.schema.tables[table].time_column
+    times = None if column is None else parse_time(df[column], f"table {table!r} column {column!r}")
+    return ci.time_ticks(times)
+
+  def _feature_table(self, table: str, arrays: Mapping[str, np.ndarray], tables) -> FeatureTable:
+    """`table`'s preprocessed features plus the zero padding row (and its times, padded with 0)."""
+    pad = {k: np.concatenate([v, np.zeros((1,) + v.shape[1:], v.dtype)]) for k, v in arrays.items()}
+    ticks, _, is_dt = self._table_ticks(table, tables[table])
+    if ticks is not None:
+      ticks = np.concatenate([ticks, np.zeros(1, ticks.dtype)])
+    return FeatureTable(
+        pad["numeric"], pad["numeric_missing"], pad["categorical"], ticks=ticks, is_datetime=is_dt
+    )
+
   def _context(
-      self, spec: ContextSpec, tables, target_df, t_ticks, t_is_dt, feats
+      self, spec: ContextSpec, tables, target_df, t_ticks, t_is_dt, table: FeatureTable
   ) -> tuple[ContextArrays, ci.SortedHistory | None]:
-    """The context's padded rows and, for a history, its sorted visible rows (reused by the counts)."""
+    """The context's row index and, for a numpy history, its sorted visible rows (reused by the
+    window counts; the DuckDB engine returns the counts itself)."""
     related = tables[spec.table]
     time_column = self.schema.tables[spec.table].time_column
-    r_times = (
-        None
-        if time_column is None
-        else parse_time(related[time_column], f"table {spec.table!r} column {time_column!r}")
-    )
-    r_ticks, r_valid, r_is_dt = ci.time_ticks(r_times)
+    r_ticks, r_valid, r_is_dt = self._table_ticks(spec.table, related)
     timed = t_ticks is not None and r_ticks is not None
-    history = None
-    if spec.kind == "history":
-      history = ci.SortedHistory(
-          target_df[spec.target_column],
-          related[spec.context_column],
-          t_ticks,
-          r_ticks,
-          r_valid,
-          spec.strict,
-      )
-    if timed:  # one invisible padding slot at the end, as for the features: index -1 reads it
-      r_ticks = np.concatenate([r_ticks, np.zeros(1, r_ticks.dtype)])
-      r_valid = np.concatenate([r_valid, np.zeros(1, bool)])
-    if spec.kind == "parent":
-      index = ci.parent_index(target_df[spec.target_column], related[spec.context_column])[:, None]
-      if timed:
-        visible = r_valid[index] & (
-            (r_ticks[index] < t_ticks[:, None])
-            if spec.strict
-            else (r_ticks[index] <= t_ticks[:, None])
-        )
-        index = np.where(visible & (index >= 0), index, -1)
-    else:
-      index = history.index(spec.max_rows, exclude_self=self._sees_itself(spec, history))
-    mask = index >= 0
     # Rows without a time are never visible, so a column with no time at all has no kind to check.
     if timed and t_is_dt != r_is_dt and r_valid.any():
       raise SchemaError(
           f"table {spec.table!r} column {time_column!r}: times are "
           f"{'datetimes' if r_is_dt else 'numbers'} but the target's are not"
       )
-    ages = (
-        np.where(mask, ci.ages_between(t_ticks[:, None], r_ticks[index], t_is_dt), 0.0).astype(
-            np.float32
+    history = None
+    if spec.kind == "history":
+      keys = (target_df[spec.target_column], related[spec.context_column])
+      exclude_self = spec.table == self.schema.target.table and not timed
+      if self.engine == "duckdb":
+        from nexus_jax.data.duckdb_index import DuckDBHistory
+
+        history = DuckDBHistory(
+            *keys,
+            t_ticks,
+            r_ticks,
+            r_valid,
+            spec.strict,
+            max_rows=spec.max_rows,
+            exclude_self=exclude_self,
+            windows=self.config["count_windows"],
+            is_datetime=t_is_dt,
+            **self.engine_options,
         )
-        if timed
-        else np.zeros(index.shape, np.float32)
-    )
-    numeric, missing = np.take(feats["numeric"], index, axis=0), np.take(
-        feats["numeric_missing"], index, axis=0
-    )
+      else:
+        history = ci.SortedHistory(*keys, t_ticks, r_ticks, r_valid, spec.strict)
+      index = history.index(spec.max_rows, exclude_self=exclude_self, dtype=np.int32)
+    else:
+      index = ci.parent_index(target_df[spec.target_column], related[spec.context_column])
+      if timed:  # a parent with a time is visible only from its time on
+        r_ticks = np.concatenate([r_ticks, np.zeros(1, r_ticks.dtype)])  # index -1: padding
+        r_valid = np.concatenate([r_valid, np.zeros(1, bool)])
+        visible = r_valid[index] & (
+            (r_ticks[index] < t_ticks) if spec.strict else (r_ticks[index] <= t_ticks)
+        )
+        index = np.where(visible & (index >= 0), index, -1)
+      index = index[:, None]
     info = self.preprocessors[spec.table].get_feature_info()
     if timed:  # the age of each row as one more numeric feature
-      numeric = np.concatenate([numeric, _signed_log1p(ages)[..., None]], axis=-1)
-      missing = np.concatenate([missing, np.zeros(ages.shape + (1,), bool)], axis=-1)
       info = FeatureInfo(
           info.numeric_names + (AGE_FEATURE,),
           info.numeric_sources + (AGE_FEATURE,),
@@ -451,16 +481,15 @@ class ContextSetBuilder:
           info.categorical_cardinalities,
           info.column_types,
       )
+    if len(related) >= np.iinfo(np.int32).max:
+      raise OverflowError(f"table {spec.table!r}: {len(related)} rows overflow an int32 row index")
     return (
         ContextArrays(
             spec=spec,
             feature_info=info,
-            numeric=numeric,
-            numeric_missing=missing,
-            categorical=np.take(feats["categorical"], index, axis=0),
-            mask=mask,
-            ages=ages,
-            row_index=index,
+            table=table,
+            row_index=index.astype(np.int32),
+            target_ticks=t_ticks if timed else None,
         ),
         history,
     )
@@ -502,7 +531,12 @@ class ContextSetBuilder:
       pre.save(directory / f"preprocessor_{i}")
 
   @classmethod
-  def load(cls, directory: str | pathlib.Path) -> "ContextSetBuilder":
+  def load(
+      cls,
+      directory: str | pathlib.Path,
+      engine: str = "numpy",
+      engine_options: Mapping | None = None,
+  ) -> "ContextSetBuilder":
     directory = pathlib.Path(directory)
     payload = json.loads((directory / BUILDER_FILE).read_text())
     cfg = payload["config"]
@@ -514,6 +548,8 @@ class ContextSetBuilder:
         table_preprocessors=cfg["table_preprocessors"],
         count_windows=cfg.get("count_windows", ()),
         summaries=cfg.get("summaries", ()),
+        engine=engine,
+        engine_options=engine_options,
     )
     for key in ("summary_levels", "summary_columns"):  # chosen at fit
       if key in cfg:

@@ -76,6 +76,10 @@ def tabular_config() -> ml_collections.ConfigDict:
   # Parts of datetime columns used as features ("" = the dataset's default). Not "yearday" or "epoch":
   # under a time split no validation / test day of the year (or date) occurs in training.
   c.data.datetime_parts = "hour,weekday"
+  # History indexes and window counts: "numpy" (in memory) | "duckdb" (out of core, the same rows;
+  # pip install "nexus_jax[duckdb]"), under data.engine_memory_limit (DuckDB's SET memory_limit).
+  c.data.engine = "numpy"
+  c.data.engine_memory_limit = "1GB"
 
   c.model = ml_collections.ConfigDict()
   c.model.name = (

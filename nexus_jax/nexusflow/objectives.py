@@ -15,6 +15,7 @@ import numpy as np
 import optax
 from sklearn import metrics as skm
 
+from nexus_jax.data.context_batches import lazy_arrays
 from nexus_jax.train.steps import Objective
 
 TASKS = ("binary", "multiclass", "regression")
@@ -137,12 +138,14 @@ def relational_objective(
 
 
 def relational_arrays(data: Any, target_scale: tuple[float, float] = (0.0, 1.0)) -> dict:
-  """`RelationalData` -> the batch pytree of `relational_objective`.
+  """`RelationalData` -> the batch pytree of `relational_objective`, lazily gathered.
 
+  The feature leaves are `context_batches.GatheredArray`s: slicing them (`ArrayDataset`,
+  `predict_arrays`) gathers that batch from the shared feature tables; nothing per row is copied.
   Labels become "y": int32 class indices (binary / multiclass) or float32 standardised targets
   ((y - shift) / scale, regression). Unlabelled data (prediction) gets no "y".
   """
-  out = data.arrays()
+  out = lazy_arrays(data)
   labels = out.pop("labels", None)
   if labels is not None:
     if data.task == "regression":

@@ -221,9 +221,12 @@ def prepare(
   if dc.drop_columns:
     schema = with_dropped_columns(schema, dc.drop_columns)
   kwargs = builder_settings(dc, recommended, builder_overrides)
-  builder = ContextSetBuilder(schema, **kwargs).fit(tables)
-  data = builder.transform(tables)
+  engine = dc.get("engine", "numpy")
+  options = {"memory_limit": dc.get("engine_memory_limit", "1GB")} if engine == "duckdb" else None
+  builder = ContextSetBuilder(schema, engine=engine, engine_options=options, **kwargs).fit(tables)
+  data = builder.transform(tables)  # row indexes + one feature table per table, gathered per batch
   splits = {s: data.subset(s) for s in SPLITS}
+  del data  # the splits hold their own rows' indexes; the tables are shared
   carved = 0
   if splits["valid"].num_rows == 0 and splits["train"].num_rows >= MIN_ROWS_TO_CARVE:
     splits["train"], splits["valid"] = carve_validation(
