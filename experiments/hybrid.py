@@ -30,6 +30,7 @@ from nexus_jax.train.config import compute_dtype
 from nexus_jax.train.loop import fit, restore_best
 from nexus_jax.train.metrics import read_metrics
 from nexus_jax.train.plots import plot_learning_curves
+from nexus_jax.train import distributed
 
 
 def build_model(mc, jc, seq_len: int, vocab_size: int = 256, dtype=None):
@@ -114,9 +115,12 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
       "tokenizer": data.tokenizer_report(),
   }
   # The LM (without the JEPA wrapper), best validation checkpoint, with its tokenizer.
-  results["model_dir"] = save_trained_lm(
-      workdir / "model", lm, lm_params, data, config, results["test_bits_per_byte"]["hybrid"]
-  )
+  lm_params = distributed.host_local(lm_params)  # every process (a gather)
+  results["model_dir"] = str(workdir / "model")
+  if distributed.is_primary():  # across processes only process 0 writes files
+    results["model_dir"] = save_trained_lm(
+        workdir / "model", lm, lm_params, data, config, results["test_bits_per_byte"]["hybrid"]
+    )
   train_log = read_metrics(workdir, "train")
   if config.jepa.weight > 0 and train_log:
     results["train"]["final_aux_jepa"] = train_log[-1].get("aux/jepa")
@@ -126,6 +130,8 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
           config, lambda *args, **kw: hybrid.generate(lm, lm_params, *args, **kw), data
       )
   )
-  results["plot"] = str(plot_learning_curves(workdir, "bits_per_token", "hybrid_curves.png"))
-  (workdir / "results.json").write_text(json.dumps(results, indent=2))
+  results["plot"] = str(workdir / "hybrid_curves.png")
+  if distributed.is_primary():
+    results["plot"] = str(plot_learning_curves(workdir, "bits_per_token", "hybrid_curves.png"))
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
   return results

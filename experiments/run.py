@@ -15,6 +15,11 @@ Both paths parse `--config FILE[:arg]`, `--config.a.b=v` / `--noconfig.a.b` over
 `--workdir DIR` the same way, fail on a misspelt field naming it (`check_config_overrides`), resolve
 the config file's presets without touching the fields set on the command line, and turn the
 library's errors into one line (`NEXUS_DEBUG=1` re-raises them, with the traceback).
+
+Across processes (README "Many hosts") every process runs the same command with its own
+`--config.distributed.process_id` (or `--config.distributed.auto=True` on a SLURM / Open MPI
+cluster or a TPU pod slice); `run_experiment` starts `jax.distributed` first, and only process 0
+writes config.json and prints the results.
 """
 
 from __future__ import annotations
@@ -30,10 +35,12 @@ import sys
 from types import ModuleType
 from typing import Any
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments.registry import get_experiment
+from nexus_jax.train import distributed
 from nexus_jax.train.checkpoint import CheckpointError
 from nexus_jax.train.presets import resolve_preset
 
@@ -60,7 +67,7 @@ def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
   path = pathlib.Path(workdir)
   try:
     path.mkdir(parents=True, exist_ok=True)
-    probe = path / ".write_test"
+    probe = path / f".write_test.{os.getpid()}"  # one per process: several may share a workdir
     probe.write_text("ok")
     probe.unlink()
   except OSError as err:
@@ -95,6 +102,8 @@ def run_experiment(
     the experiment's results dict (also in `workdir/results.json`).
   """
   experiment = get_experiment(config.experiment)
+  if "distributed" in config:
+    distributed.initialize(config.distributed)  # before any JAX computation; 1 process: no-op
   if config_module is not None and hasattr(config_module, "PRESETS"):
     changes = resolve_preset(config, config_module.PRESETS, config_module.get_config(), explicit)
     if changes:
@@ -105,7 +114,8 @@ def run_experiment(
         "PRESETS can be resolved"
     )
   workdir = prepare_workdir(workdir)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  if distributed.is_primary():
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   return experiment.run(config, workdir)
 
 
@@ -225,11 +235,30 @@ def run_train_args(args: TrainArgs) -> dict:
   logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO
   try:
     results = run_experiment(args.config, args.workdir, args.module, args.explicit)
+  except distributed.LostProcessError:
+    _exit_now(1)  # its message is on stderr; the peers' collectives cannot finish
   except (ValueError, CheckpointError, FloatingPointError) as err:  # our errors name the culprit
     if os.environ.get("NEXUS_DEBUG"):
       raise
+    if distributed.is_multiprocess():
+      print(f"error (process {jax.process_index()}): {err}", file=sys.stderr)
+      _exit_now(1)
     raise SystemExit(f"error: {err}") from None
+  except BaseException:
+    if not distributed.is_multiprocess():
+      raise
+    import traceback  # noqa: PLC0415
+
+    traceback.print_exc()
+    _exit_now(1)
   return {"workdir": str(args.workdir), **results}
+
+
+def _exit_now(code: int) -> None:
+  """Ends a failed process of a multi-process run at once: a normal exit would wait up to
+  `distributed.shutdown_timeout_seconds` for peers that are stuck in a collective with it."""
+  sys.stdout.flush(), sys.stderr.flush()
+  os._exit(code)
 
 
 def train_command(argv: list[str], default_config: str | os.PathLike | None = None) -> dict:
@@ -246,7 +275,8 @@ def main(argv):
   config_file = config_flags.get_config_filename(flags.FLAGS["config"])
   args = train_args(_CONFIG.value, config_file, _WORKDIR.value, override_paths(sys.argv[1:]))
   results = run_train_args(args)
-  print(json.dumps(results, indent=2, default=str))
+  if distributed.is_primary():
+    print(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":

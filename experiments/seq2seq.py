@@ -31,6 +31,7 @@ import numpy as np
 from nexus_jax.data.datasets import text
 from nexus_jax.inference.generate import beam_search, generate
 from nexus_jax.models.saving import save_model
+from nexus_jax.train import distributed
 from nexus_jax.models.seq_objectives import seq2seq_objective
 from nexus_jax.models.transformer import EncoderDecoder
 from nexus_jax.train.config import compute_dtype
@@ -212,10 +213,11 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
       "max_target_bytes": int(dc.max_target_bytes),
       "test": results["test"],
   }
-  model_dir = save_model(
-      workdir / "model", model, state.variables(), metadata=metadata, overwrite=True
-  )
-  results["model_dir"] = str(model_dir)
-  plot_learning_curves(workdir, valid_metric="accuracy", filename="seq2seq.png")
-  (workdir / "results.json").write_text(json.dumps(results, indent=2))
+  variables = distributed.host_local(state.variables())  # every process (a gather)
+  results["model_dir"] = str(workdir / "model")
+  if distributed.is_primary():  # across processes only process 0 writes files
+    model_dir = save_model(workdir / "model", model, variables, metadata=metadata, overwrite=True)
+    results["model_dir"] = str(model_dir)
+    plot_learning_curves(workdir, valid_metric="accuracy", filename="seq2seq.png")
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
   return results

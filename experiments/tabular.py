@@ -5,6 +5,8 @@
   then the TASKS.md baselines next to the test metrics, `context_attention.png`,
   `learning_curves.png`, `results.json` and a predict-ready `artifact/`;
   `model.name = "row"`: the flat feature-set-A baseline (`experiments/tabular_row.py`).
+Across processes every process trains and scores; only process 0 writes the plots, results.json
+and the artifact.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from nexus_jax.nexusflow import pipeline
 from nexus_jax.nexusflow.artifact import json_default, save_artifact
 from nexus_jax.nexusflow.plots import plot_context_importance
 from nexus_jax.nexusflow.table_predictor import TabularPredictor
+from nexus_jax.train import distributed
 from nexus_jax.train.plots import plot_learning_curves
 
 MODELS = ("nexus_former", "row")
@@ -41,7 +44,8 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
     results["beats_lightgbm_set_a"] = bool(results["test"]["auc"] > baselines["lightgbm_set_a"])
     results["beats_catboost_set_b"] = bool(results["test"]["auc"] > baselines["catboost_set_b"])
   names = results["model"]["contexts"]
-  if config.eval.plot_attention and names and results["context_importance"]:
+  primary = distributed.is_primary()  # the one process that writes files
+  if primary and config.eval.plot_attention and names and results["context_importance"]:
     importance = {
         k: np.array([results["context_importance"][n][k] for n in names])
         for k in ("attention", "gate", "present")
@@ -54,9 +58,13 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
         title=f"Which tables mattered ({prepared.name}, test rows)",
     )
   if config.eval.save_artifact:
-    predictor = TabularPredictor.from_training(prepared.builder, result, prepared.tables, config)
-    results["artifact"] = str(save_artifact(predictor, workdir / "artifact"))
+    results["artifact"] = str(workdir / "artifact")
+    if primary:
+      predictor = TabularPredictor.from_training(prepared.builder, result, prepared.tables, config)
+      results["artifact"] = str(save_artifact(predictor, workdir / "artifact"))
   results["wall_seconds"] = round(time.perf_counter() - t0, 2)
+  if not primary:
+    return results
   (workdir / "results.json").write_text(json.dumps(results, indent=2, default=json_default))
   for member_dir in [m["workdir"] for m in result.members] or [workdir]:
     plot_learning_curves(member_dir, valid_metric=result.early_stopping[0])

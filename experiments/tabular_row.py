@@ -14,6 +14,7 @@ import jax
 
 from nexus_jax.data.datasets import nycflights13
 from nexus_jax.nexusflow.flat import train_row_model
+from nexus_jax.train import distributed
 from nexus_jax.train.plots import plot_learning_curves
 
 METRICS = ("auc", "log_loss", "accuracy")
@@ -42,6 +43,7 @@ def run_row(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
       "beats_lightgbm_set_a": bool(run.test_metrics["auc"] > baselines["lightgbm_set_a"]),
       "device": f"{jax.devices()[0].platform} x{jax.device_count()}",
   }
-  (workdir / "results.json").write_text(json.dumps(results, indent=2))
-  plot_learning_curves(workdir, valid_metric=config.train.early_stopping.metric)
+  if distributed.is_primary():  # across processes only process 0 writes files
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    plot_learning_curves(workdir, valid_metric=config.train.early_stopping.metric)
   return results

@@ -35,6 +35,7 @@ import pandas as pd
 
 from nexus_jax.models import decoding
 from nexus_jax.models.saving import save_model
+from nexus_jax.train import distributed
 from nexus_jax.models.seq_objectives import seq2seq_objective
 from nexus_jax.models.transformer import EncoderDecoder
 from nexus_jax.train.config import compute_dtype
@@ -331,10 +332,11 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
       "residual_on": results["transformer"]["residual_on"],
       "test_mae_standardized": mae["transformer"],
   }
-  model_dir = save_model(
-      workdir / "model", model, state.variables(), metadata=metadata, overwrite=True
-  )
-  results["model_dir"] = str(model_dir)
-  _plot(workdir, test, preds, std)
-  (workdir / "results.json").write_text(json.dumps(results, indent=2))
+  variables = distributed.host_local(state.variables())  # every process (a gather)
+  results["model_dir"] = str(workdir / "model")
+  if distributed.is_primary():  # across processes only process 0 writes files
+    model_dir = save_model(workdir / "model", model, variables, metadata=metadata, overwrite=True)
+    results["model_dir"] = str(model_dir)
+    _plot(workdir, test, preds, std)
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
   return results

@@ -76,6 +76,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding = ml_collections.ConfigDict()
   # logical axis name -> mesh axes; see nexus_jax/train/sharding.py
   c.sharding.logical_axis_rules = [list(rule) for rule in DEFAULT_LOGICAL_AXIS_RULES]
+
+  # Training across processes (nexus_jax/train/distributed.py; README "Many hosts"): every
+  # process runs the same command with its own process_id; the mesh spans all their devices.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.num_processes = 1  # processes of the run; 1 = no jax.distributed
+  c.distributed.process_id = 0  # this process's rank in [0, num_processes)
+  c.distributed.coordinator_address = ""  # "host:port" of process 0, the same on every process
+  c.distributed.coordinator_bind_address = ""  # where process 0 listens; "" = jax's [::]:port
+  c.distributed.auto = False  # True: jax detects the cluster (SLURM, Open MPI, TPU pod slice)
+  c.distributed.heartbeat_timeout_seconds = 60  # a silent process counts as dead after this
+  c.distributed.initialization_timeout_seconds = 300  # how long processes wait for each other
+  c.distributed.shutdown_timeout_seconds = 60  # how long an exiting process waits for the others
   return c
 
 

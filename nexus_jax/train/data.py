@@ -5,6 +5,10 @@ training batch for step `s` depends only on (seed, s): epoch `s // steps_per_epo
 permutation. A run resumed at step `s` therefore sees exactly the batches an uninterrupted run
 would have seen. Evaluation batches are padded to the fixed batch size (static shapes under jit)
 and carry a `weight` array that is 1 for real rows and 0 for padding.
+
+Across processes (`train/distributed.py`) each process asks only for its own `rows` of every
+global batch: the global batch is the same for any number of processes, and only those rows are
+gathered (leaves are sliced with `leaf[idx]`, so lazily gathered leaves build just them).
 """
 
 from __future__ import annotations
@@ -58,20 +62,38 @@ class ArrayDataset:
       self._perm_epoch, self._perm = epoch, perm
     return self._perm
 
-  def train_batch(self, step: int) -> Any:
-    """The batch for global step `step` (with `weight` = 1 for every row)."""
+  def _rows(self, rows: slice | None) -> slice:
+    """`rows` checked to be one block of a batch's rows (None: all of them)."""
+    if rows is None:
+      return slice(0, self.batch_size)
+    start, stop = rows.start or 0, self.batch_size if rows.stop is None else rows.stop
+    if rows.step not in (None, 1) or not 0 <= start < stop <= self.batch_size:
+      raise ValueError(f"rows={rows} is not a block of the {self.batch_size} rows of a batch.")
+    return slice(start, stop)
+
+  def train_batch(self, step: int, rows: slice | None = None) -> Any:
+    """The batch for global step `step` (with `weight` = 1 for every row).
+
+    `rows` (default: all `batch_size`): only those rows of that batch (one process's share).
+    """
+    rows = self._rows(rows)
     epoch, offset = divmod(int(step), self.steps_per_epoch)
     idx = self._permutation(epoch)[offset * self.batch_size : (offset + 1) * self.batch_size]
+    idx = idx[rows]
     batch = jax.tree.map(lambda a: a[idx], self.arrays)
     batch["weight"] = np.ones(len(idx), np.float32)
     return batch
 
-  def eval_batches(self) -> Iterator[Any]:
-    """All rows in order, in batches padded to `batch_size` (padding rows have weight 0)."""
+  def eval_batches(self, rows: slice | None = None) -> Iterator[Any]:
+    """All rows in order, in batches padded to `batch_size` (padding rows have weight 0).
+
+    `rows` (default: all): only those rows of every padded batch (one process's share).
+    """
+    rows = self._rows(rows)
     for start in range(0, self.size, self.batch_size):
       idx = np.arange(start, min(start + self.batch_size, self.size))
       real = len(idx)
-      idx = np.pad(idx, (0, self.batch_size - real), mode="edge")
+      idx = np.pad(idx, (0, self.batch_size - real), mode="edge")[rows]
       batch = jax.tree.map(lambda a: a[idx], self.arrays)
-      batch["weight"] = (np.arange(self.batch_size) < real).astype(np.float32)
+      batch["weight"] = (np.arange(self.batch_size)[rows] < real).astype(np.float32)
       yield batch

@@ -105,15 +105,25 @@ def listed_files_match(root: str | pathlib.Path, manifest: str = MANIFEST_FILE) 
   return expected == set(folder_files(root, manifest))
 
 
+def _this_process_only() -> ocp.options.MultiprocessingOptions:
+  """Orbax options for a save / restore done by this process alone (e.g. process 0 writing the
+  artifact of a multi-process run): no barrier waits for the other processes."""
+  me = jax.process_index()
+  return ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"process{me}"
+  )
+
+
 def save_tree(directory: str | pathlib.Path, tree: Any) -> None:
-  """Writes a pytree of arrays (`{"params": ..., **collections}`) as an Orbax checkpoint folder."""
-  with ocp.StandardCheckpointer() as ckpt:
+  """Writes a pytree of arrays (`{"params": ..., **collections}`) as an Orbax checkpoint folder
+  (host arrays, written by the calling process alone)."""
+  with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as ckpt:
     ckpt.save(pathlib.Path(directory).absolute(), jax.device_get(tree))
 
 
 def restore_tree(directory: str | pathlib.Path) -> Any:
   """The pytree written by `save_tree`, as numpy arrays with the saved dtypes."""
-  with ocp.StandardCheckpointer() as ckpt:
+  with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as ckpt:
     tree = ckpt.restore(pathlib.Path(directory).absolute())
   return jax.tree.map(np.asarray, tree)
 

@@ -13,6 +13,11 @@ Config fields read (all under `config`):
     train.early_stopping.{metric, mode, patience, min_delta}
   optim.*  (see `train/optim.py`)
   mesh.{data, fsdp, tensor, expert}, sharding.logical_axis_rules  (see `train/sharding.py`)
+
+Across processes (`train/distributed.py`, started before `fit`): the mesh spans every process's
+devices, each process gathers only its own rows of every batch, evaluation gathers the predictions
+on every process, checkpoints are written together (shared workdir), and only process 0 writes
+metrics / TensorBoard and shows the progress bar. A lost peer process raises `LostProcessError`.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from nexus_jax.train import distributed
 from nexus_jax.train import sharding as sharding_lib
 from nexus_jax.train.checkpoint import Checkpointer
 from nexus_jax.train.config import validate_train_config
@@ -85,6 +91,7 @@ class Trainer:
     self.rules = sharding_lib.logical_axis_rules(config.sharding.get("logical_axis_rules"))
     self.tx, self.schedule = build_optimizer(config.optim, total_steps)
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
+    self.multiprocess = distributed.is_multiprocess()
     divisor = sharding_lib.batch_divisor(self.mesh)
     if config.train.batch_size % divisor:
       raise ValueError(
@@ -131,8 +138,11 @@ class Trainer:
           out_shardings=(self.state_shardings, repl),
           donate_argnums=(0,),
       )
+      # Metric sums and predictions come back replicated: every process gets all of them.
       self._eval_step = jax.jit(
-          make_eval_step(objective), in_shardings=(self.state_shardings, self.batch_sharding)
+          make_eval_step(objective),
+          in_shardings=(self.state_shardings, self.batch_sharding),
+          out_shardings=(repl, repl),
       )
 
   @contextlib.contextmanager
@@ -153,25 +163,48 @@ class Trainer:
       opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
       return state.replace(params=params, opt_state=opt_state)
 
-  def put(self, batch: Any) -> Any:
-    return jax.device_put(batch, self.batch_sharding)
+  def rows(self, batch_size: int) -> slice | None:
+    """This process's rows of a global batch of `batch_size` (None: all, one process)."""
+    if not self.multiprocess:
+      return None
+    return distributed.local_rows(self.batch_sharding, batch_size)
 
-  def train_step(self, state: TrainState, batch: Any):
+  def batch(self, data: ArrayDataset, step: int) -> Any:
+    """The training batch of `step`: all its rows, or this process's rows across processes."""
+    if not self.multiprocess:
+      return data.train_batch(step)
+    return data.train_batch(step, self.rows(data.batch_size))
+
+  def put(self, batch: Any, batch_size: int | None = None) -> Any:
+    """A host batch -> sharded global arrays. Across processes `batch` holds this process's
+    `rows(batch_size)` (default: train.batch_size) of the global batch."""
+    if not self.multiprocess:
+      return jax.device_put(batch, self.batch_sharding)
+    size = int(batch_size or self.config.train.batch_size)
+    return distributed.global_batch(batch, self.batch_sharding, size)
+
+  def train_step(self, state: TrainState, batch: Any, batch_size: int | None = None):
     with self.context():
-      return self._train_step(state, self.put(batch))
+      return self._train_step(state, self.put(batch, batch_size))
 
   def evaluate(self, state: TrainState, data: ArrayDataset) -> tuple[dict[str, float], np.ndarray]:
-    """Weighted-mean metrics over all rows of `data` plus host metrics; returns (metrics, predictions)."""
+    """Weighted-mean metrics over all rows of `data` plus host metrics; returns (metrics, predictions).
+
+    Across processes every process must call it; each feeds its own rows of every batch and gets
+    the metrics and the predictions of all rows.
+    """
     sums: dict[str, float] = {}
     preds = []
+    rows = self.rows(data.batch_size)
+    batches = data.eval_batches() if rows is None else data.eval_batches(rows)
     with self.context():
-      for batch in data.eval_batches():
-        batch_sums, batch_preds = self._eval_step(state, self.put(batch))
+      for i, batch in enumerate(batches):
+        batch_sums, batch_preds = self._eval_step(state, self.put(batch, data.batch_size))
         batch_sums = jax.device_get(batch_sums)
         for k, v in batch_sums.items():
           sums[k] = sums.get(k, 0.0) + float(v)
-        real = batch["weight"] > 0
-        preds.append(jax.tree.map(lambda p: np.asarray(p)[real], jax.device_get(batch_preds)))
+        real = min(data.batch_size, data.size - i * data.batch_size)  # padding comes last
+        preds.append(jax.tree.map(lambda p: np.asarray(p)[:real], jax.device_get(batch_preds)))
     weight = sums.pop("weight")
     metrics = {k: v / weight for k, v in sums.items()}
     predictions = jax.tree.map(lambda *p: np.concatenate(p), *preds)
@@ -294,12 +327,13 @@ def fit(
       else total_steps
   )
 
-  writer = MetricWriter(workdir, tensorboard=bool(tc.get("tensorboard", True)))
+  primary = distributed.is_primary()  # process 0 writes metrics and shows progress
+  writer = MetricWriter(workdir, tensorboard=bool(tc.get("tensorboard", True)), active=primary)
   history: list[dict[str, float]] = []
   bar = tqdm(
       total=total_steps,
       initial=start,
-      disable=not tc.get("progress", True),
+      disable=not (tc.get("progress", True) and primary),
       dynamic_ncols=True,
       desc="train",
   )
@@ -321,7 +355,8 @@ def fit(
   try:
     while step < stop_at and not stopped_early:
       t_step = time.perf_counter()
-      state, metrics = trainer.train_step(state, train_data.train_batch(step))
+      batch = trainer.batch(train_data, step)
+      state, metrics = trainer.train_step(state, batch, train_data.batch_size)
       if steps_run == 0:
         jax.block_until_ready(metrics)
         compile_seconds += time.perf_counter() - t_step
@@ -352,8 +387,18 @@ def fit(
     if last_saved != step:
       save()
   except KeyboardInterrupt:
-    if last_saved != step:
+    # Across processes a save needs every process at the same step: resume from the last one.
+    if last_saved != step and not trainer.multiprocess:
       save()
+    raise
+  except Exception as err:
+    done = checkpointer.complete_steps_on_disk()  # a save may have completed as the peer died
+    where = f"step {done[-1]}" if done else "the start (no checkpoint yet)"
+    distributed.raise_if_peer_lost(
+        err,
+        f"Rerun every process with the same workdir ({workdir}): training resumes from "
+        f"{where}, the last complete checkpoint.",
+    )
     raise
   finally:
     bar.close()

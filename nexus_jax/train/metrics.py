@@ -16,19 +16,24 @@ class MetricWriter:
   """Writes scalars to `workdir/metrics.jsonl` and TensorBoard event files in `workdir/tb/`.
 
   One JSON object per line: {"step": s, "split": "train" | "valid" | ..., name: value, ...}.
-  Reopening an existing workdir appends (a resumed run continues the same files).
+  Reopening an existing workdir appends (a resumed run continues the same files). With
+  `active=False` (every process but 0 of a multi-process run) nothing is opened or written.
   """
 
-  def __init__(self, workdir: str | pathlib.Path, tensorboard: bool = True):
+  def __init__(self, workdir: str | pathlib.Path, tensorboard: bool = True, active: bool = True):
     self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self._file, self._tb = None, None
+    if not active:
+      return
     self._file = open(self.path, "a", encoding="utf-8")
-    self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter
 
       self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
 
   def write(self, step: int, split: str, scalars: Mapping[str, Any]) -> None:
+    if self._file is None:
+      return
     values = {k: float(np.asarray(v)) for k, v in scalars.items()}
     self._file.write(json.dumps({"step": int(step), "split": split, **values}) + "\n")
     self._file.flush()
@@ -37,7 +42,8 @@ class MetricWriter:
         self._tb.add_scalar(f"{split}/{name}", value, int(step))
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
 
