@@ -1,22 +1,30 @@
-"""Temporal context compression: window-only vs Compressive-Transformer memory vs full attention.
+"""Temporal context compression: window-only vs three memories vs full attention, in one run.
 
     python benchmarks/context_compression.py [--segment 128] [--segments 10] [--memory 32]
         [--rate 0] [--compression mean] [--layers 2] [--dim 64] [--steps 300] [--batch 8]
+        [--variants window,full,compressive,summary,titans]
 
-Three byte LMs of the same width/depth, trained on the same batches (windows of
+Byte LMs of the same width/depth, trained on the same batches (windows of
 `segments * segment + 1` bytes of the standard library's .py sources, the LM experiment's train
 split) for the same AdamW steps:
   window       `CompressiveLM(memory_slots=0)`: each segment sees itself + the previous one;
   compressive  `CompressiveLM(memory_slots=M)`: + M slots of mean-pooled (or conv) evicted K/V;
+  summary      `CompressiveLM(memory="summary")`: + M learned summary slots carried forward;
+  titans       `CompressiveLM(memory="titans")`: + a Titans neural memory written with each
+               evicted segment (layers/segment_memory.py);
   full         `CompressiveLM(segment_length=segments * segment)`: one segment = causal attention
                over the whole sequence (the oracle, on the same code, init and blocks).
 `--rate 0` picks the compression rate at which the memory holds every evicted segment of a
-sequence (`segment * (segments - 2) / memory`). Reported: test bits/byte on the LAST segment
-(the one with the most context), the paired bootstrap 95% interval of compressive - window over
-test windows, the fraction of the oracle's gain recovered `(window - compressive) / (window -
-full)`, and decoding-cache bytes vs length for batch 1 (flat for window and compressive; for
-full attention, the KV cache of a `LanguageModel(num_experts=0)` of the same dims).
-Prints one JSON object: machine, versions, config and results.
+sequence (`segment * (segments - 2) / memory`). Test windows: up to `--per_file` non-overlapping
+windows from each file of the test split. Reported per model: test bits/byte on the LAST segment
+(the one with the most context); for each model vs window, the paired difference with a 95%
+bootstrap interval over test FILES (files resampled, their windows kept together) and the
+fraction of the oracle's gain recovered `(window - model) / (window - full)`; a repeat probe (the
+last segment is a copy of segment 0, >= 8 W earlier, vs the same bytes after a different segment
+0): bits/byte saved on the copy, with an interval over probe windows; decoding-cache bytes vs
+length for batch 1 (flat for the segment-recurrent models; for full attention, the KV cache of a
+`LanguageModel(num_experts=0)` of the same dims). Prints one JSON object: machine, versions,
+config and results.
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ def make_models(args) -> dict:
   window = compressive_lm.CompressiveLM(
       vocab_size=256, segment_length=args.segment, memory_slots=0, **common
   )
-  return {
+  models = {
       "window": window,
       "compressive": window.clone(
           memory_slots=args.memory,
@@ -61,8 +69,15 @@ def make_models(args) -> dict:
           compression=args.compression,
           reconstruction_coef=args.recon_coef,
       ),
+      "summary": window.clone(memory="summary", memory_slots=args.summary_slots or args.memory),
+      "titans": window.clone(memory="titans", titans_chunk=args.titans_chunk),
       "full": window.clone(segment_length=args.segment * args.segments),
   }
+  wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+  unknown = sorted(set(wanted) - set(models))
+  if unknown or "window" not in wanted or "full" not in wanted:
+    raise SystemExit(f"--variants={args.variants!r}: needs window and full, from {sorted(models)}")
+  return {name: models[name] for name in wanted}
 
 
 def nll_per_token(model, params, inputs):
@@ -97,20 +112,74 @@ def train(model, windows, args):
   }
 
 
-def last_segment_bits(model, params, test, segment: int, chunk: int = 32) -> np.ndarray:
-  """Per-window mean bits/byte over the targets of the last segment, `[N]`."""
-  fn = jax.jit(lambda p, x: jnp.mean(nll_per_token(model, p, x)[0][:, -segment:], axis=1))
-  out = [
-      np.asarray(fn(params, jnp.asarray(test[i : i + chunk]))) for i in range(0, len(test), chunk)
-  ]
+def token_bits(model, params, windows: np.ndarray, chunk: int = 32) -> np.ndarray:
+  """Per-target bits `[N, L]` of `windows [N, L + 1]`, in chunks padded to `chunk` rows (one
+  compiled function per model and shape)."""
+  fn = _nll_fn(model)
+  out = []
+  for i in range(0, len(windows), chunk):
+    part = windows[i : i + chunk]
+    padded = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), axis=0)])
+    out.append(np.asarray(fn(params, jnp.asarray(padded)))[: len(part)])
   return np.concatenate(out) / math.log(2)
 
 
-def paired_bootstrap(diff: np.ndarray, draws: int, seed: int = 0) -> list[float]:
-  """95% percentile interval of the mean of `diff` over resampled windows."""
+_NLL_FNS: dict = {}
+
+
+def _nll_fn(model):
+  if model not in _NLL_FNS:
+    _NLL_FNS[model] = jax.jit(lambda p, x: nll_per_token(model, p, x)[0])
+  return _NLL_FNS[model]
+
+
+def last_segment_bits(model, params, test, segment: int) -> np.ndarray:
+  """Per-window mean bits/byte over the targets of the last segment, `[N]`."""
+  return token_bits(model, params, test)[:, -segment:].mean(axis=1)
+
+
+def paired_bootstrap(diff: np.ndarray, draws: int, seed: int = 0, groups=None) -> list[float]:
+  """95% percentile interval of the mean of `diff`: windows resampled, or with `groups [N]`
+  (file ids) whole groups resampled (a cluster bootstrap: the windows of a file stay together)."""
   rng = np.random.default_rng(seed)
-  means = diff[rng.integers(0, len(diff), (draws, len(diff)))].mean(axis=1)
+  if groups is None:
+    means = diff[rng.integers(0, len(diff), (draws, len(diff)))].mean(axis=1)
+  else:
+    ids, inverse = np.unique(groups, return_inverse=True)
+    sums = np.bincount(inverse, weights=diff, minlength=len(ids))
+    counts = np.bincount(inverse, minlength=len(ids)).astype(np.float64)
+    pick = rng.integers(0, len(ids), (draws, len(ids)))
+    means = sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
   return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def test_windows_by_file(length: int, per_file: int, max_windows: int):
+  """`(windows [N, length + 1] int32, file ids [N], files used)`: up to `per_file`
+  non-overlapping windows from each test-split file of >= length + 1 bytes."""
+  root = text.stdlib_dir()
+  _, files = text.load_text_splits()
+  out, ids, used = [], [], 0
+  for f in files["test"]:
+    data = np.frombuffer((root / f).read_bytes(), np.uint8)
+    n = min(len(data) // (length + 1), per_file)
+    if n < 1:
+      continue
+    out.append(data[: n * (length + 1)].reshape(n, length + 1))
+    ids += [used] * n
+    used += 1
+  windows, ids = np.concatenate(out).astype(np.int32), np.asarray(ids)
+  return windows[:max_windows], ids[:max_windows], used
+
+
+def repeat_probe(windows: np.ndarray, segment: int):
+  """`(probe, control)` `[N, L + 1]`: the last `segment` targets are a copy of the window's first
+  `segment` bytes; the control has a different first segment (the next window's), so only the
+  probe's copy has an earlier occurrence (`L + 1 - 2 segment` >= 8 W bytes back for 10 segments)."""
+  probe = windows.copy()
+  probe[:, -segment:] = windows[:, :segment]
+  control = probe.copy()
+  control[:, :segment] = np.roll(windows, 1, axis=0)[:, :segment]
+  return probe, control
 
 
 def cache_curve(models, params, args) -> dict:
@@ -157,7 +226,12 @@ def main():
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--lr", type=float, default=3e-3)
   ap.add_argument("--test_windows", type=int, default=1024)
+  ap.add_argument("--per_file", type=int, default=8, help="test windows per test file (at most)")
+  ap.add_argument("--probe_windows", type=int, default=256)
   ap.add_argument("--bootstrap", type=int, default=2000)
+  ap.add_argument("--variants", default="window,full,compressive,summary,titans")
+  ap.add_argument("--summary_slots", type=int, default=0, help="summary slots; 0: = --memory")
+  ap.add_argument("--titans_chunk", type=int, default=16)
   args = ap.parse_args()
   if args.rate == 0:
     args.rate = max(1, args.segment * (args.segments - 2) // max(args.memory, 1))
@@ -166,29 +240,49 @@ def main():
   length = args.segment * args.segments
   splits, files = text.load_text_splits()
   train_windows = text.random_windows(splits["train"], length + 1, args.steps * args.batch, 0)
-  test = text.random_windows(splits["test"], length + 1, args.test_windows, 1).astype(np.int32)
+  test, file_ids, test_files_used = test_windows_by_file(length, args.per_file, args.test_windows)
+  probe, control = repeat_probe(test[: args.probe_windows], args.segment)
   models = make_models(args)
-  results, params, bits = {}, {}, {}
+  results, params, bits, saved = {}, {}, {}, {}
   for name, model in models.items():
+    print(f"training {name}", file=sys.stderr, flush=True)
     params[name], results[name] = train(model, train_windows.astype(np.int32), args)
-    bits[name] = last_segment_bits(model, params[name], test, args.segment)
+    per_token = token_bits(model, params[name], test)
+    bits[name] = per_token[:, -args.segment :].mean(axis=1)
     results[name]["last_segment_bits_per_byte"] = float(bits[name].mean())
-    all_bits = last_segment_bits(model, params[name], test, length)
-    results[name]["all_positions_bits_per_byte"] = float(all_bits.mean())
+    results[name]["all_positions_bits_per_byte"] = float(per_token.mean())
+    on_copy = last_segment_bits(model, params[name], probe, args.segment)
+    fresh = last_segment_bits(model, params[name], control, args.segment)
+    saved[name] = fresh - on_copy
+    results[name]["repeat_probe"] = {
+        "copy_bits_per_byte": float(on_copy.mean()),
+        "no_copy_bits_per_byte": float(fresh.mean()),
+        "bits_per_byte_saved": float(saved[name].mean()),
+        "saved_ci95": paired_bootstrap(saved[name], args.bootstrap),
+    }
+    print(json.dumps({name: results[name]}), file=sys.stderr, flush=True)  # partial results
 
-  diff = bits["compressive"] - bits["window"]
   oracle_gain = float(np.mean(bits["window"] - bits["full"]))
-  recovered = float(np.mean(-diff)) / oracle_gain if oracle_gain > 0 else float("nan")
-  interval = paired_bootstrap(diff, args.bootstrap)
   summary = {
-      "compressive_minus_window_bits": float(diff.mean()),
-      "compressive_minus_window_ci95": interval,
       "full_minus_window_bits": -oracle_gain,
-      "full_minus_window_ci95": paired_bootstrap(bits["full"] - bits["window"], args.bootstrap),
-      "fraction_of_oracle_gain_recovered": recovered,
-      "interval_excludes_zero": bool(interval[1] < 0 or interval[0] > 0),
-      "target_met": bool(interval[1] < 0 and recovered >= 0.25),
+      "full_minus_window_ci95_over_files": paired_bootstrap(
+          bits["full"] - bits["window"], args.bootstrap, groups=file_ids
+      ),
+      "oracle_beats_window": bool(oracle_gain > 0),
   }
+  for name in models:
+    if name in ("window", "full"):
+      continue
+    diff = bits[name] - bits["window"]
+    interval = paired_bootstrap(diff, args.bootstrap, groups=file_ids)
+    recovered = float(np.mean(-diff)) / oracle_gain if oracle_gain > 0 else float("nan")
+    summary[name] = {
+        "minus_window_bits": float(diff.mean()),
+        "minus_window_ci95_over_files": interval,
+        "fraction_of_oracle_gain_recovered": recovered,
+        "interval_excludes_zero": bool(interval[1] < 0 or interval[0] > 0),
+        "target_met": bool(interval[1] < 0 and recovered >= 0.25),
+    }
   print(
       json.dumps(
           {
@@ -198,7 +292,9 @@ def main():
               "data": {
                   "train_files": len(files["train"]),
                   "test_files": len(files["test"]),
+                  "test_files_with_windows": test_files_used,
                   "test_windows": len(test),
+                  "probe_windows": len(probe),
               },
               "models": results,
               "summary": summary,

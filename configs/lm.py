@@ -48,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.num_experts = 4  # experts per MoE layer
   c.model.moe_top_k = 2  # experts per byte
   c.model.moe_load_balance_coef = 0.01  # Switch load-balancing loss weight
+  # 0.0: dropless (sorted grouped matmul); > 0: capacity-limited einsum dispatch (slots per expert
+  # = factor * tokens * top_k / experts), the one partitioned on the `expert` mesh axis
+  c.model.moe_capacity_factor = 0.0
   c.model.dropout_rate = 0.0  # residual dropout
   c.model.attention_backend = "xla"  # xla | chunked | pallas
   c.model.position_embedding = "rope"  # rope | learned (a [max_len, embed] table, RoPE off)
@@ -74,6 +77,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.ponder_steps = 0
   c.model.ponder_prior = 0.5  # lambda_p of the geometric prior over steps (mean 1 / prior)
   c.model.ponder_beta = 0.01  # weight of the KL-to-prior aux loss
+  # Temporal context compression (nexus_jax/models/compressive_lm.py): "" = the MoE/dense pair;
+  # "compressive" | "summary" | "titans" | "none" trains one segment-recurrent CompressiveLM
+  # (num_layers, embed_dim, num_heads, num_kv_heads, mlp_dim as above; no MoE) whose segments of
+  # segment_len tokens see the previous segment raw plus that memory of older ones.
+  c.model.context_memory = ""
+  c.model.segment_len = 32  # tokens per segment (must divide data.seq_len)
+  c.model.memory_slots = 8  # compressive / summary slots per layer (ignored by titans, none)
+  c.model.compression_rate = 0  # compressive: evicted tokens per slot; 0 = fit every segment
+  c.model.compression = "mean"  # compressive: "mean" pooling | "conv" (learned)
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompt = "def "  # text the sample continues
@@ -99,6 +111,26 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 30
   c.optim.weight_decay = 0.01
   c.optim.b2 = 0.98
+  # Elastic weight consolidation (train/ewc.py, chained before the optimizer): penalty strength
+  # (0 = off); online EWC (decayed Fisher, latest anchor) and its decay; a saved prior to start
+  # from ("" = none; set per domain by the continual runner below).
+  c.optim.ewc_lambda = 0.0
+  c.optim.ewc_online = False
+  c.optim.ewc_gamma = 1.0
+  c.optim.ewc_prior = ""
+
+  # Continual learning (nexus_jax/train/continual_fit.py): train the MoE LM on the sub-folders
+  # of data.root (or the stdlib) in sequence, e.g. --config.continual.domains=asyncio,email,xml;
+  # results.json gets the bits/byte matrix R[i][j] (domain j after training domain i).
+  # Each domain trains train.num_steps steps; EWC: optim.ewc_lambda > 0; replay: capacity > 0.
+  c.continual = ml_collections.ConfigDict()
+  c.continual.domains = ""  # comma-separated folder names; "" = off (the usual MoE-vs-dense run)
+  c.continual.valid_fraction = 0.2  # files of each domain in its validation split
+  c.continual.test_fraction = 0.2  # files of each domain in its test split
+  c.continual.fisher_examples = 256  # training windows of a finished domain the Fisher averages
+  c.continual.fisher_variant = "sampled"  # "sampled" (true Fisher) | "empirical"
+  c.continual.replay_capacity = 0  # reservoir windows kept from earlier domains; 0 = no replay
+  c.continual.replay_fraction = 0.25  # share of each batch replaced by replayed windows
 
   return c
 

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import pathlib
@@ -27,12 +28,15 @@ import jax
 from nexus_jax.data.datasets import text
 from nexus_jax.data.datasets.byte_lm import LMData, load_lm_data, xz_bits_per_byte
 from nexus_jax.inference.generate import Sampling, generate
+from nexus_jax.models import compressive_lm
 from nexus_jax.models.anytime import anytime_lm_objective
 from nexus_jax.models.ponder_lm import ponder_lm_objective
 from nexus_jax.models.lm import active_params, count_params, dense_equivalent, lm_from_config
 from nexus_jax.models.saving import save_model
 from nexus_jax.models.seq_objectives import lm_objective
+from nexus_jax.train import distributed
 from nexus_jax.train.config import compute_dtype
+from nexus_jax.train.continual_fit import check_continual_config, run_domains
 from nexus_jax.train.init_from import init_from_saved
 from nexus_jax.train.loop import fit, restore_best
 from nexus_jax.train.metrics import read_metrics
@@ -140,10 +144,117 @@ def save_trained_lm(
   return str(saved)
 
 
+def run_continual(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
+  """`config.continual.domains`: the MoE LM trained on the domains in sequence
+  (`train/continual_fit.run_domains`: EWC with `optim.ewc_lambda > 0`, replay with
+  `continual.replay_capacity > 0`); results.json gets the bits/byte matrix under "continual"."""
+  dtype = compute_dtype(config.train.compute_dtype)
+  model = lm_from_config(config.model, 256, dtype)
+  if (
+      model.ponder_steps > 0
+      or config.model.get("anytime_loss", False)
+      or config.model.get("context_memory", "")
+  ):
+    raise ValueError(
+        "config.continual.domains trains the MoE LM on the plain LM objective: turn off "
+        "config.model.ponder_steps, config.model.anytime_loss and config.model.context_memory."
+    )
+  out = run_domains(lambda: lm_objective(model), config, workdir)
+  cc = config.continual
+  results: dict[str, Any] = {
+      "continual": {
+          **out.report(),
+          "ewc_lambda": float(config.optim.get("ewc_lambda", 0.0)),
+          "ewc_online": bool(config.optim.get("ewc_online", False)),
+          "ewc_gamma": float(config.optim.get("ewc_gamma", 1.0)),
+          "replay_capacity": int(cc.get("replay_capacity", 0)),
+          "replay_fraction": float(cc.get("replay_fraction", 0.0)),
+      },
+      "params": {"moe": {"total": count_params(out.state.params)}},
+  }
+  last = out.data[-1]
+  results["model_dir"] = save_trained_lm(
+      workdir / "model", model, out.state.params, last, config, float(out.matrix[-1, -1])
+  )
+  results.update(
+      sample_and_corpus_report(
+          config, lambda *args, **kw: generate(model, out.state.params, *args, **kw), last
+      )
+  )
+  (workdir / "results.json").write_text(json.dumps(results, indent=2))
+  return results
+
+
+def run_context_memory(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
+  """`config.model.context_memory` set: a segment-recurrent `CompressiveLM` (window of
+  `model.segment_len` tokens + the chosen memory) instead of the MoE / dense pair; test bits/byte
+  next to xz -9e and a sample decoded with the constant-size cache (workdir/tcc)."""
+  if config.model.get("anytime_loss", False) or config.model.get("ponder_steps", 0):
+    raise ValueError(
+        "config.model.context_memory builds a CompressiveLM: turn off config.model.anytime_loss "
+        "and config.model.ponder_steps."
+    )
+  if config.train.get("init_from", ""):
+    raise ValueError(
+        "config.train.init_from loads a LanguageModel; clear config.model.context_memory."
+    )
+  seq = int(config.data.seq_len)
+  data = load_lm_data(config, workdir, [workdir / "tcc"])
+  model = compressive_lm.compressive_lm_from_config(config.model, data.tokenizer.vocab_size, seq)
+  fit_result = fit(lm_objective(model), data.train, data.valid, config, workdir / "tcc")
+  state = restore_best(fit_result)
+  bpb = data.test_bits_per_byte(lambda d: fit_result.trainer.evaluate(state, d)[0]["loss"])
+  xz = xz_bits_per_byte(data.test_bytes[1:])
+  cache = compressive_lm.init_cache(model, state.params, 1)
+  results: dict[str, Any] = {
+      "test_bits_per_byte": {"tcc": bpb, "xz_9e": xz},
+      "params": {"tcc": {"total": count_params(state.params)}},
+      "context_memory": {
+          "memory": model.memory,
+          "segment_len": model.segment_length,
+          "memory_slots": model.memory_slots,
+          "compression_rate": model.compression_rate,
+          "decode_cache_bytes_per_row": compressive_lm.cache_bytes(cache),
+      },
+      "train": {
+          "tcc": {
+              "best_step": fit_result.best_step,
+              "train_seconds": round(fit_result.train_seconds, 1),
+              "tokens_per_second": round(fit_result.rows_per_second * seq, 1),
+          }
+      },
+      "tokenizer": data.tokenizer_report(),
+  }
+  sample_config = copy.deepcopy(config)
+  sample_config.sample.uncertainty = False  # the scored decoding loop is LanguageModel's
+  results.update(
+      sample_and_corpus_report(
+          sample_config,
+          lambda prompts, **kw: compressive_lm.generate(model, state.params, prompts, **kw),
+          data,
+      )
+  )
+  results["plot"] = str(_plot(workdir, {"tcc": workdir / "tcc"}, xz, data.bytes_per_token))
+  (workdir / "results.json").write_text(json.dumps(results, indent=2))
+  return results
+
+
 def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   workdir = pathlib.Path(workdir)
+  continual = bool(check_continual_config(config))  # domain-incremental training
+  context_memory = bool(config.model.get("context_memory", ""))  # CompressiveLM
+  if (continual or context_memory) and distributed.is_multiprocess():
+    raise ValueError(
+        "config.continual.domains and config.model.context_memory run in one process only; "
+        "clear them or the distributed settings."
+    )
+  if continual:
+    return run_continual(config, workdir)
+  if context_memory:
+    return run_context_memory(config, workdir)
   names = ["moe", "dense"] if config.model.train_dense_baseline else ["moe"]
-  data = load_lm_data(config, workdir, [workdir / n for n in names])
+  with distributed.primary_first("lm tokenizer"):  # process 0 writes workdir/tokenizer.json
+    data = load_lm_data(config, workdir, [workdir / n for n in names])
   seq = int(config.data.seq_len)
   train_bpt = data.bytes_per_token["train"]
 
@@ -187,24 +298,30 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
         "bytes_per_second": round(fit_result.rows_per_second * seq * train_bpt, 1),
         "tokens_per_second": round(fit_result.rows_per_second * seq, 1),
     }
-  # The MoE model (best validation checkpoint) with its tokenizer, for `nexus-lm generate / chat`.
-  results["model_dir"] = save_trained_lm(
-      workdir / "model",
-      moe,
-      states["moe"].params,
-      data,
-      config,
-      results["test_bits_per_byte"]["moe"],
-  )
+  # The MoE model (best validation checkpoint) with its tokenizer, for `nexus-lm generate / chat`;
+  # across processes its params are gathered on every process and process 0 writes it.
+  moe_params = distributed.host_local(states["moe"].params)
+  results["model_dir"] = str(workdir / "model")
+  if distributed.is_primary():
+    results["model_dir"] = save_trained_lm(
+        workdir / "model",
+        moe,
+        moe_params,
+        data,
+        config,
+        results["test_bits_per_byte"]["moe"],
+    )
   xz = xz_bits_per_byte(data.test_bytes[1:])
   results["test_bits_per_byte"]["xz_9e"] = xz
   results["tokenizer"] = data.tokenizer_report()
 
   results.update(
       sample_and_corpus_report(
-          config, lambda *args, **kw: generate(moe, states["moe"].params, *args, **kw), data
+          config, lambda *args, **kw: generate(moe, moe_params, *args, **kw), data
       )
   )
-  results["plot"] = str(_plot(workdir, {n: workdir / n for n in models}, xz, data.bytes_per_token))
-  (workdir / "results.json").write_text(json.dumps(results, indent=2))
+  results["plot"] = str(workdir / "lm_curves.png")
+  if distributed.is_primary():  # metrics.jsonl, the plot and results.json: process 0 only
+    _plot(workdir, {n: workdir / n for n in models}, xz, data.bytes_per_token)
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
   return results

@@ -6,7 +6,8 @@ final RMSNorm and an untied head. Training (`decode=False`) needs `T % segment_l
 `nn.scan`s over the T / W segments, carrying every layer's memory (rematerialised per segment
 with `remat=True`); the attention-reconstruction losses are sown per segment into `aux_loss`
 (stacked `[num_segments]`). `memory_slots=0` is the window-only baseline (each segment sees the
-previous one), so the compared models share this code.
+previous one), so the compared models share this code. `memory` picks what older segments leave
+behind ("compressive" | "summary" | "titans" | "none": `layers/segment_memory.py`).
 
 Decoding (`decode=True`): `tokens [B, 1]` per call with `mutable=["cache"]`; initialise with
 `init_cache(model, batch)`. The cache has the same shapes at every position.
@@ -76,6 +77,9 @@ class CompressiveLM(nn.Module):
   compression: str = "mean"
   reconstruction_coef: float = 1.0
   memory_stop_gradient: bool = False
+  memory: str = "compressive"  # compressive | summary | titans | none (layers/segment_memory.py)
+  titans_hidden_mult: int = 2
+  titans_chunk: int = 16
   remat: bool = True  # rematerialise each segment's forward in the backward pass
   decode: bool = False
 
@@ -89,11 +93,18 @@ class CompressiveLM(nn.Module):
         ("compression", self.compression),
         ("reconstruction_coef", self.reconstruction_coef),
         ("memory_stop_gradient", self.memory_stop_gradient),
+        ("memory", self.memory),
+        ("titans_hidden_mult", self.titans_hidden_mult),
+        ("titans_chunk", self.titans_chunk),
         ("decode", self.decode),
     )
 
   @nn.compact
-  def __call__(self, tokens):
+  def __call__(self, inputs, deterministic: bool = True, mask=None):
+    """`inputs`: tokens `[B, T]` (the trainer's `lm_objective` keywords are accepted; the model
+    is causal, so a right-padding `mask` changes nothing before the padding and is unused)."""
+    del deterministic, mask  # no dropout; causal
+    tokens = inputs
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, length]; got {tokens.shape}.")
     b, t = tokens.shape
@@ -148,6 +159,72 @@ def decode_step(model: CompressiveLM, params: Any, cache: Any, tokens_B1):
       {"params": params, "cache": cache}, tokens_B1, mutable=["cache"]
   )
   return logits, state["cache"]
+
+
+def generate(model: CompressiveLM, params: Any, prompts, *, max_new_tokens: int, rng, sampling):
+  """Samples `max_new_tokens` after each prompt with the constant-size cache, one token per
+  call of one compiled `decode_step` (prompts are fed token by token, all rows in lockstep, so
+  every prompt must have the same length). Returns `inference.generate.GenerateOutput`."""
+  from nexus_jax.inference.generate import GenerateOutput, sample  # noqa: PLC0415
+
+  prompts = np.asarray(prompts, np.int32)
+  if prompts.ndim != 2 or prompts.shape[1] < 1:
+    raise ValueError(f"prompts must be [batch, length >= 1] of equal lengths; got {prompts.shape}.")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}.")
+  b = prompts.shape[0]
+  step = jax.jit(lambda p, c, t: decode_step(model, p, c, t))
+  cache = init_cache(model, params, b)
+  for i in range(prompts.shape[1]):
+    logits, cache = step(params, cache, jnp.asarray(prompts[:, i : i + 1]))
+  out = []
+  for _ in range(max_new_tokens):
+    rng, key = jax.random.split(rng)
+    token = sample(key, logits[:, -1].astype(jnp.float32), sampling)
+    out.append(np.asarray(token))
+    logits, cache = step(params, cache, token[:, None])
+  tokens = np.stack(out, axis=1).astype(np.int32)
+  return GenerateOutput(tokens=tokens, lengths=np.full((b,), max_new_tokens, np.int32))
+
+
+def compressive_lm_from_config(model_config: Any, vocab_size: int, seq_len: int) -> CompressiveLM:
+  """The LM experiment's `config.model` with `context_memory` set -> a `CompressiveLM`
+  (ValueError naming the field for a bad memory, segment length or slot count)."""
+  mc = model_config
+  memory = mc.context_memory
+  w = int(mc.get("segment_len", 0))
+  if w < 1:
+    raise ValueError(f"config.model.segment_len={w} must be >= 1 (tokens per segment).")
+  if seq_len % w:
+    raise ValueError(
+        f"config.model.segment_len={w} must divide config.data.seq_len={seq_len} (the model "
+        "trains on whole segments)."
+    )
+  slots = int(mc.get("memory_slots", 0))
+  if memory in ("compressive", "summary") and slots < 1:
+    raise ValueError(
+        f"config.model.memory_slots={slots} must be >= 1 for context_memory={memory!r} "
+        "(use context_memory='none' for window-only)."
+    )
+  rate = int(mc.get("compression_rate", 0)) or max(w * max(seq_len // w - 2, 1) // max(slots, 1), 1)
+  model = CompressiveLM(
+      vocab_size=vocab_size,
+      num_layers=int(mc.num_layers),
+      embed_dim=int(mc.embed_dim),
+      num_heads=int(mc.num_heads),
+      num_kv_heads=int(mc.num_kv_heads) or None,
+      mlp_dim=int(mc.mlp_dim),
+      segment_length=w,
+      memory_slots=slots if memory in ("compressive", "summary") else 0,
+      compression_rate=rate,
+      compression=mc.get("compression", "mean"),
+      memory=memory,
+  )
+  try:
+    CompressiveAttention(**dict(model.attention_fields()), parent=None).dims(model.embed_dim)
+  except ValueError as e:
+    raise ValueError(f"config.model (context_memory={memory!r}): {e}") from None
+  return model
 
 
 def cache_bytes(cache: Any) -> int:

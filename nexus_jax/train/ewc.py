@@ -17,14 +17,21 @@ in the optimizer state (`EWCState`), so a `TrainState` built with this `tx`, its
               / F` (same gradient; the penalty differs by a constant).
   online EWC: `F = gamma * F_old + F_new`, `theta* = theta` (the latest params); gamma = 1 is
               Huszar's (2018) corrected single penalty, gamma = 0 keeps only the latest task.
+
+Across separate training runs (`train/loop.fit` calls, one per task): `save_ewc_prior(path,
+consolidated_state)` writes anchor, Fisher and task count to a `.npz` (flattened by param path,
+no pickle) and `ewc(..., prior=load_ewc_prior(path))` starts its state from them instead of
+(params, 0) - what `config.optim.ewc_prior` does in `train/optim.build_optimizer`.
 """
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -47,8 +54,20 @@ def check_ewc_args(ewc_lambda: float, gamma: float) -> None:
     raise ValueError(f"gamma={gamma} must lie in [0, 1] (online EWC's Fisher decay).")
 
 
+class EWCPrior(NamedTuple):
+  """Consolidated EWC knowledge from earlier runs (`load_ewc_prior`): flat by param path."""
+
+  anchor: dict[str, np.ndarray]  # jax.tree_util.keystr(path) -> theta*
+  fisher: dict[str, np.ndarray]  # jax.tree_util.keystr(path) -> F (float32)
+  num_tasks: int
+
+
 def ewc(
-    ewc_lambda: float, *, online: bool = False, gamma: float = 1.0
+    ewc_lambda: float,
+    *,
+    online: bool = False,
+    gamma: float = 1.0,
+    prior: EWCPrior | None = None,
 ) -> optax.GradientTransformation:
   """The EWC gradient transform (module docstring); `update` needs `params`.
 
@@ -56,15 +75,22 @@ def ewc(
     ewc_lambda: penalty strength lambda >= 0.
     online: online EWC (decayed Fisher, latest anchor) instead of one penalty per task.
     gamma: online EWC's decay in [0, 1] (ignored, and stored as 1, when `online` is False).
+    prior: anchor + Fisher of earlier tasks (`load_ewc_prior`); `init` starts from them (their
+      paths, shapes must be the params'), else from anchor = params, F = 0.
   """
   check_ewc_args(ewc_lambda, gamma)
   gamma = float(gamma) if online else 1.0
 
   def init(params):
+    if prior is not None:
+      anchor, fisher = _prior_trees(prior, params)
+    else:
+      anchor = jax.tree.map(_copy, params)  # own buffers: a donated state must not alias
+      fisher = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
     return EWCState(
-        anchor=jax.tree.map(_copy, params),  # own buffers: a donated state must not alias
-        fisher=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params),
-        num_tasks=jnp.zeros((), jnp.int32),
+        anchor=anchor,
+        fisher=fisher,
+        num_tasks=jnp.asarray(prior.num_tasks if prior is not None else 0, jnp.int32),
         ewc_lambda=jnp.asarray(ewc_lambda, jnp.float32),
         gamma=jnp.asarray(gamma, jnp.float32),
         online=jnp.asarray(bool(online)),
@@ -87,6 +113,56 @@ def ewc(
 
 def _copy(x: Any) -> jax.Array:
   return jnp.array(x, copy=True)
+
+
+def _prior_trees(prior: EWCPrior, params: Any) -> tuple[Any, Any]:
+  """`(anchor, fisher)` trees like `params` from a flat prior; ValueError naming a bad path."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  keys = [jax.tree_util.keystr(path) for path, _ in flat]
+  if set(keys) != set(prior.anchor) or set(keys) != set(prior.fisher):
+    missing = sorted(set(keys) - set(prior.anchor))[:3]
+    extra = sorted(set(prior.anchor) - set(keys))[:3]
+    raise ValueError(
+        f"the EWC prior does not fit the params: missing {missing}, unexpected {extra}; it must "
+        "come from the same model (config.optim.ewc_prior)."
+    )
+  anchor, fisher = [], []
+  for key, (_, p) in zip(keys, flat):
+    a, f = prior.anchor[key], prior.fisher[key]
+    if tuple(a.shape) != tuple(jnp.shape(p)) or tuple(f.shape) != tuple(jnp.shape(p)):
+      raise ValueError(
+          f"the EWC prior's {key} has shape {tuple(a.shape)}, the param {tuple(jnp.shape(p))} "
+          "(config.optim.ewc_prior must come from the same model)."
+      )
+    anchor.append(jnp.asarray(a, jnp.result_type(p)))
+    fisher.append(jnp.asarray(f, jnp.float32))
+  return treedef.unflatten(anchor), treedef.unflatten(fisher)
+
+
+def save_ewc_prior(path: str | pathlib.Path, state: EWCState) -> pathlib.Path:
+  """Writes `state`'s anchor, Fisher and task count to `path` (.npz, flat by param path)."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  arrays = {"num_tasks": np.asarray(jax.device_get(state.num_tasks), np.int32)}
+  for name in ("anchor", "fisher"):
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(getattr(state, name))[0]:
+      arrays[f"{name}:{jax.tree_util.keystr(key_path)}"] = np.asarray(jax.device_get(leaf))
+  with open(path, "wb") as f:
+    np.savez(f, **arrays)
+  return path
+
+
+def load_ewc_prior(path: str | pathlib.Path) -> EWCPrior:
+  """The `EWCPrior` written by `save_ewc_prior` (ValueError naming `path` if it is not one)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ValueError(f"EWC prior file {path} does not exist (config.optim.ewc_prior).")
+  with np.load(path, allow_pickle=False) as z:
+    if "num_tasks" not in z.files:
+      raise ValueError(f"{path} is not an EWC prior written by save_ewc_prior (no num_tasks).")
+    anchor = {k[len("anchor:") :]: z[k] for k in z.files if k.startswith("anchor:")}
+    fisher = {k[len("fisher:") :]: z[k] for k in z.files if k.startswith("fisher:")}
+    return EWCPrior(anchor, fisher, int(z["num_tasks"]))
 
 
 def _is_ewc(x: Any) -> bool:
@@ -146,6 +222,7 @@ def ewc_penalty(opt_state: Any, params: Any) -> jax.Array:
 
 
 __all__ = [
+    "EWCPrior",
     "EWCState",
     "check_ewc_args",
     "consolidate",
@@ -153,4 +230,6 @@ __all__ = [
     "ewc",
     "ewc_penalty",
     "find_ewc_state",
+    "load_ewc_prior",
+    "save_ewc_prior",
 ]

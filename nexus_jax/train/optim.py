@@ -13,6 +13,13 @@ Config fields (`config.optim`):
   clip_norm: global-norm gradient clipping (0 disables).
   grad_accum_steps: accumulate gradients over this many micro-batches (optax.MultiSteps).
   b1, b2, momentum: optimizer coefficients (momentum for sgd).
+  ewc_lambda: elastic weight consolidation strength (>= 0; 0 = off): `train/ewc.ewc` chained
+    first (before clipping and the optimizer), anchor and Fisher in the optimizer state.
+  ewc_online: online EWC (Schwarz et al. 2018: decayed Fisher, latest anchor) instead of EWC.
+  ewc_gamma: online EWC's Fisher decay in [0, 1].
+  ewc_prior: "" or a `.npz` from `train/ewc.save_ewc_prior` (anchor + Fisher consolidated after
+    earlier tasks) the EWC state starts from; "" = anchor = initial params, Fisher 0 (the penalty
+    is then 0 until something is consolidated, e.g. by `train/continual_fit.run_domains`).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import optax
 from flax import traverse_util
 
 from nexus_jax.train.adam8bit import DEFAULT_BLOCK_SIZE, DEFAULT_EXCLUDE, DEFAULT_MIN_SIZE, adamw_8bit
+from nexus_jax.train.ewc import ewc, load_ewc_prior
 
 SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adamw8bit", "lion", "sgd")
@@ -93,10 +101,33 @@ def weight_decay_mask(params: Any) -> Any:
   return traverse_util.unflatten_dict({k: decays(k, v) for k, v in flat.items()})
 
 
+def ewc_transform(optim_config: Any) -> optax.GradientTransformation | None:
+  """`ewc(...)` from `optim.ewc_lambda / ewc_online / ewc_gamma / ewc_prior`, None when
+  ewc_lambda is 0 (or absent); a ValueError names the offending `config.optim` field."""
+  lam = optim_config.get("ewc_lambda", 0.0)
+  gamma = optim_config.get("ewc_gamma", 1.0)
+  if not float(lam) >= 0:  # also rejects NaN
+    raise ValueError(f"config.optim.ewc_lambda={lam} must be >= 0 (0 disables EWC).")
+  if not 0.0 <= float(gamma) <= 1.0:
+    raise ValueError(f"config.optim.ewc_gamma={gamma} must lie in [0, 1] (online EWC's decay).")
+  prior_path = optim_config.get("ewc_prior", "") or ""
+  if float(lam) == 0:
+    if prior_path:
+      raise ValueError(
+          f"config.optim.ewc_prior={prior_path!r} is set but config.optim.ewc_lambda=0: set "
+          "ewc_lambda > 0 to use it, or clear ewc_prior."
+      )
+    return None
+  prior = load_ewc_prior(prior_path) if prior_path else None
+  online = bool(optim_config.get("ewc_online", False))
+  return ewc(float(lam), online=online, gamma=float(gamma), prior=prior)
+
+
 def build_optimizer(
     optim_config: Any, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Returns `(tx, schedule)`: clipping -> optimizer with masked weight decay -> accumulation."""
+  """Returns `(tx, schedule)`: [EWC ->] clipping -> optimizer with masked weight decay ->
+  accumulation."""
   name = optim_config.name
   if name not in OPTIMIZERS:
     raise ValueError(f"config.optim.name={name!r} is unknown; choose one of {OPTIMIZERS}.")
@@ -130,6 +161,9 @@ def build_optimizer(
     )
   clip = float(optim_config.get("clip_norm", 0.0))
   tx = optax.chain(optax.clip_by_global_norm(clip), opt) if clip > 0 else opt
+  penalty = ewc_transform(optim_config)
+  if penalty is not None:
+    tx = optax.chain(penalty, tx)
   if accum > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=accum)
   return tx, schedule

@@ -233,3 +233,89 @@ def test_lm_experiment_with_a_ponder_head(tmp_path):
   assert 0 < results["test_bits_per_byte"]["moe"] < 8.0
   assert results["sample"].startswith("def ")
   assert load_model(results["model_dir"], family="lm").model.ponder_steps == 2
+
+
+def _continual(tmp_path, name, **optim):
+  c = _config()
+  c.data.update(root=str(text.stdlib_dir()), seq_len=32, valid_bytes=1024, test_bytes=2048)
+  c.model.update(num_layers=1, embed_dim=32, num_heads=2, num_kv_heads=1, mlp_dim=32, num_experts=2)
+  c.train.update(batch_size=8, num_steps=12, eval_every_steps=12, progress=False, tensorboard=False)
+  c.optim.update(warmup_steps=2, **optim)
+  c.continual.update(domains="asyncio,xml", fisher_examples=16)
+  c.sample.num_bytes = 8
+  return run_experiment(c, tmp_path / name)
+
+
+@pytest.mark.slow  # four fits on two stdlib domains: ~2 minutes on a shared 2-core CPU
+def test_lm_continual_domains_ewc_changes_the_later_rows(tmp_path):
+  plain = _continual(tmp_path, "finetune")["continual"]
+  ewc = _continual(tmp_path, "ewc", ewc_lambda=1e4)["continual"]
+  saved = json.loads((tmp_path / "ewc" / "results.json").read_text())["continual"]
+  assert saved["domains"] == ["asyncio", "xml"] and saved["ewc_lambda"] == 1e4
+  r0, r1 = np.array(plain["bits_per_byte_matrix"]), np.array(ewc["bits_per_byte_matrix"])
+  assert r0.shape == (2, 2) and np.all((0 < r0) & (r0 < 8.5))
+  # Domain 0 trains identically (no Fisher yet); domain 1 is pulled back towards domain 0's params.
+  np.testing.assert_allclose(r0[0], r1[0], rtol=1e-5)
+  assert np.all(np.abs(r0[1] - r1[1]) > 1e-4)
+  assert saved["backward_transfer"] == pytest.approx(r1[1, 0] - r1[0, 0], abs=1e-3)
+  assert (tmp_path / "ewc" / "continual" / "ewc_after_0.npz").exists()
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("optim.ewc_lambda", -1.0, "config.optim.ewc_lambda"),
+        ("optim.ewc_gamma", 1.5, "config.optim.ewc_gamma"),
+        ("continual.domains", "asyncio", "config.continual.domains"),
+        ("continual.domains", "asyncio,no_such_pkg", "config.continual.domains"),
+        ("continual.replay_fraction", 1.0, "config.continual.replay_fraction"),
+        ("continual.fisher_variant", "exact", "config.continual.fisher_variant"),
+    ],
+)
+def test_lm_continual_bad_fields_raise_naming_them(tmp_path, field, value, match):
+  c = _config()
+  c.continual.domains = "asyncio,xml"
+  c.optim.ewc_lambda = 1.0
+  section, key = field.split(".")
+  c[section][key] = value
+  c.train.update(progress=False, tensorboard=False, num_steps=2, batch_size=2)
+  c.optim.warmup_steps = 0
+  with pytest.raises(ValueError, match=match):
+    run_experiment(c, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "memory", ["compressive", pytest.param("titans", marks=pytest.mark.slow)]  # ~60-80 s each
+)
+def test_lm_experiment_with_context_memory_end_to_end(tmp_path, memory):
+  folder = stdlib_text_folder(tmp_path / "corpus")
+  c = _tiny(_config(), folder, seq_len=32, test_bytes=1500)
+  c.model.update(context_memory=memory, segment_len=8, memory_slots=4)
+  results = run_experiment(c, tmp_path / "run")
+  saved = json.loads((tmp_path / "run" / "results.json").read_text())
+  bpb = saved["test_bits_per_byte"]
+  assert set(bpb) == {"tcc", "xz_9e"} and 0 < bpb["tcc"] < 8.0
+  cm = saved["context_memory"]
+  assert cm["memory"] == memory and cm["segment_len"] == 8
+  if memory == "compressive":  # 4 segments: 2 are ever evicted into 4 slots -> rate 4
+    assert cm["compression_rate"] == 4
+  assert results["sample"].startswith("def ") and len(results["sample"]) > 4
+  assert "sample_uncertainty" not in saved
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(context_memory="ring"), "config.model"),
+        (dict(context_memory="compressive", segment_len=0), "config.model.segment_len"),
+        (dict(context_memory="summary", segment_len=5), "config.model.segment_len"),
+        (dict(context_memory="summary", memory_slots=0), "config.model.memory_slots"),
+    ],
+)
+def test_context_memory_bad_fields_name_them(fields, match):
+  from nexus_jax.models.compressive_lm import compressive_lm_from_config
+
+  c = _config()
+  c.model.update(**fields)
+  with pytest.raises(ValueError, match=match):
+    compressive_lm_from_config(c.model, 256, 32)

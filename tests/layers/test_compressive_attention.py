@@ -7,9 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from nexus_jax.layers import rotary
 from nexus_jax.layers.compressive_attention import CompressiveAttention, init_memory
+from nexus_jax.layers.segment_memory import summary_update
 from nexus_jax.models.compressive_lm import CompressiveLM, cache_bytes, decode_step, init_cache
 
 E, W = 16, 4
@@ -46,7 +48,7 @@ def _softmax_attend(q, k, v, mask_TS):
 
 
 @pytest.mark.parametrize("compression", ["mean", "conv"])
-def test_decoding_matches_segment_recurrent_forward(compression):
+def test_decoding_matches_segment_recurrent_forward(compression):  # memory="compressive"
   # W=4, c=2, M=4: two compressed chunks in the ring, overwritten from segment 4 on.
   model = CompressiveLM(
       num_layers=2,
@@ -75,6 +77,87 @@ def test_decoding_matches_segment_recurrent_forward(compression):
   assert step._cache_size() == 1  # one compiled step for every position
   # (2W raw + M compressed) k and v slots, K=2 heads of D=8, 2 rows, 2 layers, + index.
   assert nbytes == 2 * (2 * (2 * W + 4) * 2 * 8 * 2 * 4 + 4)
+
+
+def _live_titans(params):
+  """The params with the Titans read-out kernels (zero at init: a no-op branch) made random."""
+  flat = traverse_util.flatten_dict(params)
+  key = jax.random.PRNGKey(11)
+  for path in flat:
+    if "titans" in path and path[-2:] == ("out", "kernel"):
+      key, sub = jax.random.split(key)
+      flat[path] = jax.random.normal(sub, flat[path].shape) * 0.3
+  return traverse_util.unflatten_dict(flat)
+
+
+@pytest.mark.parametrize("memory", ["summary", "titans", "none"])
+def test_other_memories_decode_like_the_segment_recurrent_forward(memory):
+  model = CompressiveLM(
+      num_layers=2,
+      embed_dim=32,
+      num_heads=4,
+      num_kv_heads=2,
+      mlp_dim=64,
+      segment_length=W,
+      memory_slots=3,
+      memory=memory,
+      titans_chunk=2,
+  )
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 6 * W), 0, 256)
+  params = _live_titans(model.init(jax.random.PRNGKey(0), tokens)["params"])
+  logits, _ = model.apply({"params": params}, tokens)
+  cache = init_cache(model, params, 2)
+  shapes = jax.tree.map(lambda a: (a.shape, a.dtype), cache)
+  step = jax.jit(lambda p, c, t: decode_step(model, p, c, t))
+  outs = []
+  for i in range(tokens.shape[1]):
+    out, cache = step(params, cache, tokens[:, i : i + 1])
+    outs.append(out)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), cache) == shapes
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), logits, atol=1e-4, rtol=1e-4)
+  assert step._cache_size() == 1
+  layer = cache["stack"]["block_0"]["attn"]
+  slots = {"summary": 3, "titans": 0, "none": 0}[memory]
+  assert layer["mem_k"].shape == (2, slots, 2, 8)
+  if memory == "titans":  # the memory MLP's state and the raw inputs of two segments
+    assert layer["titans_w1"].shape == (2, 2, 8, 16) and layer["prev_x"].shape == (2, W, 32)
+
+
+def test_summary_update_is_a_softmax_mixture_of_old_slots_and_evicted_kv():
+  k1, k2, k3, k4, k5 = jax.random.split(jax.random.PRNGKey(7), 5)
+  q = jax.random.normal(k1, (3, 2, 4))  # M=3 slots, K=2 heads, D=4
+  mem_k, mem_v = jax.random.normal(k2, (1, 3, 2, 4)), jax.random.normal(k3, (1, 3, 2, 4))
+  ev_k, ev_v = jax.random.normal(k4, (1, 5, 2, 4)), jax.random.normal(k5, (1, 5, 2, 4))
+  for valid in (False, True):
+    new_k, new_v = summary_update(q, mem_k, mem_v, ev_k, ev_v, jnp.asarray(valid))
+    keys = np.concatenate([mem_k, ev_k], 1)[0] if valid else np.asarray(ev_k[0])
+    vals = np.concatenate([mem_v, ev_v], 1)[0] if valid else np.asarray(ev_v[0])
+    for h in range(2):
+      s = np.asarray(q[:, h]) @ keys[:, h].T / 2.0
+      p = np.exp(s - s.max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      np.testing.assert_allclose(new_k[0, :, h], p @ keys[:, h], rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(new_v[0, :, h], p @ vals[:, h], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("memory, reaches", [("none", False), ("summary", True), ("titans", True)])
+def test_memory_variants_reach_past_the_previous_segment(memory, reaches):
+  model = CompressiveLM(
+      num_layers=1,
+      embed_dim=E,
+      num_heads=2,
+      mlp_dim=32,
+      segment_length=W,
+      memory_slots=2,
+      memory=memory,
+  )
+  tokens = jax.random.randint(jax.random.PRNGKey(5), (1, 3 * W), 0, 256)
+  params = _live_titans(model.init(jax.random.PRNGKey(0), tokens)["params"])
+  changed = tokens.at[0, 0].set((tokens[0, 0] + 1) % 256)  # segment 0; segment 2 reads it only
+  a, b = (model.apply({"params": params}, t)[0] for t in (tokens, changed))
+  assert bool(jnp.any(jnp.abs(a[:, 2 * W :] - b[:, 2 * W :]) > 1e-6)) == reaches
+  # segment 1 sees segment 0 raw, so it always changes; nothing before segment 0 exists
+  assert bool(jnp.any(jnp.abs(a[:, W : 2 * W] - b[:, W : 2 * W]) > 1e-6))
 
 
 def test_window_only_equals_hand_mask():
@@ -160,6 +243,9 @@ def test_memory_init_shapes():
         (dict(memory_slots=3, compression_rate=2), "memory_slots"),  # chunks of W/c = 2 slots
         (dict(memory_slots=4, compression_rate=3), "compression_rate"),  # 3 does not divide 4
         (dict(compression="max", memory_slots=4), "compression"),
+        (dict(memory="ring"), "memory"),
+        (dict(memory="summary", memory_slots=0), "memory_slots"),
+        (dict(memory="titans", titans_chunk=0), "titans_chunk"),
     ],
 )
 def test_bad_fields_raise(fields, match):
@@ -194,3 +280,23 @@ def test_lm_sows_one_reconstruction_loss_per_segment_and_layer():
   assert aux == {"segments": 3} and len(losses) == 2
   for loss in losses:
     assert loss.shape == (3,) and float(loss[0]) == 0.0 and float(loss[1]) > 0
+
+
+def test_titans_memory_stays_finite_over_many_writes():
+  # max_lr = 1.0 blew the memory MLP up to inf within 4-8 writes of real text at init (NaN).
+  from nexus_jax.data.datasets import text
+
+  data = np.frombuffer((text.stdlib_dir() / "argparse.py").read_bytes()[: 4 * 161], np.uint8)
+  tokens = jnp.asarray(data.reshape(4, 161)[:, :-1].astype(np.int32))
+  model = CompressiveLM(
+      num_layers=2,
+      embed_dim=64,
+      num_heads=4,
+      num_kv_heads=2,
+      mlp_dim=256,
+      segment_length=16,
+      memory="titans",
+  )
+  params = _live_titans(model.init(jax.random.PRNGKey(0), tokens[:1])["params"])
+  logits, _ = model.apply({"params": params}, tokens)
+  assert bool(jnp.all(jnp.isfinite(logits)))

@@ -145,3 +145,67 @@ def test_gradient_accumulation_averages_micro_batches():
   np.testing.assert_allclose(u1["w"], 0.0)  # no update mid-accumulation
   u2, state = tx.update({"w": jnp.array([3.0])}, state, params)
   np.testing.assert_allclose(u2["w"], -2.0)  # mean of the two micro-batch gradients
+
+
+def _sgd(**kw):
+  return optim_config(
+      name="sgd",
+      momentum=0.0,
+      warmup_steps=0,
+      schedule="constant",
+      learning_rate=1.0,
+      weight_decay=0.0,
+      **kw,
+  )
+
+
+def test_ewc_fields_chain_the_penalty_before_the_optimizer(tmp_path):
+  from nexus_jax.train.ewc import consolidated, find_ewc_state, save_ewc_prior
+
+  params = {"w": jnp.array([1.0, -2.0]), "b": jnp.array([0.5])}
+  grads = {"w": jnp.array([0.1, 0.2]), "b": jnp.array([-0.3])}
+  plain, _ = build_optimizer(_sgd(), 10)
+  u_plain, _ = plain.update(grads, plain.init(params), params)
+  tx, _ = build_optimizer(_sgd(ewc_lambda=2.0), 10)
+  state = tx.init(params)
+  u, _ = tx.update(grads, state, params)  # Fisher 0 before anything is consolidated
+  jax.tree.map(np.testing.assert_allclose, u, u_plain)
+  # A consolidated prior (anchor theta*, Fisher F) saved by one run starts the next run's state.
+  anchor = {"w": jnp.array([0.0, 0.0]), "b": jnp.array([1.5])}
+  fisher = {"w": jnp.array([1.0, 3.0]), "b": jnp.array([2.0])}
+  merged = consolidated(find_ewc_state(state), anchor, fisher)
+  path = save_ewc_prior(tmp_path / "prior.npz", merged)
+  tx, _ = build_optimizer(_sgd(ewc_lambda=2.0, ewc_prior=str(path)), 10)
+  state = tx.init(params)
+  assert int(find_ewc_state(state).num_tasks) == 1
+  u, _ = tx.update(grads, state, params)
+  want = jax.tree.map(lambda g, f, p, a: -(g + 2.0 * f * (p - a)), grads, fisher, params, anchor)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u, want)
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(ewc_lambda=-1.0), "config.optim.ewc_lambda"),
+        (dict(ewc_lambda=float("nan")), "config.optim.ewc_lambda"),
+        (dict(ewc_lambda=1.0, ewc_gamma=1.5), "config.optim.ewc_gamma"),
+        (dict(ewc_lambda=1.0, ewc_gamma=-0.1), "config.optim.ewc_gamma"),
+        (dict(ewc_lambda=0.0, ewc_prior="x.npz"), "config.optim.ewc_prior"),
+        (dict(ewc_lambda=1.0, ewc_prior="/nonexistent/x.npz"), "config.optim.ewc_prior"),
+    ],
+)
+def test_bad_ewc_fields_raise_naming_the_field(fields, match):
+  with pytest.raises(ValueError, match=match):
+    build_optimizer(_sgd(**fields), 10)
+
+
+def test_ewc_prior_must_fit_the_params(tmp_path):
+  from nexus_jax.train.ewc import ewc, find_ewc_state, save_ewc_prior
+
+  state = ewc(1.0).init({"w": jnp.zeros(2)})
+  path = save_ewc_prior(tmp_path / "p.npz", find_ewc_state(state))
+  tx, _ = build_optimizer(_sgd(ewc_lambda=1.0, ewc_prior=str(path)), 10)
+  with pytest.raises(ValueError, match="shape"):
+    tx.init({"w": jnp.zeros(3)})
+  with pytest.raises(ValueError, match="missing"):
+    tx.init({"v": jnp.zeros(2)})
