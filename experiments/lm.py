@@ -315,11 +315,12 @@ def run(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   results["test_bits_per_byte"]["xz_9e"] = xz
   results["tokenizer"] = data.tokenizer_report()
 
-  results.update(
-      sample_and_corpus_report(
-          config, lambda *args, **kw: generate(moe, moe_params, *args, **kw), data
-      )
-  )
+  if distributed.is_primary():  # the sample is local (gathered params): process 0 reports it
+    results.update(
+        sample_and_corpus_report(
+            config, lambda *args, **kw: generate(moe, moe_params, *args, **kw), data
+        )
+    )
   results["plot"] = str(workdir / "lm_curves.png")
   if distributed.is_primary():  # metrics.jsonl, the plot and results.json: process 0 only
     _plot(workdir, {n: workdir / n for n in models}, xz, data.bytes_per_token)

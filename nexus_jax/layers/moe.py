@@ -31,6 +31,13 @@ for expert slots. (A full forward pass with `capacity_factor` set still drops ov
 
 Expert weights are `[expert, embed, mlp]` / `[expert, mlp, embed]`, shardable on the `expert`
 mesh axis. The capacity path's einsums are partitioned by GSPMD (all-to-alls inserted by XLA).
+The dropless path has no tensor with an expert dimension to constrain: its rows `[N*K, D]` are
+sorted by expert into ragged, data-dependent groups and every row picks its expert's weights
+inside the grouped matmul, so GSPMD all-gathers the expert weights to every device (seen in the
+compiled gradient on a (data 2, expert 4) mesh: all-gathers of the full `[E, D, F]` / `[E, F, D]`
+weights, none on the capacity path). Stored params and Adam moments stay expert-sharded; for
+expert-parallel compute set `capacity_factor` (a shard_map dispatch with a ragged all-to-all, as
+MaxText's megablox path does, is the dropless alternative; not built here).
 """
 
 from __future__ import annotations

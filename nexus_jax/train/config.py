@@ -88,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.heartbeat_timeout_seconds = 60  # a silent process counts as dead after this
   c.distributed.initialization_timeout_seconds = 300  # how long processes wait for each other
   c.distributed.shutdown_timeout_seconds = 60  # how long an exiting process waits for the others
+  # A watcher (the process you started; it forks the training process) reports a lost peer
+  # even when jax.distributed ends the training process itself (Linux); False = no fork.
+  c.distributed.watch = True
   return c
 
 

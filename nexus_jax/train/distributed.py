@@ -14,17 +14,28 @@ process with N devices trains. On CPU the collectives go over gloo (TCP), jax's 
 
 Faults: if a peer process dies, the next collective fails (gloo: "Connection closed by peer") or,
 when none is running, the coordination service notices the missing heartbeats after
-`heartbeat_timeout_seconds`; jax then aborts every remaining process with a log line naming the
-dead task ("The following tasks are unhealthy (stopped sending heartbeats): 1"). `raise_if_peer_lost`
-turns a failed collective into a `LostProcessError` naming the lost process(es) and the checkpoint
-a rerun resumes from (printed to stderr first, since jax may abort the process right after).
+`heartbeat_timeout_seconds`. `raise_if_peer_lost` turns a failed collective into a
+`LostProcessError` naming the lost process(es) and the checkpoint a rerun resumes from. But
+jax.distributed also ends a process itself, from a C++ thread and within milliseconds, when its
+coordination service reports an error ("The following tasks are unhealthy (stopped sending
+heartbeats): 1", or the coordinator, process 0, is gone): no Python code of that process runs
+again. So on Linux `initialize` forks first (`config.distributed.watch`): the process you started
+becomes a watcher that passes the training process's output through and, if jax ended it,
+prints the same `error: lost process ...` line (naming process 0, the coordinator, or the
+unhealthy tasks, and the last complete checkpoint) and exits with 1. The training process dies
+with its watcher (PR_SET_PDEATHSIG), so killing the started process kills the run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import json
 import logging
 import os
+import pathlib
+import re
+import signal
 import sys
 import threading
 from typing import Any, Iterator
@@ -76,6 +87,7 @@ def settings(dc: Any) -> dict[str, Any]:
       "heartbeat_timeout_seconds": int(dc.get("heartbeat_timeout_seconds", 60)),
       "initialization_timeout_seconds": int(dc.get("initialization_timeout_seconds", 300)),
       "shutdown_timeout_seconds": int(dc.get("shutdown_timeout_seconds", 60)),
+      "watch": bool(dc.get("watch", True)),
   }
 
 
@@ -106,6 +118,8 @@ def initialize(dc: Any) -> bool:
       "heartbeat_timeout_seconds": s["heartbeat_timeout_seconds"],
       "shutdown_timeout_seconds": s["shutdown_timeout_seconds"],
   }
+  if s["watch"]:
+    _start_watcher(s)  # returns in the (forked) training process only
   if s["coordinator_bind_address"]:
     kwargs["coordinator_bind_address"] = s["coordinator_bind_address"]
   if not s["auto"]:
@@ -126,6 +140,7 @@ def initialize(dc: Any) -> bool:
       ) from None
     raise
   _STARTED.update(s)
+  _note(process=jax.process_index(), processes=jax.process_count())
   logging.getLogger(__name__).info(
       "process %d of %d, %d local / %d global devices",
       jax.process_index(),
@@ -258,6 +273,38 @@ _COLLECTIVE_FAILURES = (
 )
 
 
+def complete_steps(checkpoint_dir: str | os.PathLike) -> list[int]:
+  """Steps whose checkpoint folder is complete on disk (Orbax renames a step's temporary folder
+  only once every process wrote it); read without Orbax, e.g. after a peer process died."""
+  path = pathlib.Path(checkpoint_dir)
+  if not path.is_dir():
+    return []
+  return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def resume_note(workdir: str | os.PathLike, checkpoint_dir: str | os.PathLike) -> str:
+  """'Rerun every process ...: training resumes from step N, the last complete checkpoint.'"""
+  done = complete_steps(checkpoint_dir)
+  where = f"step {done[-1]}" if done else "the start (no checkpoint yet)"
+  return (
+      f"Rerun every process with the same workdir ({workdir}): training resumes from "
+      f"{where}, the last complete checkpoint."
+  )
+
+
+def training_in(workdir: str | os.PathLike, checkpoint_dir: str | os.PathLike) -> None:
+  """Tells the watcher (if any) where this process trains now, for its resume note."""
+  _note(workdir=str(workdir), checkpoints=str(checkpoint_dir))
+
+
+def _who(lost: list[int] | None, n: int) -> str:
+  """'process 1 of 2', 'process 0 of 2 (the coordinator)', 'processes 2, 3 of 4' or 'a peer ...'."""
+  if not lost:
+    return f"a peer process of {n}"
+  who = f"process{'es' if len(lost) > 1 else ''} {', '.join(map(str, lost))} of {n}"
+  return who + (" (the coordinator, which serves jax.distributed)" if 0 in lost else "")
+
+
 def raise_if_peer_lost(err: BaseException, resume_note: str) -> None:
   """Raises `LostProcessError` (from `err`) when a peer process is gone; returns otherwise.
 
@@ -275,14 +322,116 @@ def raise_if_peer_lost(err: BaseException, resume_note: str) -> None:
     lost = [1 - me]
   else:
     lost = lost_processes(float(_STARTED.get("heartbeat_timeout_seconds", 10)))
-  who = (
-      f"process{'es' if len(lost) > 1 else ''} {', '.join(map(str, lost))} of {n}"
-      if lost
-      else f"a peer process of {n}"
-  )
+  who = _who(lost, n)
   message = (
       f"lost {who}: it died or became unreachable (process {me} saw: "
       f"{text.splitlines()[0][:200] if text else type(err).__name__}). {resume_note}"
   )
   os.write(sys.stderr.fileno(), f"error: {message}\n".encode())
   raise LostProcessError(message) from err
+
+
+# ----------------------------------------------------------------------------------- the watcher
+_LOST_MARKER = "error: lost "  # how our lost-process message starts on stderr
+# jax.distributed's own last words (xla/pjrt/distributed/client.h) before it aborts a process.
+_JAX_ABORT = "Terminating process because the JAX distributed service detected fatal errors"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_NOTES_FD: list[int] = []  # in a watched training process: the pipe to the watcher
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _note(**fields: Any) -> None:
+  """One JSON line to the watcher (no-op without one)."""
+  if _NOTES_FD:
+    with contextlib.suppress(OSError):
+      os.write(_NOTES_FD[0], (json.dumps(fields) + "\n").encode())
+
+
+def _start_watcher(s: dict[str, Any]) -> None:
+  """Forks (Linux): the child returns and trains; this process watches it and never returns.
+
+  The child's stderr goes through a pipe to the watcher (which copies it to its own stderr and
+  keeps the tail), it runs in its own process group (the watcher forwards SIGINT, SIGTERM,
+  SIGHUP, SIGUSR1/2 to it, once) and it is SIGKILLed if the watcher dies.
+  """
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    prctl = libc.prctl
+  except (OSError, AttributeError):
+    return  # not Linux: no watcher
+  sys.stdout.flush(), sys.stderr.flush()
+  err_r, err_w = os.pipe()
+  note_r, note_w = os.pipe()
+  watcher = os.getpid()
+  pid = os.fork()
+  if pid == 0:  # the training process
+    os.close(err_r), os.close(note_r)
+    os.dup2(err_w, 2)
+    os.close(err_w)
+    _NOTES_FD.append(note_w)
+    os.setpgid(0, 0)
+    if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0 or os.getppid() != watcher:
+      os._exit(1)  # the watcher is already gone
+    return
+  os.close(err_w), os.close(note_w)
+  os._exit(_watch(pid, err_r, note_r, s))
+
+
+def _watch(pid: int, err_r: int, note_r: int, s: dict[str, Any]) -> int:
+  """Waits for the training process `pid`; returns the exit code this process ends with."""
+  for sig in _FORWARDED:
+    signal.signal(sig, lambda signum, _frame: os.kill(pid, signum))
+  tail = bytearray()
+  notes: dict[str, Any] = {"process": s["process_id"], "processes": s["num_processes"]}
+
+  def copy_stderr():
+    while chunk := os.read(err_r, 1 << 16):
+      os.write(2, chunk)
+      tail.extend(chunk)
+      del tail[: max(len(tail) - (1 << 16), 0)]
+
+  def read_notes():
+    with os.fdopen(note_r, "rb") as f:
+      for line in f:
+        with contextlib.suppress(ValueError):
+          notes.update(json.loads(line))
+
+  threads = [threading.Thread(target=f, daemon=True) for f in (copy_stderr, read_notes)]
+  for t in threads:
+    t.start()
+  _, status = os.waitpid(pid, 0)
+  for t in threads:
+    t.join(5.0)  # the pipes close with the training process (and any child that inherited them)
+  code = os.waitstatus_to_exitcode(status)
+  if code == 0:
+    return 0
+  text = tail.decode(errors="replace")
+  if _LOST_MARKER in text:  # it reported the lost peer itself (jax may have ended it after)
+    return 1
+  message = _lost_message(text, notes, s)
+  if message is None:  # its own failure: its exit code (128 + N for signal N, as a shell does)
+    return code if code > 0 else 128 - code
+  os.write(2, f"error: {message}\n".encode())
+  return 1
+
+
+def _lost_message(text: str, notes: dict[str, Any], s: dict[str, Any]) -> str | None:
+  """Our message for a training process that jax.distributed ended; None if it did not."""
+  if _JAX_ABORT not in text:
+    return None
+  status = text[text.rindex(_JAX_ABORT) :].partition("absl::Status: ")[2]
+  me, n = int(notes["process"]), int(notes["processes"])
+  if "stopped sending heartbeats" in status:
+    listed = status.partition("stopped sending heartbeats):")[2].partition("The tasks")[0]
+    lost = sorted({int(i) for i in re.findall(r"\d+", listed)} - {me})
+  elif me != 0 and ("coordination service" in status or "leader" in status):
+    lost = [0]
+  else:
+    lost = []
+  who = _who(lost, n)
+  first = status.strip().splitlines()[0].split(". ")[0][:200] if status.strip() else "fatal error"
+  note = resume_note(notes["workdir"], notes["checkpoints"]) if "checkpoints" in notes else ""
+  return (
+      f"lost {who}: it died or became unreachable, and jax.distributed ended process {me} "
+      f"(jax: {first}). {note}"
+  ).rstrip()

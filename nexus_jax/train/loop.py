@@ -313,6 +313,7 @@ def fit(
   )
   trainer = Trainer(objective, config, workdir, total_steps, train_data.train_batch(0), devices)
   checkpointer = Checkpointer(workdir / "checkpoints", keep=int(tc.get("checkpoint_keep", 2)))
+  distributed.training_in(workdir, checkpointer.directory)  # for a watcher's resume note
   latest = checkpointer.latest_step()
   state = trainer.init(int(config.seed), None if latest is not None else init_params)
   stopped_early = False
@@ -392,13 +393,8 @@ def fit(
       save()
     raise
   except Exception as err:
-    done = checkpointer.complete_steps_on_disk()  # a save may have completed as the peer died
-    where = f"step {done[-1]}" if done else "the start (no checkpoint yet)"
-    distributed.raise_if_peer_lost(
-        err,
-        f"Rerun every process with the same workdir ({workdir}): training resumes from "
-        f"{where}, the last complete checkpoint.",
-    )
+    # (read from disk now: a save may have completed as the peer died)
+    distributed.raise_if_peer_lost(err, distributed.resume_note(workdir, checkpointer.directory))
     raise
   finally:
     bar.close()

