@@ -17,13 +17,16 @@ optimizer state each time: the domains are separate runs, each resumable on its 
     rows of each batch are replaced by stored windows (batch size unchanged; deterministic per
     step, so a resumed run sees the same batches).
 After every domain the model is scored on every domain's test bytes: `matrix[i][j]` = bits/byte
-on domain j after training domain i (lower is better, so backward transfer > 0 is forgetting).
+on domain j after training domain i (lower is better, so backward transfer > 0 is forgetting),
+and on every domain's validation bytes (`valid_matrix`, the same layout; for choosing
+hyper-parameters such as `optim.ewc_lambda` without looking at the test bytes).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import pathlib
 from typing import Any, Callable
 
@@ -116,7 +119,8 @@ class ReplayDataset(ArrayDataset):
 @dataclasses.dataclass
 class DomainsResult:
   domains: list[str]
-  matrix: np.ndarray  # [T, T] bits/byte on domain j after training domain i
+  matrix: np.ndarray  # [T, T] test bits/byte on domain j after training domain i
+  valid_matrix: np.ndarray  # [T, T] the same on each domain's validation windows
   state: Any  # the TrainState after the last domain (best checkpoint)
   fit_results: list[Any]
   data: list[LMData]
@@ -127,6 +131,8 @@ class DomainsResult:
     return {
         "domains": self.domains,
         "bits_per_byte_matrix": np.round(r, 4).tolist(),
+        "valid_bits_per_byte_matrix": np.round(self.valid_matrix, 4).tolist(),
+        "average_valid_bits_per_byte": round(float(np.mean(self.valid_matrix[-1])), 4),
         "final_bits_per_byte": dict(zip(self.domains, np.round(r[-1], 4).tolist())),
         "average_bits_per_byte": round(float(np.mean(r[-1])), 4),
         # mean over earlier domains of R[T-1, j] - R[j, j]: > 0 is forgetting (bits are a loss)
@@ -176,7 +182,7 @@ def run_domains(
   prior_path = ""
   params = init_params
   n = len(domains)
-  matrix = np.zeros((n, n))
+  matrix, valid_matrix = np.zeros((n, n)), np.zeros((n, n))
   fits = []
   for i, (domain, cfg, d) in enumerate(zip(domains, configs, data)):
     run_dir = workdir / "continual" / f"{i}_{domain}"
@@ -193,6 +199,8 @@ def run_domains(
       matrix[i, j] = other.test_bits_per_byte(
           lambda ds: result.trainer.evaluate(state, ds)[0][test_metric]
       )
+      valid_nats = result.trainer.evaluate(state, other.valid)[0][test_metric]
+      valid_matrix[i, j] = float(valid_nats) / (math.log(2.0) * other.bytes_per_token["valid"])
     if ewc_on and i < n - 1:
       rows = d.train.arrays["tokens"][: int(cc.get("fisher_examples", 256))]
       fisher = diagonal_fisher(
@@ -210,7 +218,7 @@ def run_domains(
     if buffer is not None:
       buffer.add({"tokens": d.train.arrays["tokens"]})
     params = jax.device_get(state.params)
-  return DomainsResult(domains, matrix, state, fits, data)
+  return DomainsResult(domains, matrix, valid_matrix, state, fits, data)
 
 
 __all__ = [

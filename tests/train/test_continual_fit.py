@@ -84,3 +84,34 @@ def test_continual_needs_the_byte_tokenizer():
   c.data.tokenizer = "bpe"
   with pytest.raises(ValueError, match="config.data.tokenizer"):
     check_continual_config(c)
+
+
+def test_run_domains_scores_test_and_validation_matrices(tmp_path):
+  """Two tiny domains through `fit`: both matrices are filled, the last row of the validation
+  matrix is the selection metric, and its diagonal is the validation loss `fit` selected on."""
+  import math  # noqa: PLC0415
+
+  from nexus_jax.data.datasets import text  # noqa: PLC0415
+  from nexus_jax.models.lm import lm_from_config  # noqa: PLC0415
+  from nexus_jax.models.seq_objectives import lm_objective  # noqa: PLC0415
+  from nexus_jax.train.continual_fit import run_domains  # noqa: PLC0415
+
+  c = _config()
+  c.data.update(root=str(text.stdlib_dir()), seq_len=16, valid_bytes=512, test_bytes=1024)
+  c.model.update(num_layers=1, embed_dim=16, num_heads=2, num_kv_heads=1, mlp_dim=16, num_experts=2)
+  c.train.update(batch_size=4, num_steps=3, eval_every_steps=3, progress=False, tensorboard=False)
+  c.optim.warmup_steps = 1
+  c.continual.domains = "asyncio,xml"
+  model = lm_from_config(c.model, 256)
+  out = run_domains(lambda: lm_objective(model), c, tmp_path)
+  assert out.matrix.shape == out.valid_matrix.shape == (2, 2)
+  assert np.all((0 < out.valid_matrix) & (out.valid_matrix < 9)) and np.all(out.matrix > 0)
+  assert not np.allclose(out.valid_matrix[0], out.valid_matrix[1])  # domain 1 moved the params
+  for i, fit_result in enumerate(out.fit_results):  # the domain's own valid loss, in bits
+    best = fit_result.best_metrics["loss"] / math.log(2.0)
+    assert out.valid_matrix[i, i] == pytest.approx(best, rel=1e-4)
+  report = out.report()
+  assert report["average_valid_bits_per_byte"] == pytest.approx(
+      out.valid_matrix[1].mean(), abs=1e-4
+  )
+  assert np.array(report["valid_bits_per_byte_matrix"]).shape == (2, 2)
