@@ -41,7 +41,7 @@ SUMMARY_KEYS = (
     "mean_lightgbm_fit_seconds",
 )
 QUICK_ENTITIES = 150  # entities per task in --quick mode
-QUICK_OVERRIDES = {"train.min_steps": 20, "eval.optimize": False}
+QUICK_OVERRIDES = {"train.min_steps": 20, "train.min_epochs": 1, "eval.optimize": False}
 
 
 def _parse_override(text: str) -> tuple[str, object]:

@@ -157,10 +157,16 @@ def tabular_config() -> ml_collections.ConfigDict:
   # The schedule scales to the data (`nexusflow/schedule.py`, the same for runner and estimator):
   # batch capped at max(8, train rows / 4), at least `min_steps` steps, warmup at most 10% of them.
   c.train.batch_size = 512
-  c.train.num_epochs = 1  # one pass over the training rows (at least min_steps steps)
+  c.train.num_epochs = 1  # passes over the training rows (at least min_steps / the epoch budget)
   # small tables: repeat epochs until this many steps (num_steps > 0 wins); 400 chosen on the
   # relational suite (200: mid-size tasks still improving at the last step)
   c.train.min_steps = 400
+  # Size-aware step budget (schedule.py): whole epochs, up to min_epochs, as many as fit in
+  # max_repeat_steps (at least one; 0 = no cap). Chosen on the relational suite: mid-size tables
+  # (lahman_salary 17k, lahman_position 13k training rows) were still improving at step 400; below
+  # 10,240 rows (20 steps an epoch) min_steps wins, nycflights13 (533 steps an epoch) keeps one.
+  c.train.min_epochs = 20
+  c.train.max_repeat_steps = 800
   c.train.eval_every_steps = 0  # 0 = min(one epoch, a quarter of the run)
   c.train.log_every_steps = 100
   c.train.early_stopping.metric = "auc"  # validation ROC AUC selects the checkpoint (binary tasks)

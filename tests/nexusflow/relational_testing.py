@@ -36,6 +36,7 @@ TINY = dict(
         "model.n_heads": 2,
         "eval.optimize": False,
         "optim.learning_rate": 3e-3,
+        "train.min_epochs": 1,  # exactly min_steps on the tiny tables (no epoch budget)
     },
 )
 

