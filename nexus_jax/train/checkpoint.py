@@ -158,13 +158,6 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def complete_steps_on_disk(self) -> list[int]:
-    """Steps whose folder is complete on disk now (Orbax renames a step's temporary folder only
-    once every process has written it), read without Orbax (e.g. after a peer process died)."""
-    if not self.directory.is_dir():
-      return []
-    return sorted(int(p.name) for p in self.directory.iterdir() if p.is_dir() and p.name.isdigit())
-
   def save(
       self,
       state: Any,
