@@ -1,14 +1,14 @@
 """NexusFlow's default config (the "quick" preset) and its presets, shared by the runner and the estimator.
 
-`tabular_config()` returns defaults chosen for any schema: NexusFormer over every discovered
-context, one epoch (at least `train.min_steps` steps), sized to train + evaluate in minutes on a
-2-core CPU. Nothing here is specific to one dataset: `configs/tabular.py` adds the bundled
+`tabular_config()` returns defaults chosen for any schema: a batched ensemble of 4 NexusFormers over
+every discovered context (one model where the members would see under an epoch each), one epoch (at
+least `train.min_steps` steps), sized to train + evaluate in minutes on a 2-core CPU. Nothing here is specific to one dataset: `configs/tabular.py` adds the bundled
 nycflights13 task's fields (dataset name, per-table encoder choices), and the dataset module's
 recommendations (`data/datasets/nycflights13.py`) fill the `data.*` fields left at 0 / "".
 
 `PRESETS` are resolved at run time by `nexus_jax.train.presets.resolve_preset` (command-line values
 and estimator arguments always win over the preset). `PRESETS["full"]` trains a wider model longer,
-three times (a deep ensemble of 3 seeds), for best quality: on nycflights13 (an H200) its members
+three times one after another (a sequential deep ensemble of 3 seeds), for best quality: on nycflights13 (an H200) its members
 reached test AUC 0.709 / 0.707 / 0.711 and their ensemble 0.716 (benchmarks/README.md, "Count
 features"). "quick" changes nothing.
 """
@@ -30,6 +30,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {},
     "full": {
         "model.ensemble_size": 3,
+        "model.ensemble_mode": "sequential",
         "train.num_epochs": 4,
         "train.early_stopping.patience": 1,
         "model.d_model": 64,
@@ -97,12 +98,23 @@ def tabular_config() -> ml_collections.ConfigDict:
   # a one-to-one join learned from the schema. Off by default: on nycflights13 it did not raise
   # validation or test AUC (benchmarks/README.md, "NexusFormer variants").
   c.model.join_context_rows = False
+  # True: the output also gets a linear function of the target row's own features (numeric values,
+  # missing flags, a weight per category; zero at init): wide and deep (NexusFormer.linear_head).
+  c.model.linear_head = False
   c.model.share_table_encoders = (
       True  # contexts of one table with one feature layout share an encoder
   )
-  # M > 1: a deep ensemble of M NexusFormers trained one after another (seeds seed .. seed+M-1, each
-  # early-stopped on validation), predicting their mean probability; M times the training time.
-  c.model.ensemble_size = 1
+  # M > 1: a deep ensemble of M NexusFormers predicting their mean probability (4 batched members:
+  # chosen on the relational suite, benchmarks/README.md "Batched ensemble"), trained as
+  # ensemble_mode says: "batched" = all M in one compiled step (models/tabular/ensemble.py
+  # BatchedEnsemble: each member sees its own B / M rows of every batch, one early stopping on the
+  # ensemble; about one model's compute per step) | "sequential" = one after another (seeds seed ..
+  # seed+M-1, each early-stopped on validation; M times the training time).
+  c.model.ensemble_size = 4
+  c.model.ensemble_mode = "batched"
+  # Batched ensembles: fewer members (down to 1) when each of ensemble_size would see fewer than this
+  # many epochs of the training rows (nexusflow/schedule.py); 0 = always ensemble_size.
+  c.model.min_member_epochs = 1.0
   c.model.d_head = 64  # hidden width of the prediction head
   c.model.dropout = 0.1  # dropout of the cross-table block and the head
   c.model.attention_dropout = 0.0  # dropout on cross-table attention probabilities

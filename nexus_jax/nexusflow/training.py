@@ -5,11 +5,18 @@
     result.model, result.spec            # NexusFormer and its JSON-able spec (model_spec.py)
     result.fit                           # train/loop.FitResult (history, rows/s, best step, ...)
 
-With ``config.model.ensemble_size = M > 1`` it trains M members one after another (seeds ``seed``,
-``seed + 1``, ...; each in ``workdir/member_i`` with its own early stopping and resume) and returns
-them as one `MemberEnsemble` (``params = {"member_i": ...}``) whose probabilities are the members'
-mean; ``result.fit`` then reports the ensemble's validation metrics and the members' summed time,
-``result.members`` each member's seed, best step and validation metrics.
+With ``config.model.ensemble_size = M > 1`` it trains a deep ensemble whose probabilities are the
+members' mean, as ``config.model.ensemble_mode`` says:
+
+- "batched" (the default): one `BatchedEnsemble` trained like one model, in one compiled step
+  (``params = {"members": ...}`` with a leading member axis; each member sees its own B / M rows of
+  every batch, the batch size is rounded down to a multiple of M); one early stopping on the
+  ensemble's validation metric, one checkpoint, one resume;
+- "sequential": M members one after another (seeds ``seed``, ``seed + 1``, ...; each in
+  ``workdir/member_i`` with its own early stopping and resume), returned as one `MemberEnsemble`
+  (``params = {"member_i": ...}``); ``result.fit`` then reports the ensemble's validation metrics
+  and the members' summed time, ``result.members`` each member's seed, best step and validation
+  metrics.
 
 Regression targets are standardised with the training mean / std (`target_scale`) and predictions
 are mapped back by the callers. The early-stopping metric of `config.train.early_stopping` must be
@@ -25,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from nexus_jax.nexusflow.model_spec import build_nexus_former, nexus_former_spec
+from nexus_jax.nexusflow.model_spec import build_nexus_former, ensemble_mode, nexus_former_spec
 from nexus_jax.nexusflow.objectives import evaluation_metrics, n_outputs, relational_arrays, relational_objective
 from nexus_jax.nexusflow.batch_inference import predict_arrays
 from nexus_jax.train.data import ArrayDataset
@@ -91,8 +98,9 @@ def train_nexus_former(
   size = int(config.model.get("ensemble_size", 1))
   if size < 1:
     raise ValueError(f"config.model.ensemble_size={size}; must be >= 1")
-  if size == 1:
-    return _train_one(train, valid, config, workdir, context_priors)
+  mode = ensemble_mode(config.model.get("ensemble_mode", "sequential"))
+  if size == 1 or mode == "batched":
+    return _train_one(train, valid, config, workdir, context_priors, size)
   members = []
   for i in range(size):
     member_config = config.copy_and_resolve_references()
@@ -153,11 +161,20 @@ def _train_one(
     config: Any,
     workdir: str | pathlib.Path,
     context_priors: dict[str, float] | None,
+    batched_members: int = 1,
 ) -> TrainResult:
+  """One model trained by `fit`: a NexusFormer, or a `BatchedEnsemble` of `batched_members` > 1."""
   if train.labels is None:
     raise ValueError("train_nexus_former: the training rows have no labels")
   scale = target_scale_of(train)
   spec = nexus_former_spec(config.model, train, output_count(train), context_priors)
+  if batched_members > 1:
+    spec = {
+        **spec,
+        "ensemble_size": batched_members,
+        "task": train.task,
+        "ensemble_mode": "batched",
+    }
   model = build_nexus_former(spec, config.train.compute_dtype)
   objective = relational_objective(model, train.task, scale)
   metric, mode = resolve_early_stopping(config, train.task)
@@ -166,6 +183,11 @@ def _train_one(
     with config.unlocked():
       config.train.early_stopping.metric, config.train.early_stopping.mode = metric, mode
   bs = int(config.train.batch_size)
+  if batched_members > 1 and bs % batched_members:  # every member gets bs / M rows of each batch
+    bs = max(batched_members, bs - bs % batched_members)
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.train.batch_size = bs
   train_ds = ArrayDataset(relational_arrays(train, scale), bs, seed=int(config.seed))
   valid_ds = None
   if valid is not None and valid.num_rows:

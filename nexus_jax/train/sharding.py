@@ -43,6 +43,7 @@ DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("length", None),
     ("table", None),
     ("feature", None),
+    ("ensemble", None),  # the member axis of a batched ensemble (models/tabular/ensemble.py)
 )
 
 

@@ -100,6 +100,7 @@ def test_multi_table_experiment_end_to_end_and_predict_command(tiny_config, tmp_
 def test_ensemble_experiment_members_plots_and_resume(tiny_config, tmp_path):
   c = tiny_config.copy_and_resolve_references()
   c.model.ensemble_size = 2
+  c.model.ensemble_mode = "sequential"
   c.eval.optimize = False
   results = run_experiment(c, tmp_path)
   members = results["ensemble_members"]

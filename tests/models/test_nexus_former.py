@@ -289,3 +289,26 @@ def test_context_encoder_kwargs_per_context():
             jax.random.key(0), target, contexts
         )
     )
+
+
+def test_linear_head_starts_as_the_deep_model_and_is_linear_in_the_target_row(base):
+  _, variables, target, contexts, apply = base
+  wide = make_model(linear_head=True)
+  wide_vars = nn.unbox(wide.init(jax.random.key(0), target, contexts))
+  extra = set(wide_vars["params"]) - set(variables["params"])
+  assert extra == {"linear_numeric", "linear_categorical"}
+  deep = {"params": {k: v for k, v in wide_vars["params"].items() if k not in extra}}
+  np.testing.assert_allclose(  # zero init: the same function as without the wide part
+      wide.apply(wide_vars, target, contexts)[0], apply(deep, target, contexts)[0], atol=1e-6
+  )
+  rng = np.random.default_rng(1)
+  p = copy(wide_vars)
+  p["params"]["linear_numeric"]["kernel"] = rng.normal(size=(2 * TARGET.num_numeric, 1))
+  p["params"]["linear_numeric"]["bias"] = np.array([0.5])
+  table = rng.normal(size=(sum(TARGET.cat_cardinalities), 1))
+  p["params"]["linear_categorical"] = table
+  x = np.concatenate([target["numeric"], target["numeric_missing"]], -1)
+  codes = target["categorical"] + np.array([0, TARGET.cat_cardinalities[0]])
+  want = x @ p["params"]["linear_numeric"]["kernel"] + 0.5 + table[codes].sum(1)
+  got = wide.apply(p, target, contexts)[0] - apply(deep, target, contexts)[0]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

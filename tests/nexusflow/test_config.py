@@ -51,6 +51,7 @@ def test_preset_paths_exist():
 )
 def test_schedule_scales_to_the_data(n_train, batch, steps, warmup, every):
   c = tabular_config()
+  c.model.ensemble_size = 1  # one model (the batched ensemble's rule: the next test)
   out = scale_schedule(c, n_train)
   assert (c.train.batch_size, c.train.num_steps, c.optim.warmup_steps) == (batch, steps, warmup)
   assert c.train.eval_every_steps == every and out["num_steps"] == steps
@@ -58,23 +59,59 @@ def test_schedule_scales_to_the_data(n_train, batch, steps, warmup, every):
   assert c.train.early_stopping.patience == max(2, -(-steps // (4 * every)))
 
 
-def test_epoch_budget_rule():
+@pytest.mark.parametrize(
+    "n_train, members, batch, steps",
+    [
+        (273_355, 1, 512, 533),  # one epoch in all: a quarter epoch per member -> one model
+        (56_523, 4, 512, 770),  # 7 epochs: 4 members see 1.7 each; 770 > 440, one member epoch
+        (17_172, 4, 512, 670),  # members: 134 steps an epoch, 5 whole ones within 800 steps
+        (12_803, 4, 512, 800),  # members: 100 steps an epoch, 8 within 800 (one model: 500)
+        (2_403, 4, 512, 400),  # small: min_steps wins
+        (200, 4, 48, 400),  # 50 rows a batch rounded down to 4 members x 12
+        (3, 3, 3, 400),  # 3 rows: members capped by the rows of a batch
+    ],
+)
+def test_batched_ensemble_members_and_budget(n_train, members, batch, steps):
   c = tabular_config()
+  assert (c.model.ensemble_size, c.model.ensemble_mode) == (4, "batched")
+  out = scale_schedule(c, n_train)
+  assert (out["ensemble_size"], c.model.ensemble_size) == (members, members)
+  assert (c.train.batch_size, c.train.num_steps) == (batch, steps)
+  c = tabular_config()
+  c.model.min_member_epochs = 0  # 0: always ensemble_size
+  assert scale_schedule(c, 273_355)["ensemble_size"] == 4
+  c = tabular_config()
+  c.model.ensemble_mode = "sequential"  # each member trains the whole schedule: no rule
+  assert scale_schedule(c, 273_355)["ensemble_size"] == 4
+  c = tabular_config()
+  c.model.min_member_epochs = -1.0
+  with pytest.raises(ValueError, match="model.min_member_epochs=-1.0"):
+    scale_schedule(c, 1000)
+
+
+def _one_model():
+  c = tabular_config()
+  c.model.ensemble_size = 1
+  return c
+
+
+def test_epoch_budget_rule():
+  c = _one_model()
   c.train.min_epochs, c.train.max_repeat_steps, c.train.min_steps = 3, 100, 1
   assert scale_schedule(c, 512 * 30)["num_steps"] == 90  # 3 epochs of 30 steps fit in 100
-  c = tabular_config()
+  c = _one_model()
   c.train.min_epochs, c.train.max_repeat_steps, c.train.min_steps = 3, 100, 1
   assert scale_schedule(c, 512 * 60)["num_steps"] == 60  # one whole epoch, never a cut one
-  c = tabular_config()
+  c = _one_model()
   c.train.min_epochs, c.train.max_repeat_steps, c.train.min_steps = 3, 0, 1
   assert scale_schedule(c, 512 * 60)["num_steps"] == 180  # 0 = no cap
-  c = tabular_config()
+  c = _one_model()
   c.train.min_epochs, c.train.min_steps = 0, 1
   assert scale_schedule(c, 512 * 30)["num_steps"] == 30  # 0 = no budget: num_epochs only
-  c = tabular_config()
+  c = _one_model()
   c.train.min_steps = 0
   assert scale_schedule(c, 512 * 30)["num_steps"] == 30  # min_steps 0: exactly num_epochs
-  c = tabular_config()
+  c = _one_model()
   c.train.max_repeat_steps = -1
   with pytest.raises(ValueError, match="train.max_repeat_steps=-1"):
     scale_schedule(c, 1000)

@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import jax
 import numpy as np
 import pandas as pd
 import pytest
@@ -284,7 +285,11 @@ def test_deep_ensemble_averages_members_and_round_trips(tables, tmp_path):
   kwargs = {
       **TINY,
       "min_steps": 20,
-      "config_overrides": {**TINY["config_overrides"], "model.ensemble_size": 2},
+      "config_overrides": {
+          **TINY["config_overrides"],
+          "model.ensemble_size": 2,
+          "model.ensemble_mode": "sequential",
+      },
   }
   est = NexusFlowClassifier(**kwargs).fit(tables, SCHEMA)
   new, history = predict_tables(tables)
@@ -294,7 +299,7 @@ def test_deep_ensemble_averages_members_and_round_trips(tables, tmp_path):
   assert [m["seed"] for m in est.fit_report_["ensemble_members"]] == [0, 1]
   members = []
   for i in range(2):
-    spec = {k: v for k, v in p.spec.items() if k not in ("ensemble_size", "task")}
+    spec = {k: v for k, v in p.spec.items() if k not in ("ensemble_size", "task", "ensemble_mode")}
     variables = {col: tree[f"member_{i}"] for col, tree in p.variables.items()}
     members.append(
         TabularPredictor(p.builder, spec, variables, p.target_scale, p.fit_columns).predict_proba(
@@ -329,3 +334,34 @@ def test_summaries_fit_predict_and_reload_identically(tmp_path):
   proba = est.predict_proba(tables)
   est.save(tmp_path / "m")
   np.testing.assert_allclose(NexusFlowClassifier.load(tmp_path / "m").predict_proba(tables), proba)
+
+
+def test_batched_ensemble_trains_in_one_model_and_round_trips(tables, tmp_path):
+  from nexus_jax.nexusflow.table_predictor import TabularPredictor
+
+  overrides = {**TINY["config_overrides"], "model.ensemble_size": 3}  # batched: the default mode
+  est = NexusFlowClassifier(**{**TINY, "min_steps": 20, "config_overrides": overrides})
+  est.fit(tables, SCHEMA)
+  p = est.predictor_
+  assert p.spec["ensemble_mode"] == "batched" and list(p.variables["params"]) == ["members"]
+  assert all(leaf.shape[0] == 3 for leaf in jax.tree.leaves(p.variables["params"]))
+  assert est.fit_report_["ensemble_members"] == []  # one model, one early stopping
+  new, history = predict_tables(tables)
+  proba = est.predict_proba(new, history=history)
+  spec = {k: v for k, v in p.spec.items() if k not in ("ensemble_size", "task", "ensemble_mode")}
+  members = [
+      TabularPredictor(
+          p.builder,
+          spec,
+          {c: jax.tree.map(lambda a, m=m: a[m], t["members"]) for c, t in p.variables.items()},
+          p.target_scale,
+          p.fit_columns,
+      ).predict_proba(new, history=history)
+      for m in range(3)
+  ]
+  assert not np.allclose(members[0], members[1])  # own inits, own rows, own dropout
+  np.testing.assert_allclose(proba, np.mean(members, 0), rtol=1e-5, atol=1e-6)
+  loaded = NexusFlowClassifier.load(est.save(tmp_path / "batched"))
+  np.testing.assert_array_equal(loaded.predict_proba(new, history=history), proba)
+  quant = loaded.optimize("int8", eval_tables=tables)
+  assert quant["size_reduction"] > 0.3 and abs(quant["change"]["auc"]) < 0.02

@@ -3,6 +3,7 @@
 import json
 
 import flax.linen as nn
+import pytest
 import jax
 
 from nexus_jax.nexusflow.model_spec import build_nexus_former
@@ -22,7 +23,19 @@ def test_spec_json_round_trip_rebuilds_the_same_param_tree(fitted):
   rebuilt = build_nexus_former(spec)
   example = _example(predictor)
   assert fingerprint(_init_tree(rebuilt, example)) == fingerprint(predictor.variables["params"])
-  ensemble = build_nexus_former({**spec, "ensemble_size": 2, "task": "binary"})
+  one = {k: v for k, v in spec.items() if k not in ("ensemble_size", "ensemble_mode")}
+  ensemble = build_nexus_former({**one, "ensemble_size": 2, "task": "binary"})  # an old spec
   tree = _init_tree(ensemble, example)
   assert set(tree) == {"member_0", "member_1"}
-  assert fingerprint(tree["member_1"]) == fingerprint(predictor.variables["params"])
+  member = build_nexus_former(one)
+  assert fingerprint(tree["member_1"]) == fingerprint(_init_tree(member, example))
+  batched = build_nexus_former(
+      {**one, "ensemble_size": 3, "task": "binary", "ensemble_mode": "batched"}
+  )
+  tree = _init_tree(batched, example)
+  assert set(tree) == {"members"}
+  assert jax.tree.map(lambda a: a.shape, tree["members"]) == jax.tree.map(
+      lambda a: (3, *a.shape), _init_tree(member, example)
+  )
+  with pytest.raises(ValueError, match="spec ensemble_mode='parallel'"):
+    build_nexus_former({**one, "ensemble_size": 2, "task": "binary", "ensemble_mode": "parallel"})

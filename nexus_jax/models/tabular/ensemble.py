@@ -1,4 +1,4 @@
-"""A deep ensemble of independently trained models, applied as one Flax module.
+"""Deep ensembles applied as one Flax module: members trained one after another, or all in one step.
 
     model = MemberEnsemble(member=NexusFormer(...), size=3, task="binary")
     variables = {"params": {"member_0": p0, "member_1": p1, "member_2": p2}}   # each trained on its own
@@ -16,11 +16,25 @@ treats the ensemble like one model:
 
 Aux entries that are arrays `[B, ...]` are averaged over members (floats; integer entries such as
 NexusFormer's ``iterations`` become float means); boolean entries are taken from member 0.
+
+`BatchedEnsemble` holds the same M members as one vmapped module (params ``members/...`` with a
+leading member axis `[M, ...]`, logical axis "ensemble"), so all of them train in one compiled step:
+
+    model = BatchedEnsemble(member=NexusFormer(...), size=4, task="binary")
+    outputs, aux = model.apply(variables, target, contexts)                   # combined [B, K]
+    member_out, _ = model.apply(variables, target, contexts, train=True,
+                                split_members=True, rngs={"dropout": key})   # [M, B / M, K]
+
+With ``split_members=True`` the batch's B rows are cut into M consecutive blocks of B / M and
+member m sees only block m (its own dropout key, its own init): per step the ensemble costs about
+what one member costs on the whole batch, and each member is an independent model trained with
+batch B / M (`member_loss` averages the members' losses). Without it every member sees every row
+and the outputs are combined as above (inference, evaluation, early stopping on the ensemble).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -41,6 +55,19 @@ def combine_outputs(outputs: jax.Array, task: str) -> jax.Array:
         outputs.shape[0]
     )
   return jnp.mean(outputs, axis=0)
+
+
+def _combine_stacked_aux(aux: Mapping[str, Any]) -> dict[str, Any]:
+  """Aux with a leading member axis `[M, B, ...]` -> `[B, ...]` (the `_combine_aux` rule)."""
+  out = {}
+  for key, value in aux.items():
+    if not isinstance(value, jax.Array):
+      out[key] = value
+    elif value.dtype == jnp.bool_:
+      out[key] = value[0]
+    else:
+      out[key] = jnp.mean(value.astype(jnp.float32), axis=0)
+  return out
 
 
 def _combine_aux(auxes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -80,3 +107,91 @@ class MemberEnsemble(nn.Module):
     outputs = jnp.stack([r[0] if has_aux else r for r in results])
     combined = combine_outputs(outputs, self.task)
     return (combined, _combine_aux([r[1] for r in results])) if has_aux else combined
+
+
+def _check_size_task(name: str, size: int, task: str) -> None:
+  if task not in TASKS:
+    raise ValueError(f"{name}.task={task!r}; choose one of {TASKS}")
+  if size < 1:
+    raise ValueError(f"{name}.size={size}; must be >= 1")
+
+
+class BatchedEnsemble(nn.Module):
+  """`size` members of `member`'s architecture as one vmapped module (see the module docstring).
+
+  Attributes:
+    member: the architecture (an unbound Linen module called as `member(*args, train=...)`,
+      returning `outputs [B, K]` or `(outputs, aux)`).
+    size: number of members M (>= 1).
+    task: "binary" | "multiclass" | "regression" (how `combine_outputs` averages).
+  """
+
+  member: nn.Module
+  size: int
+  task: str
+
+  @nn.compact
+  def __call__(self, *args, train: bool = False, split_members: bool = False, **kwargs):
+    """`args` / `kwargs` are the member's array inputs (pytrees of `[B, ...]`).
+
+    Returns:
+      ``split_members=False``: the combined output `[B, K]` (and combined aux);
+      ``split_members=True``: each member's output on its block of rows `[M, B / M, K]` (and the
+      members' aux, `[M, B / M, ...]`). B must then be a multiple of M.
+    """
+    _check_size_task("BatchedEnsemble", self.size, self.task)
+    inputs = (args, kwargs)
+    if split_members:
+      batch = jax.tree.leaves(inputs)[0].shape[0]
+      if batch % self.size:
+        raise ValueError(
+            f"BatchedEnsemble(size={self.size}): split_members needs a batch that is a multiple "
+            f"of the member count; got {batch} rows"
+        )
+      inputs = jax.tree.map(
+          lambda a: a.reshape(self.size, batch // self.size, *a.shape[1:]), inputs
+      )
+
+    def call(module: nn.Module, inputs):
+      return module(*inputs[0], **inputs[1], train=train)
+
+    members = nn.vmap(
+        call,
+        variable_axes={"params": 0, "batch_stats": 0, "aux_loss": 0, "intermediates": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=0 if split_members else None,
+        out_axes=0,
+        axis_size=self.size,
+        metadata_params={nn.PARTITION_NAME: "ensemble"},
+    )
+    result = members(self.member.clone(parent=self, name="members"), inputs)
+    if split_members:
+      return result
+    if isinstance(result, tuple):
+      return combine_outputs(result[0], self.task), _combine_stacked_aux(result[1])
+    return combine_outputs(result, self.task)
+
+
+def member_loss(
+    loss: Callable[[jax.Array, Mapping[str, Any]], tuple[jax.Array, dict[str, jax.Array]]],
+) -> Callable[[jax.Array, Mapping[str, Any]], tuple[jax.Array, dict[str, jax.Array]]]:
+  """A per-row task loss `(outputs [B, K], batch) -> (loss, metrics)` made ensemble-aware.
+
+  Outputs `[M, B / M, K]` (`BatchedEnsemble(split_members=True)`) are scored member by member on
+  their own rows (the batch's `[B]` entries cut into the same M blocks) and the losses and metrics
+  are averaged over members; outputs `[B, K]` (a combined ensemble) go to `loss` unchanged.
+  """
+
+  def wrapped(outputs, batch):
+    if outputs.ndim != 3:
+      return loss(outputs, batch)
+    m = outputs.shape[0]
+    rows = {
+        k: v.reshape(m, v.shape[0] // m, *v.shape[1:])
+        for k, v in batch.items()
+        if isinstance(v, jax.Array) and v.ndim >= 1 and v.shape[0] == m * outputs.shape[1]
+    }
+    losses, metrics = jax.vmap(loss)(outputs, rows)
+    return jnp.mean(losses), jax.tree.map(jnp.mean, metrics)
+
+  return wrapped

@@ -96,6 +96,8 @@ class NexusFormer(nn.Module):
     share_table_encoders: contexts of one table with one feature layout share an encoder.
     d_head: hidden width of the head. n_outputs: 1 (binary logit / regression) or n_classes.
     dropout, attention_dropout: of the cross-table block and the head.
+    linear_head: add a linear function of the target row's own features to the output (wide and
+      deep: zero at init, so training starts from the deep model; `_linear_term`).
   """
 
   target_features: TableFeatures
@@ -121,6 +123,7 @@ class NexusFormer(nn.Module):
   n_outputs: int = 1
   dropout: float = 0.1
   attention_dropout: float = 0.0
+  linear_head: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -133,6 +136,27 @@ class NexusFormer(nn.Module):
         self.param_dtype,
     )
     return jnp.broadcast_to(value.astype(self.dtype), (batch, self.d_model))
+
+  def _linear_term(self, target: Mapping[str, Array]) -> Array:
+    """Wide part `[B, n_outputs]`: a linear function of the target row's own encoded features (numeric
+    values, missing flags, one weight vector per category), zero at init, added to the head."""
+    feats, b = self.target_features, target["numeric"].shape[0]
+    out = jnp.zeros((b, self.n_outputs), jnp.float32)
+    if feats.num_numeric:
+      x = jnp.concatenate([target["numeric"], target["numeric_missing"]], -1).astype(jnp.float32)
+      zeros = nn.initializers.zeros_init()
+      out = out + dense(self.n_outputs, ("feature", None), "linear_numeric", init=zeros)(x)
+    if feats.cat_cardinalities:
+      offsets = np.cumsum((0,) + tuple(feats.cat_cardinalities[:-1]))
+      table = self.param(
+          "linear_categorical",
+          logical_init(("feature", None), nn.initializers.zeros_init()),
+          (int(sum(feats.cat_cardinalities)), self.n_outputs),
+          self.param_dtype,
+      )
+      codes = target["categorical"].astype(jnp.int32) + jnp.asarray(offsets, jnp.int32)
+      out = out + jnp.take(table.astype(jnp.float32), codes, axis=0).sum(1)
+    return out
 
   def _encoder(
       self, kind: str, features: TableFeatures, kwargs: Mapping[str, Any], name: str
@@ -372,6 +396,8 @@ class NexusFormer(nn.Module):
         deterministic=det,
     )
     out = dense(self.n_outputs, ("mlp", None), "head", jnp.float32, pdt)(h)
+    if self.linear_head:
+      out = out + self._linear_term(target)
     aux = {
         "context_attention": jnp.mean(probs[:, :, 0, 1:], axis=1),
         "fusion_gates": gates,
