@@ -33,6 +33,9 @@ SMALL = [
     "--config.model.target_encoder_kwargs.d_layers=(256,)",
     "--config.model.target_encoder_kwargs.d_embedding=8",
     "--config.model.context_encoder_kwargs.d_layers=(32,)",
+    # one model: the size targets below are set against its ~0.7 MB of float params (the default
+    # batched ensemble of 4 holds 4x that; tests/nexusflow/test_estimator.py covers its int8)
+    "--config.model.ensemble_size=1",
     "--config.train.min_steps=60",
     "--config.train.progress=False",
     "--config.train.tensorboard=False",

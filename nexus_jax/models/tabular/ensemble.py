@@ -71,13 +71,13 @@ def _combine_stacked_aux(aux: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _combine_aux(auxes: list[dict[str, Any]]) -> dict[str, Any]:
-  out = {}
-  for key, first in auxes[0].items():
-    if not isinstance(first, jax.Array) or first.dtype == jnp.bool_:
-      out[key] = first
-    else:
-      out[key] = jnp.mean(jnp.stack([a[key].astype(jnp.float32) for a in auxes]), axis=0)
-  return out
+  """Per-member aux dicts -> one (the `_combine_stacked_aux` rule; non-arrays from member 0)."""
+  return _combine_stacked_aux(
+      {
+          k: jnp.stack([a[k] for a in auxes]) if isinstance(v, jax.Array) else v
+          for k, v in auxes[0].items()
+      }
+  )
 
 
 class MemberEnsemble(nn.Module):
