@@ -15,6 +15,8 @@ params ``members`` with a leading member axis; specs written before the field ar
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Iterable, Mapping
 
 import jax.numpy as jnp
@@ -158,6 +160,19 @@ def ensemble_mode(value: Any, field: str = "config.model.ensemble_mode") -> str:
   if value not in ENSEMBLE_MODES:
     raise ValueError(f"{field}={value!r}; choose one of {ENSEMBLE_MODES}")
   return str(value)
+
+
+def validate_ensemble_config(model_config: Any) -> None:
+  """Checks `config.model`'s ensemble fields before any data is read (ValueError naming the field):
+  ensemble_size an int >= 1, ensemble_mode one of `ENSEMBLE_MODES`, min_member_epochs finite >= 0.
+  """
+  size = model_config.get("ensemble_size", 1)
+  if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+    raise ValueError(f"config.model.ensemble_size={size!r}; must be an integer >= 1")
+  ensemble_mode(model_config.get("ensemble_mode", "sequential"))
+  epochs = model_config.get("min_member_epochs", 0.0)
+  if isinstance(epochs, bool) or not isinstance(epochs, numbers.Real) or not 0 <= epochs < math.inf:
+    raise ValueError(f"config.model.min_member_epochs={epochs!r}; must be a finite number >= 0")
 
 
 def build_nexus_former(

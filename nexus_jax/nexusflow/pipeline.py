@@ -40,6 +40,7 @@ from nexus_jax.data import context_index
 from nexus_jax.data.schema import Schema, parse_time
 from nexus_jax.nexusflow.batch_inference import predict_arrays
 from nexus_jax.nexusflow.config import DEFAULT_MAX_CATEGORIES, DEFAULT_SUMMARIES
+from nexus_jax.nexusflow.model_spec import validate_ensemble_config
 from nexus_jax.nexusflow.objectives import evaluation_metrics, relational_arrays
 from nexus_jax.nexusflow.optimization import optimization_report
 from nexus_jax.nexusflow.plots import context_importance
@@ -198,6 +199,8 @@ def prepare(
 ) -> Prepared:
   """Loads / takes the tables, builds the context sets and splits them (see the module docstring)."""
   validate_train_config(config)
+  if "model" in config:
+    validate_ensemble_config(config.model)
   t0 = time.perf_counter()
   dc = config.data
   if tables is None:

@@ -174,6 +174,10 @@ def test_overrides_are_honoured_or_refused():
         ({"learning_rate": -1e-3}, "optim.learning_rate"),
         ({"batch_size": 0}, "train.batch_size"),
         ({"config_overrides": {"train.num_epochs": 0}}, "num_epochs"),
+        ({"config_overrides": {"model.ensemble_mode": "parallel"}}, "model.ensemble_mode"),
+        ({"config_overrides": {"model.ensemble_size": 0}}, "model.ensemble_size"),
+        ({"config_overrides": {"model.ensemble_size": 2.5}}, "model.ensemble_size"),
+        ({"config_overrides": {"model.min_member_epochs": -1.0}}, "model.min_member_epochs"),
     ],
 )
 def test_bad_training_settings_fail_before_any_work(tables, kwargs, field, monkeypatch):
