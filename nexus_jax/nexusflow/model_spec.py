@@ -173,6 +173,9 @@ def validate_ensemble_config(model_config: Any) -> None:
   epochs = model_config.get("min_member_epochs", 0.0)
   if isinstance(epochs, bool) or not isinstance(epochs, numbers.Real) or not 0 <= epochs < math.inf:
     raise ValueError(f"config.model.min_member_epochs={epochs!r}; must be a finite number >= 0")
+  floor = model_config.get("min_member_batch", 0)
+  if isinstance(floor, bool) or not isinstance(floor, numbers.Integral) or floor < 0:
+    raise ValueError(f"config.model.min_member_batch={floor!r}; must be an integer >= 0")
 
 
 def build_nexus_former(

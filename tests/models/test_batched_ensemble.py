@@ -98,3 +98,18 @@ def test_member_loss_passes_combined_outputs_through():
   np.testing.assert_allclose(
       member_loss(loss)(split, batch)[0], (0.5 + 6.5) / 2
   )  # (0+1)/2, (4+9)/2
+
+
+def test_member_outputs_train_every_member_on_every_row():
+  model, x = BatchedEnsemble(_Member(1), size=M, task="regression"), _x()
+  batch = {"y": jnp.linspace(-1.0, 1.0, B), "weight": jnp.ones(B)}
+  variables = model.init(jax.random.key(0), x)
+  out, aux = model.apply(variables, x, member_outputs=True)
+  assert out.shape == (M, B, 1) and aux["score"].shape == (M, B)
+  loss = task_loss("regression")
+  own = []
+  for m in range(M):
+    want = _Member(1).apply({"params": _member_params(variables, m)}, x)[0]
+    np.testing.assert_allclose(out[m], want, rtol=1e-5, atol=1e-6)
+    own.append(loss(want, batch)[0])
+  np.testing.assert_allclose(member_loss(loss)(out, batch)[0], np.mean(own), rtol=1e-5)

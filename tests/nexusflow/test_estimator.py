@@ -178,6 +178,7 @@ def test_overrides_are_honoured_or_refused():
         ({"config_overrides": {"model.ensemble_size": 0}}, "model.ensemble_size"),
         ({"config_overrides": {"model.ensemble_size": 2.5}}, "model.ensemble_size"),
         ({"config_overrides": {"model.min_member_epochs": -1.0}}, "model.min_member_epochs"),
+        ({"config_overrides": {"model.min_member_batch": -1}}, "model.min_member_batch"),
     ],
 )
 def test_bad_training_settings_fail_before_any_work(tables, kwargs, field, monkeypatch):
@@ -369,3 +370,19 @@ def test_batched_ensemble_trains_in_one_model_and_round_trips(tables, tmp_path):
   np.testing.assert_array_equal(loaded.predict_proba(new, history=history), proba)
   quant = loaded.optimize("int8", eval_tables=tables)
   assert quant["size_reduction"] > 0.3 and abs(quant["change"]["auc"]) < 0.02
+
+
+def test_batched_ensemble_on_shared_batches_trains_every_member_on_every_row(tables):
+  overrides = {
+      **TINY["config_overrides"],
+      "model.ensemble_size": 3,
+      "model.min_member_batch": 10**6,  # no batch is big enough to split
+  }
+  est = NexusFlowClassifier(**{**TINY, "min_steps": 20, "config_overrides": overrides})
+  est.fit(tables, SCHEMA)
+  schedule = est.fit_report_["schedule"]
+  assert schedule["split_members"] is False and schedule["ensemble_size"] == 3
+  assert all(leaf.shape[0] == 3 for leaf in jax.tree.leaves(est.predictor_.variables["params"]))
+  assert schedule["batch_size"] % 3 != 0  # not rounded to a multiple of the members: not split
+  assert est.fit_report_["valid_at_best"]["auc"] > 0.6  # it learned (deterministic seeds)
+  assert np.isfinite(est.predict_proba(tables)).all()

@@ -28,8 +28,10 @@ leading member axis `[M, ...]`, logical axis "ensemble"), so all of them train i
 With ``split_members=True`` the batch's B rows are cut into M consecutive blocks of B / M and
 member m sees only block m (its own dropout key, its own init): per step the ensemble costs about
 what one member costs on the whole batch, and each member is an independent model trained with
-batch B / M (`member_loss` averages the members' losses). Without it every member sees every row
-and the outputs are combined as above (inference, evaluation, early stopping on the ensemble).
+batch B / M (`member_loss` averages the members' losses). With ``member_outputs=True`` every
+member sees every row and returns its own output `[M, B, K]`: a classic deep ensemble at M times
+one member's compute, for batches too small to split (`model.min_member_batch`). Without either
+the outputs are combined as above (inference, evaluation, early stopping on the ensemble).
 """
 
 from __future__ import annotations
@@ -131,13 +133,22 @@ class BatchedEnsemble(nn.Module):
   task: str
 
   @nn.compact
-  def __call__(self, *args, train: bool = False, split_members: bool = False, **kwargs):
+  def __call__(
+      self,
+      *args,
+      train: bool = False,
+      split_members: bool = False,
+      member_outputs: bool = False,
+      **kwargs,
+  ):
     """`args` / `kwargs` are the member's array inputs (pytrees of `[B, ...]`).
 
     Returns:
-      ``split_members=False``: the combined output `[B, K]` (and combined aux);
+      by default: the combined output `[B, K]` (and combined aux);
       ``split_members=True``: each member's output on its block of rows `[M, B / M, K]` (and the
-      members' aux, `[M, B / M, ...]`). B must then be a multiple of M.
+      members' aux, `[M, B / M, ...]`). B must then be a multiple of M;
+      ``member_outputs=True`` (without the split): each member's output on every row `[M, B, K]`
+      (and aux `[M, B, ...]`), for training every member on the whole batch.
     """
     _check_size_task("BatchedEnsemble", self.size, self.task)
     inputs = (args, kwargs)
@@ -165,7 +176,7 @@ class BatchedEnsemble(nn.Module):
         metadata_params={nn.PARTITION_NAME: "ensemble"},
     )
     result = members(self.member.clone(parent=self, name="members"), inputs)
-    if split_members:
+    if split_members or member_outputs:
       return result
     if isinstance(result, tuple):
       return combine_outputs(result[0], self.task), _combine_stacked_aux(result[1])
@@ -178,20 +189,23 @@ def member_loss(
   """A per-row task loss `(outputs [B, K], batch) -> (loss, metrics)` made ensemble-aware.
 
   Outputs `[M, B / M, K]` (`BatchedEnsemble(split_members=True)`) are scored member by member on
-  their own rows (the batch's `[B]` entries cut into the same M blocks) and the losses and metrics
-  are averaged over members; outputs `[B, K]` (a combined ensemble) go to `loss` unchanged.
+  their own rows (the batch's `[B]` entries cut into the same M blocks), outputs `[M, B, K]`
+  (``member_outputs=True``) each on every row, and the losses and metrics are averaged over
+  members; outputs `[B, K]` (a combined ensemble) go to `loss` unchanged.
   """
 
   def wrapped(outputs, batch):
     if outputs.ndim != 3:
       return loss(outputs, batch)
-    m = outputs.shape[0]
-    rows = {
-        k: v.reshape(m, v.shape[0] // m, *v.shape[1:])
-        for k, v in batch.items()
-        if isinstance(v, jax.Array) and v.ndim >= 1 and v.shape[0] == m * outputs.shape[1]
-    }
-    losses, metrics = jax.vmap(loss)(outputs, rows)
+    m, rows_each = outputs.shape[:2]
+    arrays = {k: v for k, v in batch.items() if isinstance(v, jax.Array) and v.ndim >= 1}
+    split = {k: v for k, v in arrays.items() if m > 1 and v.shape[0] == m * rows_each}
+    if split:  # member m scored on its own block of rows
+      rows = {k: v.reshape(m, rows_each, *v.shape[1:]) for k, v in split.items()}
+      losses, metrics = jax.vmap(loss)(outputs, rows)
+    else:  # every member on every row
+      rows = {k: v for k, v in arrays.items() if v.shape[0] == rows_each}
+      losses, metrics = jax.vmap(loss, in_axes=(0, None))(outputs, rows)
     return jnp.mean(losses), jax.tree.map(jnp.mean, metrics)
 
   return wrapped
