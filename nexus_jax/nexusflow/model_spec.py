@@ -164,8 +164,8 @@ def ensemble_mode(value: Any, field: str = "config.model.ensemble_mode") -> str:
 
 def validate_ensemble_config(model_config: Any) -> None:
   """Checks `config.model`'s ensemble fields before any data is read (ValueError naming the field):
-  ensemble_size an int >= 1, ensemble_mode one of `ENSEMBLE_MODES`, min_member_epochs finite >= 0.
-  """
+  ensemble_size an int >= 1, ensemble_mode one of `ENSEMBLE_MODES`, min_member_epochs finite >= 0,
+  min_member_batch an int >= 0."""
   size = model_config.get("ensemble_size", 1)
   if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
     raise ValueError(f"config.model.ensemble_size={size!r}; must be an integer >= 1")

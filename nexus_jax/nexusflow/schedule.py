@@ -77,11 +77,13 @@ def batched_members(mc: Any, steps: int, batch: int, n_train: int) -> int:
 def splits_batch(mc: Any, batch: int, members: int) -> bool:
   """Whether a batched ensemble of `members` trains each member on its own `batch` / `members` rows
   (True while that is at least `model.min_member_batch` rows; 0 = always) or every member on every
-  row (False: a batch too small to split; `members` times one model's compute on it)."""
+  row (False: a batch too small to split; `members` times one model's compute on it). Always
+  False for a sequential ensemble: each of its members trains alone on whole batches."""
   floor = int(mc.get("min_member_batch", 0))
   if floor < 0:
     raise ValueError(f"config.model.min_member_batch={floor}: must be >= 0")
-  return members > 1 and batch // members >= floor
+  batched = mc.get("ensemble_mode", "sequential") == "batched"
+  return batched and members > 1 and batch // members >= floor
 
 
 def scale_schedule(config: Any, n_train: int) -> dict[str, int]:

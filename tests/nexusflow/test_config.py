@@ -82,7 +82,9 @@ def test_batched_ensemble_members_and_budget(n_train, members, batch, steps, spl
   assert scale_schedule(c, 273_355)["ensemble_size"] == 4
   c = tabular_config()
   c.model.ensemble_mode = "sequential"  # each member trains the whole schedule: no rule
-  assert scale_schedule(c, 273_355)["ensemble_size"] == 4
+  out = scale_schedule(c, 17_172)  # nor a split batch or a member-epoch budget
+  assert (out["ensemble_size"], out["split_members"]) == (4, False)
+  assert (out["batch_size"], out["num_steps"]) == (512, 660)  # as one model's schedule
   c = tabular_config()
   c.model.min_member_epochs = -1.0
   with pytest.raises(ValueError, match="model.min_member_epochs=-1.0"):
