@@ -72,7 +72,9 @@ def make_models(args) -> dict:
           reconstruction_coef=args.recon_coef,
       ),
       "summary": window.clone(memory="summary", memory_slots=args.summary_slots or args.memory),
-      "titans": window.clone(memory="titans", titans_chunk=args.titans_chunk),
+      "titans": window.clone(
+          memory="titans", titans_chunk=args.titans_chunk, titans_max_lr=args.titans_max_lr
+      ),
       "full": oracle(window, args.segment * args.segments),
   }
   wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -246,6 +248,7 @@ def main():
   ap.add_argument("--variants", default="window,full,compressive,summary,titans")
   ap.add_argument("--summary_slots", type=int, default=0, help="summary slots; 0: = --memory")
   ap.add_argument("--titans_chunk", type=int, default=16)
+  ap.add_argument("--titans_max_lr", type=float, default=0.02, help="inner lr bound")
   args = ap.parse_args()
   if args.rate == 0:
     args.rate = max(1, args.segment * (args.segments - 2) // max(args.memory, 1))

@@ -151,6 +151,7 @@ class CompressiveAttention(nn.Module):
   memory: str = "compressive"
   titans_hidden_mult: int = 2  # titans memory MLP hidden width / head_dim
   titans_chunk: int = 16  # titans inner-update chunk (tokens per parallel gradient step)
+  titans_max_lr: float = 0.02  # titans inner learning-rate bound (segment_memory.py)
   decode: bool = False
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
@@ -174,6 +175,8 @@ class CompressiveAttention(nn.Module):
           f"titans_hidden_mult ({self.titans_hidden_mult}) and titans_chunk "
           f"({self.titans_chunk}) must be >= 1."
       )
+    if self.memory == "titans" and not self.titans_max_lr > 0:
+      raise ValueError(f"titans_max_lr must be > 0; got {self.titans_max_lr}.")
     num_kv = self.num_kv_heads or self.num_heads
     if self.num_heads < 1 or num_kv < 1 or self.num_heads % num_kv:
       raise ValueError(
@@ -227,6 +230,7 @@ class CompressiveAttention(nn.Module):
         embed_dim=e,
         hidden_mult=self.titans_hidden_mult,
         chunk_size=self.titans_chunk,
+        max_lr=self.titans_max_lr,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         kernel_init=self.kernel_init,

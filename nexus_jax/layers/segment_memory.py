@@ -65,7 +65,10 @@ class TitansSegmentMemory(nn.Module):
   embed_dim: int  # E of the read output
   hidden_mult: int = 2  # memory MLP hidden width = hidden_mult * head_dim
   chunk_size: int = 16  # tokens per parallel inner step (memory.run_memory)
-  max_lr: float = 0.1  # theta_t = max_lr * sigmoid(.); 1.0 diverged within a few writes (NaN)
+  # theta_t = max_lr * sigmoid(.). 1.0 diverged within a few writes; 0.1 held at W = 16 (one
+  # chunk per write) but at W = 128 (8 chunks a write, 64 chained inner steps per sequence) the
+  # outer gradient blew up to 4e11 by step 5 and went NaN at step 11; 0.02 trains there.
+  max_lr: float = 0.02
   lr_bias_init: float = -2.0
   momentum_bias_init: float = 0.0
   forget_bias_init: float = -4.0

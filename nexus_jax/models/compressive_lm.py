@@ -80,6 +80,7 @@ class CompressiveLM(nn.Module):
   memory: str = "compressive"  # compressive | summary | titans | none (layers/segment_memory.py)
   titans_hidden_mult: int = 2
   titans_chunk: int = 16
+  titans_max_lr: float = 0.02
   remat: bool = True  # rematerialise each segment's forward in the backward pass
   decode: bool = False
 
@@ -96,6 +97,7 @@ class CompressiveLM(nn.Module):
         ("memory", self.memory),
         ("titans_hidden_mult", self.titans_hidden_mult),
         ("titans_chunk", self.titans_chunk),
+        ("titans_max_lr", self.titans_max_lr),
         ("decode", self.decode),
     )
 

@@ -246,6 +246,7 @@ def test_memory_init_shapes():
         (dict(memory="ring"), "memory"),
         (dict(memory="summary", memory_slots=0), "memory_slots"),
         (dict(memory="titans", titans_chunk=0), "titans_chunk"),
+        (dict(memory="titans", titans_max_lr=0.0), "titans_max_lr"),
     ],
 )
 def test_bad_fields_raise(fields, match):

@@ -43,6 +43,7 @@ def _models():
       recon_coef=1.0,
       summary_slots=0,
       titans_chunk=4,
+      titans_max_lr=0.02,
       variants="window,full",
   )
   return _bench().make_models(args)
