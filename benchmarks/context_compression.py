@@ -2,7 +2,8 @@
 
     python benchmarks/context_compression.py [--segment 128] [--segments 10] [--memory 32]
         [--rate 0] [--compression mean] [--layers 2] [--dim 64] [--steps 300] [--batch 8]
-        [--variants window,full,compressive,summary,titans]
+        [--variants window,full,compressive,summary,titans] [--plot cache.png]
+    python benchmarks/context_compression.py --from_json run.json --plot cache.png
 
 Byte LMs of the same width/depth, trained on the same batches (windows of
 `segments * segment + 1` bytes of the standard library's .py sources, the LM experiment's train
@@ -226,6 +227,27 @@ def cache_curve(models, params, args) -> dict:
   return curve
 
 
+def save_cache_plot(result: dict, path: str) -> None:
+  """Decoding-cache bytes vs decoded length (log-log), one line per model, from the printed JSON
+  (`result["cache_bytes_vs_length"]`), as a PNG at `path` (matplotlib, no pyplot)."""
+  from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
+
+  fig = Figure(figsize=(5.5, 4))
+  ax = fig.subplots()
+  for name, curve in result["cache_bytes_vs_length"].items():
+    lengths = sorted(map(int, curve))
+    ax.plot(lengths, [curve[str(n)] / 1024 for n in lengths], "o-", label=name)
+  cfg = result["config"]
+  ax.set_xscale("log", base=2), ax.set_yscale("log", base=2)
+  ax.set_xlabel("decoded length (tokens)"), ax.set_ylabel("cache (KiB, batch 1)")
+  ax.set_title(f"W = {cfg['segment']}, M = {cfg['memory']}", fontsize=10)
+  ax.legend(), ax.grid(alpha=0.3)
+  fig.tight_layout()
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=110)
+  os.replace(tmp, path)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--segment", type=int, default=128, help="W, tokens per segment")
@@ -249,7 +271,15 @@ def main():
   ap.add_argument("--summary_slots", type=int, default=0, help="summary slots; 0: = --memory")
   ap.add_argument("--titans_chunk", type=int, default=16)
   ap.add_argument("--titans_max_lr", type=float, default=0.02, help="inner lr bound")
+  ap.add_argument("--plot", default="", help="also save cache bytes vs length as this PNG")
+  ap.add_argument("--from_json", default="", help="only plot (--plot) an earlier run's JSON")
   args = ap.parse_args()
+  if args.from_json:
+    if not args.plot:
+      raise SystemExit("--from_json only plots: give --plot PATH.png as well.")
+    with open(args.from_json) as f:
+      save_cache_plot(json.load(f), args.plot)
+    return
   if args.rate == 0:
     args.rate = max(1, args.segment * (args.segments - 2) // max(args.memory, 1))
   t_start = time.perf_counter()
@@ -322,27 +352,25 @@ def main():
             float(np.mean(-net_diff(name))) / net_gain if net_gain > 0 else float("nan")
         ),
     }
-  print(
-      json.dumps(
-          {
-              "benchmark": "context_compression",
-              "machine": machine_info(),
-              "config": {**vars(args), "sequence_length": length, "mlp_dim": 4 * args.dim},
-              "data": {
-                  "train_files": len(files["train"]),
-                  "test_files": len(files["test"]),
-                  "test_files_with_windows": test_files_used,
-                  "test_windows": len(test),
-                  "probe_windows": len(probe),
-              },
-              "models": results,
-              "summary": summary,
-              "cache_bytes_vs_length": cache_curve(models, params, args),
-              "seconds": time.perf_counter() - t_start,
-          },
-          indent=2,
-      )
-  )
+  result = {
+      "benchmark": "context_compression",
+      "machine": machine_info(),
+      "config": {**vars(args), "sequence_length": length, "mlp_dim": 4 * args.dim},
+      "data": {
+          "train_files": len(files["train"]),
+          "test_files": len(files["test"]),
+          "test_files_with_windows": test_files_used,
+          "test_windows": len(test),
+          "probe_windows": len(probe),
+      },
+      "models": results,
+      "summary": summary,
+      "cache_bytes_vs_length": cache_curve(models, params, args),
+      "seconds": time.perf_counter() - t_start,
+  }
+  print(json.dumps(result, indent=2))
+  if args.plot:
+    save_cache_plot(result, args.plot)
 
 
 if __name__ == "__main__":

@@ -87,3 +87,17 @@ def test_only_the_oracle_sees_the_first_segments_from_the_last(setup):
     assert (last > 1e-3) == sees, (model.segment_length, last)
   reach = tokens.at[:, far : far + W].set((tokens[:, far : far + W] + 7) % 256)
   assert np.abs(logits(window, tokens)[:, -W:] - logits(window, reach)[:, -W:]).max() > 1e-3
+
+
+def test_cache_plot_is_written_from_a_printed_result(tmp_path):
+  result = {
+      "config": {"segment": W, "memory": 4},
+      "cache_bytes_vs_length": {
+          "window": {"24": 1000, "48": 1000},
+          "full": {"24": 2000, "48": 4000},
+      },
+  }
+  path = tmp_path / "cache.png"
+  _bench().save_cache_plot(result, str(path))
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert [p.name for p in tmp_path.iterdir()] == ["cache.png"]  # no temporary file left
