@@ -152,6 +152,7 @@ class CompressiveAttention(nn.Module):
   titans_hidden_mult: int = 2  # titans memory MLP hidden width / head_dim
   titans_chunk: int = 16  # titans inner-update chunk (tokens per parallel gradient step)
   titans_max_lr: float = 0.02  # titans inner learning-rate bound (segment_memory.py)
+  titans_truncate: bool = True  # titans: outer gradient through the latest write only
   decode: bool = False
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
@@ -231,6 +232,7 @@ class CompressiveAttention(nn.Module):
         hidden_mult=self.titans_hidden_mult,
         chunk_size=self.titans_chunk,
         max_lr=self.titans_max_lr,
+        truncate=self.titans_truncate,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         kernel_init=self.kernel_init,

@@ -81,6 +81,7 @@ class CompressiveLM(nn.Module):
   titans_hidden_mult: int = 2
   titans_chunk: int = 16
   titans_max_lr: float = 0.02
+  titans_truncate: bool = True
   remat: bool = True  # rematerialise each segment's forward in the backward pass
   decode: bool = False
 
@@ -98,6 +99,7 @@ class CompressiveLM(nn.Module):
         ("titans_hidden_mult", self.titans_hidden_mult),
         ("titans_chunk", self.titans_chunk),
         ("titans_max_lr", self.titans_max_lr),
+        ("titans_truncate", self.titans_truncate),
         ("decode", self.decode),
     )
 

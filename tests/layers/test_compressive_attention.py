@@ -160,6 +160,28 @@ def test_memory_variants_reach_past_the_previous_segment(memory, reaches):
   assert bool(jnp.any(jnp.abs(a[:, W : 2 * W] - b[:, W : 2 * W]) > 1e-6))
 
 
+def test_titans_truncation_cuts_the_gradient_behind_the_latest_write_only():
+  # One layer: segment 3 sees segment 2 raw and the memory written with segments 0 and 1 (the
+  # write in segment 2 absorbs segment 1 on top of the state that absorbed segment 0).
+  x = jax.random.normal(jax.random.PRNGKey(3), (1, 4 * W, E))
+
+  def grads(truncate):
+    attn = CompressiveAttention(
+        num_heads=2, segment_length=W, memory="titans", titans_chunk=2, titans_truncate=truncate
+    )
+    params = _live_titans(attn.init(jax.random.PRNGKey(0), x[:, :W])["params"])
+    last = lambda x: _run_segments(attn, params, x)[0][:, 3 * W :]
+    g = jax.grad(lambda x: jnp.sum(last(x) ** 2))(x)
+    return last(x), jnp.abs(g).sum(axis=(0, 2)).reshape(4, W).sum(axis=1)  # per input segment
+
+  out_cut, g_cut = grads(True)
+  out_full, g_full = grads(False)
+  np.testing.assert_allclose(out_cut, out_full, rtol=1e-6)  # the forward is the same function
+  assert g_full[0] > 1e-6 and g_cut[0] == 0.0  # segment 0 reaches it only through the old state
+  assert g_cut[1] > 1e-6 and np.isclose(g_cut[1], g_full[1], rtol=1e-5)  # the latest write
+  assert g_cut[2] > 1e-6 and g_cut[3] > 1e-6
+
+
 def test_window_only_equals_hand_mask():
   attn = CompressiveAttention(num_heads=4, num_kv_heads=2, segment_length=W, memory_slots=0)
   x = jax.random.normal(jax.random.PRNGKey(2), (2, 4 * W, E))

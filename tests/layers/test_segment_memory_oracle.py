@@ -44,6 +44,7 @@ def _models():
       summary_slots=0,
       titans_chunk=4,
       titans_max_lr=0.02,
+      titans_full_bptt=False,
       variants="window,full",
   )
   return _bench().make_models(args)
