@@ -70,7 +70,8 @@ class TitansSegmentMemory(nn.Module):
   # outer gradient blew up to 4e11 by step 5 and went NaN at step 11.
   max_lr: float = 0.02
   # True: the outer gradient goes through the latest write only (the state it starts from is a
-  # constant), a truncated BPTT of one segment; the forward is unchanged. At W = 128 the full
+  # constant, the learned initial memory too on the first write, so `w1`/`w2` learn from the
+  # reads of segments 0-1 only), a truncated BPTT of one segment; the forward is unchanged. At W = 128 the full
   # chain still went NaN within 1,000 steps at max_lr 0.02; truncated, it trains (benchmarks/
   # README.md). False: through every write.
   truncate: bool = True
